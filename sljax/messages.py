@@ -1,0 +1,152 @@
+"""The messages that cross the cut, as pytrees, and their wire bytes.
+
+Each message is a frozen `flax.struct.dataclass` whose array fields are what travels. On the wire
+a message is one msgpack map (flax.serialization's encoding of arrays):
+
+    {"sljax": PROTOCOL_VERSION, "kind": "<class name>", "body": {<field>: <array or nil>, ...}}
+
+The byte count reported by every step is the length of exactly these bytes. It depends only on
+the shapes and dtypes of the fields, so it is computed once per shape at trace time (`wire_size`)
+and is exact, not an estimate: a test checks it against `len(to_bytes(msg))`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, TypeVar
+
+import jax
+import msgpack
+import numpy as np
+from flax import serialization, struct
+
+PROTOCOL_VERSION = 1
+
+M = TypeVar("M")
+
+
+class MessageError(ValueError):
+  """A message that cannot be accepted: malformed, truncated, oversized, or not what was expected."""
+
+
+@struct.dataclass
+class SmashedData:
+  """Uplink: activations at the cut, with the labels in vanilla split learning.
+
+  In U-shaped split learning and in inference `labels` is None and no label bytes are sent.
+  """
+
+  activations: Any
+  labels: Any = None
+
+
+@struct.dataclass
+class CutGradient:
+  """Downlink: d loss / d activations at the (first) cut."""
+
+  grad: Any
+
+
+@struct.dataclass
+class BodyOutput:
+  """U-shaped downlink: the server body's output, sent to the client's tail."""
+
+  activations: Any
+
+
+@struct.dataclass
+class TailGradient:
+  """U-shaped uplink: d loss / d body output, computed by the client's tail."""
+
+  grad: Any
+
+
+@struct.dataclass
+class Prediction:
+  """Inference downlink in vanilla split learning: the server's outputs (e.g. logits)."""
+
+  logits: Any
+
+
+MESSAGE_TYPES = {cls.__name__: cls for cls in (SmashedData, CutGradient, BodyOutput, TailGradient, Prediction)}
+
+
+def to_bytes(message: Any) -> bytes:
+  """Serializes a message (with its kind and the protocol version) to bytes."""
+  kind = type(message).__name__
+  if kind not in MESSAGE_TYPES:
+    raise TypeError(f"message: expected one of {sorted(MESSAGE_TYPES)}, got {kind}")
+  body = serialization.to_state_dict(jax.device_get(message))
+  return serialization.msgpack_serialize({"sljax": PROTOCOL_VERSION, "kind": kind, "body": body})
+
+
+def from_bytes(template: M, data: bytes, *, max_bytes: int | None = None) -> M:
+  """Restores a message from bytes, checking it against `template`.
+
+  Args:
+    template: a message of the expected kind whose fields have the expected shapes and dtypes
+      (arrays or `jax.ShapeDtypeStruct`s); None fields must be absent on the wire.
+    data: the bytes.
+    max_bytes: reject larger payloads before decoding.
+
+  Raises:
+    MessageError: the bytes are oversized, malformed or truncated, carry another protocol version
+      or kind, or a field's shape or dtype differs from the template's. The message names what was
+      expected and what came.
+  """
+  kind = type(template).__name__
+  if max_bytes is not None and len(data) > max_bytes:
+    raise MessageError(f"{kind}: message of {len(data)} bytes exceeds the maximum of {max_bytes} bytes")
+  try:
+    envelope = serialization.msgpack_restore(data)
+  except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as e:
+    raise MessageError(f"{kind}: malformed or truncated message ({len(data)} bytes): {e}") from None
+  if not isinstance(envelope, dict) or set(envelope) != {"sljax", "kind", "body"}:
+    raise MessageError(f"{kind}: malformed message: expected a map with keys sljax, kind, body")
+  if envelope["sljax"] != PROTOCOL_VERSION:
+    raise MessageError(f"{kind}: protocol version {envelope['sljax']!r} is not supported; expected {PROTOCOL_VERSION}")
+  if envelope["kind"] != kind:
+    raise MessageError(f"message: expected kind {kind}, got {envelope['kind']!r}")
+  body = envelope["body"]
+  expected = serialization.to_state_dict(template)
+  _check_body(kind, expected, body, path="")
+  return serialization.from_state_dict(template, body)
+
+
+def _check_body(kind: str, expected: Any, got: Any, path: str) -> None:
+  if isinstance(expected, dict):
+    if not isinstance(got, dict) or set(got) != set(expected):
+      have = sorted(got) if isinstance(got, dict) else type(got).__name__
+      raise MessageError(f"{kind}: field {path or '<root>'}: expected fields {sorted(expected)}, got {have}")
+    for name in expected:
+      _check_body(kind, expected[name], got[name], f"{path}.{name}" if path else name)
+    return
+  if expected is None:
+    if got is not None:
+      raise MessageError(f"{kind}: field {path}: expected no data, got {type(got).__name__}")
+    return
+  if not isinstance(got, np.ndarray):
+    raise MessageError(f"{kind}: field {path}: expected an array, got {type(got).__name__}")
+  want_shape, want_dtype = tuple(expected.shape), np.dtype(expected.dtype)
+  if got.shape != want_shape or got.dtype != want_dtype:
+    raise MessageError(
+        f"{kind}: field {path}: expected shape {want_shape} {want_dtype}, got {got.shape} {got.dtype}"
+    )
+
+
+def wire_size(message: Any) -> int:
+  """The exact number of bytes `to_bytes(message)` produces; works on tracers and shape structs."""
+  leaves, treedef = jax.tree.flatten(message)
+  signature = tuple((tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in leaves)
+  return _wire_size(treedef, signature)
+
+
+@functools.lru_cache(maxsize=1024)
+def _wire_size(treedef, signature) -> int:
+  zeros = [np.zeros(shape, dtype) for shape, dtype in signature]
+  return len(to_bytes(jax.tree.unflatten(treedef, zeros)))
+
+
+def spec_of(message: Any) -> Any:
+  """The message with every array replaced by its `jax.ShapeDtypeStruct` (a template for `from_bytes`)."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), message)

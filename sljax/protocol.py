@@ -1,0 +1,430 @@
+"""Pure step functions of one client-server exchange: vanilla and U-shaped split learning.
+
+Vanilla split learning (Gupta & Raskar 2018; Vepakomma et al. 2018), one training step:
+
+    client_forward   x -> smashed = f_c(params_c, x) under jax.vjp      --- SmashedData(smashed, y) -->
+    server_step      loss = L(f_s(params_s, smashed), y); update params_s  <-- CutGradient(dL/dsmashed) ---
+    client_backward  grads_c = pullback(dL/dsmashed); update params_c
+
+U-shaped split learning keeps the labels on the client: the server runs only the body and the
+client runs the tail and the loss, so there are two more legs:
+
+    client_forward    --- SmashedData(smashed) --->         server_forward   (body under jax.vjp)
+    client_tail_step  <-- BodyOutput(body) ---; loss with the tail; --- TailGradient(dL/dbody) -->
+    server_backward   update params_s        <-- CutGradient(dL/dsmashed) ---
+    client_backward   update head and tail params
+
+Every function is pure: state and message in, new state and message out. The pullbacks returned
+by `jax.vjp` stay with the party that made them (in the `*Pending` values), never in a message.
+The fused `step` calls the same functions one after another, so in simulation the whole exchange
+is one jitted program doing exactly the math of the separate calls.
+
+Keys: a step key is split into one key per model part (client, server[, tail]), exactly as
+`SplitModel.compose()` splits it, so split training equals centralized training of the composed
+model, dropout included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from sljax import messages as msgs
+from sljax.split import SplitModel
+
+PyTree = Any
+
+
+class ArraySpec(NamedTuple):
+  """Shape (without the leading batch axis) and dtype name of a batched array."""
+
+  shape: tuple[int, ...]
+  dtype: str
+
+  @classmethod
+  def of(cls, x) -> "ArraySpec":
+    return cls(tuple(x.shape[1:]), np.dtype(x.dtype).name)
+
+  def describe(self) -> str:
+    return f"(B, {', '.join(map(str, self.shape))}{',' if len(self.shape) == 0 else ''}) {self.dtype}".replace(
+        "(B, )", "(B,)"
+    )
+
+
+def check_batch(name: str, x: Any, spec: ArraySpec, *, batch: int | None = None) -> None:
+  """Raises a ValueError naming `name` unless `x` is a batch of `spec` (of size `batch`, if given)."""
+  shape = getattr(x, "shape", None)
+  dtype = getattr(x, "dtype", None)
+  ok = (
+      shape is not None
+      and tuple(shape[1:]) == spec.shape
+      and len(shape) == len(spec.shape) + 1
+      and np.dtype(dtype).name == spec.dtype
+      and (batch is None or shape[0] == batch)
+  )
+  if not ok:
+    want = spec.describe() if batch is None else spec.describe().replace("(B", f"({batch}")
+    got = f"{tuple(shape)} {np.dtype(dtype).name}" if shape is not None else type(x).__name__
+    raise ValueError(f"{name}: expected shape {want}, got {got}")
+
+
+def check_labels(labels: Any, *, batch: int) -> None:
+  """Raises a ValueError unless `labels` is a batch of `batch` integer class labels."""
+  shape = getattr(labels, "shape", None)
+  dtype = getattr(labels, "dtype", None)
+  if shape is None or tuple(shape) != (batch,) or not jnp.issubdtype(dtype, jnp.integer):
+    got = f"{tuple(shape)} {np.dtype(dtype).name}" if shape is not None else type(labels).__name__
+    raise ValueError(f"labels: expected shape ({batch},) integer class labels, got {got}")
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy with integer labels (the default loss)."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Fraction of rows whose arg-max equals the label."""
+  return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+@struct.dataclass
+class PartyState:
+  """What one party holds: its params, model state (e.g. batch stats) and optimizer state.
+
+  `input_spec` is static: the shape and dtype of the batches this party accepts, checked at trace
+  time so that a bad batch gets an error naming the expected shape instead of an XLA traceback.
+  """
+
+  params: PyTree
+  model_state: PyTree
+  opt_state: PyTree
+  input_spec: ArraySpec = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class SplitState:
+  """The state of one client-server pair: both parties and the step count."""
+
+  client: PartyState
+  server: PartyState
+  step: jax.Array
+
+
+@struct.dataclass
+class ClientPending:
+  """What the client keeps between its forward and its backward: the pullback, never sent."""
+
+  pullback: Any
+  model_state: PyTree
+
+
+@struct.dataclass
+class ServerPending:
+  """What the U-shaped server keeps between its forward and its backward."""
+
+  pullback: Any
+  model_state: PyTree
+
+
+@struct.dataclass
+class TailPending:
+  """What the U-shaped client keeps between its tail step and its backward."""
+
+  head: ClientPending
+  tail_grads: PyTree
+  tail_state: PyTree
+
+
+def _update(party: PartyState, grads: PyTree, optimizer: optax.GradientTransformation, model_state) -> PartyState:
+  updates, opt_state = optimizer.update(grads, party.opt_state, party.params)
+  return party.replace(params=optax.apply_updates(party.params, updates), opt_state=opt_state, model_state=model_state)
+
+
+def _init_parties(model: SplitModel, key, x, client_optimizer, server_optimizer) -> SplitState:
+  """Initialises every part on an example batch, checking that consecutive parts fit.
+
+  Runs as one jitted program (eager initialisation of a CNN takes seconds on a CPU).
+  """
+  return jax.jit(lambda key, x: _init_parties_traced(model, key, x, client_optimizer, server_optimizer))(
+      key, jnp.asarray(x)
+  )
+
+
+def _init_parties_traced(model: SplitModel, key, x, client_optimizer, server_optimizer) -> SplitState:
+  keys = jax.random.split(key, len(model.parts))
+  parts_vars = []
+  h = x
+  names = ("client", "server", "tail")
+  for i, (part, k) in enumerate(zip(model.parts, keys)):
+    try:
+      p, s = part.init(k, h)
+      out, _ = part.apply(p, s, h, key=None, train=False)
+    except Exception as e:  # noqa: BLE001 -- re-raised with the shapes that did not fit
+      if i == 0:
+        raise ValueError(f"x: the client half cannot take input of shape {h.shape} {h.dtype}: {e}") from None
+      raise ValueError(
+          f"mismatched halves: the {names[i - 1]} part outputs shape {h.shape} {h.dtype}, "
+          f"which the {names[i]} part cannot take: {e}"
+      ) from None
+    parts_vars.append((p, s, ArraySpec.of(h)))
+    h = out
+  (pc, sc, spec_c), (ps, ss, spec_s) = parts_vars[:2]
+  if model.is_u_shaped:
+    pt, st, _ = parts_vars[2]
+    pc, sc = {"head": pc, "tail": pt}, {"head": sc, "tail": st}
+  client = PartyState(pc, sc, client_optimizer.init(pc), spec_c)
+  server = PartyState(ps, ss, server_optimizer.init(ps), spec_s)
+  return SplitState(client, server, jnp.zeros((), jnp.int32))
+
+
+class Vanilla(NamedTuple):
+  """Vanilla split learning: pure legs and their fused composition. Built by `vanilla`."""
+
+  init: Callable[..., SplitState]
+  client_forward: Callable[..., tuple[msgs.SmashedData, ClientPending]]
+  server_step: Callable[..., tuple[PartyState, msgs.CutGradient, dict]]
+  client_backward: Callable[..., PartyState]
+  step: Callable[..., tuple[SplitState, dict]]
+  predict: Callable[..., tuple[jax.Array, dict]]
+
+
+def vanilla(
+    model: SplitModel,
+    *,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+) -> Vanilla:
+  """Vanilla split learning: labels go up with the smashed data.
+
+  Args:
+    model: a two-part `SplitModel` (client, server).
+    client_optimizer: optax transformation for the client half.
+    server_optimizer: optax transformation for the server half.
+    loss: `loss(outputs, labels) -> scalar`, computed on the server.
+
+  Example:
+    >>> import flax.linen as nn, optax
+    >>> model = cut([nn.Dense(16), jax.nn.relu, nn.Dense(10)], 2)
+    >>> sl = vanilla(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+    >>> x, y = jnp.ones((4, 8)), jnp.zeros((4,), jnp.int32)
+    >>> state = sl.init(jax.random.key(0), x)
+    >>> state, metrics = jax.jit(sl.step)(state, (x, y), jax.random.key(1))
+    >>> int(metrics["bytes_up"]) > 4 * 16 * 4
+    True
+  """
+  if model.is_u_shaped:
+    raise ValueError("model: vanilla split learning takes a two-part model; this one has a tail (use u_shaped)")
+
+  def init(key, x) -> SplitState:
+    return _init_parties(model, key, x, client_optimizer, server_optimizer)
+
+  def client_forward(client: PartyState, x, labels, key) -> tuple[msgs.SmashedData, ClientPending]:
+    check_batch("x", x, client.input_spec)
+    check_labels(labels, batch=x.shape[0])
+
+    def f(params):
+      return model.client.apply(params, client.model_state, x, key=key, train=True)
+
+    smashed, pullback, model_state = jax.vjp(f, client.params, has_aux=True)
+    return msgs.SmashedData(smashed, labels), ClientPending(pullback, model_state)
+
+  def server_step(server: PartyState, message: msgs.SmashedData, key) -> tuple[PartyState, msgs.CutGradient, dict]:
+    check_batch("message.activations", message.activations, server.input_spec)
+
+    def objective(params, h):
+      out, model_state = model.server.apply(params, server.model_state, h, key=key, train=True)
+      return loss(out, message.labels), (out, model_state)
+
+    (value, (out, model_state)), (g_params, g_smashed) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+        server.params, message.activations
+    )
+    metrics = {"loss": value, "accuracy": accuracy(out, message.labels)}
+    return _update(server, g_params, server_optimizer, model_state), msgs.CutGradient(g_smashed), metrics
+
+  def client_backward(client: PartyState, pending: ClientPending, message: msgs.CutGradient) -> PartyState:
+    (grads,) = pending.pullback(message.grad)
+    return _update(client, grads, client_optimizer, pending.model_state)
+
+  def step(state: SplitState, batch, key) -> tuple[SplitState, dict]:
+    x, labels = batch
+    k_client, k_server = jax.random.split(key, 2)
+    up, pending = client_forward(state.client, x, labels, k_client)
+    server, down, metrics = server_step(state.server, up, k_server)
+    client = client_backward(state.client, pending, down)
+    metrics = {**metrics, "bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)}
+    return SplitState(client, server, state.step + 1), metrics
+
+  def predict(state: SplitState, x) -> tuple[jax.Array, dict]:
+    check_batch("x", x, state.client.input_spec)
+    smashed, _ = model.client.apply(state.client.params, state.client.model_state, x, key=None, train=False)
+    up = msgs.SmashedData(smashed)
+    out, _ = model.server.apply(state.server.params, state.server.model_state, up.activations, key=None, train=False)
+    down = msgs.Prediction(out)
+    return out, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)}
+
+  return Vanilla(init, client_forward, server_step, client_backward, step, predict)
+
+
+class UShaped(NamedTuple):
+  """U-shaped split learning: pure legs and their fused composition. Built by `u_shaped`."""
+
+  init: Callable[..., SplitState]
+  client_forward: Callable[..., tuple[msgs.SmashedData, ClientPending]]
+  server_forward: Callable[..., tuple[msgs.BodyOutput, ServerPending]]
+  client_tail_step: Callable[..., tuple[msgs.TailGradient, TailPending, dict]]
+  server_backward: Callable[..., tuple[PartyState, msgs.CutGradient]]
+  client_backward: Callable[..., PartyState]
+  step: Callable[..., tuple[SplitState, dict]]
+  predict: Callable[..., tuple[jax.Array, dict]]
+
+
+def u_shaped(
+    model: SplitModel,
+    *,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+) -> UShaped:
+  """U-shaped split learning: the labels and the loss stay on the client.
+
+  The client holds the head (`model.client`) and the tail (`model.tail`); its params are
+  `{"head": ..., "tail": ...}` under one client optimizer. The server holds the body.
+
+  Example:
+    >>> import flax.linen as nn, optax
+    >>> model = cut([nn.Dense(16), nn.Dense(16), nn.Dense(10)], 1, 2)
+    >>> sl = u_shaped(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+    >>> x, y = jnp.ones((4, 8)), jnp.zeros((4,), jnp.int32)
+    >>> state = sl.init(jax.random.key(0), x)
+    >>> state, metrics = jax.jit(sl.step)(state, (x, y), jax.random.key(1))
+  """
+  if not model.is_u_shaped:
+    raise ValueError("model: U-shaped split learning takes a three-part model (cut(layers, k, k2))")
+
+  def init(key, x) -> SplitState:
+    return _init_parties(model, key, x, client_optimizer, server_optimizer)
+
+  def client_forward(client: PartyState, x, key) -> tuple[msgs.SmashedData, ClientPending]:
+    check_batch("x", x, client.input_spec)
+
+    def f(params):
+      return model.client.apply(params, client.model_state["head"], x, key=key, train=True)
+
+    smashed, pullback, model_state = jax.vjp(f, client.params["head"], has_aux=True)
+    return msgs.SmashedData(smashed), ClientPending(pullback, model_state)
+
+  def server_forward(server: PartyState, message: msgs.SmashedData, key) -> tuple[msgs.BodyOutput, ServerPending]:
+    check_batch("message.activations", message.activations, server.input_spec)
+
+    def f(params, h):
+      return model.server.apply(params, server.model_state, h, key=key, train=True)
+
+    body, pullback, model_state = jax.vjp(f, server.params, message.activations, has_aux=True)
+    return msgs.BodyOutput(body), ServerPending(pullback, model_state)
+
+  def client_tail_step(
+      client: PartyState, pending: ClientPending, message: msgs.BodyOutput, labels, key
+  ) -> tuple[msgs.TailGradient, TailPending, dict]:
+    check_labels(labels, batch=message.activations.shape[0])
+
+    def objective(params, h):
+      out, model_state = model.tail.apply(params, client.model_state["tail"], h, key=key, train=True)
+      return loss(out, labels), (out, model_state)
+
+    (value, (out, tail_state)), (g_tail, g_body) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
+        client.params["tail"], message.activations
+    )
+    metrics = {"loss": value, "accuracy": accuracy(out, labels)}
+    return msgs.TailGradient(g_body), TailPending(pending, g_tail, tail_state), metrics
+
+  def server_backward(
+      server: PartyState, pending: ServerPending, message: msgs.TailGradient
+  ) -> tuple[PartyState, msgs.CutGradient]:
+    g_params, g_smashed = pending.pullback(message.grad)
+    return _update(server, g_params, server_optimizer, pending.model_state), msgs.CutGradient(g_smashed)
+
+  def client_backward(client: PartyState, pending: TailPending, message: msgs.CutGradient) -> PartyState:
+    (g_head,) = pending.head.pullback(message.grad)
+    grads = {"head": g_head, "tail": pending.tail_grads}
+    return _update(client, grads, client_optimizer, {"head": pending.head.model_state, "tail": pending.tail_state})
+
+  def step(state: SplitState, batch, key) -> tuple[SplitState, dict]:
+    x, labels = batch
+    k_head, k_body, k_tail = jax.random.split(key, 3)
+    up1, head_pending = client_forward(state.client, x, k_head)
+    down1, server_pending = server_forward(state.server, up1, k_body)
+    up2, tail_pending, metrics = client_tail_step(state.client, head_pending, down1, labels, k_tail)
+    server, down2 = server_backward(state.server, server_pending, up2)
+    client = client_backward(state.client, tail_pending, down2)
+    metrics = {
+        **metrics,
+        "bytes_up": msgs.wire_size(up1) + msgs.wire_size(up2),
+        "bytes_down": msgs.wire_size(down1) + msgs.wire_size(down2),
+    }
+    return SplitState(client, server, state.step + 1), metrics
+
+  def predict(state: SplitState, x) -> tuple[jax.Array, dict]:
+    check_batch("x", x, state.client.input_spec)
+    c, s = state.client, state.server
+    smashed, _ = model.client.apply(c.params["head"], c.model_state["head"], x, key=None, train=False)
+    up = msgs.SmashedData(smashed)
+    body, _ = model.server.apply(s.params, s.model_state, up.activations, key=None, train=False)
+    down = msgs.BodyOutput(body)
+    out, _ = model.tail.apply(c.params["tail"], c.model_state["tail"], down.activations, key=None, train=False)
+    return out, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)}
+
+  return UShaped(init, client_forward, server_forward, client_tail_step, server_backward, client_backward, step, predict)
+
+
+class Centralized(NamedTuple):
+  """The composed model trained in one place: the reference for split training. Built by `centralized`."""
+
+  init: Callable[..., PartyState]
+  step: Callable[..., tuple[PartyState, dict]]
+  predict: Callable[..., tuple[jax.Array, dict]]
+
+
+def centralized(
+    model: SplitModel,
+    *,
+    optimizer: optax.GradientTransformation,
+    loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+) -> Centralized:
+  """Centralized training of `model.compose()`: params are a tuple with one entry per part.
+
+  With the same optimizer on both halves (any element-wise optax transformation, e.g. sgd or
+  adam), split training follows this exactly; the tests hold it to that.
+  """
+  whole = model.compose()
+
+  @jax.jit
+  def init(key, x) -> PartyState:
+    params, model_state = whole.init(key, x)
+    return PartyState(params, model_state, optimizer.init(params), ArraySpec.of(x))
+
+  def step(state: PartyState, batch, key) -> tuple[PartyState, dict]:
+    x, labels = batch
+    check_batch("x", x, state.input_spec)
+    check_labels(labels, batch=x.shape[0])
+
+    def objective(params):
+      out, model_state = whole.apply(params, state.model_state, x, key=key, train=True)
+      return loss(out, labels), (out, model_state)
+
+    (value, (out, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    metrics = {"loss": value, "accuracy": accuracy(out, labels), "bytes_up": 0, "bytes_down": 0}
+    return _update(state, grads, optimizer, model_state), metrics
+
+  def predict(state: PartyState, x) -> tuple[jax.Array, dict]:
+    check_batch("x", x, state.input_spec)
+    out, _ = whole.apply(state.params, state.model_state, x, key=None, train=False)
+    return out, {"bytes_up": 0, "bytes_down": 0}
+
+  return Centralized(init, step, predict)

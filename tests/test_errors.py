@@ -1,0 +1,90 @@
+"""Bad input gets an error naming the argument, the expected and the actual shape."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+import sljax
+from sljax import models
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = sljax.cut(models.mlp(hidden=(32,)), 1)
+  sl = sljax.vanilla(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+  state = sl.init(jax.random.key(0), jnp.ones((2, 64)))
+  return sl, state
+
+
+@pytest.mark.parametrize(
+    "x, y, match",
+    [
+        (jnp.ones((16, 63)), jnp.zeros(16, jnp.int32), r"x: expected shape \(B, 64\) float32, got \(16, 63\) float32"),
+        (jnp.ones((16, 8, 8)), jnp.zeros(16, jnp.int32), r"x: expected shape \(B, 64\) float32, got \(16, 8, 8\) float32"),
+        (jnp.ones((16, 64), jnp.int32), jnp.zeros(16, jnp.int32), r"x: expected shape \(B, 64\) float32, got \(16, 64\) int32"),
+        (jnp.ones((16, 64)), jnp.zeros(15, jnp.int32), r"labels: expected shape \(16,\) integer class labels, got \(15,\) int32"),
+        (jnp.ones((16, 64)), jnp.zeros(16), r"labels: expected shape \(16,\) integer class labels, got \(16,\) float32"),
+    ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_bad_batch(setup, x, y, match, jit):
+  sl, state = setup
+  step = jax.jit(sl.step) if jit else sl.step
+  with pytest.raises(ValueError, match=match):
+    step(state, (x, y), jax.random.key(0))
+
+
+def test_bad_batch_at_predict(setup):
+  sl, state = setup
+  with pytest.raises(ValueError, match=r"x: expected shape \(B, 64\) float32, got \(4, 65\) float32"):
+    sl.predict(state, jnp.ones((4, 65)))
+
+
+def test_server_rejects_smashed_data_of_the_wrong_shape(setup):
+  sl, state = setup
+  bad = sljax.SmashedData(jnp.ones((4, 31)), jnp.zeros(4, jnp.int32))
+  with pytest.raises(ValueError, match=r"message.activations: expected shape \(B, 32\) float32, got \(4, 31\) float32"):
+    sl.server_step(state.server, bad, jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    "k, k2, match",
+    [
+        (0, None, r"k: cut index must be in \[1, 2\] for a stack of 3 layers, got 0"),
+        (3, None, r"k: cut index must be in \[1, 2\] for a stack of 3 layers, got 3"),
+        (1, 1, r"k2: second cut index must be in \[2, 2\] for k=1 and 3 layers, got 1"),
+        (1, 3, r"k2: second cut index must be in \[2, 2\] for k=1 and 3 layers, got 3"),
+    ],
+)
+def test_cut_index_out_of_range(k, k2, match):
+  with pytest.raises(ValueError, match=match):
+    sljax.cut(models.mlp(hidden=(8, 8)), k, k2)
+
+
+def test_mismatched_halves():
+  model = sljax.split_model(nnx.Linear(64, 32, rngs=nnx.Rngs(0)), nnx.Linear(16, 10, rngs=nnx.Rngs(1)))
+  sl = sljax.vanilla(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"mismatched halves: the client part outputs shape \(2, 32\) float32, "
+                                       r"which the server part cannot take"):
+    sl.init(jax.random.key(0), jnp.ones((2, 64)))
+
+
+def test_wrong_input_at_init():
+  model = sljax.split_model(nnx.Linear(64, 32, rngs=nnx.Rngs(0)), nnx.Linear(32, 10, rngs=nnx.Rngs(1)))
+  sl = sljax.vanilla(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"x: the client half cannot take input of shape \(2, 60\) float32"):
+    sl.init(jax.random.key(0), jnp.ones((2, 60)))
+
+
+def test_protocol_and_model_shape_must_agree():
+  with pytest.raises(ValueError, match="model: vanilla split learning takes a two-part model"):
+    sljax.vanilla(sljax.cut(models.mlp(hidden=(8, 8)), 1, 2), client_optimizer=optax.sgd(1), server_optimizer=optax.sgd(1))
+  with pytest.raises(ValueError, match="model: U-shaped split learning takes a three-part model"):
+    sljax.u_shaped(sljax.cut(models.mlp(hidden=(8, 8)), 1), client_optimizer=optax.sgd(1), server_optimizer=optax.sgd(1))
+
+
+def test_not_a_part():
+  with pytest.raises(TypeError, match="part: expected a Stage, a flax.linen.Module, a flax.nnx.Module or a function, got int"):
+    sljax.split_model(3, jax.nn.relu)

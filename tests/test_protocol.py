@@ -1,0 +1,223 @@
+"""Split training against centralized training, the fused step against the three-call path."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import sljax
+from sljax import models
+
+STEPS = 50
+BATCH = 16
+
+
+def _data(shape, n=BATCH * 8, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, *shape)).astype(np.float32)
+  y = rng.integers(0, 10, size=n).astype(np.int32)
+  return x, y
+
+
+def _batches(x, y, steps=STEPS):
+  n = x.shape[0] // BATCH
+  for i in range(steps):
+    j = i % n
+    yield jnp.asarray(x[j * BATCH : (j + 1) * BATCH]), jnp.asarray(y[j * BATCH : (j + 1) * BATCH])
+
+
+def _run(trainer, state, x, y, steps=STEPS):
+  step = jax.jit(trainer.step)
+  losses = []
+  for i, batch in enumerate(_batches(x, y, steps)):
+    state, metrics = step(state, batch, jax.random.key(100 + i))
+    losses.append(float(metrics["loss"]))
+  return state, np.array(losses)
+
+
+def _split_params(state, u):
+  c = state.client.params
+  return (c["head"], state.server.params, c["tail"]) if u else (c, state.server.params)
+
+
+CASES = {
+    "mlp": (lambda: models.mlp(hidden=(32, 32)), (64,), (1,), (1, 2)),
+    "cnn": (lambda: models.cnn(channels=(4, 8), hidden=16), (8, 8, 1), (1,), (1, 3)),
+    "mlp_dropout_batchnorm": (lambda: models.mlp(hidden=(32, 32), dropout=0.3, batch_norm=True), (64,), (1,), (1, 2)),
+}
+
+
+@pytest.mark.parametrize("u", [False, True], ids=["vanilla", "u_shaped"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_split_equals_centralized(case, u):
+  make_layers, shape, k_vanilla, k_u = CASES[case]
+  x, y = _data(shape)
+  model = sljax.cut(make_layers(), *(k_u if u else k_vanilla))
+  opt = optax.adam(1e-2)
+  factory = sljax.u_shaped if u else sljax.vanilla
+  split_trainer = factory(model, client_optimizer=opt, server_optimizer=opt)
+  central = sljax.centralized(model, optimizer=opt)
+  s_state, s_losses = _run(split_trainer, split_trainer.init(jax.random.key(0), x[:2]), x, y)
+  c_state, c_losses = _run(central, central.init(jax.random.key(0), x[:2]), x, y)
+  assert s_losses[-1] < s_losses[0]  # it trains
+  np.testing.assert_allclose(s_losses, c_losses, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(_split_params(s_state, u), c_state.params, atol=1e-5, rtol=1e-5)
+  s_model_state = (s_state.client.model_state["head"], s_state.server.model_state, s_state.client.model_state["tail"]) \
+      if u else (s_state.client.model_state, s_state.server.model_state)
+  chex.assert_trees_all_close(s_model_state, c_state.model_state, atol=1e-5, rtol=1e-5)
+
+
+def test_split_differs_when_keys_differ():
+  """The equivalence test can fail: a different dropout key gives a different run."""
+  make_layers, shape, k, _ = CASES["mlp_dropout_batchnorm"]
+  x, y = _data(shape)
+  model = sljax.cut(make_layers(), *k)
+  sl = sljax.vanilla(model, client_optimizer=optax.adam(1e-2), server_optimizer=optax.adam(1e-2))
+  state = sl.init(jax.random.key(0), x[:2])
+  batch = next(_batches(x, y))
+  step = jax.jit(sl.step)
+  a, _ = step(state, batch, jax.random.key(1))
+  b, _ = step(state, batch, jax.random.key(2))
+  assert not np.allclose(a.client.params[0]["Dense_0"]["kernel"], b.client.params[0]["Dense_0"]["kernel"])
+
+
+class _NNXBlock(nnx.Module):
+  def __init__(self, din, dout, *, rngs):
+    self.linear = nnx.Linear(din, dout, rngs=rngs)
+    self.bn = nnx.BatchNorm(dout, rngs=rngs)
+    self.dropout = nnx.Dropout(0.25, rngs=rngs)
+
+  def __call__(self, x):
+    return self.dropout(jax.nn.relu(self.bn(self.linear(x))))
+
+
+def test_nnx_halves_with_dropout_and_batch_stats_equal_centralized():
+  x, y = _data((12,))
+  model = sljax.split_model(_NNXBlock(12, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 10, rngs=nnx.Rngs(1)))
+  opt = optax.sgd(0.1)
+  sl = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt)
+  central = sljax.centralized(model, optimizer=opt)
+  s_state, s_losses = _run(sl, sl.init(jax.random.key(0), x[:2]), x, y, steps=10)
+  c_state, c_losses = _run(central, central.init(jax.random.key(0), x[:2]), x, y, steps=10)
+  np.testing.assert_allclose(s_losses, c_losses, atol=1e-6)
+  chex.assert_trees_all_close((s_state.client.params, s_state.server.params), c_state.params, atol=1e-6)
+  # batch statistics moved, and dropout made training differ from evaluation
+  assert not np.allclose(s_state.client.model_state["bn"]["mean"], 0.0)
+  batch = next(_batches(x, y))
+  out_a, _ = sl.client_forward(s_state.client, *batch, jax.random.key(1))
+  out_b, _ = sl.client_forward(s_state.client, *batch, jax.random.key(2))
+  assert not np.allclose(out_a.activations, out_b.activations)
+
+
+def test_linen_and_function_halves():
+  x, y = _data((10,))
+
+  def server_init(key, h):
+    return {"w": jax.random.normal(key, (h.shape[-1], 10)) * 0.1}
+
+  server = sljax.function_stage(lambda p, h: h @ p["w"], server_init)
+  model = sljax.split_model(nn.Dense(8), server)
+  sl = sljax.vanilla(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+  central = sljax.centralized(model, optimizer=optax.sgd(0.1))
+  s_state, s_losses = _run(sl, sl.init(jax.random.key(3), x[:2]), x, y, steps=5)
+  c_state, c_losses = _run(central, central.init(jax.random.key(3), x[:2]), x, y, steps=5)
+  np.testing.assert_allclose(s_losses, c_losses, atol=1e-6)
+  assert s_state.server.params["w"].shape == (8, 10)
+
+
+def _three_call_vanilla(sl, state, batch, key):
+  k_c, k_s = jax.random.split(key)
+  up, pending = sl.client_forward(state.client, *batch, k_c)
+  server, down, metrics = sl.server_step(state.server, up, k_s)
+  client = sl.client_backward(state.client, pending, down)
+  return sljax.SplitState(client, server, state.step + 1), metrics, up, down
+
+
+def _three_call_u(sl, state, batch, key):
+  x, y = batch
+  k_h, k_b, k_t = jax.random.split(key, 3)
+  up1, hp = sl.client_forward(state.client, x, k_h)
+  down1, sp = sl.server_forward(state.server, up1, k_b)
+  up2, tp, metrics = sl.client_tail_step(state.client, hp, down1, y, k_t)
+  server, down2 = sl.server_backward(state.server, sp, up2)
+  client = sl.client_backward(state.client, tp, down2)
+  return sljax.SplitState(client, server, state.step + 1), metrics, (up1, up2), (down1, down2)
+
+
+class FusedStepTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_fused_equals_three_calls_vanilla(self):
+    x, y = _data((64,))
+    sl = sljax.vanilla(sljax.cut(models.mlp(hidden=(32, 32), dropout=0.2), 1),
+                       client_optimizer=optax.adam(1e-2), server_optimizer=optax.adam(1e-2))
+    state = sl.init(jax.random.key(0), x[:2])
+    batch = next(_batches(x, y))
+    fused, fused_metrics = self.variant(sl.step)(state, batch, jax.random.key(5))
+    legs, metrics, up, down = self.variant(_three_call_vanilla, static_argnums=0)(sl, state, batch, jax.random.key(5))
+    # the same operations; under jit XLA may reassociate sums, hence the 1e-6 allowance
+    chex.assert_trees_all_close(fused, legs, atol=1e-6, rtol=1e-6)
+    assert float(fused_metrics["loss"]) == float(metrics["loss"])
+    assert int(fused_metrics["bytes_up"]) == len(sljax.to_bytes(up))
+    assert int(fused_metrics["bytes_down"]) == len(sljax.to_bytes(down))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_fused_equals_three_calls_u_shaped(self):
+    x, y = _data((64,))
+    sl = sljax.u_shaped(sljax.cut(models.mlp(hidden=(32, 32)), 1, 2),
+                        client_optimizer=optax.adam(1e-2), server_optimizer=optax.adam(1e-2))
+    state = sl.init(jax.random.key(0), x[:2])
+    batch = next(_batches(x, y))
+    fused, fused_metrics = self.variant(sl.step)(state, batch, jax.random.key(5))
+    legs, metrics, ups, downs = self.variant(_three_call_u, static_argnums=0)(sl, state, batch, jax.random.key(5))
+    chex.assert_trees_all_close(fused, legs, atol=1e-6, rtol=1e-6)
+    assert float(fused_metrics["loss"]) == float(metrics["loss"])
+    assert int(fused_metrics["bytes_up"]) == sum(len(sljax.to_bytes(m)) for m in ups)
+    assert int(fused_metrics["bytes_down"]) == sum(len(sljax.to_bytes(m)) for m in downs)
+
+
+def test_no_retracing_across_steps():
+  x, y = _data((64,))
+  sl = sljax.vanilla(sljax.cut(models.mlp(hidden=(16,)), 1),
+                     client_optimizer=optax.adam(1e-2), server_optimizer=optax.adam(1e-2))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(state, batch, key):
+    return sl.step(state, batch, key)
+
+  state = sl.init(jax.random.key(0), x[:2])
+  for i, batch in enumerate(_batches(x, y, steps=6)):
+    state, _ = step(state, batch, jax.random.key(i))
+  assert int(state.step) == 6
+
+
+@pytest.mark.parametrize("u", [False, True], ids=["vanilla", "u_shaped"])
+def test_predict_is_collaborative_inference(u):
+  x, y = _data((64,))
+  model = sljax.cut(models.mlp(hidden=(32, 32)), *((1, 2) if u else (1,)))
+  sl = (sljax.u_shaped if u else sljax.vanilla)(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+  central = sljax.centralized(model, optimizer=optax.sgd(0.1))
+  out, traffic = sl.predict(sl.init(jax.random.key(0), x[:2]), jnp.asarray(x[:BATCH]))
+  ref, _ = central.predict(central.init(jax.random.key(0), x[:2]), jnp.asarray(x[:BATCH]))
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  # no labels go up at inference: the uplink is exactly the activations message
+  assert traffic["bytes_up"] == sljax.wire_size(sljax.SmashedData(jnp.zeros((BATCH, 32))))
+
+
+def test_fit_and_evaluate_learn_digits():
+  ds = sljax.data.load_digits(seed=0, image=False)
+  model = sljax.cut(models.mlp(hidden=(64,)), 1)
+  sl = sljax.vanilla(model, client_optimizer=optax.adam(3e-3), server_optimizer=optax.adam(3e-3))
+  state = sl.init(jax.random.key(0), ds.x_train[:1])
+  state, history = sljax.fit(sl, state, ds.x_train, ds.y_train, key=jax.random.key(1), epochs=5, batch_size=32)
+  assert len(history) == 5 and history[-1]["loss"] < history[0]["loss"]
+  steps = len(ds.x_train) // 32
+  up = sljax.wire_size(sljax.SmashedData(jnp.zeros((32, 64)), jnp.zeros((32,), jnp.int32)))
+  assert history[0]["bytes_up"] == steps * up
+  result = sljax.evaluate(sl, state, ds.x_test, ds.y_test)
+  assert result["accuracy"] > 0.9
