@@ -68,7 +68,16 @@ class Prediction:
   logits: Any
 
 
-MESSAGE_TYPES = {cls.__name__: cls for cls in (SmashedData, CutGradient, BodyOutput, TailGradient, Prediction)}
+@struct.dataclass
+class ModelWeights:
+  """Either direction, in SplitFed and FedAvg: a half's (or the whole model's) parameters for averaging."""
+
+  params: Any
+
+
+MESSAGE_TYPES = {
+    cls.__name__: cls for cls in (SmashedData, CutGradient, BodyOutput, TailGradient, Prediction, ModelWeights)
+}
 
 
 def to_bytes(message: Any) -> bytes:

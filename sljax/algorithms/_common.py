@@ -1,0 +1,206 @@
+"""What the multi-client algorithms share: their state, participation, averaging, masking, bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from sljax import messages as msgs
+from sljax.data.clients import ClientData, client_batches
+from sljax.protocol import ArraySpec, PartyState, check_batch, softmax_cross_entropy
+
+PyTree = Any
+Loss = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@struct.dataclass
+class SimState:
+  """The whole state of a simulation: everything a resumed run needs.
+
+  Attributes:
+    clients: the client parties; stacked on a leading client axis (K, ...) except in sequential
+      split learning, where one client half is relayed from client to client.
+    server: the server party; stacked (K, ...) in SplitFed v1 (one copy per client).
+    round: rounds completed; also the cursor of every client's data order.
+    key: raw PRNG key data (uint32); round r draws from `fold_in(key, r)`.
+  """
+
+  clients: PyTree
+  server: PyTree
+  round: jax.Array
+  key: jax.Array
+
+
+class RoundInputs(NamedTuple):
+  """Who takes part in a round: `participating` (K,) and `dropped` (local_steps, K) booleans."""
+
+  participating: jax.Array
+  dropped: jax.Array
+
+
+class Algorithm(NamedTuple):
+  """A multi-client schedule as pure functions.
+
+  - `init(key, data) -> SimState`
+  - `round(state, data, inputs=None) -> (state, metrics)`: one round, a pure function to jit.
+    `inputs` (a `RoundInputs`) overrides the participation and drops sampled from the round key.
+  - `predict(state, x, client=0) -> outputs`: inference with client `client`'s half.
+  """
+
+  name: str
+  init: Callable[..., SimState]
+  round: Callable[..., tuple[SimState, dict]]
+  predict: Callable[..., jax.Array]
+  local_steps: int
+
+
+def round_key(state: SimState) -> jax.Array:
+  return jax.random.fold_in(jax.random.wrap_key_data(state.key), state.round)
+
+
+def sample_inputs(key, num_clients: int, *, local_steps: int, participation: float, drop_rate: float) -> RoundInputs:
+  """Exactly `max(1, round(participation * K))` clients take part; each may drop at each step."""
+  k_part, k_drop = jax.random.split(key)
+  m = max(1, int(round(participation * num_clients)))
+  chosen = jax.random.permutation(k_part, num_clients)[:m]
+  participating = jnp.zeros((num_clients,), bool).at[chosen].set(True)
+  dropped = jax.random.bernoulli(k_drop, drop_rate, (local_steps, num_clients)) & participating
+  return RoundInputs(participating, dropped)
+
+
+def check_fraction(name: str, value: float, *, allow_zero: bool) -> None:
+  lo_ok = value >= 0 if allow_zero else value > 0
+  if not (lo_ok and value <= 1):
+    interval = "[0, 1]" if allow_zero else "(0, 1]"
+    raise ValueError(f"{name}: expected a fraction in {interval}, got {value}")
+
+
+def check_data(data: ClientData, spec: ArraySpec, num_clients: int | None = None) -> None:
+  """Trace-time check of client data against the model's input spec."""
+  if not isinstance(data, ClientData):
+    raise TypeError(f"data: expected sljax.data.ClientData (from stack_clients), got {type(data).__name__}")
+  if num_clients is not None and data.x.shape[0] != num_clients:
+    raise ValueError(f"data: expected {num_clients} clients (the state's), got {data.x.shape[0]}")
+  check_batch("data.x (per client)", data.x[0], spec)
+
+
+def where(mask: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Per-client select: `new` where `mask` (K,) is True, else `old` (stacked trees)."""
+
+  def pick(n, o):
+    return jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
+
+  return jax.tree.map(pick, new, old)
+
+
+def select(flag: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Scalar select between two trees of the same structure."""
+  return jax.tree.map(lambda n, o: jnp.where(flag, n, o), new, old)
+
+
+def weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:
+  """Average over the leading client axis with weights (K,) (FedAvg)."""
+  w = weights / jnp.maximum(weights.sum(), 1e-12)
+  return jax.tree.map(lambda a: jnp.tensordot(w.astype(a.dtype), a, axes=1) if jnp.issubdtype(a.dtype, jnp.inexact)
+                      else a[0], tree)
+
+
+def broadcast(tree: PyTree, num_clients: int) -> PyTree:
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *a.shape)), tree)
+
+
+def stack_party(party: PartyState, num_clients: int) -> PartyState:
+  """K tied copies of a party (same params and optimizer state)."""
+  return broadcast(party, num_clients)
+
+
+def batches(state: SimState, data: ClientData, step_in_round, *, local_steps: int, batch_size: int):
+  """Every client's batch for one step of this round; depends only on (data, round, step)."""
+  step = state.round * local_steps + step_in_round
+  x, y, _ = client_batches(data, step, batch_size=batch_size, key=jax.random.wrap_key_data(state.key))
+  return x, y
+
+
+def uplink_bytes(smashed_one: jax.Array, labels_one: jax.Array | None) -> int:
+  """Exact wire bytes of one client's SmashedData for one step (static)."""
+  return msgs.wire_size(msgs.SmashedData(smashed_one, labels_one))
+
+
+def smashed_struct(server: PartyState, batch_size: int) -> jax.ShapeDtypeStruct:
+  """Shape and dtype of one client's smashed data for one step (the server's input spec)."""
+  return jax.ShapeDtypeStruct((batch_size, *server.input_spec.shape), server.input_spec.dtype)
+
+
+def model_bytes(params_one: PyTree) -> int:
+  """Exact wire bytes of one half's weights, sent for averaging (static)."""
+  return msgs.wire_size(msgs.ModelWeights(params_one))
+
+
+def per_client_losses(outputs_KxB: jax.Array, labels_KxB: jax.Array, loss: Loss) -> jax.Array:
+  """`loss` of each client's own batch: (K,)."""
+  return jax.vmap(loss)(outputs_KxB, labels_KxB)
+
+
+def apply_update(party: PartyState, grads: PyTree, optimizer: optax.GradientTransformation, model_state) -> PartyState:
+  updates, opt_state = optimizer.update(grads, party.opt_state, party.params)
+  return party.replace(params=optax.apply_updates(party.params, updates), opt_state=opt_state, model_state=model_state)
+
+
+def round_metrics(losses_SxK, accs_SxK, active_SxK, up_SxK, down_SxK, participating_K, extra_up_K=0, extra_down_K=0):
+  """Per-round metrics from per-step, per-client values (S steps, K clients)."""
+  w = active_SxK.astype(jnp.float32)
+  n = jnp.maximum(w.sum(), 1.0)
+  bytes_up = (up_SxK.sum(0) + extra_up_K).astype(jnp.int32)
+  bytes_down = (down_SxK.sum(0) + extra_down_K).astype(jnp.int32)
+  return {
+      "loss": (losses_SxK * w).sum() / n,
+      "accuracy": (accs_SxK * w).sum() / n,
+      "bytes_up_per_client": bytes_up,
+      "bytes_down_per_client": bytes_down,
+      "bytes_up": bytes_up.sum(),
+      "bytes_down": bytes_down.sum(),
+      "participating": participating_K,
+      "completed_steps": active_SxK.sum(0).astype(jnp.int32),
+  }
+
+
+DEFAULT_LOSS = softmax_cross_entropy
+
+
+def server_step_on_all(server_stage, server: PartyState, h_KxB, y_KxB, weights_K, key, *, loss: Loss,
+                       optimizer: optax.GradientTransformation):
+  """One server update on the smashed data of all clients at once.
+
+  The server runs its half once on the concatenated (K*B) batch: one large matmul rather than K
+  small ones. Its loss is the weighted mean of the clients' own mean losses, so with all weights
+  1 it equals centralized training on the K*B batch. The gradient returned for client k is that
+  of its own mean loss (what vanilla split learning would send it); clients of weight 0 get zeros,
+  and when all weights are 0 the server does not move.
+
+  Returns:
+    (server, grads_KxB, losses_K, accuracies_K)
+  """
+  k, b = h_KxB.shape[:2]
+  total = weights_K.sum()
+
+  def objective(params, h_KxB):
+    out, model_state = server_stage.apply(params, server.model_state, h_KxB.reshape(k * b, *h_KxB.shape[2:]),
+                                          key=key, train=True)
+    out_KxB = out.reshape(k, b, *out.shape[1:])
+    losses_K = per_client_losses(out_KxB, y_KxB, loss)
+    return (losses_K * weights_K).sum() / jnp.maximum(total, 1.0), (losses_K, out_KxB, model_state)
+
+  (_, (losses_K, out_KxB, model_state)), (g_params, g_h) = jax.value_and_grad(
+      objective, argnums=(0, 1), has_aux=True)(server.params, h_KxB)
+  # d(weighted mean)/dh_k = w_k / total * d loss_k / dh_k: rescale to each client's own loss.
+  scale_K = jnp.where(weights_K > 0, total / jnp.where(weights_K > 0, weights_K, 1.0), 0.0)
+  g_h = g_h * scale_K.reshape(k, *(1,) * (g_h.ndim - 1)).astype(g_h.dtype)
+  updated = apply_update(server, g_params, optimizer, model_state)
+  server = select(total > 0, updated, server)
+  accs_K = jnp.mean(jnp.argmax(out_KxB, -1) == y_KxB, axis=-1)
+  return server, g_h, losses_K, accs_K

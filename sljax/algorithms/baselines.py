@@ -1,0 +1,122 @@
+"""Baselines with the same model and data as the split algorithms: FedAvg and centralized training.
+
+FedAvg: McMahan, Moore, Ramage, Hampson & Agüera y Arcas, "Communication-Efficient Learning of
+Deep Networks from Decentralized Data", AISTATS 2017.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sljax import protocol
+from sljax.algorithms import _common as c
+from sljax.algorithms.splitfed import _average_clients
+from sljax.data.clients import ClientData
+from sljax.execution import Executor, vmap
+from sljax.split import SplitModel
+
+
+def fedavg(
+    model: SplitModel,
+    *,
+    optimizer: optax.GradientTransformation,
+    num_clients: int,
+    batch_size: int,
+    local_steps: int = 1,
+    loss: c.Loss = c.DEFAULT_LOSS,
+    executor: Executor = vmap(),
+    participation: float = 1.0,
+    drop_rate: float = 0.0,
+) -> c.Algorithm:
+  """FedAvg: every client trains the whole model locally; the server averages the models.
+
+  Who updates what, per round: each participating client runs `local_steps` steps of the whole
+  model (`model.compose()`) on its data, updating its params and its own optimizer state; the
+  server averages the params (and model state) weighted by sample counts and sends the average
+  to every client. A dropped step is discarded. Traffic: the whole model, up and down, per
+  participant per round. `SimState.server` is unused (None).
+  """
+  c.check_fraction("participation", participation, allow_zero=False)
+  c.check_fraction("drop_rate", drop_rate, allow_zero=True)
+  central = protocol.centralized(model, optimizer=optimizer, loss=loss)
+
+  def init(key, data: ClientData) -> c.SimState:
+    c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
+    k_model, k_run = jax.random.split(key)
+    party = central.init(k_model, data.x[0, :1])
+    return c.SimState(c.stack_party(party, num_clients), None, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
+
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+    c.check_data(data, state.clients.input_spec, num_clients)
+    key = c.round_key(state)
+    if inputs is None:
+      inputs = c.sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
+                               participation=participation, drop_rate=drop_rate)
+
+    def step(clients, s):
+      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
+      keys = jax.random.split(jax.random.fold_in(key, s + 1), num_clients)
+      active = inputs.participating & ~inputs.dropped[s]
+      updated, m = executor(lambda p, x, y, k: central.step(p, (x, y), k), clients, x, y, keys)
+      zeros = jnp.zeros((num_clients,), jnp.int32)
+      return c.where(active, updated, clients), (m["loss"], m["accuracy"], active, zeros, zeros)
+
+    clients, (losses, accs, active, up, down) = jax.lax.scan(step, state.clients, jnp.arange(local_steps))
+    weights = data.count.astype(jnp.float32) * inputs.participating
+    clients = _average_clients(clients, weights, num_clients)
+    weight_bytes = c.model_bytes(jax.tree.map(lambda a: a[0], clients.params)) * inputs.participating
+    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating, weight_bytes, weight_bytes)
+    return state.replace(clients=clients, round=state.round + 1), metrics
+
+  def predict(state: c.SimState, x, client: int = 0):
+    return central.predict(jax.tree.map(lambda a: a[client], state.clients), x)[0]
+
+  return c.Algorithm("fedavg", init, round_fn, predict, local_steps)
+
+
+def centralized_baseline(
+    model: SplitModel,
+    *,
+    optimizer: optax.GradientTransformation,
+    num_clients: int,
+    batch_size: int,
+    local_steps: int = 1,
+    loss: c.Loss = c.DEFAULT_LOSS,
+) -> c.Algorithm:
+  """Centralized training on the same data: each step takes every client's batch as one K*B batch.
+
+  The data the split algorithms see in a round, pooled in one place; no traffic. The state holds
+  the whole model in `SimState.server`.
+  """
+  central = protocol.centralized(model, optimizer=optimizer, loss=loss)
+
+  def init(key, data: ClientData) -> c.SimState:
+    c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
+    k_model, k_run = jax.random.split(key)
+    return c.SimState(None, central.init(k_model, data.x[0, :1]), jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
+
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+    del inputs  # all data is in one place
+    c.check_data(data, state.server.input_spec, num_clients)
+    key = c.round_key(state)
+
+    def step(party, s):
+      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
+      x, y = x.reshape(-1, *x.shape[2:]), y.reshape(-1)
+      party, m = central.step(party, (x, y), jax.random.fold_in(key, s + 1))
+      return party, (m["loss"], m["accuracy"])
+
+    server, (losses, accs) = jax.lax.scan(step, state.server, jnp.arange(local_steps))
+    ones = jnp.ones((local_steps, num_clients))
+    zeros = jnp.zeros((local_steps, num_clients), jnp.int32)
+    metrics = c.round_metrics(losses[:, None] * ones, accs[:, None] * ones, ones > 0, zeros, zeros,
+                              jnp.ones((num_clients,), bool))
+    return state.replace(server=server, round=state.round + 1), metrics
+
+  def predict(state: c.SimState, x, client: int = 0):
+    del client
+    return central.predict(state.server, x)[0]
+
+  return c.Algorithm("centralized", init, round_fn, predict, local_steps)

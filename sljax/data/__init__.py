@@ -1,0 +1,31 @@
+"""Data for split learning: offline data sets, partitions among clients, stacked client batches."""
+
+from sljax.data.clients import ClientData, client_batches, stack_clients
+from sljax.data.datasets import (
+    Dataset,
+    from_arrays,
+    load_breast_cancer,
+    load_digits,
+    load_wine,
+    make_mnist1d,
+    make_synthetic,
+)
+from sljax.data.partition import dirichlet, iid, label_shards, quantity_skew, vertical_split
+
+__all__ = [
+    "ClientData",
+    "Dataset",
+    "client_batches",
+    "dirichlet",
+    "from_arrays",
+    "iid",
+    "label_shards",
+    "load_breast_cancer",
+    "load_digits",
+    "load_wine",
+    "make_mnist1d",
+    "make_synthetic",
+    "quantity_skew",
+    "stack_clients",
+    "vertical_split",
+]

@@ -1,0 +1,176 @@
+"""Client data stacked along a leading client axis, and batches drawn from it inside `jit`.
+
+The simulator `vmap`s over clients, so their data must share one shape: each client's samples are
+padded to the largest client's size and `count` says how many rows are real. `client_batches` is a
+pure function of `(data, step, key)`: the data order needs no state of its own, a resumed run sees
+the same batches as an uninterrupted one, and the batch shape never changes, so nothing recompiles
+as rounds go by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class ClientData:
+  """Per-client training data, padded to a common size `N_max` (K = clients).
+
+  Rows `count[k]` and beyond of client `k` are padding (zeros) and never appear in a batch from
+  `client_batches`.
+
+  Attributes:
+    x: features, shape (K, N_max, *feature_shape).
+    y: int32 labels, shape (K, N_max).
+    count: int32 number of real rows of each client, shape (K,).
+
+  Example:
+    >>> data = stack_clients(np.ones((5, 3)), np.arange(5), [np.array([0, 1, 2]), np.array([3, 4])])
+    >>> data.x.shape, data.count.tolist()
+    ((2, 3, 3), [3, 2])
+  """
+
+  x: jax.Array
+  y: jax.Array
+  count: jax.Array
+
+
+def stack_clients(x, y, parts: Sequence | None = None) -> ClientData:
+  """Stacks per-client data into a padded `ClientData`.
+
+  Either `x`, `y` hold the whole training set and `parts` the client index arrays (as returned by
+  the partitioners in `sljax.data`), or `parts` is None and `x`, `y` are sequences with one array
+  per client (a natural partition, e.g. by writer). Padding costs K * N_max rows of memory; under
+  strong quantity or label skew N_max nears N, so the stack nears K times the data.
+
+  Args:
+    x: features, shape (N, *feature_shape); or a sequence of K arrays (N_k, *feature_shape).
+    y: integer labels, shape (N,); or a sequence of K arrays (N_k,).
+    parts: K non-empty integer index arrays into `x` and `y`, or None.
+
+  Returns:
+    The stacked `ClientData`, on the default device.
+  """
+  if parts is None and not isinstance(x, (list, tuple)):
+    raise ValueError(
+        f"without parts, x and y must be lists of per-client arrays, got x of type "
+        f"{type(x).__name__}")
+  if parts is not None:
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim < 1 or y.shape != x.shape[:1]:
+      raise ValueError(
+          f"x and y must hold the same number of samples, got x.shape={x.shape} and "
+          f"y.shape={y.shape}")
+    if len(parts) == 0:
+      raise ValueError("parts must hold at least one client's index array, got 0")
+    for k, part in enumerate(parts):
+      part = np.asarray(part)
+      if part.ndim != 1 or not np.issubdtype(part.dtype, np.integer):
+        raise ValueError(
+            f"parts[{k}] must be a 1-D integer index array, got shape {part.shape} and dtype "
+            f"{part.dtype}")
+      if len(part) and not (0 <= part.min() and part.max() < len(x)):
+        raise ValueError(
+            f"parts[{k}] must index the {len(x)} samples, got indices from {part.min()} to "
+            f"{part.max()}")
+    x, y = [x[np.asarray(p)] for p in parts], [y[np.asarray(p)] for p in parts]
+  xs, ys = [np.asarray(a) for a in x], [np.asarray(a) for a in y]
+  if len(xs) == 0 or len(xs) != len(ys):
+    raise ValueError(
+        f"x and y must hold one array per client, and at least one, got {len(xs)} and {len(ys)}")
+  feature_shape = xs[0].shape[1:]
+  for k, (x_k, y_k) in enumerate(zip(xs, ys)):
+    if x_k.ndim < 1 or x_k.shape[1:] != feature_shape:
+      raise ValueError(
+          f"client {k} has features of shape {x_k.shape[1:]}, but client 0 has {feature_shape}")
+    if y_k.ndim != 1 or not np.issubdtype(y_k.dtype, np.integer) or len(y_k) != len(x_k):
+      raise ValueError(
+          f"client {k} needs one integer label per sample, got x shape {x_k.shape} and y shape "
+          f"{y_k.shape} of dtype {y_k.dtype}")
+    if len(y_k) == 0:
+      raise ValueError(f"client {k} has no samples; every client needs at least one")
+
+  count = np.array([len(y_k) for y_k in ys], np.int32)
+  x_KxN = np.zeros((len(xs), count.max(), *feature_shape), np.result_type(*xs))
+  y_KxN = np.zeros((len(xs), count.max()), np.int32)
+  for k, (x_k, y_k) in enumerate(zip(xs, ys)):
+    x_KxN[k, :len(x_k)], y_KxN[k, :len(y_k)] = x_k, y_k
+  return ClientData(jnp.asarray(x_KxN), jnp.asarray(y_KxN), jnp.asarray(count))
+
+
+def client_batches(
+    data: ClientData, step, *, batch_size: int, key: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Batch number `step` of every client: a pure, jittable function of `(data, step, key)`.
+
+  Each client k reads its own real rows in a fresh random order every epoch. Write c = count[k],
+  B = batch_size, and pi_e for the order of epoch e, a random permutation of the c real
+  rows drawn from the key `fold_in(fold_in(key, k), e)`. Then:
+
+  * If c >= B, the batches are consecutive windows of the stream pi_0, pi_1, pi_2, ...: batch t
+    holds stream positions t*B .. t*B + B - 1, and `mask` is all True. Every row is read exactly
+    once per c stream positions, also when B does not divide c (a batch may then span the end of
+    one epoch and the start of the next).
+  * If c < B, batch t holds all c rows once, in the order pi_e rotated to start at position
+    t*B mod c with e = t*B // c, then repeats them cyclically to fill B rows. `mask` is True on
+    the first c rows exactly, so a masked mean counts every row once.
+
+  Padding rows are never read. A client with count 0 (only possible when built by hand) gets
+  row 0 and an all-False mask. Cost per call: two sorts of N_max random keys per client.
+
+  Args:
+    data: the stacked client data.
+    step: the step number, a Python int or an int32 scalar that may be traced. `step * batch_size`
+      must stay below 2**31.
+    batch_size: rows per client per step, a static positive int.
+    key: the data-order key; keep it fixed for the whole run.
+
+  Returns:
+    x of shape (K, B, *feature_shape), y of shape (K, B), and the bool mask of shape (K, B).
+
+  Example:
+    >>> data = stack_clients(np.ones((6, 2)), np.arange(6), [np.arange(4), np.arange(4, 6)])
+    >>> x, y, mask = client_batches(data, 0, batch_size=3, key=jax.random.key(0))
+    >>> x.shape, mask.tolist()
+    ((2, 3, 2), [[True, True, True], [True, True, False]])
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive Python int, got batch_size={batch_size!r}")
+  if jnp.ndim(step) != 0 or not jnp.issubdtype(jnp.result_type(step), jnp.integer):
+    raise ValueError(
+        f"step must be an integer scalar, got shape {jnp.shape(step)} and dtype "
+        f"{jnp.result_type(step)}")
+  num_clients, n_max = data.y.shape
+  count_K = data.count
+  c_K = jnp.maximum(count_K, 1)  # guards the division for a hand-built empty client
+  c_Kx1 = c_K[:, None]
+  start = step * batch_size
+  pos_1xB = start + jnp.arange(batch_size)[None, :]  # stream positions of this batch
+  epoch_K = start // c_K
+
+  def order(k, epoch, c):
+    """pi_epoch of client k: real rows in random order, padding rows after them."""
+    bits_N = jax.random.bits(
+        jax.random.fold_in(jax.random.fold_in(key, k), epoch), (n_max,), jnp.uint32)
+    bits_N = jnp.where(jnp.arange(n_max) < c, bits_N, np.uint32(np.iinfo(np.uint32).max))
+    return jnp.argsort(bits_N, stable=True)  # on ties padding stays last: its indices are larger
+
+  clients_K = jnp.arange(num_clients)
+  now_KxN = jax.vmap(order)(clients_K, epoch_K, count_K)
+  next_KxN = jax.vmap(order)(clients_K, epoch_K + 1, count_K)
+  slot_KxB = pos_1xB % c_Kx1
+  # With c >= B a batch spans at most two epochs; with c < B all of it uses pi_e (see above).
+  in_next_KxB = (pos_1xB // c_Kx1 > epoch_K[:, None]) & (c_Kx1 >= batch_size)
+  row_KxB = jnp.where(
+      in_next_KxB,
+      jnp.take_along_axis(next_KxN, slot_KxB, axis=1),
+      jnp.take_along_axis(now_KxN, slot_KxB, axis=1))
+  x_KxB = jax.vmap(lambda x_N, row_B: x_N[row_B])(data.x, row_KxB)
+  y_KxB = jnp.take_along_axis(data.y, row_KxB, axis=1)
+  mask_KxB = jnp.arange(batch_size)[None, :] < count_K[:, None]
+  return x_KxB, y_KxB, mask_KxB
