@@ -37,10 +37,24 @@ class SimState:
 
 
 class RoundInputs(NamedTuple):
-  """Who takes part in a round: `participating` (K,) and `dropped` (local_steps, K) booleans."""
+  """Who takes part in a round: `participating` (K,) and `dropped` (local_steps, K) booleans.
+
+  `dropped[s, k]` means client k disconnects during step s, after its forward pass and before its
+  backward pass. Its step s is discarded everywhere (it leaves no trace on the server nor on its
+  own state) and it is gone for the rest of the round: no more steps and no part in averaging.
+  """
 
   participating: jax.Array
   dropped: jax.Array
+
+  def active(self) -> jax.Array:
+    """(local_steps, K): the clients whose step s completes."""
+    gone = jnp.cumsum(self.dropped.astype(jnp.int32), axis=0) > 0
+    return self.participating[None, :] & ~gone
+
+  def completed(self) -> jax.Array:
+    """(K,): the clients that took part and finished the round."""
+    return self.active()[-1]
 
 
 class Algorithm(NamedTuple):
@@ -50,6 +64,7 @@ class Algorithm(NamedTuple):
   - `round(state, data, inputs=None) -> (state, metrics)`: one round, a pure function to jit.
     `inputs` (a `RoundInputs`) overrides the participation and drops sampled from the round key.
   - `predict(state, x, client=0) -> outputs`: inference with client `client`'s half.
+  `stacked` names the fields of `SimState` that carry a leading client axis.
   """
 
   name: str
@@ -57,6 +72,7 @@ class Algorithm(NamedTuple):
   round: Callable[..., tuple[SimState, dict]]
   predict: Callable[..., jax.Array]
   local_steps: int
+  stacked: tuple[str, ...] = ("clients",)
 
 
 def round_key(state: SimState) -> jax.Array:
@@ -69,7 +85,7 @@ def sample_inputs(key, num_clients: int, *, local_steps: int, participation: flo
   m = max(1, int(round(participation * num_clients)))
   chosen = jax.random.permutation(k_part, num_clients)[:m]
   participating = jnp.zeros((num_clients,), bool).at[chosen].set(True)
-  dropped = jax.random.bernoulli(k_drop, drop_rate, (local_steps, num_clients)) & participating
+  dropped = jax.random.bernoulli(k_drop, drop_rate, (local_steps, num_clients)) & participating[None, :]
   return RoundInputs(participating, dropped)
 
 
@@ -144,6 +160,21 @@ def model_bytes(params_one: PyTree) -> int:
 def per_client_losses(outputs_KxB: jax.Array, labels_KxB: jax.Array, loss: Loss) -> jax.Array:
   """`loss` of each client's own batch: (K,)."""
   return jax.vmap(loss)(outputs_KxB, labels_KxB)
+
+
+def client_gradient(vanilla):
+  """`(client, x, y, key, cut_grad) -> (grads, model_state)`: the client's backward pass.
+
+  In simulation the client's forward pass is recomputed here instead of carrying the pullback
+  from `client_forward` through the executor: a pullback is a closure, which `lax.map` and the
+  loop executor cannot stack. Inside one jitted round XLA sees both forward passes.
+  """
+
+  def backward(client, x, y, key, g):
+    _, pending = vanilla.client_forward(client, x, y, key)
+    return pending.pullback(g)[0], pending.model_state
+
+  return backward
 
 
 def apply_update(party: PartyState, grads: PyTree, optimizer: optax.GradientTransformation, model_state) -> PartyState:

@@ -58,16 +58,17 @@ def fedavg(
     def step(clients, s):
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
       keys = jax.random.split(jax.random.fold_in(key, s + 1), num_clients)
-      active = inputs.participating & ~inputs.dropped[s]
+      active = inputs.active()[s]
       updated, m = executor(lambda p, x, y, k: central.step(p, (x, y), k), clients, x, y, keys)
       zeros = jnp.zeros((num_clients,), jnp.int32)
       return c.where(active, updated, clients), (m["loss"], m["accuracy"], active, zeros, zeros)
 
     clients, (losses, accs, active, up, down) = jax.lax.scan(step, state.clients, jnp.arange(local_steps))
-    weights = data.count.astype(jnp.float32) * inputs.participating
+    weights = data.count.astype(jnp.float32) * inputs.completed()
     clients = _average_clients(clients, weights, num_clients)
-    weight_bytes = c.model_bytes(jax.tree.map(lambda a: a[0], clients.params)) * inputs.participating
-    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating, weight_bytes, weight_bytes)
+    weight_bytes = c.model_bytes(jax.tree.map(lambda a: a[0], clients.params))
+    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating,
+                              weight_bytes * inputs.completed(), weight_bytes * inputs.participating)
     return state.replace(clients=clients, round=state.round + 1), metrics
 
   def predict(state: c.SimState, x, client: int = 0):
@@ -119,4 +120,4 @@ def centralized_baseline(
     del client
     return central.predict(state.server, x)[0]
 
-  return c.Algorithm("centralized", init, round_fn, predict, local_steps)
+  return c.Algorithm("centralized", init, round_fn, predict, local_steps, stacked=())

@@ -89,16 +89,16 @@ def parallel_sl(
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
       k_step = jax.random.fold_in(key, s + 1)
       keys = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
-      active = inputs.participating & ~inputs.dropped[s]
-      ups, pending = executor(vanilla.client_forward, clients, x, y, keys)
+      active = inputs.active()[s]
+      ups = executor(lambda *a: vanilla.client_forward(*a)[0], clients, x, y, keys)
       server, g_h, losses, accs = c.server_step_on_all(
           model.server, server, ups.activations, y, active.astype(jnp.float32), jax.random.fold_in(k_step, 1),
           loss=loss, optimizer=server_optimizer)
-      grads = executor(lambda p, g: p.pullback(g)[0], pending, g_h)
+      grads, model_states = executor(c.client_gradient(vanilla), clients, x, y, keys, g_h)
       if sync_clients:
         grads = c.broadcast(c.weighted_mean(grads, active.astype(jnp.float32)), num_clients)
-      updated = executor(lambda party, g, p: c.apply_update(party, g, client_optimizer, p.model_state),
-                         clients, grads, pending)
+      updated = executor(lambda party, g, s: c.apply_update(party, g, client_optimizer, s), clients, grads,
+                         model_states)
       clients = c.where(active, updated, clients)
       up = c.uplink_bytes(ups.activations[0], y[0]) * inputs.participating
       down = msgs.wire_size(msgs.CutGradient(g_h[0])) * active
@@ -190,7 +190,7 @@ def local_loss_sl(
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
       k_step = jax.random.fold_in(key, s + 1)
       keys = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
-      active = inputs.participating & ~inputs.dropped[s]
+      active = inputs.active()[s]
       updated, ups = executor(client_local_step, clients, x, y, keys)
       server, _, losses, accs = c.server_step_on_all(
           model.server, server, ups.activations, y, active.astype(jnp.float32), jax.random.fold_in(k_step, 1),

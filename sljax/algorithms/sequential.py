@@ -70,7 +70,7 @@ def sequential_sl(
       def step(carry, s):
         split_state = protocol.SplitState(*carry, jnp.zeros((), jnp.int32))
         new, m = vanilla.step(split_state, (xs[s, k], ys[s, k]), jax.random.fold_in(jax.random.fold_in(key, k + 1), s))
-        active = inputs.participating[k] & ~inputs.dropped[s, k]
+        active = inputs.active()[s, k]
         client, server = c.select(active, (new.client, new.server), carry)
         return (client, server), (m["loss"], m["accuracy"], active)
 
@@ -92,4 +92,4 @@ def sequential_sl(
     del client  # one client half, shared by all
     return vanilla.predict(protocol.SplitState(state.clients, state.server, state.round), x)[0]
 
-  return c.Algorithm("sequential_sl", init, round_fn, predict, local_steps)
+  return c.Algorithm("sequential_sl", init, round_fn, predict, local_steps, stacked=())

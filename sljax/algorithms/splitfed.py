@@ -64,8 +64,8 @@ def splitfed(
       per client (params and optimizer state); each client then receives its cut gradient and
       updates its half. At the end of the round the client halves are averaged as in v1.
   A client that drops after its forward has that step discarded: it keeps its state, and (v2)
-  the server skips its update; (v1) its server copy keeps its state. Non-participants do nothing
-  and are left out of the average, but receive the averaged halves.
+  the server skips its update; (v1) its server copy keeps its state. It is then gone for the
+  round and, like a non-participant, left out of the average; every client receives the averages.
   Traffic per round adds the client half's weights, up and down, for each participant.
   """
   if version not in (1, 2):
@@ -90,7 +90,7 @@ def splitfed(
     return c.where(active, new_clients, clients), c.where(active, new_servers, servers), m["loss"], m["accuracy"]
 
   def step_v2(clients, server, x, y, keys, active, order):
-    ups, pending = executor(vanilla.client_forward, clients, x, y, keys)
+    ups = executor(lambda *a: vanilla.client_forward(*a)[0], clients, x, y, keys)
 
     def serve(server, k):
       message = jax.tree.map(lambda a: a[k], ups)
@@ -100,7 +100,11 @@ def splitfed(
     server, (g_in_order, l_in_order, a_in_order) = jax.lax.scan(serve, server, order)
     inverse = jnp.argsort(order)
     g, losses, accs = g_in_order[inverse], l_in_order[inverse], a_in_order[inverse]
-    updated = executor(vanilla.client_backward, clients, pending, msgs.CutGradient(g))
+    def backward(client, x, y, k, g):
+      _, pending = vanilla.client_forward(client, x, y, k)
+      return vanilla.client_backward(client, pending, msgs.CutGradient(g))
+
+    updated = executor(backward, clients, x, y, keys, g)
     return c.where(active, updated, clients), server, losses, accs
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
@@ -115,7 +119,7 @@ def splitfed(
       clients, server = carry
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
       keys = jax.random.split(jax.random.fold_in(key, s + 1), num_clients)
-      active = inputs.participating & ~inputs.dropped[s]
+      active = inputs.active()[s]
       if version == 1:
         clients, server, losses, accs = step_v1(clients, server, x, y, keys, active)
       else:
@@ -127,13 +131,14 @@ def splitfed(
 
     (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
-    weights = data.count.astype(jnp.float32) * inputs.participating
+    weights = data.count.astype(jnp.float32) * inputs.completed()
     clients = _average_clients(clients, weights, num_clients)
     one_client = jax.tree.map(lambda a: a[0], clients.params)
-    weight_bytes = c.model_bytes(one_client) * inputs.participating
+    weight_bytes = c.model_bytes(one_client)
     if version == 1:
       server = _average_clients(server, weights, num_clients)
-    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating, weight_bytes, weight_bytes)
+    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating,
+                              weight_bytes * inputs.completed(), weight_bytes * inputs.participating)
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
 
   def predict(state: c.SimState, x, client: int = 0):
@@ -141,4 +146,5 @@ def splitfed(
     server = jax.tree.map(lambda a: a[client], state.server) if version == 1 else state.server
     return vanilla.predict(protocol.SplitState(one, server, state.round), x)[0]
 
-  return c.Algorithm(f"splitfed_v{version}", init, round_fn, predict, local_steps)
+  stacked = ("clients", "server") if version == 1 else ("clients",)
+  return c.Algorithm(f"splitfed_v{version}", init, round_fn, predict, local_steps, stacked)

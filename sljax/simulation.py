@@ -1,0 +1,132 @@
+"""The round driver: jitted rounds, metrics as JSON lines, a progress bar, checkpoints and resume.
+
+All the logic lives in the algorithm's pure `round`; this module only loops, logs and saves. The
+whole state (params, optimizer states, PRNG key, round number, which is also every client's data
+cursor) is one pytree, so a checkpoint holds all a resumed run needs and resuming gives results
+bit-identical to the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from sljax.algorithms import Algorithm, SimState
+from sljax.data.clients import ClientData
+from sljax.execution import replicate, shard_clients
+
+logger = logging.getLogger(__name__)
+
+
+def shard(algorithm: Algorithm, state: SimState, data: ClientData, mesh: Mesh) -> tuple[SimState, ClientData]:
+  """Places the client axis of the state and the data over `mesh`; the rest is replicated."""
+  placed = {}
+  for name in ("clients", "server"):
+    part = getattr(state, name)
+    placed[name] = shard_clients(part, mesh) if name in algorithm.stacked else replicate(part, mesh)
+  state = state.replace(**placed, round=replicate(state.round, mesh), key=replicate(state.key, mesh))
+  return state, shard_clients(data, mesh)
+
+
+def _record(metrics: dict, round_number: int) -> dict:
+  out = {"round": round_number}
+  for name, value in jax.device_get(metrics).items():
+    value = np.asarray(value)
+    out[name] = value.item() if value.ndim == 0 else value.tolist()
+  return out
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+
+
+def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """An orbax manager for simulation states (one checkpoint per saved round)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def restore(manager: ocp.CheckpointManager, like: SimState, step: int | None = None) -> SimState:
+  """The state saved at `step` (the latest by default), with the structure of `like`."""
+  step = manager.latest_step() if step is None else step
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def run(
+    algorithm: Algorithm,
+    state: SimState,
+    data: ClientData,
+    *,
+    rounds: int,
+    jit: bool = True,
+    metrics_path: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    evaluate: Callable[[SimState], dict] | None = None,
+    evaluate_every: int = 0,
+    progress: bool = False,
+) -> tuple[SimState, list[dict]]:
+  """Runs rounds until `state.round == rounds`, resuming from `checkpoint_dir` if it has a checkpoint.
+
+  Args:
+    algorithm: from `sljax.algorithms`.
+    state: the initial state (`algorithm.init`); replaced by the latest checkpoint if there is one.
+    data: the clients' data (`sljax.data.stack_clients`), placed as the state is (see `shard`).
+    rounds: the total number of rounds (not the number still to run).
+    jit: compile each round into one program. Pass False with the `loop` executor to debug.
+    metrics_path: append one JSON line per round (loss, accuracy, bytes up/down per client and in
+      total, participation). On resume, lines after the restored round are dropped.
+    checkpoint_dir: save the whole state every `checkpoint_every` rounds and at the end.
+    evaluate: `evaluate(state) -> dict` merged into the round's record every `evaluate_every` rounds.
+    progress: show a progress bar over rounds.
+
+  Returns:
+    The final state and the records of the rounds run in this call.
+  """
+  manager = checkpoint_manager(checkpoint_dir) if checkpoint_dir is not None else None
+  if manager is not None and manager.latest_step() is not None:
+    state = restore(manager, state)
+    logger.info("resumed from round %d", int(state.round))
+  start = int(state.round)
+  if metrics_path is not None:
+    _write_jsonl(metrics_path, [r for r in _read_jsonl(metrics_path) if r["round"] <= start])
+  round_fn = jax.jit(algorithm.round) if jit else algorithm.round
+  history = []
+  try:
+    with tqdm(range(start, rounds), desc=algorithm.name, disable=not progress, leave=False) as bar:
+      for r in bar:
+        state, metrics = round_fn(state, data)
+        record = _record(metrics, r + 1)
+        if evaluate is not None and evaluate_every and (r + 1) % evaluate_every == 0:
+          record.update(evaluate(state))
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if metrics_path is not None:
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if manager is not None and ((r + 1) % checkpoint_every == 0 or r + 1 == rounds):
+          manager.save(r + 1, args=ocp.args.StandardSave(state))
+  finally:
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
+  return state, history

@@ -1,0 +1,254 @@
+"""Multi-client algorithms against their references; executors, sharding, drops, resume."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sljax
+from sljax import algorithms as A
+from sljax import data as D
+from sljax import execution, simulation
+
+B = 8
+OPT = optax.adam(1e-2)
+
+
+def _data(num_clients, *, n=96, features=12, seed=0, uneven=False):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, features)).astype(np.float32)
+  y = np.argmax(x[:, :10], axis=1).astype(np.int32)  # learnable labels
+  if uneven:
+    parts = D.quantity_skew(y, num_clients=num_clients, alpha=0.5, seed=seed)
+  else:
+    parts = D.iid(y, num_clients=num_clients, seed=seed)
+  return D.stack_clients(x, y, parts)
+
+
+def _model():
+  return sljax.cut(sljax.models.mlp(hidden=(16, 16)), 1)
+
+
+def _vanilla_reference(data, key, steps):
+  """Vanilla split learning on client 0's batches, in the algorithms' data order."""
+  k_model, k_run = jax.random.split(key)
+  sl = sljax.vanilla(_model(), client_optimizer=OPT, server_optimizer=OPT)
+  state = sl.init(k_model, data.x[0, :1])
+  step = jax.jit(sl.step)
+  for s in range(steps):
+    x, y, _ = D.client_batches(data, s, batch_size=B, key=jax.random.wrap_key_data(jax.random.key_data(k_run)))
+    state, _ = step(state, (x[0], y[0]), jax.random.key(s))
+  return state
+
+
+def _rounds(algo, data, rounds, key=jax.random.key(0), **kw):
+  state = algo.init(key, data)
+  round_fn = jax.jit(algo.round)
+  history = []
+  for _ in range(rounds):
+    state, m = round_fn(state, data, **kw)
+    history.append(m)
+  return state, history
+
+
+def _first(tree):
+  return jax.tree.map(lambda a: a[0], tree)
+
+
+ONE_CLIENT = {
+    "parallel": lambda: A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=1, batch_size=B),
+    "splitfed_v1": lambda: A.splitfed(_model(), version=1, client_optimizer=OPT, server_optimizer=OPT, num_clients=1,
+                                      batch_size=B),
+    "splitfed_v2": lambda: A.splitfed(_model(), version=2, client_optimizer=OPT, server_optimizer=OPT, num_clients=1,
+                                      batch_size=B),
+    "sequential": lambda: A.sequential_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=1,
+                                          batch_size=B),
+    "centralized": lambda: A.centralized_baseline(_model(), optimizer=OPT, num_clients=1, batch_size=B),
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_CLIENT))
+def test_one_client_equals_vanilla_split_learning(name):
+  data = _data(1)
+  ref = _vanilla_reference(data, jax.random.key(0), steps=6)
+  state, history = _rounds(ONE_CLIENT[name](), data, rounds=6)
+  if name == "centralized":
+    params = state.server.params
+  elif name == "sequential":
+    params = (state.clients.params, state.server.params)
+  elif name == "splitfed_v1":
+    params = (_first(state.clients.params), _first(state.server.params))
+  else:
+    params = (_first(state.clients.params), state.server.params)
+  chex.assert_trees_all_close(params, (ref.client.params, ref.server.params), atol=1e-5, rtol=1e-5)
+  assert float(history[-1]["loss"]) < float(history[0]["loss"])
+
+
+def test_parallel_sl_with_tied_clients_equals_centralized_on_the_pooled_batch():
+  k = 4
+  data = _data(k)
+  par = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=k, batch_size=B,
+                      sync_clients=True, local_steps=2)
+  cen = A.centralized_baseline(_model(), optimizer=OPT, num_clients=k, batch_size=B, local_steps=2)
+  p_state, p_hist = _rounds(par, data, rounds=4)
+  c_state, c_hist = _rounds(cen, data, rounds=4)
+  for i in range(k):
+    client_i = jax.tree.map(lambda a: a[i], p_state.clients.params)
+    chex.assert_trees_all_close((client_i, p_state.server.params), c_state.server.params, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose([float(m["loss"]) for m in p_hist], [float(m["loss"]) for m in c_hist], atol=1e-5)
+
+
+def test_parallel_sl_without_sync_lets_clients_diverge():
+  """The test above can fail: without synchronisation, tied clients drift apart."""
+  data = _data(4)
+  par = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B)
+  state, _ = _rounds(par, data, rounds=2)
+  w = state.clients.params[0]["Dense_0"]["kernel"]
+  assert not np.allclose(w[0], w[1])
+
+
+EXECUTORS = [execution.vmap(), execution.chunked_vmap(2), execution.lax_map(), execution.loop()]
+
+
+@pytest.mark.parametrize("algo_name", ["parallel", "splitfed_v1", "splitfed_v2"])
+def test_executors_agree(algo_name):
+  data = _data(4, uneven=True)
+  results = []
+  # the un-jitted loop runs op by op: check it once, on the algorithm that uses the executor most
+  for ex in EXECUTORS if algo_name == "parallel" else EXECUTORS[:3]:
+    if algo_name == "parallel":
+      algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B,
+                           executor=ex, local_steps=2)
+    else:
+      algo = A.splitfed(_model(), version=int(algo_name[-1]), client_optimizer=OPT, server_optimizer=OPT,
+                        num_clients=4, batch_size=B, executor=ex, local_steps=2)
+    state = algo.init(jax.random.key(1), data)
+    round_fn = jax.jit(algo.round) if ex.jit else algo.round
+    state, metrics = round_fn(state, data)
+    results.append((state, metrics["loss"]))
+  for other in results[1:]:
+    chex.assert_trees_all_close(results[0], other, atol=1e-5, rtol=1e-5)
+
+
+def test_loop_executor_names_the_failing_client():
+  def fn(x):
+    if float(x[0]) == 2.0:
+      raise ValueError("bad value")
+    return x
+
+  with pytest.raises(execution.ClientError, match="client 2: ValueError: bad value"):
+    execution.loop()(fn, jnp.arange(4.0)[:, None])
+
+
+def test_sharded_over_four_devices_equals_single_device():
+  assert jax.device_count() >= 4, "tests/conftest.py asks XLA for 4 CPU devices"
+  data = _data(8)
+  for algo in [A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=8, batch_size=B),
+               A.splitfed(_model(), version=1, client_optimizer=OPT, server_optimizer=OPT, num_clients=8,
+                          batch_size=B)]:
+    state = algo.init(jax.random.key(2), data)
+    single, _ = simulation.run(algo, state, data, rounds=2)
+    mesh = execution.client_mesh(jax.devices()[:4])
+    s_state, s_data = simulation.shard(algo, state, data, mesh)
+    sharded, _ = simulation.run(algo, s_state, s_data, rounds=2)
+    assert len(sharded.clients.params[0]["Dense_0"]["kernel"].sharding.device_set) == 4
+    chex.assert_trees_all_close(jax.device_get(sharded), jax.device_get(single), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("version", [None, 1, 2])
+def test_a_dropped_client_step_is_discarded_exactly(version):
+  """Dropping client 1 mid-step == client 1 sitting the round out, except for its uplink bytes."""
+  k = 3
+  data = _data(k)
+  if version is None:
+    algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=k, batch_size=B)
+  else:
+    algo = A.splitfed(_model(), version=version, client_optimizer=OPT, server_optimizer=OPT, num_clients=k,
+                      batch_size=B)
+  state = algo.init(jax.random.key(3), data)
+  everyone = jnp.ones((k,), bool)
+  no_drops = jnp.zeros((1, k), bool)
+  dropped = A.RoundInputs(everyone, no_drops.at[0, 1].set(True))
+  absent = A.RoundInputs(everyone.at[1].set(False), no_drops)
+  round_fn = jax.jit(algo.round)
+  after_drop, m_drop = round_fn(state, data, dropped)
+  after_absent, m_absent = round_fn(state, data, absent)
+  full, _ = round_fn(state, data, A.RoundInputs(everyone, no_drops))
+  if version is None:  # no averaging: client 1 is untouched
+    chex.assert_trees_all_close(_first(jax.tree.map(lambda a: a[1:2], after_drop.clients)), _first(
+        jax.tree.map(lambda a: a[1:2], state.clients)))
+  chex.assert_trees_all_close(after_drop, after_absent, atol=0, rtol=0)
+  assert not np.allclose(after_drop.server.params[1]["kernel"], full.server.params[1]["kernel"])
+  assert int(m_drop["bytes_up_per_client"][1]) > 0 and int(m_absent["bytes_up_per_client"][1]) == 0
+  if version is None:  # the dropped client never got its cut gradient
+    assert int(m_drop["bytes_down_per_client"][1]) == 0 < int(m_drop["bytes_down_per_client"][0])
+
+
+def test_no_recompilation_after_the_first_round_with_uneven_clients():
+  data = _data(4, uneven=True)
+  assert len(set(np.asarray(data.count).tolist())) > 1
+  algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B,
+                       participation=0.5, drop_rate=0.2)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def round_fn(state, data):
+    return algo.round(state, data)
+
+  state = algo.init(jax.random.key(0), data)
+  participations = set()
+  for _ in range(5):
+    state, metrics = round_fn(state, data)
+    participations.add(tuple(np.asarray(metrics["participating"]).tolist()))
+    assert int(np.sum(metrics["participating"])) == 2
+  assert len(participations) > 1  # the sampled clients change from round to round
+
+
+def test_resume_is_bit_identical_and_metrics_reproduce(tmp_path):
+  data = _data(4, uneven=True)
+  algo = A.splitfed(_model(), version=2, client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B,
+                    participation=0.75, drop_rate=0.1, local_steps=2)
+  state = algo.init(jax.random.key(4), data)
+  full, full_history = simulation.run(algo, state, data, rounds=6)
+  again, again_history = simulation.run(algo, state, data, rounds=6)
+  assert full_history == again_history  # same seed, same everything
+  ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+  simulation.run(algo, state, data, rounds=3, checkpoint_dir=ckpt, checkpoint_every=3, metrics_path=metrics)
+  resumed, resumed_history = simulation.run(algo, state, data, rounds=6, checkpoint_dir=ckpt, metrics_path=metrics)
+  assert [r["round"] for r in resumed_history] == [4, 5, 6]
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert resumed_history == full_history[3:]
+  lines = metrics.read_text().splitlines()
+  assert len(lines) == 6 and '"bytes_up_per_client"' in lines[0]
+
+
+def test_local_loss_and_fedavg_train_and_account_bytes():
+  data = _data(4)
+  ll = A.local_loss_sl(_model(), aux_head=A.linear_head(10), client_optimizer=OPT, server_optimizer=OPT,
+                       num_clients=4, batch_size=B, local_steps=2)
+  state, hist = _rounds(ll, data, rounds=8)
+  assert float(hist[-1]["loss"]) < float(hist[0]["loss"])
+  assert int(hist[0]["bytes_down"]) == 0  # nothing comes back
+  up = sljax.wire_size(sljax.SmashedData(jnp.zeros((B, 16)), jnp.zeros((B,), jnp.int32)))
+  assert int(hist[0]["bytes_up"]) == 4 * 2 * up
+  fa = A.fedavg(_model(), optimizer=OPT, num_clients=4, batch_size=B, local_steps=2)
+  state, hist = _rounds(fa, data, rounds=4)
+  for i in range(1, 4):  # averaged and broadcast: every client holds the same model
+    chex.assert_trees_all_close(_first(state.clients.params), jax.tree.map(lambda a: a[i], state.clients.params))
+  assert int(hist[0]["bytes_up"]) == 4 * sljax.wire_size(sljax.messages.ModelWeights(_first(state.clients.params)))
+
+
+def test_bad_client_data():
+  algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B)
+  state = algo.init(jax.random.key(0), _data(4))
+  with pytest.raises(ValueError, match=r"data.x \(per client\): expected shape \(B, 12\) float32, got \(\d+, 13\) float32"):
+    algo.round(state, _data(4, features=13))
+  with pytest.raises(ValueError, match="data: expected 4 clients"):
+    algo.round(state, _data(3))
+  with pytest.raises(ValueError, match=r"participation: expected a fraction in \(0, 1\], got 0"):
+    A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B, participation=0)
+  with pytest.raises(ValueError, match="version: expected 1 or 2, got 3"):
+    A.splitfed(_model(), version=3, client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B)
