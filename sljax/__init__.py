@@ -1,10 +1,11 @@
 """sljax: split learning for JAX."""
 
-from sljax import data, models
+from sljax import algorithms, codecs, data, execution, models, simulation
 from sljax.messages import (
     BodyOutput,
     CutGradient,
     MessageError,
+    ModelWeights,
     Prediction,
     SmashedData,
     TailGradient,
@@ -41,6 +42,7 @@ __all__ = [
     "BodyOutput",
     "CutGradient",
     "MessageError",
+    "ModelWeights",
     "PartyState",
     "Prediction",
     "SmashedData",
@@ -49,10 +51,13 @@ __all__ = [
     "Stage",
     "TailGradient",
     "accuracy",
+    "algorithms",
     "centralized",
+    "codecs",
     "cut",
     "data",
     "evaluate",
+    "execution",
     "fit",
     "from_bytes",
     "function_stage",
@@ -60,6 +65,7 @@ __all__ = [
     "models",
     "nnx_stage",
     "sequential",
+    "simulation",
     "softmax_cross_entropy",
     "split_model",
     "to_bytes",

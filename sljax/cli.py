@@ -9,7 +9,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 import optax
 
 from sljax import data, models, protocol, split, training

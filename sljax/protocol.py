@@ -35,10 +35,15 @@ import numpy as np
 import optax
 from flax import struct
 
+from sljax import codecs as codec_lib
 from sljax import messages as msgs
 from sljax.split import SplitModel
 
 PyTree = Any
+
+# Codec randomness (e.g. stochastic rounding) draws from fold_in(step key, _CODEC_STREAM), so the
+# model parts see the same keys with and without a codec.
+_CODEC_STREAM = 0x5C0DEC
 
 
 class ArraySpec(NamedTuple):
@@ -97,6 +102,9 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 class PartyState:
   """What one party holds: its params, model state (e.g. batch stats) and optimizer state.
 
+  `codec_state` is the state of the codec this party encodes its messages with (e.g. the
+  error-feedback residual of `codecs.top_k`); `()` for stateless codecs.
+
   `input_spec` is static: the shape and dtype of the batches this party accepts, checked at trace
   time so that a bad batch gets an error naming the expected shape instead of an XLA traceback.
   """
@@ -105,6 +113,7 @@ class PartyState:
   model_state: PyTree
   opt_state: PyTree
   input_spec: ArraySpec = struct.field(pytree_node=False)
+  codec_state: PyTree = ()
 
 
 @struct.dataclass
@@ -118,10 +127,15 @@ class SplitState:
 
 @struct.dataclass
 class ClientPending:
-  """What the client keeps between its forward and its backward: the pullback, never sent."""
+  """What the client keeps between its forward and its backward: the pullback, never sent.
+
+  The new model state and codec state are applied only by the backward, so a step abandoned
+  between the two leaves the client exactly as it was.
+  """
 
   pullback: Any
   model_state: PyTree
+  codec_state: PyTree = ()
 
 
 @struct.dataclass
@@ -200,6 +214,8 @@ def vanilla(
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation,
     loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    uplink: codec_lib.Codec | None = None,
+    downlink: codec_lib.Codec | None = None,
 ) -> Vanilla:
   """Vanilla split learning: labels go up with the smashed data.
 
@@ -208,6 +224,10 @@ def vanilla(
     client_optimizer: optax transformation for the client half.
     server_optimizer: optax transformation for the server half.
     loss: `loss(outputs, labels) -> scalar`, computed on the server.
+    uplink: codec applied by the client to the smashed data (`sljax.codecs`); the server
+      differentiates with respect to the decoded activations. None sends them as they are.
+    downlink: codec applied by the server to the cut gradient; the client feeds the decoded
+      gradient to its pullback. None sends it as it is.
 
   Example:
     >>> import flax.linen as nn, optax
@@ -221,9 +241,14 @@ def vanilla(
   """
   if model.is_u_shaped:
     raise ValueError("model: vanilla split learning takes a two-part model; this one has a tail (use u_shaped)")
+  up_codec = uplink or codec_lib.identity()
+  down_codec = downlink or codec_lib.identity()
 
   def init(key, x) -> SplitState:
-    return _init_parties(model, key, x, client_optimizer, server_optimizer)
+    state = _init_parties(model, key, x, client_optimizer, server_optimizer)
+    cut = jax.ShapeDtypeStruct((x.shape[0], *state.server.input_spec.shape), state.server.input_spec.dtype)
+    return state.replace(client=state.client.replace(codec_state=up_codec.init(cut)),
+                         server=state.server.replace(codec_state=down_codec.init(cut)))
 
   def client_forward(client: PartyState, x, labels, key) -> tuple[msgs.SmashedData, ClientPending]:
     check_batch("x", x, client.input_spec)
@@ -233,24 +258,28 @@ def vanilla(
       return model.client.apply(params, client.model_state, x, key=key, train=True)
 
     smashed, pullback, model_state = jax.vjp(f, client.params, has_aux=True)
-    return msgs.SmashedData(smashed, labels), ClientPending(pullback, model_state)
+    payload, codec_state = up_codec.encode(smashed, client.codec_state, jax.random.fold_in(key, _CODEC_STREAM))
+    return msgs.SmashedData(payload, labels), ClientPending(pullback, model_state, codec_state)
 
   def server_step(server: PartyState, message: msgs.SmashedData, key) -> tuple[PartyState, msgs.CutGradient, dict]:
-    check_batch("message.activations", message.activations, server.input_spec)
+    activations = up_codec.decode(message.activations)
+    check_batch("message.activations", activations, server.input_spec)
 
     def objective(params, h):
       out, model_state = model.server.apply(params, server.model_state, h, key=key, train=True)
       return loss(out, message.labels), (out, model_state)
 
     (value, (out, model_state)), (g_params, g_smashed) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
-        server.params, message.activations
+        server.params, activations
     )
+    payload, codec_state = down_codec.encode(g_smashed, server.codec_state, jax.random.fold_in(key, _CODEC_STREAM))
     metrics = {"loss": value, "accuracy": accuracy(out, message.labels)}
-    return _update(server, g_params, server_optimizer, model_state), msgs.CutGradient(g_smashed), metrics
+    server = _update(server, g_params, server_optimizer, model_state).replace(codec_state=codec_state)
+    return server, msgs.CutGradient(payload), metrics
 
   def client_backward(client: PartyState, pending: ClientPending, message: msgs.CutGradient) -> PartyState:
-    (grads,) = pending.pullback(message.grad)
-    return _update(client, grads, client_optimizer, pending.model_state)
+    (grads,) = pending.pullback(down_codec.decode(message.grad))
+    return _update(client, grads, client_optimizer, pending.model_state).replace(codec_state=pending.codec_state)
 
   def step(state: SplitState, batch, key) -> tuple[SplitState, dict]:
     x, labels = batch

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import numpy as np

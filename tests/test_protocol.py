@@ -221,3 +221,37 @@ def test_fit_and_evaluate_learn_digits():
   assert history[0]["bytes_up"] == steps * up
   result = sljax.evaluate(sl, state, ds.x_test, ds.y_test)
   assert result["accuracy"] > 0.9
+
+
+def test_codecs_on_the_cut():
+  from sljax import codecs
+
+  x, y = _data((64,))
+  model = sljax.cut(models.mlp(hidden=(32, 32)), 1)
+  opt = optax.adam(1e-2)
+  plain = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt)
+  same = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt, uplink=codecs.identity(),
+                       downlink=codecs.identity())
+  q8 = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt, uplink=codecs.quantize(bits=8),
+                     downlink=codecs.quantize(bits=8))
+  ef = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt,
+                     uplink=codecs.top_k(fraction=0.25, error_feedback=True))
+  p_state, p_losses = _run(plain, plain.init(jax.random.key(0), x[:BATCH]), x, y, steps=20)
+  s_state, s_losses = _run(same, same.init(jax.random.key(0), x[:BATCH]), x, y, steps=20)
+  chex.assert_trees_all_close((p_state.client.params, p_state.server.params),
+                              (s_state.client.params, s_state.server.params), atol=0, rtol=0)
+  q_state, q_losses = _run(q8, q8.init(jax.random.key(0), x[:BATCH]), x, y, steps=20)
+  assert q_losses[-1] < q_losses[0] and not np.allclose(q_losses, p_losses)
+  batch = next(_batches(x, y))
+  _, plain_metrics = plain.step(p_state, batch, jax.random.key(0))
+  _, q_metrics = q8.step(q_state, batch, jax.random.key(0))
+  # 32 float32 values per row become 32 bytes plus 8 bytes of row statistics
+  assert plain_metrics["bytes_up"] / q_metrics["bytes_up"] > 2.5
+  up, _ = q8.client_forward(q_state.client, *batch, jax.random.key(1))
+  back = sljax.from_bytes(sljax.messages.spec_of(up), sljax.to_bytes(up))
+  np.testing.assert_array_equal(back.activations.leaves[0].packed, up.activations.leaves[0].packed)
+  # the error-feedback residual lives in the client's state and moves with each step
+  e_state = ef.init(jax.random.key(0), x[:BATCH])
+  e_next, _ = jax.jit(ef.step)(e_state, batch, jax.random.key(1))
+  assert float(jnp.abs(e_next.client.codec_state.residual).sum()) > 0
+  assert float(jnp.abs(e_state.client.codec_state.residual).sum()) == 0

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
 from sljax.data.clients import ClientData
@@ -33,6 +32,8 @@ def sequential_sl(
     executor: Executor | None = None,
     participation: float = 1.0,
     drop_rate: float = 0.0,
+    uplink=None,
+    downlink=None,
 ) -> c.Algorithm:
   """Sequential split learning: one client at a time, the client half relayed between clients.
 
@@ -44,11 +45,13 @@ def sequential_sl(
   is discarded on both sides. Traffic adds the client half's weights, handed on once per turn.
 
   `executor` is accepted for a uniform signature and ignored: the clients run one at a time.
+  `uplink`/`downlink` are codecs on the smashed data and the cut gradient (see `vanilla`).
   """
   del executor
   c.check_fraction("participation", participation, allow_zero=False)
   c.check_fraction("drop_rate", drop_rate, allow_zero=True)
-  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss)
+  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
+                             uplink=uplink, downlink=downlink)
 
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
@@ -72,18 +75,17 @@ def sequential_sl(
         new, m = vanilla.step(split_state, (xs[s, k], ys[s, k]), jax.random.fold_in(jax.random.fold_in(key, k + 1), s))
         active = inputs.active()[s, k]
         client, server = c.select(active, (new.client, new.server), carry)
-        return (client, server), (m["loss"], m["accuracy"], active)
+        return (client, server), (m["loss"], m["accuracy"], active, m["bytes_up"], m["bytes_down"])
 
       carry, out = jax.lax.scan(step, carry, jnp.arange(local_steps))
       return carry, out
 
-    (client, server), (losses, accs, active) = jax.lax.scan(turn, (state.clients, state.server),
-                                                             jnp.arange(num_clients))
+    (client, server), (losses, accs, active, up, down) = jax.lax.scan(
+        turn, (state.clients, state.server), jnp.arange(num_clients))
     # scan over clients gives (K, S): metrics want (S, K)
-    losses, accs, active = losses.T, accs.T, active.T
-    smashed = c.smashed_struct(state.server, batch_size)
-    up = c.uplink_bytes(smashed, ys[0, 0]) * jnp.broadcast_to(inputs.participating, active.shape)
-    down = msgs.wire_size(msgs.CutGradient(smashed)) * active
+    losses, accs, active, up, down = losses.T, accs.T, active.T, up.T, down.T
+    up = up * inputs.participating[None, :]
+    down = down * active
     relay = c.model_bytes(state.clients.params) * inputs.participating
     metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating, relay, relay)
     return state.replace(clients=client, server=server, round=state.round + 1), metrics

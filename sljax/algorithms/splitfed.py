@@ -49,6 +49,8 @@ def splitfed(
     executor: Executor = vmap(),
     participation: float = 1.0,
     drop_rate: float = 0.0,
+    uplink=None,
+    downlink=None,
 ) -> c.Algorithm:
   """SplitFed v1 (`version=1`) or v2 (`version=2`).
 
@@ -67,12 +69,15 @@ def splitfed(
   the server skips its update; (v1) its server copy keeps its state. It is then gone for the
   round and, like a non-participant, left out of the average; every client receives the averages.
   Traffic per round adds the client half's weights, up and down, for each participant.
+  `uplink`/`downlink` are codecs on the smashed data and the cut gradient (see `vanilla`); each
+  client keeps its own codec state.
   """
   if version not in (1, 2):
     raise ValueError(f"version: expected 1 or 2, got {version}")
   c.check_fraction("participation", participation, allow_zero=False)
   c.check_fraction("drop_rate", drop_rate, allow_zero=True)
-  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss)
+  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
+                             uplink=uplink, downlink=downlink)
 
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
@@ -87,7 +92,9 @@ def splitfed(
       return new.client, new.server, metrics
 
     new_clients, new_servers, m = executor(one, clients, servers, x, y, keys)
-    return c.where(active, new_clients, clients), c.where(active, new_servers, servers), m["loss"], m["accuracy"]
+    bytes_per_client = (m["bytes_up"][0], m["bytes_down"][0])
+    return (c.where(active, new_clients, clients), c.where(active, new_servers, servers), m["loss"], m["accuracy"],
+            bytes_per_client)
 
   def step_v2(clients, server, x, y, keys, active, order):
     ups = executor(lambda *a: vanilla.client_forward(*a)[0], clients, x, y, keys)
@@ -99,13 +106,15 @@ def splitfed(
 
     server, (g_in_order, l_in_order, a_in_order) = jax.lax.scan(serve, server, order)
     inverse = jnp.argsort(order)
-    g, losses, accs = g_in_order[inverse], l_in_order[inverse], a_in_order[inverse]
+    g, losses, accs = jax.tree.map(lambda a: a[inverse], g_in_order), l_in_order[inverse], a_in_order[inverse]
+    first = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
+    bytes_per_client = (msgs.wire_size(first(ups)), msgs.wire_size(msgs.CutGradient(first(g))))
     def backward(client, x, y, k, g):
       _, pending = vanilla.client_forward(client, x, y, k)
       return vanilla.client_backward(client, pending, msgs.CutGradient(g))
 
     updated = executor(backward, clients, x, y, keys, g)
-    return c.where(active, updated, clients), server, losses, accs
+    return c.where(active, updated, clients), server, losses, accs, bytes_per_client
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     c.check_data(data, state.clients.input_spec, num_clients)
@@ -121,12 +130,10 @@ def splitfed(
       keys = jax.random.split(jax.random.fold_in(key, s + 1), num_clients)
       active = inputs.active()[s]
       if version == 1:
-        clients, server, losses, accs = step_v1(clients, server, x, y, keys, active)
+        clients, server, losses, accs, (up, down) = step_v1(clients, server, x, y, keys, active)
       else:
-        clients, server, losses, accs = step_v2(clients, server, x, y, keys, active, order)
-      smashed = c.smashed_struct(state.server, batch_size)
-      up = c.uplink_bytes(smashed, y[0]) * inputs.participating
-      down = msgs.wire_size(msgs.CutGradient(smashed)) * active
+        clients, server, losses, accs, (up, down) = step_v2(clients, server, x, y, keys, active, order)
+      up, down = up * inputs.participating, down * active
       return (clients, server), (losses, accs, active, up, down)
 
     (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
