@@ -41,9 +41,9 @@ from sljax.split import SplitModel
 
 PyTree = Any
 
-# Codec randomness (e.g. stochastic rounding) draws from fold_in(step key, _CODEC_STREAM), so the
+# Codec randomness (e.g. stochastic rounding) draws from fold_in(step key, CODEC_STREAM), so the
 # model parts see the same keys with and without a codec.
-_CODEC_STREAM = 0x5C0DEC
+CODEC_STREAM = 0x5C0DEC
 
 
 class ArraySpec(NamedTuple):
@@ -229,6 +229,9 @@ def vanilla(
     downlink: codec applied by the server to the cut gradient; the client feeds the decoded
       gradient to its pullback. None sends it as it is.
 
+  Stateful codecs (error feedback) size their state from the batch given to `init`: initialise
+  with a batch of the training batch size.
+
   Example:
     >>> import flax.linen as nn, optax
     >>> model = cut([nn.Dense(16), jax.nn.relu, nn.Dense(10)], 2)
@@ -258,7 +261,7 @@ def vanilla(
       return model.client.apply(params, client.model_state, x, key=key, train=True)
 
     smashed, pullback, model_state = jax.vjp(f, client.params, has_aux=True)
-    payload, codec_state = up_codec.encode(smashed, client.codec_state, jax.random.fold_in(key, _CODEC_STREAM))
+    payload, codec_state = up_codec.encode(smashed, client.codec_state, jax.random.fold_in(key, CODEC_STREAM))
     return msgs.SmashedData(payload, labels), ClientPending(pullback, model_state, codec_state)
 
   def server_step(server: PartyState, message: msgs.SmashedData, key) -> tuple[PartyState, msgs.CutGradient, dict]:
@@ -272,7 +275,7 @@ def vanilla(
     (value, (out, model_state)), (g_params, g_smashed) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
         server.params, activations
     )
-    payload, codec_state = down_codec.encode(g_smashed, server.codec_state, jax.random.fold_in(key, _CODEC_STREAM))
+    payload, codec_state = down_codec.encode(g_smashed, server.codec_state, jax.random.fold_in(key, CODEC_STREAM))
     metrics = {"loss": value, "accuracy": accuracy(out, message.labels)}
     server = _update(server, g_params, server_optimizer, model_state).replace(codec_state=codec_state)
     return server, msgs.CutGradient(payload), metrics

@@ -142,14 +142,14 @@ def batches(state: SimState, data: ClientData, step_in_round, *, local_steps: in
   return x, y
 
 
-def uplink_bytes(smashed_one: jax.Array, labels_one: jax.Array | None) -> int:
-  """Exact wire bytes of one client's SmashedData for one step (static)."""
-  return msgs.wire_size(msgs.SmashedData(smashed_one, labels_one))
+def first(tree: PyTree) -> PyTree:
+  """Client 0's slice of a client-stacked tree."""
+  return jax.tree.map(lambda a: a[0], tree)
 
 
-def smashed_struct(server: PartyState, batch_size: int) -> jax.ShapeDtypeStruct:
-  """Shape and dtype of one client's smashed data for one step (the server's input spec)."""
-  return jax.ShapeDtypeStruct((batch_size, *server.input_spec.shape), server.input_spec.dtype)
+def codec_keys(key, num_clients: int) -> jax.Array:
+  """Per-client keys for the server's downlink codec."""
+  return jax.random.split(jax.random.fold_in(key, 2), num_clients)
 
 
 def model_bytes(params_one: PyTree) -> int:
@@ -163,7 +163,7 @@ def per_client_losses(outputs_KxB: jax.Array, labels_KxB: jax.Array, loss: Loss)
 
 
 def client_gradient(vanilla):
-  """`(client, x, y, key, cut_grad) -> (grads, model_state)`: the client's backward pass.
+  """`(client, x, y, key, cut_grad) -> (grads, model_state, codec_state)`: the client's backward pass.
 
   In simulation the client's forward pass is recomputed here instead of carrying the pullback
   from `client_forward` through the executor: a pullback is a closure, which `lax.map` and the
@@ -172,7 +172,7 @@ def client_gradient(vanilla):
 
   def backward(client, x, y, key, g):
     _, pending = vanilla.client_forward(client, x, y, key)
-    return pending.pullback(g)[0], pending.model_state
+    return pending.pullback(g)[0], pending.model_state, pending.codec_state
 
   return backward
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sljax import codecs
 from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
@@ -22,9 +23,9 @@ from sljax.execution import Executor, vmap
 from sljax.split import SplitModel, Stage
 
 
-def _init_stacked(vanilla_init, key, data: ClientData, num_clients: int) -> c.SimState:
+def _init_stacked(vanilla_init, key, data: ClientData, num_clients: int, batch_size: int) -> c.SimState:
   k_model, k_run = jax.random.split(key)
-  st = vanilla_init(k_model, data.x[0, :1])
+  st = vanilla_init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
   return c.SimState(c.stack_party(st.client, num_clients), st.server, jnp.zeros((), jnp.int32),
                     jax.random.key_data(k_run))
 
@@ -42,6 +43,8 @@ def parallel_sl(
     participation: float = 1.0,
     drop_rate: float = 0.0,
     sync_clients: bool = False,
+    uplink: codecs.Codec | None = None,
+    downlink: codecs.Codec | None = None,
 ) -> c.Algorithm:
   """Parallel split learning: every client at once, one server, one server update per step.
 
@@ -59,6 +62,8 @@ def parallel_sl(
   A client that drops after its forward (`drop_rate`, or `RoundInputs.dropped`) has its step
   discarded: its smashed data gets weight 0 on the server and its state is left as it was. A
   client that does not participate in the round (`participation`) does nothing.
+  `uplink`/`downlink` are codecs on the smashed data and the cut gradients; each client keeps
+  its uplink codec state, and the server one downlink codec state per client.
 
   Example:
     >>> import optax, sljax
@@ -71,11 +76,15 @@ def parallel_sl(
   """
   c.check_fraction("participation", participation, allow_zero=False)
   c.check_fraction("drop_rate", drop_rate, allow_zero=True)
-  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss)
+  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
+                             uplink=uplink, downlink=downlink)
+  up_codec, down_codec = uplink or codecs.identity(), downlink or codecs.identity()
 
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
-    return _init_stacked(vanilla.init, key, data, num_clients)
+    state = _init_stacked(vanilla.init, key, data, num_clients, batch_size)
+    server = state.server.replace(codec_state=c.broadcast(state.server.codec_state, num_clients))
+    return state.replace(server=server)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     c.check_data(data, state.clients.input_spec, num_clients)
@@ -91,17 +100,22 @@ def parallel_sl(
       keys = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
       active = inputs.active()[s]
       ups = executor(lambda *a: vanilla.client_forward(*a)[0], clients, x, y, keys)
+      h = jax.vmap(up_codec.decode)(ups.activations)
       server, g_h, losses, accs = c.server_step_on_all(
-          model.server, server, ups.activations, y, active.astype(jnp.float32), jax.random.fold_in(k_step, 1),
+          model.server, server, h, y, active.astype(jnp.float32), jax.random.fold_in(k_step, 1),
           loss=loss, optimizer=server_optimizer)
-      grads, model_states = executor(c.client_gradient(vanilla), clients, x, y, keys, g_h)
+      payload, codec_state = jax.vmap(down_codec.encode)(g_h, server.codec_state, c.codec_keys(k_step, num_clients))
+      server = server.replace(codec_state=c.where(active, codec_state, server.codec_state))
+      grads, model_states, codec_states = executor(c.client_gradient(vanilla), clients, x, y, keys,
+                                                   jax.vmap(down_codec.decode)(payload))
       if sync_clients:
         grads = c.broadcast(c.weighted_mean(grads, active.astype(jnp.float32)), num_clients)
-      updated = executor(lambda party, g, s: c.apply_update(party, g, client_optimizer, s), clients, grads,
-                         model_states)
+      updated = executor(
+          lambda party, g, s, cs: c.apply_update(party, g, client_optimizer, s).replace(codec_state=cs),
+          clients, grads, model_states, codec_states)
       clients = c.where(active, updated, clients)
-      up = c.uplink_bytes(ups.activations[0], y[0]) * inputs.participating
-      down = msgs.wire_size(msgs.CutGradient(g_h[0])) * active
+      up = msgs.wire_size(c.first(ups)) * inputs.participating
+      down = msgs.wire_size(msgs.CutGradient(c.first(payload))) * active
       return (clients, server), (losses, accs, active, up, down)
 
     (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
@@ -138,6 +152,7 @@ def local_loss_sl(
     executor: Executor = vmap(),
     participation: float = 1.0,
     drop_rate: float = 0.0,
+    uplink: codecs.Codec | None = None,
 ) -> c.Algorithm:
   """Local-loss split learning: clients learn from an auxiliary head; no gradient comes back.
 
@@ -150,16 +165,18 @@ def local_loss_sl(
        params and optimizer state from the weighted mean of the clients' losses.
   Nothing goes down, so downlink bytes are zero. A client that drops after its forward keeps
   its state from before the step, and the server ignores its smashed data. Client params are
-  `{"client": ..., "aux": ...}`.
+  `{"client": ..., "aux": ...}`. `uplink` is a codec on the smashed data.
   """
   c.check_fraction("participation", participation, allow_zero=False)
   c.check_fraction("drop_rate", drop_rate, allow_zero=True)
-  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss)
+  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
+                             uplink=uplink)
+  up_codec = uplink or codecs.identity()
 
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
     k_model, k_aux, k_run = jax.random.split(key, 3)
-    st = vanilla.init(k_model, data.x[0, :1])
+    st = vanilla.init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
     h, _ = model.client.apply(st.client.params, st.client.model_state, data.x[0, :1], key=None, train=False)
     aux_params, _ = aux_head.init(k_aux, h)
     params = {"client": st.client.params, "aux": aux_params}
@@ -176,7 +193,10 @@ def local_loss_sl(
       return loss(out, y), (h, model_state)
 
     (_, (h, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(client.params)
-    return c.apply_update(client, grads, client_optimizer, model_state), msgs.SmashedData(jax.lax.stop_gradient(h), y)
+    payload, codec_state = up_codec.encode(jax.lax.stop_gradient(h), client.codec_state,
+                                           jax.random.fold_in(key, protocol.CODEC_STREAM))
+    client = c.apply_update(client, grads, client_optimizer, model_state).replace(codec_state=codec_state)
+    return client, msgs.SmashedData(payload, y)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     c.check_data(data, state.clients.input_spec, num_clients)
@@ -193,10 +213,10 @@ def local_loss_sl(
       active = inputs.active()[s]
       updated, ups = executor(client_local_step, clients, x, y, keys)
       server, _, losses, accs = c.server_step_on_all(
-          model.server, server, ups.activations, y, active.astype(jnp.float32), jax.random.fold_in(k_step, 1),
+          model.server, server, jax.vmap(up_codec.decode)(ups.activations), y, active.astype(jnp.float32), jax.random.fold_in(k_step, 1),
           loss=loss, optimizer=server_optimizer)
       clients = c.where(active, updated, clients)
-      up = c.uplink_bytes(ups.activations[0], y[0]) * inputs.participating
+      up = msgs.wire_size(c.first(ups)) * inputs.participating
       return (clients, server), (losses, accs, active, up, jnp.zeros_like(up))
 
     (clients, server), (losses, accs, active, up, down) = jax.lax.scan(

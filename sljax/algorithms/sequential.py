@@ -56,7 +56,7 @@ def sequential_sl(
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
     k_model, k_run = jax.random.split(key)
-    st = vanilla.init(k_model, data.x[0, :1])
+    st = vanilla.init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
     return c.SimState(st.client, st.server, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):

@@ -81,7 +81,7 @@ def splitfed(
 
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
-    state = _init_stacked(vanilla.init, key, data, num_clients)
+    state = _init_stacked(vanilla.init, key, data, num_clients, batch_size)
     if version == 1:
       state = state.replace(server=c.stack_party(state.server, num_clients))
     return state
@@ -107,8 +107,7 @@ def splitfed(
     server, (g_in_order, l_in_order, a_in_order) = jax.lax.scan(serve, server, order)
     inverse = jnp.argsort(order)
     g, losses, accs = jax.tree.map(lambda a: a[inverse], g_in_order), l_in_order[inverse], a_in_order[inverse]
-    first = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
-    bytes_per_client = (msgs.wire_size(first(ups)), msgs.wire_size(msgs.CutGradient(first(g))))
+    bytes_per_client = (msgs.wire_size(c.first(ups)), msgs.wire_size(msgs.CutGradient(c.first(g))))
     def backward(client, x, y, k, g):
       _, pending = vanilla.client_forward(client, x, y, k)
       return vanilla.client_backward(client, pending, msgs.CutGradient(g))
