@@ -75,8 +75,25 @@ class ModelWeights:
   params: Any
 
 
+@struct.dataclass
+class ClientHalf:
+  """Either direction, in sequential (relay) split learning over a network: the client half as it
+  is handed from one client to the next through the server (`sljax.transport`).
+
+  Everything the next client needs to continue exactly where the last one stopped: the params,
+  the model state (e.g. batch statistics), the client optimizer's state and the uplink codec's
+  state (e.g. an error-feedback residual).
+  """
+
+  params: Any
+  model_state: Any
+  opt_state: Any
+  codec_state: Any = ()
+
+
 MESSAGE_TYPES = {
-    cls.__name__: cls for cls in (SmashedData, CutGradient, BodyOutput, TailGradient, Prediction, ModelWeights)
+    cls.__name__: cls
+    for cls in (SmashedData, CutGradient, BodyOutput, TailGradient, Prediction, ModelWeights, ClientHalf)
 }
 
 

@@ -252,3 +252,48 @@ def test_bad_client_data():
     A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B, participation=0)
   with pytest.raises(ValueError, match="version: expected 1 or 2, got 3"):
     A.splitfed(_model(), version=3, client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B)
+
+
+def test_heterogeneous_cuts_with_one_cut_equal_parallel_sl():
+  data = _data(4)
+  layers = sljax.models.mlp(hidden=(16, 16))
+  het = A.heterogeneous_parallel_sl(layers, cuts=[1, 1, 1, 1], client_optimizer=OPT, server_optimizer=OPT,
+                                    batch_size=B, local_steps=2)
+  par = A.parallel_sl(sljax.cut(layers, 1), client_optimizer=OPT, server_optimizer=OPT, num_clients=4,
+                      batch_size=B, local_steps=2)
+  h_state = het.init(jax.random.key(5), data)
+  p_state = par.init(jax.random.key(5), data)
+  body = h_state.server.params["body"]
+  p_state = p_state.replace(clients=h_state.clients[0],
+                            server=p_state.server.replace(params=body, opt_state=OPT.init(body)))
+  for _ in range(3):
+    h_state, h_metrics = jax.jit(het.round)(h_state, data)
+    p_state, p_metrics = jax.jit(par.round)(p_state, data)
+  chex.assert_trees_all_close(h_state.clients[0].params, p_state.clients.params, atol=1e-6, rtol=1e-6)
+  chex.assert_trees_all_close(h_state.server.params["body"], p_state.server.params, atol=1e-6, rtol=1e-6)
+  np.testing.assert_array_equal(h_metrics["bytes_up_per_client"], p_metrics["bytes_up_per_client"])
+
+
+def test_heterogeneous_cuts_train_with_a_shared_body():
+  data = _data(4)
+  layers = sljax.models.mlp(hidden=(16, 24))
+  het = A.heterogeneous_parallel_sl(layers, cuts=[2, 1, 2, 1], client_optimizer=OPT, server_optimizer=OPT,
+                                    batch_size=B, local_steps=2)
+  state = het.init(jax.random.key(0), data)
+  shallow, deep = state.clients
+  assert len(shallow.params) == 1 and len(deep.params) == 2  # client 1 and 3 hold one layer, 0 and 2 two
+  # the server bridges the shallow group's 16-wide cut to the body, which starts at layer 2
+  assert state.server.params["bridges"][0][0]["Dense_0"]["kernel"].shape == (16, 24)
+  assert state.server.params["bridges"][1] == ()
+  first_loss = None
+  for _ in range(6):
+    state, metrics = jax.jit(het.round)(state, data)
+    first_loss = first_loss or float(metrics["loss"])
+  assert float(metrics["loss"]) < first_loss
+  labels = jnp.zeros((B,), jnp.int32)
+  up = [sljax.wire_size(sljax.SmashedData(jnp.zeros((B, w)), labels)) for w in (24, 16, 24, 16)]
+  assert np.asarray(metrics["bytes_up_per_client"]).tolist() == [2 * u for u in up]
+  out = het.predict(state, jnp.asarray(data.x[1, :5]), client=1)
+  assert out.shape == (5, 10)
+  with pytest.raises(ValueError, match=r"cuts\[1\]: cut index must be in \[1, 2\] for a stack of 3 layers, got 3"):
+    A.heterogeneous_parallel_sl(layers, cuts=[1, 3], client_optimizer=OPT, server_optimizer=OPT, batch_size=B)

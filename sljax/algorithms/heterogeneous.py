@@ -1,0 +1,177 @@
+"""Parallel split learning with a different cut layer per client, around one shared server body.
+
+Clients differ in what they can compute: a sensor can run one layer, a phone three. Each client
+k holds `layers[:cuts[k]]`; the server holds the shared body `layers[max(cuts):]` and, for every
+shallower cut c, a bridge `layers[c:max(cuts)]` that carries that group's smashed data to the
+body's input. Clients with the same cut form a group, vmapped together; everything else follows
+parallel split learning (`sljax.algorithms.parallel_sl`): one server update per step from all
+clients' smashed data, and each client gets the gradient of its own mean loss at its own cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sljax import messages as msgs
+from sljax import protocol
+from sljax.algorithms import _common as c
+from sljax.data.clients import ClientData
+from sljax.execution import Executor, vmap
+from sljax.split import cut, sequential
+
+
+def heterogeneous_parallel_sl(
+    layers: Sequence[Any],
+    *,
+    cuts: Sequence[int],
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    batch_size: int,
+    local_steps: int = 1,
+    loss: c.Loss = c.DEFAULT_LOSS,
+    executor: Executor = vmap(),
+    participation: float = 1.0,
+    drop_rate: float = 0.0,
+) -> c.Algorithm:
+  """Parallel split learning where client k cuts the stack at `cuts[k]`.
+
+  Who updates what, per step: each participating client runs its own `layers[:cuts[k]]` and
+  sends SmashedData of its cut's width. The server passes each group's smashed data through that
+  group's bridge (shared by the group's clients; empty for the deepest cut), runs the shared body
+  once on all of it, and makes ONE update of bridges, body and its optimizer state from the
+  weighted mean of the clients' mean losses. Each client receives the gradient at its cut and
+  updates its own half and optimizer state. Drops and participation as in `parallel_sl`.
+
+  All parts start from one initialisation of the whole stack, so client, bridge and body weights
+  of the same layer start equal. `SimState.clients` is a tuple with one client-stacked party per
+  group, in increasing order of cut; `SimState.server.params` is `{"bridges": (...), "body": ...}`.
+  The data's clients are in the order of `cuts`.
+  """
+  cuts = [int(k) for k in cuts]
+  n = len(layers)
+  for i, k in enumerate(cuts):
+    if not 1 <= k <= n - 1:
+      raise ValueError(f"cuts[{i}]: cut index must be in [1, {n - 1}] for a stack of {n} layers, got {k}")
+  c.check_fraction("participation", participation, allow_zero=False)
+  c.check_fraction("drop_rate", drop_rate, allow_zero=True)
+  num_clients = len(cuts)
+  levels = sorted(set(cuts))
+  deepest = levels[-1]
+  groups = [np.flatnonzero(np.asarray(cuts) == k) for k in levels]
+  order = np.concatenate(groups)  # client ids, group by group
+  # one vanilla protocol per group: its client half, and as "server" the bridge then the body
+  protocols = [protocol.vanilla(cut(layers, k), client_optimizer=client_optimizer,
+                                server_optimizer=server_optimizer, loss=loss) for k in levels]
+  client_stages = [sequential(*layers[:k]) for k in levels]
+  bridges = [sequential(*layers[k:deepest]) if k < deepest else None for k in levels]
+  body = sequential(*layers[deepest:])
+
+  def init(key, data: ClientData) -> c.SimState:
+    c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
+    k_model, k_run = jax.random.split(key)
+    whole = sequential(*layers)
+    x0 = jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype)
+    params, model_state = jax.jit(whole.init)(k_model, x0)
+    clients = []
+    for k, g in zip(levels, groups):
+      spec = protocol.ArraySpec.of(x0)
+      party = protocol.PartyState(params[:k], model_state[:k], client_optimizer.init(params[:k]), spec)
+      clients.append(c.stack_party(party, len(g)))
+    server_params = {"bridges": tuple(params[k:deepest] for k in levels), "body": params[deepest:]}
+    server_state = {"bridges": tuple(model_state[k:deepest] for k in levels), "body": model_state[deepest:]}
+    deepest_client = client_stages[-1]
+    body_in = jax.eval_shape(lambda: deepest_client.apply(params[:deepest], model_state[:deepest], x0, key=None,
+                                                          train=False)[0])
+    server = protocol.PartyState(server_params, server_state, server_optimizer.init(server_params),
+                                 protocol.ArraySpec.of(body_in))
+    return c.SimState(tuple(clients), server, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
+
+  def server_apply(params, model_state, hs, key, train):
+    """Bridges then body on every group's smashed data; returns per-group outputs."""
+    ins, bridge_states = [], []
+    for i, (bridge, h) in enumerate(zip(bridges, hs)):
+      flat = h.reshape(-1, *h.shape[2:])
+      if bridge is not None:
+        flat, s = bridge.apply(params["bridges"][i], model_state["bridges"][i], flat,
+                               key=jax.random.fold_in(key, i), train=train)
+      else:
+        s = model_state["bridges"][i]
+      ins.append(flat)
+      bridge_states.append(s)
+    out, body_state = body.apply(params["body"], model_state["body"], jnp.concatenate(ins),
+                                 key=jax.random.fold_in(key, len(hs)), train=train)
+    sizes = np.cumsum([h.shape[0] * h.shape[1] for h in hs])[:-1]
+    outs = [o.reshape(h.shape[0], h.shape[1], *o.shape[1:]) for o, h in zip(jnp.split(out, sizes), hs)]
+    return outs, {"bridges": tuple(bridge_states), "body": body_state}
+
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+    c.check_data(data, state.clients[0].input_spec, num_clients)
+    key = c.round_key(state)
+    if inputs is None:
+      inputs = c.sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
+                               participation=participation, drop_rate=drop_rate)
+    active_all = inputs.active()
+
+    def step(carry, s):
+      clients, server = carry
+      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
+      k_step = jax.random.fold_in(key, s + 1)
+      keys = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
+      ups = [executor(lambda *a, p=p: p.client_forward(*a)[0], party, x[g], y[g], keys[g])
+             for p, party, g in zip(protocols, clients, groups)]
+      w = jnp.concatenate([active_all[s][g] for g in groups]).astype(jnp.float32)
+      total = w.sum()
+      y_groups = [y[g] for g in groups]
+
+      def objective(params, hs):
+        outs, model_state = server_apply(params, server.model_state, hs, jax.random.fold_in(k_step, 1), True)
+        losses = jnp.concatenate([c.per_client_losses(o, yg, loss) for o, yg in zip(outs, y_groups)])
+        accs = jnp.concatenate([jnp.mean(jnp.argmax(o, -1) == yg, axis=-1) for o, yg in zip(outs, y_groups)])
+        return (losses * w).sum() / jnp.maximum(total, 1.0), (losses, accs, model_state)
+
+      hs = [u.activations for u in ups]
+      (_, (losses, accs, model_state)), (g_params, g_hs) = jax.value_and_grad(
+          objective, argnums=(0, 1), has_aux=True)(server.params, hs)
+      updated_server = c.apply_update(server, g_params, server_optimizer, model_state)
+      server = c.select(total > 0, updated_server, server)
+      scale = jnp.where(w > 0, total / jnp.where(w > 0, w, 1.0), 0.0)
+      new_clients, up, down, start = [], [], [], 0
+      for p, party, g, g_h in zip(protocols, clients, groups, g_hs):
+        sc = scale[start : start + len(g)]
+        g_h = g_h * sc.reshape(-1, *(1,) * (g_h.ndim - 1)).astype(g_h.dtype)
+        grads, model_states, _ = executor(c.client_gradient(p), party, x[g], y[g], keys[g], g_h)
+        updated = executor(lambda pt, gr, ms: c.apply_update(pt, gr, client_optimizer, ms), party, grads,
+                           model_states)
+        new_clients.append(c.where(active_all[s][g], updated, party))
+        up.append(jnp.full((len(g),), msgs.wire_size(msgs.SmashedData(g_h[0], y[g][0]))))
+        down.append(jnp.full((len(g),), msgs.wire_size(msgs.CutGradient(g_h[0]))))
+        start += len(g)
+      # back to client order for the metrics
+      inverse = np.argsort(order)
+      losses, accs = losses[inverse], accs[inverse]
+      up = jnp.concatenate(up)[inverse] * inputs.participating
+      down = jnp.concatenate(down)[inverse] * active_all[s]
+      return (tuple(new_clients), server), (losses, accs, active_all[s], up, down)
+
+    (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
+        step, (state.clients, state.server), jnp.arange(local_steps))
+    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating)
+    return state.replace(clients=clients, server=server, round=state.round + 1), metrics
+
+  def predict(state: c.SimState, x, client: int = 0):
+    gi = levels.index(cuts[client])
+    party = jax.tree.map(lambda a: a[int(np.flatnonzero(groups[gi] == client)[0])], state.clients[gi])
+    h, _ = client_stages[gi].apply(party.params, party.model_state, x, key=None, train=False)
+    params, model_state = state.server.params, state.server.model_state
+    if bridges[gi] is not None:
+      h, _ = bridges[gi].apply(params["bridges"][gi], model_state["bridges"][gi], h, key=None, train=False)
+    return body.apply(params["body"], model_state["body"], h, key=None, train=False)[0]
+
+  return c.Algorithm("heterogeneous_parallel_sl", init, round_fn, predict, local_steps)
+
