@@ -320,14 +320,15 @@ def step_costs(
 def _local_loss_step_flops(model, client, up, x, y, key, *, optimizer, loss, aux_head, outputs) -> float:
   """FLOPs of local-loss SL's client step (the math of `algorithms.local_loss_sl`'s client step)."""
   head = linear_head(outputs.shape[-1]) if aux_head is None else aux_head
-  aux_params, _ = jax.eval_shape(head.init, key, up.activations)
+  # The head's own model state (e.g. `sequential`'s tuple of per-part states) goes to its apply.
+  aux_params, aux_state = jax.eval_shape(head.init, key, up.activations)
   params = {"client": client.params, "aux": aux_params}
   opt_state = jax.eval_shape(optimizer.init, params)
 
   def local_step(params, opt_state, model_state, x, y, key):
     def objective(params):
       h, model_state_new = model.client.apply(params["client"], model_state, x, key=key, train=True)
-      out, _ = head.apply(params["aux"], {}, h, key=None, train=True)
+      out, _ = head.apply(params["aux"], aux_state, h, key=None, train=True)
       return loss(out, y), (h, model_state_new)
 
     (_, (h, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)

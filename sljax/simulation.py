@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -36,10 +37,17 @@ def shard(algorithm: Algorithm, state: SimState, data: ClientData, mesh: Mesh) -
   return state, shard_clients(data, mesh)
 
 
+def _fetch(value):
+  """A host copy of a metric, gathering the client axis from other hosts when it is sharded there."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+  return np.asarray(jax.device_get(value))
+
+
 def _record(metrics: dict, round_number: int) -> dict:
   out = {"round": round_number}
-  for name, value in jax.device_get(metrics).items():
-    value = np.asarray(value)
+  for name, value in metrics.items():
+    value = _fetch(value)
     out[name] = value.item() if value.ndim == 0 else value.tolist()
   return out
 

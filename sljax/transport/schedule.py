@@ -1,0 +1,93 @@
+"""What server and clients must agree on to reproduce `sljax.algorithms.sequential_sl` exactly.
+
+The schedule (clients, rounds, steps per turn, batch size), the step keys, each client's data
+order, and the client half as it travels. Each function here mirrors one line of the simulation
+and is tested against it, so a run over the network can be compared with the simulation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sljax import messages as msgs
+from sljax.data.clients import ClientData, client_batches
+from sljax.protocol import ArraySpec, PartyState
+
+
+class Schedule(NamedTuple):
+  """Sequential split learning's schedule: in each of `rounds` rounds, clients 0, 1, ...,
+  `num_clients - 1` take turns; a turn is `local_steps` steps on batches of `batch_size`.
+
+  Vanilla split learning with one client is `num_clients=1`.
+  """
+
+  num_clients: int
+  rounds: int
+  local_steps: int
+  batch_size: int
+
+  def check(self) -> "Schedule":
+    for name, value in self._asdict().items():
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"schedule.{name}: expected a positive int, got {value!r}")
+    return self
+
+
+def split_run_key(key: jax.Array) -> tuple[jax.Array, np.ndarray]:
+  """(model init key, run key data), split as `sequential_sl.init` splits its key."""
+  k_model, k_run = jax.random.split(key)
+  return k_model, np.asarray(jax.random.key_data(k_run))
+
+
+@jax.jit
+def step_keys(run_key: jax.Array, round_: jax.Array, client: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(client key, server key) of one step, as in `sequential_sl`.
+
+  `sequential_sl` draws step `s` of client `k` in round `r` from
+  `fold_in(fold_in(fold_in(wrap_key_data(run_key), r), k + 1), s)`, and `vanilla.step` splits
+  that key in two: the client's forward pass takes the first, the server step the second.
+  """
+  key = jax.random.fold_in(jax.random.wrap_key_data(run_key), round_)
+  key = jax.random.fold_in(jax.random.fold_in(key, client + 1), step)
+  k_client, k_server = jax.random.split(key, 2)
+  return k_client, k_server
+
+
+def row_order(*, client: int, count: int, batch_size: int, run_key) -> "jax.stages.Wrapped":
+  """`rows(data_step) -> (batch_size,) int32`: the rows of client `client`'s own data (of `count`
+  rows) in the batch number `data_step`, exactly as `sljax.data.client_batches` orders them.
+
+  The data order of client k depends only on (run key, k, its row count), so the client does
+  not need the other clients' data. `client_batches` is called on a stand-in `ClientData` whose
+  features are row numbers (k + 1 clients of `count` rows each; only row k is read), so the
+  order is the simulation's by construction, at the cost of k + 1 small sorts per step.
+  """
+  rows = np.broadcast_to(np.arange(count, dtype=np.int32), (client + 1, count))
+  stand_in = ClientData(jnp.asarray(rows), jnp.zeros((client + 1, count), jnp.int32),
+                        jnp.full((client + 1,), count, jnp.int32))
+  key = jax.random.wrap_key_data(jnp.asarray(run_key))
+
+  @jax.jit
+  def rows_of(data_step):
+    x, _, _ = client_batches(stand_in, data_step, batch_size=batch_size, key=key)
+    return x[client]
+
+  return rows_of
+
+
+def data_step(schedule: Schedule, round_: int, step: int) -> int:
+  """The batch number a step reads: `round * local_steps + step`, as `sequential_sl` numbers them."""
+  return round_ * schedule.local_steps + step
+
+
+def to_message(party: PartyState) -> msgs.ClientHalf:
+  """The client half as it travels: everything but the static input spec."""
+  return msgs.ClientHalf(party.params, party.model_state, party.opt_state, party.codec_state)
+
+
+def from_message(message: msgs.ClientHalf, input_spec: ArraySpec) -> PartyState:
+  return PartyState(message.params, message.model_state, message.opt_state, input_spec, message.codec_state)

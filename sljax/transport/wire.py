@@ -1,0 +1,179 @@
+"""What a transport carries: the service's method names, its request and response maps, its errors.
+
+Every call of the `sljax.Split` service sends one request and gets one response, both bytes. A
+request or response is a msgpack map (written with `flax.serialization.msgpack_serialize`) whose
+fields are listed in `REQUESTS` and `RESPONSES`; where it carries an sljax message (smashed data,
+cut gradient, prediction, client half), that message is the exact bytes of `sljax.to_bytes`,
+nested as a msgpack bin field named "message". docs/protocol.md specifies all of it.
+
+A transport is anything with `call(method, request, *, timeout) -> response`; errors come back as
+a `TransportError` carrying a gRPC status code, whichever transport carried the call.
+`InProcessTransport` hands the bytes to the server's handler in the same process: the simulation
+of a deployment with the network taken out, and the reference the gRPC transport is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import grpc
+import jax
+import jax.numpy as jnp
+import msgpack
+import numpy as np
+from flax import serialization
+
+from sljax import messages as msgs
+
+SERVICE = "sljax.Split"
+
+# method -> (request fields, response fields); each field -> the Python types it may hold.
+_INT = (int,)
+_NUM = (int, float)
+_BIN = (bytes,)
+_POSITION = {"round": _INT, "turn": _INT, "step": _INT, "durable": _INT, "done": (bool,)}
+REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {
+    "Handshake": {"protocol": _INT, "client": _INT, "cut_shape": (list,), "cut_dtype": (str,), "codec": (str,)},
+    "Status": {"client": _INT},
+    "Handover": {"client": _INT, "round": _INT, "op": (str,), "steps": _INT, "wait": _NUM, "message": _BIN + (type(None),)},
+    "Forward": {"client": _INT, "round": _INT, "step": _INT, "message": _BIN},
+    "Commit": {"client": _INT, "round": _INT, "step": _INT},
+    "Predict": {"client": _INT, "batch": _INT, "message": _BIN},
+}
+RESPONSES: dict[str, dict[str, tuple[type, ...]]] = {
+    "Handshake": {"protocol": _INT, "client": _INT, "num_clients": _INT, "rounds": _INT, "local_steps": _INT,
+                  "batch_size": _INT, "run_key": (list,), "position": (dict,)},
+    "Status": _POSITION,
+    "Handover": {"ready": (bool,), "message": _BIN + (type(None),), "position": (dict,)},
+    "Forward": {"message": _BIN, "loss": _NUM, "accuracy": _NUM},
+    "Commit": _POSITION,
+    "Predict": {"message": _BIN},
+}
+METHODS = tuple(REQUESTS)
+
+# Metadata key of the bearer token ("authorization: Bearer <token>"), as in HTTP.
+TOKEN_METADATA = "authorization"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def method_path(method: str) -> str:
+  """The gRPC path of a method, e.g. `/sljax.Split/Forward`."""
+  return f"/{SERVICE}/{method}"
+
+
+class TransportError(RuntimeError):
+  """A call that failed, with its gRPC status code and a message for people.
+
+  Raised by the server's handler (and sent back as the call's status) and by every transport on
+  the client side, so a client handles the same errors in process and over the network.
+  """
+
+  def __init__(self, code: grpc.StatusCode, details: str):
+    super().__init__(f"{code.name}: {details}")
+    self.code = code
+    self.details = details
+
+
+Handler = Callable[..., bytes]
+
+
+class Transport(Protocol):
+  """How a client reaches the server: one request, one response, both bytes."""
+
+  def call(self, method: str, request: bytes, *, timeout: float | None = None) -> bytes:
+    """Calls `method` of the `sljax.Split` service; raises `TransportError` on failure."""
+    ...
+
+
+class InProcessTransport:
+  """Calls the server's handler directly, still passing bytes: the network taken out.
+
+  Args:
+    handler: `handler(method, request, *, metadata, peer_names) -> response`, e.g.
+      `SplitServer.handle`.
+    token: this client's bearer token, sent as the `authorization` metadata, as over gRPC.
+
+  Example:
+    >>> transport = InProcessTransport(server.handle, token="s3cret")   # doctest: +SKIP
+    >>> transport.call("Status", encode({"client": 0}))                # doctest: +SKIP
+  """
+
+  def __init__(self, handler: Handler, *, token: str | None = None):
+    self._handler = handler
+    self._metadata = {} if token is None else {TOKEN_METADATA: f"Bearer {token}"}
+
+  def call(self, method: str, request: bytes, *, timeout: float | None = None) -> bytes:
+    del timeout  # the handler runs in this thread; nothing to time out
+    if method not in REQUESTS:
+      raise TransportError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
+    return bytes(self._handler(method, bytes(request), metadata=self._metadata, peer_names=()))
+
+  def close(self) -> None:
+    """Nothing to release; here for symmetry with `GrpcTransport`."""
+
+
+def encode(fields: Mapping[str, Any]) -> bytes:
+  """A request or response map as msgpack bytes."""
+  return serialization.msgpack_serialize(dict(fields))
+
+
+def decode(method: str, data: bytes, *, response: bool = False) -> dict[str, Any]:
+  """Parses and checks a request (or response) map of `method`.
+
+  Raises:
+    TransportError: INVALID_ARGUMENT if the bytes are not a msgpack map with exactly the fields
+      of `REQUESTS[method]` (`RESPONSES[method]`), each of an allowed type.
+  """
+  fields = (RESPONSES if response else REQUESTS)[method]
+  what = f"{method} {'response' if response else 'request'}"
+  try:
+    # Plain msgpack, no ext types: a control map never holds arrays.
+    value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+  except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as e:
+    raise invalid(f"{what}: malformed or truncated msgpack ({len(data)} bytes): {e}") from None
+  if not isinstance(value, dict) or set(value) != set(fields):
+    got = sorted(value) if isinstance(value, dict) else type(value).__name__
+    raise invalid(f"{what}: expected a map with fields {sorted(fields)}, got {got}")
+  for name, types in fields.items():
+    v = value[name]
+    # bool is an int in Python; a field typed int must not take a bool, and the reverse.
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+      want = " or ".join(t.__name__ for t in types)
+      raise invalid(f"{what}: field {name!r} must be {want}, got {type(v).__name__}")
+    if isinstance(v, float) and not math.isfinite(v) and name != "loss":
+      raise invalid(f"{what}: field {name!r} must be finite, got {v}")
+  return value
+
+
+def invalid(details: str) -> TransportError:
+  return TransportError(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+def read_message(template: Any, data: bytes, *, what: str, max_bytes: int | None = None) -> Any:
+  """`sljax.from_bytes` with the errors a transport returns, and no NaN or Inf let through.
+
+  Raises:
+    TransportError: RESOURCE_EXHAUSTED if `data` exceeds `max_bytes`; INVALID_ARGUMENT if the
+      message is malformed, of another kind, protocol version, shape or dtype than `template`, or
+      holds a NaN or an infinity in a floating field.
+  """
+  if max_bytes is not None and len(data) > max_bytes:
+    raise TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"{what}: message of {len(data)} bytes exceeds the maximum of {max_bytes} bytes")
+  try:
+    message = msgs.from_bytes(template, data)
+  except msgs.MessageError as e:
+    raise invalid(f"{what}: {e}") from None
+  check_finite(message, what=what)
+  return message
+
+
+def check_finite(message: Any, *, what: str) -> None:
+  """Raises INVALID_ARGUMENT naming the first floating field that holds a NaN or an infinity."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(message):
+    leaf = np.asarray(leaf)
+    if jnp.issubdtype(leaf.dtype, jnp.inexact) and not np.isfinite(leaf).all():
+      bad = int((~np.isfinite(leaf)).sum())
+      raise invalid(f"{what}: field {jax.tree_util.keystr(path)} holds {bad} NaN or infinite value(s)")
