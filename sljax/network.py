@@ -94,8 +94,12 @@ class DeviceProfile:
     """This profile computing `slowdown` times slower and with `delay_s` more delay per step."""
     if not slowdown >= 1.0:
       raise ValueError(f"slowdown: expected a factor >= 1, got {slowdown}")
-    return dataclasses.replace(self, flops_per_s=np.divide(self.flops_per_s, slowdown),
-                               delay_s=np.add(self.delay_s, delay_s))
+    return dataclasses.replace(self, flops_per_s=_number(np.divide(self.flops_per_s, slowdown)),
+                               delay_s=_number(np.add(self.delay_s, delay_s)))
+
+
+def _number(a: np.ndarray) -> float | np.ndarray:
+  return float(a) if np.ndim(a) == 0 else a
 
 
 # (field, what it is, must be > 0 (else >= 0), must be finite). Rates may be inf (no limit).

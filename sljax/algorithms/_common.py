@@ -89,6 +89,31 @@ def sample_inputs(key, num_clients: int, *, local_steps: int, participation: flo
   return RoundInputs(participating, dropped)
 
 
+def check_schedule(*, participation: float, drop_rate: float) -> None:
+  """Checks the participation fraction and the drop rate every algorithm takes."""
+  check_fraction("participation", participation, allow_zero=False)
+  check_fraction("drop_rate", drop_rate, allow_zero=True)
+
+
+def begin_round(state: SimState, data: ClientData, inputs: RoundInputs | None, *, spec: ArraySpec, num_clients: int,
+                local_steps: int, participation: float, drop_rate: float) -> tuple[jax.Array, RoundInputs]:
+  """Checks the data, derives the round key and, unless given, samples who takes part."""
+  check_data(data, spec, num_clients)
+  key = round_key(state)
+  if inputs is None:
+    inputs = sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
+                           participation=participation, drop_rate=drop_rate)
+  return key, inputs
+
+
+def step_inputs(state: SimState, data: ClientData, key: jax.Array, s, *, num_clients: int, local_steps: int,
+                batch_size: int):
+  """Step s of the round: every client's batch, the step key and one key per client."""
+  x, y = batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
+  k_step = jax.random.fold_in(key, s + 1)
+  return x, y, k_step, jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
+
+
 def check_fraction(name: str, value: float, *, allow_zero: bool) -> None:
   lo_ok = value >= 0 if allow_zero else value > 0
   if not (lo_ok and value <= 1):

@@ -38,8 +38,7 @@ def fedavg(
   to every client. A dropped step is discarded. Traffic: the whole model, up and down, per
   participant per round. `SimState.server` is unused (None).
   """
-  c.check_fraction("participation", participation, allow_zero=False)
-  c.check_fraction("drop_rate", drop_rate, allow_zero=True)
+  c.check_schedule(participation=participation, drop_rate=drop_rate)
   central = protocol.centralized(model, optimizer=optimizer, loss=loss)
 
   def init(key, data: ClientData) -> c.SimState:
@@ -49,15 +48,12 @@ def fedavg(
     return c.SimState(c.stack_party(party, num_clients), None, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    c.check_data(data, state.clients.input_spec, num_clients)
-    key = c.round_key(state)
-    if inputs is None:
-      inputs = c.sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
-                               participation=participation, drop_rate=drop_rate)
+    key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
+                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
 
     def step(clients, s):
-      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
-      keys = jax.random.split(jax.random.fold_in(key, s + 1), num_clients)
+      x, y, _, keys = c.step_inputs(state, data, key, s, num_clients=num_clients, local_steps=local_steps,
+                                    batch_size=batch_size)
       active = inputs.active()[s]
       updated, m = executor(lambda p, x, y, k: central.step(p, (x, y), k), clients, x, y, keys)
       zeros = jnp.zeros((num_clients,), jnp.int32)

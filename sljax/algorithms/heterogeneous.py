@@ -58,8 +58,7 @@ def heterogeneous_parallel_sl(
   for i, k in enumerate(cuts):
     if not 1 <= k <= n - 1:
       raise ValueError(f"cuts[{i}]: cut index must be in [1, {n - 1}] for a stack of {n} layers, got {k}")
-  c.check_fraction("participation", participation, allow_zero=False)
-  c.check_fraction("drop_rate", drop_rate, allow_zero=True)
+  c.check_schedule(participation=participation, drop_rate=drop_rate)
   num_clients = len(cuts)
   levels = sorted(set(cuts))
   deepest = levels[-1]
@@ -111,18 +110,14 @@ def heterogeneous_parallel_sl(
     return outs, {"bridges": tuple(bridge_states), "body": body_state}
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    c.check_data(data, state.clients[0].input_spec, num_clients)
-    key = c.round_key(state)
-    if inputs is None:
-      inputs = c.sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
-                               participation=participation, drop_rate=drop_rate)
+    key, inputs = c.begin_round(state, data, inputs, spec=state.clients[0].input_spec, num_clients=num_clients,
+                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
     active_all = inputs.active()
 
     def step(carry, s):
       clients, server = carry
-      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
-      k_step = jax.random.fold_in(key, s + 1)
-      keys = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
+      x, y, k_step, keys = c.step_inputs(state, data, key, s, num_clients=num_clients, local_steps=local_steps,
+                                         batch_size=batch_size)
       ups = [executor(lambda *a, p=p: p.client_forward(*a)[0], party, x[g], y[g], keys[g])
              for p, party, g in zip(protocols, clients, groups)]
       w = jnp.concatenate([active_all[s][g] for g in groups]).astype(jnp.float32)

@@ -74,8 +74,7 @@ def parallel_sl(
     >>> state = algo.init(jax.random.key(0), data)
     >>> state, metrics = jax.jit(algo.round)(state, data)
   """
-  c.check_fraction("participation", participation, allow_zero=False)
-  c.check_fraction("drop_rate", drop_rate, allow_zero=True)
+  c.check_schedule(participation=participation, drop_rate=drop_rate)
   vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
                              uplink=uplink, downlink=downlink)
   up_codec, down_codec = uplink or codecs.identity(), downlink or codecs.identity()
@@ -87,17 +86,13 @@ def parallel_sl(
     return state.replace(server=server)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    c.check_data(data, state.clients.input_spec, num_clients)
-    key = c.round_key(state)
-    if inputs is None:
-      inputs = c.sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
-                               participation=participation, drop_rate=drop_rate)
+    key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
+                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
 
     def step(carry, s):
       clients, server = carry
-      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
-      k_step = jax.random.fold_in(key, s + 1)
-      keys = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
+      x, y, k_step, keys = c.step_inputs(state, data, key, s, num_clients=num_clients, local_steps=local_steps,
+                                         batch_size=batch_size)
       active = inputs.active()[s]
       ups = executor(lambda *a: vanilla.client_forward(*a)[0], clients, x, y, keys)
       h = jax.vmap(up_codec.decode)(ups.activations)
@@ -167,8 +162,7 @@ def local_loss_sl(
   its state from before the step, and the server ignores its smashed data. Client params are
   `{"client": ..., "aux": ...}`. `uplink` is a codec on the smashed data.
   """
-  c.check_fraction("participation", participation, allow_zero=False)
-  c.check_fraction("drop_rate", drop_rate, allow_zero=True)
+  c.check_schedule(participation=participation, drop_rate=drop_rate)
   vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
                              uplink=uplink)
   up_codec = uplink or codecs.identity()
@@ -199,17 +193,13 @@ def local_loss_sl(
     return client, msgs.SmashedData(payload, y)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    c.check_data(data, state.clients.input_spec, num_clients)
-    key = c.round_key(state)
-    if inputs is None:
-      inputs = c.sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
-                               participation=participation, drop_rate=drop_rate)
+    key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
+                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
 
     def step(carry, s):
       clients, server = carry
-      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
-      k_step = jax.random.fold_in(key, s + 1)
-      keys = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
+      x, y, k_step, keys = c.step_inputs(state, data, key, s, num_clients=num_clients, local_steps=local_steps,
+                                         batch_size=batch_size)
       active = inputs.active()[s]
       updated, ups = executor(client_local_step, clients, x, y, keys)
       server, _, losses, accs = c.server_step_on_all(

@@ -48,8 +48,7 @@ def sequential_sl(
   `uplink`/`downlink` are codecs on the smashed data and the cut gradient (see `vanilla`).
   """
   del executor
-  c.check_fraction("participation", participation, allow_zero=False)
-  c.check_fraction("drop_rate", drop_rate, allow_zero=True)
+  c.check_schedule(participation=participation, drop_rate=drop_rate)
   vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
                              uplink=uplink, downlink=downlink)
 
@@ -60,11 +59,8 @@ def sequential_sl(
     return c.SimState(st.client, st.server, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    c.check_data(data, state.clients.input_spec, num_clients)
-    key = c.round_key(state)
-    if inputs is None:
-      inputs = c.sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
-                               participation=participation, drop_rate=drop_rate)
+    key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
+                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
     # all batches of the round up front: (S, K, B, ...)
     xs, ys = jax.vmap(lambda s: c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size))(
         jnp.arange(local_steps))

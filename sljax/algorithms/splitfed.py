@@ -74,8 +74,7 @@ def splitfed(
   """
   if version not in (1, 2):
     raise ValueError(f"version: expected 1 or 2, got {version}")
-  c.check_fraction("participation", participation, allow_zero=False)
-  c.check_fraction("drop_rate", drop_rate, allow_zero=True)
+  c.check_schedule(participation=participation, drop_rate=drop_rate)
   vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
                              uplink=uplink, downlink=downlink)
 
@@ -116,17 +115,14 @@ def splitfed(
     return c.where(active, updated, clients), server, losses, accs, bytes_per_client
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    c.check_data(data, state.clients.input_spec, num_clients)
-    key = c.round_key(state)
-    if inputs is None:
-      inputs = c.sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
-                               participation=participation, drop_rate=drop_rate)
+    key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
+                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
     order = jax.random.permutation(jax.random.fold_in(key, local_steps + 1), num_clients)
 
     def step(carry, s):
       clients, server = carry
-      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
-      keys = jax.random.split(jax.random.fold_in(key, s + 1), num_clients)
+      x, y, _, keys = c.step_inputs(state, data, key, s, num_clients=num_clients, local_steps=local_steps,
+                                    batch_size=batch_size)
       active = inputs.active()[s]
       if version == 1:
         clients, server, losses, accs, (up, down) = step_v1(clients, server, x, y, keys, active)

@@ -1,0 +1,49 @@
+"""Split learning over a network: the same legs and the same message bytes as the simulation.
+
+A client reaches the server through a transport, `call(method, request, *, timeout) -> response`
+on bytes. `InProcessTransport` hands the bytes to the server's handler in the same process;
+`GrpcTransport` carries them over gRPC (TLS, tokens or client certificates, retries). The server
+(`SplitServer`) and the client driver (`connect`, `run`, `predict`) do not know which one they use,
+so a run over gRPC is tested against the same run in process, bit for bit, and against the fused
+simulation (`sljax.algorithms.sequential_sl`). The wire protocol is specified in docs/protocol.md.
+
+Example (one process; over the network the server runs `serve(server.handle, ...)` and each
+client uses `GrpcTransport("host:port", token=...)`):
+
+    >>> server = SplitServer(model, sl, schedule=Schedule(num_clients=1, rounds=5, local_steps=10, batch_size=32),
+    ...                      input_spec=ArraySpec((64,), "float32"), key=jax.random.key(0), tokens={"t": 0})  # doctest: +SKIP
+    >>> session = connect(InProcessTransport(server.handle, token="t"), model, sl, client=0, x=x, y=y)  # doctest: +SKIP
+    >>> result = run(session)                                                                     # doctest: +SKIP
+    >>> logits = predict(session, result.half, x_test)                                            # doctest: +SKIP
+"""
+
+from sljax.transport.client import Result, Session, connect, fetch_half, hand_over, predict, run, run_turn, status, train_step
+from sljax.transport.rpc import GrpcTransport, RunningServer, serve, server_credentials
+from sljax.transport.schedule import Schedule
+from sljax.transport.server import ServerState, SplitServer
+from sljax.transport.wire import METHODS, SERVICE, InProcessTransport, Transport, TransportError
+
+__all__ = [
+    "METHODS",
+    "SERVICE",
+    "GrpcTransport",
+    "InProcessTransport",
+    "Result",
+    "RunningServer",
+    "Schedule",
+    "ServerState",
+    "Session",
+    "SplitServer",
+    "Transport",
+    "TransportError",
+    "connect",
+    "fetch_half",
+    "hand_over",
+    "predict",
+    "run",
+    "run_turn",
+    "serve",
+    "server_credentials",
+    "status",
+    "train_step",
+]

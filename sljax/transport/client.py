@@ -1,0 +1,293 @@
+"""The client's side of split learning over a network, one driver for every transport.
+
+A client holds its own data (numpy arrays) and, during its turn, the client half. Per step it
+runs the very legs of the simulation: `client_forward` on its batch, `Forward` to the server,
+`client_backward` on the cut gradient, then `Commit`. It keeps the state it had at the server's
+last checkpoint (`durable`) until a newer one is durable, so when the server restarts from its
+checkpoint the client rolls back to exactly that step and replays from there: no step is lost or
+applied twice, and the run ends where an uninterrupted one would.
+
+    session = connect(transport, model, sl, client=k, x=x_k, y=y_k)
+    result = run(session)                         # every turn of every round, then the final half
+    logits = predict(session, result.half, x_test)   # collaborative inference, same connection
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from sljax import messages as msgs
+from sljax.protocol import ArraySpec, PartyState, Vanilla
+from sljax.split import SplitModel
+from sljax.transport import schedule as sched
+from sljax.transport import wire
+from sljax.transport.wire import Transport, TransportError
+
+logger = logging.getLogger(__name__)
+
+_FAILED = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Session(NamedTuple):
+  """What a client knows once connected: who it is, the schedule, and its compiled legs.
+
+  Attributes:
+    transport: how it reaches the server.
+    client: its id.
+    schedule: from the server's handshake.
+    run_key: the run key data (uint32), from the handshake: step keys and data order derive from it.
+    x, y: its own training data.
+    rows: `rows(data_step) -> (batch_size,)` indices into `x`, `y` (the simulation's data order).
+    forward, backward: `sl.client_forward` and `sl.client_backward`, jitted.
+    infer: the client half's forward pass for inference (train=False), jitted.
+    input_spec: the client half's input spec.
+    output_spec: the server half's output spec (what `Predict` returns per row).
+    half_template, down_template: templates of the ClientHalf and CutGradient messages it accepts.
+    timeout: seconds per call (a `Handover` wait adds its own).
+  """
+
+  transport: Transport
+  client: int
+  schedule: sched.Schedule
+  run_key: np.ndarray
+  x: np.ndarray
+  y: np.ndarray
+  rows: Callable[[int], jax.Array]
+  forward: Callable[..., Any]
+  backward: Callable[..., Any]
+  infer: Callable[..., Any]
+  input_spec: ArraySpec
+  output_spec: ArraySpec
+  half_template: msgs.ClientHalf
+  down_template: msgs.CutGradient
+  timeout: float
+
+
+class Result(NamedTuple):
+  """What `run` returns: the final client half and one record per committed step of this client."""
+
+  half: PartyState
+  history: list[dict]
+
+
+def call(session_or_transport, method: str, fields: dict, *, timeout: float | None = None) -> dict:
+  """One call: encodes the request map, decodes and checks the response map."""
+  transport = getattr(session_or_transport, "transport", session_or_transport)
+  if timeout is None:
+    timeout = getattr(session_or_transport, "timeout", None)
+  response = transport.call(method, wire.encode(fields), timeout=timeout)
+  return wire.decode(method, response, response=True)
+
+
+def connect(transport: Transport, model: SplitModel, sl: Vanilla, *, client: int, x, y, codec: str = "none",
+            timeout: float = 60.0) -> Session:
+  """Handshakes with the server and compiles this client's legs.
+
+  Args:
+    transport: `GrpcTransport` or `InProcessTransport`.
+    model, sl: the same split model and `sljax.vanilla(model, ...)` as the server's.
+    client: this client's id (its credentials must be that client's).
+    x, y: this client's training data, (N, *input shape) and (N,) integer labels.
+    codec: the codec configuration's name; must equal the server's.
+    timeout: seconds per call.
+
+  Raises:
+    TransportError: UNAUTHENTICATED, PERMISSION_DENIED, or FAILED_PRECONDITION when the server's
+      protocol version, cut signature or codec differ from this client's (the details say which).
+  """
+  x, y = np.asarray(x), np.asarray(y).astype(np.int32)
+  if x.ndim < 1 or y.shape != x.shape[:1] or len(y) == 0:
+    raise ValueError(f"x, y: expected N >= 1 samples and N labels, got shapes {x.shape} and {y.shape}")
+  spec = ArraySpec.of(x)
+  whole = jax.eval_shape(sl.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *spec.shape), spec.dtype))
+  cut = whole.server.input_spec
+  hello = call(transport, "Handshake", {
+      "protocol": msgs.PROTOCOL_VERSION, "client": client, "cut_shape": list(cut.shape), "cut_dtype": cut.dtype,
+      "codec": codec}, timeout=timeout)
+  schedule = sched.Schedule(hello["num_clients"], hello["rounds"], hello["local_steps"], hello["batch_size"])
+  run_key = np.asarray(hello["run_key"], np.uint32)
+  b = schedule.batch_size
+  x_struct = jax.ShapeDtypeStruct((b, *spec.shape), spec.dtype)
+  y_struct = jax.ShapeDtypeStruct((b,), jnp.int32)
+  up = jax.eval_shape(sl.client_forward, whole.client, x_struct, y_struct, jax.random.key(0))[0]
+  down = jax.eval_shape(sl.server_step, whole.server, up, jax.random.key(0))[1]
+  out = jax.eval_shape(lambda p, h: model.server.apply(p.params, p.model_state, h, key=None, train=False)[0],
+                       whole.server, jax.ShapeDtypeStruct((1, *cut.shape), cut.dtype))
+  session = Session(
+      transport=transport, client=client, schedule=schedule, run_key=run_key, x=x, y=y,
+      rows=sched.row_order(client=client, count=len(x), batch_size=b, run_key=run_key),
+      forward=jax.jit(sl.client_forward), backward=jax.jit(sl.client_backward),
+      infer=jax.jit(lambda p, x: model.client.apply(p.params, p.model_state, x, key=None, train=False)[0]),
+      input_spec=whole.client.input_spec, output_spec=ArraySpec.of(out), half_template=msgs.spec_of(sched.to_message(whole.client)),
+      down_template=down, timeout=timeout)
+  _warm_up(session, whole.client)
+  return session
+
+
+def _warm_up(session: Session, half_struct: PartyState) -> None:
+  """Compiles the legs before the first turn, so compilation never eats into a turn's lease."""
+  zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
+  half = jax.tree.map(zeros, half_struct)
+  x, y = _batch(session, 0)
+  k_client, _ = sched.step_keys(session.run_key, 0, session.client, 0)
+  _, pending = session.forward(half, x, y, k_client)
+  down = jax.tree.map(zeros, session.down_template)
+  jax.block_until_ready(session.backward(half, pending, down))
+
+
+def _batch(session: Session, data_step: int) -> tuple[np.ndarray, np.ndarray]:
+  rows = np.asarray(session.rows(data_step))
+  return session.x[rows], session.y[rows]
+
+
+def status(session: Session) -> dict:
+  """The server's position: round, turn, steps committed, the last checkpointed step, done."""
+  return call(session, "Status", {"client": session.client})
+
+
+def fetch_half(session: Session, round_: int, *, wait: float = 10.0) -> PartyState | None:
+  """The client half at the start of this client's turn in `round_` (waiting for the turn), or
+  None if that turn is over (the client was late and its turn given away).
+
+  `round_ == schedule.rounds` fetches the final client half once training is over.
+  """
+  while True:
+    try:
+      response = call(session, "Handover", {"client": session.client, "round": round_, "op": "get", "steps": 0,
+                                            "wait": wait, "message": None}, timeout=session.timeout + wait)
+    except TransportError as e:
+      if e.code == _FAILED and "is over" in e.details:
+        logger.warning("client %d: %s", session.client, e.details)
+        return None
+      raise
+    if response["ready"]:
+      half = wire.read_message(session.half_template, response["message"], what="Handover get")
+      return sched.from_message(half, session.input_spec)
+
+
+def hand_over(session: Session, half: PartyState, round_: int) -> dict:
+  """Ends this client's turn in `round_`: uploads the client half for the next client."""
+  response = call(session, "Handover", {
+      "client": session.client, "round": round_, "op": "put", "steps": session.schedule.local_steps, "wait": 0.0,
+      "message": msgs.to_bytes(sched.to_message(half))})
+  return response["position"]
+
+
+def train_step(session: Session, half: PartyState, round_: int, step: int) -> tuple[PartyState, dict, dict]:
+  """One step of this client's turn: forward, `Forward`, backward, `Commit`.
+
+  Returns:
+    (the client half after the step, the server's position after the commit, metrics).
+
+  Raises:
+    TransportError: as the server answered (see `run_turn` for the recovery).
+  """
+  k_client, _ = sched.step_keys(session.run_key, round_, session.client, step)
+  x, y = _batch(session, sched.data_step(session.schedule, round_, step))
+  up, pending = session.forward(half, x, y, k_client)
+  up_bytes = msgs.to_bytes(up)
+  response = call(session, "Forward", {"client": session.client, "round": round_, "step": step, "message": up_bytes})
+  down = wire.read_message(session.down_template, response["message"], what="Forward response")
+  new_half = session.backward(half, pending, down)
+  position = call(session, "Commit", {"client": session.client, "round": round_, "step": step})
+  metrics = {"round": round_, "client": session.client, "step": step, "loss": response["loss"],
+             "accuracy": response["accuracy"], "bytes_up": len(up_bytes), "bytes_down": len(response["message"])}
+  return new_half, position, metrics
+
+
+def run_turn(session: Session, half: PartyState, round_: int,
+             on_step: Callable[[dict], None] | None = None) -> tuple[PartyState | None, list[dict]]:
+  """This client's turn in `round_`, from the client half it fetched to the one it hands over.
+
+  Recovery: when the server answers that the step is not staged (ABORTED: it restarted, or
+  discarded the step) or is not where the client is (FAILED_PRECONDITION, ALREADY_EXISTS), the
+  client asks for the server's position. Same step: it forwards the step again. The server's last
+  checkpointed step, which the client kept: it rolls back to it and replays. Its turn is over:
+  it returns None (it was dropped; the next client has the half as last handed over).
+  """
+  durable = (0, half)  # the turn's start is always checkpointed
+  history: list[dict] = []
+  step = 0
+  while step < session.schedule.local_steps:
+    try:
+      new_half, position, metrics = train_step(session, half, round_, step)
+    except TransportError as e:
+      if e.code not in (grpc.StatusCode.ABORTED, _FAILED, grpc.StatusCode.ALREADY_EXISTS):
+        raise
+      position = status(session)
+      if (position["round"], position["turn"]) != (round_, session.client):
+        logger.warning("client %d: turn of round %d lost after %d step(s): %s", session.client, round_, step,
+                       e.details)
+        return None, history
+      if position["step"] == step:
+        logger.info("client %d: step %d was not committed (%s); forwarding it again", session.client, step, e.code.name)
+        continue
+      if position["step"] == durable[0]:
+        logger.warning("client %d: the server resumed from step %d; rolling back from step %d", session.client,
+                       durable[0], step)
+        step, half = durable
+        history = [h for h in history if h["step"] < step]
+        continue
+      raise TransportError(_FAILED, f"client {session.client} cannot resume at step {step}: the server is at step "
+                                    f"{position['step']}, the client kept step {durable[0]}") from None
+    half, step = new_half, step + 1
+    history.append(metrics)
+    if on_step is not None:
+      on_step(metrics)
+    if position["durable"] == step:
+      durable = (step, half)
+  return half, history
+
+
+def run(session: Session, *, wait: float = 10.0, progress: bool = False) -> Result:
+  """Every turn of this client, round after round, then the final client half.
+
+  A turn lost to a lease (the client was too slow) is skipped with a warning; the client takes
+  part again in the next round with the client half the server hands it then.
+  """
+  schedule, history = session.schedule, []
+  total = schedule.rounds * schedule.local_steps
+  with tqdm(total=total, desc=f"client {session.client}", disable=not progress, leave=False) as bar:
+
+    def on_step(metrics):
+      bar.update(1)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+
+    for round_ in range(schedule.rounds):
+      half = fetch_half(session, round_, wait=wait)
+      if half is None:
+        continue
+      half, turn = run_turn(session, half, round_, on_step)
+      history += turn
+      if half is not None:
+        hand_over(session, half, round_)
+        logger.info("client %d: round %d done, loss %.4f", session.client, round_, turn[-1]["loss"] if turn else
+                    float("nan"))
+  final = fetch_half(session, schedule.rounds, wait=wait)
+  if final is None:
+    raise TransportError(_FAILED, "the server did not hand out the final client half")
+  return Result(final, history)
+
+
+def predict(session: Session, half: PartyState, x, *, batch_size: int = 1024) -> np.ndarray:
+  """Collaborative inference: this client's half runs here, the server's half there (`Predict`).
+
+  Returns the server's outputs (e.g. logits) for every row of `x`. No labels are sent.
+  """
+  x, outputs = np.asarray(x), []
+  for start in range(0, len(x), batch_size):
+    smashed = np.asarray(session.infer(half, x[start:start + batch_size]))
+    response = call(session, "Predict", {"client": session.client, "batch": len(smashed),
+                                         "message": msgs.to_bytes(msgs.SmashedData(smashed))})
+    out = session.output_spec
+    template = msgs.Prediction(jax.ShapeDtypeStruct((len(smashed), *out.shape), out.dtype))
+    outputs.append(np.asarray(wire.read_message(template, response["message"], what="Predict response").logits))
+  return np.concatenate(outputs)

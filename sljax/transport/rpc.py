@@ -1,0 +1,191 @@
+"""gRPC for the `sljax.Split` service: a server around any handler, and the client transport.
+
+No protocol buffers: the service is registered with grpcio's generic handlers, whose request and
+response (de)serializers are left out, so requests and responses travel as the raw bytes of
+sljax's msgpack maps (see `sljax.transport.wire` and docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import time
+from concurrent import futures
+from typing import NamedTuple
+
+import grpc
+
+from sljax.transport import wire
+from sljax.transport.wire import TransportError
+
+logger = logging.getLogger(__name__)
+
+# Worth retrying: the server is away (restarting, unreachable) or too slow to answer in time.
+# Every method is safe to repeat (see docs/protocol.md, "Retries").
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+  return [
+      ("grpc.max_send_message_length", max_message_bytes),
+      ("grpc.max_receive_message_length", max_message_bytes),
+  ]
+
+
+def generic_handler(handler: wire.Handler) -> grpc.GenericRpcHandler:
+  """The `sljax.Split` service as a grpcio generic handler calling `handler` with raw bytes.
+
+  The bearer token comes from the `authorization` metadata; with mutual TLS the client
+  certificate's common name(s) come from the call's auth context. A `TransportError` becomes the
+  call's status; any other exception is logged and becomes INTERNAL, and the server keeps serving.
+  """
+
+  def unary(method: str):
+    def serve_one(request: bytes, context: grpc.ServicerContext) -> bytes:
+      metadata = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
+      names = [n.decode(errors="replace") for n in context.auth_context().get("x509_common_name", [])]
+      try:
+        return handler(method, request, metadata=metadata, peer_names=names)
+      except TransportError as e:
+        context.abort(e.code, e.details)
+      except Exception:  # noqa: BLE001 -- the server must outlive a bug in one call
+        logger.exception("%s from %s failed", method, context.peer())
+        context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error (see the server's log)")
+
+    # No request_deserializer / response_serializer: bytes in, bytes out.
+    return grpc.unary_unary_rpc_method_handler(serve_one)
+
+  return grpc.method_handlers_generic_handler(wire.SERVICE, {m: unary(m) for m in wire.METHODS})
+
+
+def server_credentials(certificate_chain: bytes, private_key: bytes, *,
+                       client_ca: bytes | None = None) -> grpc.ServerCredentials:
+  """TLS for the server: its PEM certificate chain and key; with `client_ca`, mutual TLS.
+
+  With `client_ca` every client must present a certificate signed by it
+  (`require_client_auth=True`), and the server can identify clients by the certificate's common
+  name (`SplitServer(certificate_names=...)`).
+  """
+  return grpc.ssl_server_credentials([(private_key, certificate_chain)], root_certificates=client_ca,
+                                     require_client_auth=client_ca is not None)
+
+
+class RunningServer(NamedTuple):
+  """A started gRPC server and the port it listens on."""
+
+  server: grpc.Server
+  port: int
+
+  def stop(self, grace: float | None = 1.0) -> None:
+    self.server.stop(grace).wait()
+
+
+def serve(handler: wire.Handler, *, address: str = "127.0.0.1:0", credentials: grpc.ServerCredentials | None = None,
+          max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, max_workers: int = 16) -> RunningServer:
+  """Starts a gRPC server for `handler` (e.g. `SplitServer.handle`) on `address` ("host:port"; port 0 picks one).
+
+  Requests above `max_message_bytes` are refused by gRPC itself with RESOURCE_EXHAUSTED.
+  `max_workers` bounds the calls served at once; it must exceed the number of clients, since a
+  client waiting for its turn holds a worker for up to 30 s.
+  """
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_channel_options(max_message_bytes))
+  server.add_generic_rpc_handlers((generic_handler(handler),))
+  if credentials is None:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if not _is_loopback(host):
+      logger.warning("serving without TLS on %s: tokens and data travel in clear", address)
+    port = server.add_insecure_port(address)
+  else:
+    port = server.add_secure_port(address, credentials)
+  if port == 0:
+    raise OSError(f"cannot listen on {address}")
+  server.start()
+  logger.info("serving %s on port %d (%s)", wire.SERVICE, port, "TLS" if credentials else "no TLS")
+  return RunningServer(server, port)
+
+
+def _is_loopback(host: str) -> bool:
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+class GrpcTransport:
+  """The client's side of the `sljax.Split` service over gRPC, with retries.
+
+  Args:
+    target: "host:port".
+    token: bearer token, sent as `authorization: Bearer <token>` metadata on every call.
+    root_certificates: PEM CA certificate(s) to verify the server with; gives a TLS channel.
+    private_key, certificate_chain: PEM key and certificate of this client, for mutual TLS.
+    server_name: the name the server's certificate must carry, if not the host of `target`.
+    max_message_bytes: the largest request and response allowed.
+    deadline: seconds each attempt of a call may take, unless `call(timeout=...)` says otherwise.
+    retries: attempts after the first when the server is away (UNAVAILABLE) or slow
+      (DEADLINE_EXCEEDED). Every method is safe to repeat.
+    backoff, max_backoff: attempt n waits a random time in [0, min(max_backoff, backoff * 2**n)]
+      (exponential backoff with full jitter) before trying again.
+    seed: seeds the jitter (None: from the OS).
+
+  Example:
+    >>> transport = GrpcTransport("127.0.0.1:50051", token="s3cret")    # doctest: +SKIP
+    >>> transport.call("Status", wire.encode({"client": 0}))            # doctest: +SKIP
+  """
+
+  def __init__(self, target: str, *, token: str | None = None, root_certificates: bytes | None = None,
+               private_key: bytes | None = None, certificate_chain: bytes | None = None,
+               server_name: str | None = None, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
+               deadline: float = 60.0, retries: int = 8, backoff: float = 0.1, max_backoff: float = 5.0,
+               seed: int | None = None):
+    if (private_key is None) != (certificate_chain is None):
+      raise ValueError("private_key, certificate_chain: give both (mutual TLS) or neither")
+    options = _channel_options(max_message_bytes) + [
+        # Reconnect soon after a server restart; our own retries pace the calls.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    if server_name is not None:
+      options.append(("grpc.ssl_target_name_override", server_name))
+    if root_certificates is not None or certificate_chain is not None:
+      credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+      self._channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+      self._channel = grpc.insecure_channel(target, options=options)
+    self._stubs = {m: self._channel.unary_unary(wire.method_path(m)) for m in wire.METHODS}
+    self._metadata = () if token is None else ((wire.TOKEN_METADATA, f"Bearer {token}"),)
+    self.target = target
+    self.deadline = deadline
+    self.retries = retries
+    self.backoff = backoff
+    self.max_backoff = max_backoff
+    self._random = random.Random(seed)
+
+  def call(self, method: str, request: bytes, *, timeout: float | None = None) -> bytes:
+    """Calls `method` with the request's bytes; retries while the server is away or slow.
+
+    Raises:
+      TransportError: the call's status code and details once it fails for good.
+    """
+    stub = self._stubs.get(method)
+    if stub is None:
+      raise TransportError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
+    for attempt in range(self.retries + 1):
+      try:
+        return stub(request, timeout=self.deadline if timeout is None else timeout, metadata=self._metadata)
+      except grpc.RpcError as e:
+        code, details = e.code(), e.details() or ""
+        if code not in RETRYABLE or attempt == self.retries:
+          raise TransportError(code, details) from None
+        pause = self._random.uniform(0.0, min(self.max_backoff, self.backoff * 2**attempt))
+        logger.info("%s: %s (%s); retry %d of %d in %.2f s", method, code.name, details, attempt + 1, self.retries,
+                    pause)
+        time.sleep(pause)
+    raise AssertionError("unreachable")
+
+  def close(self) -> None:
+    self._channel.close()
