@@ -1,6 +1,6 @@
 """sljax: split learning for JAX."""
 
-from sljax import algorithms, codecs, data, execution, models, simulation
+from sljax import algorithms, codecs, data, execution, models, network, simulation
 from sljax.messages import (
     BodyOutput,
     CutGradient,
@@ -15,6 +15,7 @@ from sljax.messages import (
 )
 from sljax.protocol import (
     ArraySpec,
+    Metrics,
     PartyState,
     SplitState,
     accuracy,
@@ -42,6 +43,7 @@ __all__ = [
     "BodyOutput",
     "CutGradient",
     "MessageError",
+    "Metrics",
     "ModelWeights",
     "PartyState",
     "Prediction",
@@ -63,6 +65,7 @@ __all__ = [
     "function_stage",
     "linen_stage",
     "models",
+    "network",
     "nnx_stage",
     "sequential",
     "simulation",

@@ -15,13 +15,17 @@ transmitting, and the time it waits (idle).
     timing = round_time("parallel_sl", costs, clients=[PHONE_LTE] * 8, server=GPU_SERVER)
     timing.wall_s, timing.server_idle_fraction, timing.client_idle_s
 
+Clients are a list of profiles (`[PHONE_LTE] * 7 + [PHONE_LTE.straggling(slowdown=4.0)]`) or one
+profile with (K,) array fields (`stack`), so heterogeneous fleets and stragglers are data.
+
 The model's assumptions, in one place:
 
 - A client-server transfer runs at the slower end's rate (client uplink against server downlink,
   or server uplink against client downlink); its latency is the sum of the two one-way latencies.
   The server's link is not shared: K clients sending at once each get that rate.
-- A transfer keeps both ends' links busy for its transmission time `8 * bytes / rate`. Latency is
-  propagation: nobody is busy during it, and whoever waits for the message counts it as idle.
+- A transfer keeps the client's link busy for its transmission time `8 * bytes / rate` (this is
+  the client's comm time). Latency is propagation: nobody is busy during it, and whoever waits
+  for the message counts it as idle.
 - The server is one processor that runs one job at a time at `flops_per_s`: first come, first
   served (SplitFed v1), in the round's drawn order (SplitFed v2), or one job on everyone's data
   (parallel and local-loss SL). A client computes and transmits one thing at a time.
@@ -49,9 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sljax import codecs as codec_lib
 from sljax import messages as msgs
 from sljax import protocol
-from sljax.algorithms.parallel import linear_head
+from sljax.algorithms.parallel import linear_head, local_loss_client_step
 from sljax.split import SplitModel, Stage
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +151,10 @@ def stack(profiles: Sequence[DeviceProfile] | DeviceProfile) -> DeviceProfile:
   if not profiles:
     raise ValueError("clients: expected at least one client profile, got none")
   for i, p in enumerate(profiles):
-    if not isinstance(p, DeviceProfile) or any(np.ndim(getattr(p, f)) for f in _FIELDS):
-      raise ValueError(f"clients[{i}]: expected a DeviceProfile with scalar fields, got {p!r}")
+    if not isinstance(p, DeviceProfile):
+      raise TypeError(f"clients[{i}]: expected a DeviceProfile, got {type(p).__name__}")
+    if any(np.ndim(getattr(p, f)) for f in _FIELDS):
+      raise ValueError(f"clients[{i}]: expected scalar fields in a list of profiles (or one stacked profile)")
   return DeviceProfile(**{f: np.array([getattr(p, f) for p in profiles], np.float64) for f in _FIELDS})
 
 
@@ -257,6 +264,8 @@ def step_costs(
     optimizer: optax.GradientTransformation | None = None,
     loss: Callable[[jax.Array, jax.Array], jax.Array] = protocol.softmax_cross_entropy,
     aux_head: Stage | None = None,
+    uplink: codec_lib.Codec | None = None,
+    downlink: codec_lib.Codec | None = None,
 ) -> StepCosts:
   """FLOPs and wire bytes of every leg of a step, from the real step functions at `batch_size`.
 
@@ -271,6 +280,10 @@ def step_costs(
     optimizer: the optimizer of every party (it changes the update's FLOPs); Adam by default.
     loss: the training loss.
     aux_head: local-loss SL's auxiliary head; `algorithms.linear_head(num_classes)` by default.
+    uplink: the codec on the smashed data, as given to the algorithm: the bytes are the encoded
+      message's, and the client's forward includes the encoding (local-loss SL's client step
+      does not count it).
+    downlink: the codec on the cut gradient, likewise.
 
   Example:
     >>> import sljax
@@ -286,33 +299,37 @@ def step_costs(
   if getattr(example_x, "ndim", 0) < 1:
     raise ValueError(f"example_x: expected an array with a leading batch axis, got {type(example_x).__name__}")
   optimizer = optax.adam(1e-3) if optimizer is None else optimizer
-  sl = protocol.vanilla(model, client_optimizer=optimizer, server_optimizer=optimizer, loss=loss)
+  sl = protocol.vanilla(model, client_optimizer=optimizer, server_optimizer=optimizer, loss=loss, uplink=uplink,
+                        downlink=downlink)
+  central = protocol.centralized(model, optimizer=optimizer, loss=loss)
   key = jax.random.key(0)
+  dtype = jax.dtypes.canonicalize_dtype(example_x.dtype)  # float64 inputs become float32 unless x64 is on
 
   def batch(b):
-    return (jax.ShapeDtypeStruct((b, *example_x.shape[1:]), example_x.dtype),
-            jax.ShapeDtypeStruct((b,), jnp.int32))
+    return jax.ShapeDtypeStruct((b, *example_x.shape[1:]), dtype), jax.ShapeDtypeStruct((b,), jnp.int32)
 
   x, y = batch(batch_size)
-  state = jax.eval_shape(sl.init, key, jnp.zeros((1, *example_x.shape[1:]), example_x.dtype))
+  x1 = jnp.zeros((1, *example_x.shape[1:]), dtype)
+  state = jax.eval_shape(sl.init, key, x1)
+  whole = jax.eval_shape(central.init, key, x1)
   up, pending = jax.eval_shape(sl.client_forward, state.client, x, y, key)
   _, down, _ = jax.eval_shape(sl.server_step, state.server, up, key)
-  up2, _ = jax.eval_shape(sl.client_forward, state.client, *batch(2 * batch_size), key)
-  server_1 = flops(sl.server_step, state.server, up, key)
-  server_2 = flops(sl.server_step, state.server, up2, key)
-
-  central = protocol.centralized(model, optimizer=optimizer, loss=loss)
-  whole = jax.eval_shape(central.init, key, jnp.zeros((1, *example_x.shape[1:]), example_x.dtype))
+  smashed = jax.ShapeDtypeStruct((batch_size, *state.server.input_spec.shape), state.server.input_spec.dtype)
+  up_2x, _ = jax.eval_shape(sl.client_forward, state.client, *batch(2 * batch_size), key)
+  server_1x = flops(sl.server_step, state.server, up, key)
+  server_2x = flops(sl.server_step, state.server, up_2x, key)
+  if aux_head is None:
+    outputs, _ = jax.eval_shape(sl.predict, state, x)
+    aux_head = linear_head(outputs.shape[-1])
 
   return StepCosts(
       batch_size=batch_size,
       client_forward_flops=flops(sl.client_forward, state.client, x, y, key),
       client_backward_flops=flops(sl.client_backward, state.client, pending, down),
-      server_step_flops=server_1,
-      server_update_flops=max(0.0, 2 * server_1 - server_2),
-      local_loss_step_flops=_local_loss_step_flops(model, state.client, up, x, y, key, optimizer=optimizer,
-                                                   loss=loss, aux_head=aux_head, outputs=jax.eval_shape(
-                                                       sl.predict, state, x)[0]),
+      server_step_flops=server_1x,
+      server_update_flops=max(0.0, 2 * server_1x - server_2x),
+      local_loss_step_flops=_local_loss_step_flops(model, aux_head, state.client, smashed, x, y, key,
+                                                   optimizer=optimizer, loss=loss, uplink=uplink),
       model_step_flops=flops(central.step, whole, (x, y), key),
       smashed_bytes=msgs.wire_size(up),
       cut_gradient_bytes=msgs.wire_size(down),
@@ -321,25 +338,14 @@ def step_costs(
   )
 
 
-def _local_loss_step_flops(model, client, up, x, y, key, *, optimizer, loss, aux_head, outputs) -> float:
-  """FLOPs of local-loss SL's client step (the math of `algorithms.local_loss_sl`'s client step)."""
-  head = linear_head(outputs.shape[-1]) if aux_head is None else aux_head
-  # The head's own model state (e.g. `sequential`'s tuple of per-part states) goes to its apply.
-  aux_params, aux_state = jax.eval_shape(head.init, key, up.activations)
+def _local_loss_step_flops(model, aux_head, client, smashed, x, y, key, *, optimizer, loss, uplink) -> float:
+  """FLOPs of local-loss SL's client step, the very function `algorithms.local_loss_sl` runs."""
+  aux_params, aux_state = jax.eval_shape(aux_head.init, key, smashed)
   params = {"client": client.params, "aux": aux_params}
-  opt_state = jax.eval_shape(optimizer.init, params)
-
-  def local_step(params, opt_state, model_state, x, y, key):
-    def objective(params):
-      h, model_state_new = model.client.apply(params["client"], model_state, x, key=key, train=True)
-      out, _ = head.apply(params["aux"], aux_state, h, key=None, train=True)
-      return loss(out, y), (h, model_state_new)
-
-    (_, (h, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, new_state, msgs.SmashedData(jax.lax.stop_gradient(h), y)
-
-  return flops(local_step, params, opt_state, client.model_state, x, y, key)
+  party = client.replace(params=params, model_state={"client": client.model_state, "aux": aux_state},
+                         opt_state=jax.eval_shape(optimizer.init, params))
+  step = local_loss_client_step(model, aux_head, client_optimizer=optimizer, loss=loss, uplink=uplink)
+  return flops(step, party, x, y, key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,13 +604,15 @@ def round_time(
   if algorithm not in _ALGORITHMS:
     raise ValueError(f"algorithm: expected one of {list(ALGORITHMS)}, got {algorithm!r}")
   if not isinstance(costs, StepCosts):
-    raise ValueError(f"costs: expected StepCosts (from step_costs), got {type(costs).__name__}")
+    raise TypeError(f"costs: expected StepCosts (from step_costs), got {type(costs).__name__}")
   if not (isinstance(local_steps, int) and local_steps >= 1):
     raise ValueError(f"local_steps: expected a positive integer, got {local_steps!r}")
   fleet = stack(clients)
   k = fleet.flops_per_s.shape[0]
-  if not isinstance(server, DeviceProfile) or any(np.ndim(getattr(server, f)) for f in _FIELDS):
-    raise ValueError("server: expected one DeviceProfile with scalar fields")
+  if not isinstance(server, DeviceProfile):
+    raise TypeError(f"server: expected a DeviceProfile, got {type(server).__name__}")
+  if any(np.ndim(getattr(server, f)) for f in _FIELDS):
+    raise ValueError("server: expected one DeviceProfile with scalar fields, got (K,) fields")
   p = np.ones((k,), bool) if participating is None else np.asarray(participating)
   if p.shape != (k,) or p.dtype != bool:
     raise ValueError(f"participating: expected ({k},) booleans, got {p.shape} {p.dtype}")

@@ -190,7 +190,7 @@ def sequential(*parts: Any) -> Stage:
 
   def init(key, x):
     params, states = [], []
-    for stage, k in zip(stages, jax.random.split(key, len(stages))):
+    for stage, k in zip(stages, jax.random.split(key, len(stages)), strict=True):
       p, s = stage.init(k, x)
       x, _ = stage.apply(p, s, x, key=k, train=False)
       params.append(p)
@@ -200,7 +200,7 @@ def sequential(*parts: Any) -> Stage:
   def apply(params, model_state, x, *, key, train):
     keys = [None] * len(stages) if key is None else jax.random.split(key, len(stages))
     new_states = []
-    for stage, p, s, k in zip(stages, params, model_state, keys):
+    for stage, p, s, k in zip(stages, params, model_state, keys, strict=True):
       x, s = stage.apply(p, s, x, key=k, train=train)
       new_states.append(s)
     return x, tuple(new_states)

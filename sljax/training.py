@@ -80,12 +80,14 @@ def fit(
     for e in bar:
       state, metrics = epoch_fn(state, x, y, jax.random.fold_in(key, e))
       metrics = jax.device_get(metrics)
+      steps = len(metrics["loss"])
       record = {
           "epoch": e + 1,
           "loss": float(np.mean(metrics["loss"])),
           "accuracy": float(np.mean(metrics["accuracy"])),
-          "bytes_up": int(np.sum(np.asarray(metrics["bytes_up"], np.int64))),
-          "bytes_down": int(np.sum(np.asarray(metrics["bytes_down"], np.int64))),
+          # static per-step counts (see protocol.Metrics) or per-step arrays alike
+          "bytes_up": int(np.sum(np.broadcast_to(np.asarray(metrics["bytes_up"], np.int64), (steps,)))),
+          "bytes_down": int(np.sum(np.broadcast_to(np.asarray(metrics["bytes_down"], np.int64), (steps,)))),
       }
       history.append(record)
       bar.set_postfix(loss=f"{record['loss']:.4f}")

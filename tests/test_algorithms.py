@@ -231,6 +231,10 @@ def test_local_loss_and_fedavg_train_and_account_bytes():
                        num_clients=4, batch_size=B, local_steps=2)
   state, hist = _rounds(ll, data, rounds=8)
   assert float(hist[-1]["loss"]) < float(hist[0]["loss"])
+  initial = ll.init(jax.random.key(0), data)
+  # the auxiliary head is part of the client's loss, so it learns too
+  assert not np.allclose(state.clients.params["aux"][1]["kernel"],
+                         initial.clients.params["aux"][1]["kernel"])
   assert int(hist[0]["bytes_down"]) == 0  # nothing comes back
   up = sljax.wire_size(sljax.SmashedData(jnp.zeros((B, 16)), jnp.zeros((B,), jnp.int32)))
   assert int(hist[0]["bytes_up"]) == 4 * 2 * up

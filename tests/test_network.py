@@ -1,6 +1,7 @@
 """The simulated network clock: hand-computed rounds, stragglers, FLOPs from XLA, exact bytes."""
 
 import dataclasses
+import doctest
 
 import jax
 import jax.numpy as jnp
@@ -115,10 +116,11 @@ def test_a_straggler_delays_the_barrier_by_its_delay(local_steps):
   k, delay = 4, 0.75
   even = [CLIENT_A] * k
   straggling = [CLIENT_A, CLIENT_A, CLIENT_A.straggling(delay_s=delay), CLIENT_A]
-  kw = dict(server=SERVER, local_steps=local_steps)
+  kw = {"server": SERVER, "local_steps": local_steps}
 
   def walls(algorithm):
-    return (N.round_time(algorithm, COSTS, clients=even, **kw), N.round_time(algorithm, COSTS, clients=straggling, **kw))
+    return (N.round_time(algorithm, COSTS, clients=even, **kw),
+            N.round_time(algorithm, COSTS, clients=straggling, **kw))
 
   # Parallel SL: the per-step barrier waits for the straggler, so every step is `delay` longer...
   before, after = walls("parallel_sl")
@@ -171,7 +173,7 @@ def test_a_stacked_fleet_equals_a_list():
     ],
 )
 def test_bad_profiles_name_the_field(fields, message):
-  good = dict(flops_per_s=1e9, uplink_bps=1e6, downlink_bps=1e6, latency_s=0.01)
+  good = {"flops_per_s": 1e9, "uplink_bps": 1e6, "downlink_bps": 1e6, "latency_s": 0.01}
   with pytest.raises(ValueError, match=message):
     N.DeviceProfile(**{**good, **fields})
 
@@ -192,7 +194,7 @@ def test_bad_round_arguments_name_the_argument():
     N.round_time("splitfed_v2", COSTS, clients=clients, server=SERVER, order=[0, 0])
   with pytest.raises(ValueError, match=r"clients: .*write \[profile\] \* K"):
     N.round_time("fedavg", COSTS, clients=CLIENT_A, server=SERVER)
-  with pytest.raises(ValueError, match=r"clients\[1\]: expected a DeviceProfile"):
+  with pytest.raises(TypeError, match=r"clients\[1\]: expected a DeviceProfile, got str"):
     N.round_time("fedavg", COSTS, clients=[CLIENT_A, "phone"], server=SERVER)
   with pytest.raises(ValueError, match="server: expected one DeviceProfile with scalar fields"):
     N.round_time("fedavg", COSTS, clients=clients, server=N.stack(clients))
@@ -209,8 +211,10 @@ def _model():
 
 @pytest.fixture(scope="module")
 def costs_8_16():
-  x = jnp.zeros((1, FEATURES))
-  return N.step_costs(_model(), example_x=x, batch_size=8), N.step_costs(_model(), example_x=x, batch_size=16)
+  # SGD: half the compile time of Adam, and its update still costs flops that do not grow with the batch.
+  x, opt = jnp.zeros((1, FEATURES)), optax.sgd(0.1)
+  return (N.step_costs(_model(), example_x=x, batch_size=8, optimizer=opt),
+          N.step_costs(_model(), example_x=x, batch_size=16, optimizer=opt))
 
 
 def test_flops_scale_with_the_batch(costs_8_16):
@@ -219,13 +223,17 @@ def test_flops_scale_with_the_batch(costs_8_16):
                 "model_step_flops"):
     assert getattr(c8, field) > 0, field
     ratio = getattr(c16, field) / getattr(c8, field)
-    assert 1.6 < ratio <= 2.0, (field, ratio)  # the optimizer update does not grow with the batch
+    # At most twice: the optimizer update does not grow with the batch (on this tiny model it is a
+    # good part of the backward pass).
+    assert 1.3 < ratio <= 2.0, (field, ratio)
   # The forward pass is all per-example work: exactly twice the flops.
   assert c16.client_forward_flops == 2 * c8.client_forward_flops
   # The server's update does not depend on the batch, so one step on two batches costs what one
   # step on a batch twice as large does.
   assert 0 < c8.server_update_flops == c16.server_update_flops
   np.testing.assert_allclose(c8.server_flops(2), c16.server_step_flops, rtol=1e-6)
+  # Local-loss SL's client step also runs the auxiliary head (16 -> 10 dense), forward and backward.
+  assert c8.local_loss_step_flops - c8.client_forward_flops - c8.client_backward_flops > 2 * 8 * 16 * 10
   # The whole model's step does the work of the three legs (up to a few scalar ops).
   np.testing.assert_allclose(c8.model_step_flops,
                              c8.client_forward_flops + c8.client_backward_flops + c8.server_step_flops, rtol=0.02)
@@ -239,26 +247,34 @@ def test_step_costs_rejects_bad_arguments():
 
 
 def test_bytes_equal_the_algorithms_metrics(costs_8_16):
-  """The clock's bytes per client per round are the bytes the algorithms report, exactly."""
-  costs, _ = costs_8_16
+  """The clock's bytes per client per round are the bytes the algorithms report, exactly, codecs included.
+
+  SplitFed has every kind of message of the split algorithms (smashed data, cut gradients, client
+  halves); the other split algorithms send subsets of these, and FedAvg sends `ModelWeights` of
+  the whole model, sized by the same `wire_size`. The uplink is cast to bfloat16, the downlink is not.
+  """
+  plain, _ = costs_8_16
+  uplink = sljax.codecs.cast(dtype=jnp.bfloat16)
+  opt = optax.sgd(0.1)
+  costs = N.step_costs(_model(), example_x=jnp.zeros((1, FEATURES)), batch_size=8, optimizer=opt, uplink=uplink)
+  # 8 x 16 activations of 4 bytes become 2 bytes each; the labels and the cut gradient do not change.
+  assert 8 * 16 * 2 - 32 < plain.smashed_bytes - costs.smashed_bytes <= 8 * 16 * 2
+  assert costs.cut_gradient_bytes == plain.cut_gradient_bytes
   k, steps = 2, 2
   rng = np.random.default_rng(0)
   x = rng.normal(size=(48, FEATURES)).astype(np.float32)
   y = (np.arange(48) % 10).astype(np.int32)
   data = D.stack_clients(x, y, D.iid(y, num_clients=k, seed=0))
-  kw = dict(num_clients=k, batch_size=costs.batch_size, local_steps=steps)
-  opt = optax.sgd(0.1)
-  algorithms = [
-      A.splitfed(_model(), version=1, client_optimizer=opt, server_optimizer=opt, **kw),
-      A.sequential_sl(_model(), client_optimizer=opt, server_optimizer=opt, **kw),
-      A.fedavg(_model(), optimizer=opt, **kw),
-  ]
-  inputs = A.RoundInputs(np.array([True, True]), np.zeros((steps, k), bool))
-  for algo in algorithms:
-    _, metrics = algo.round(algo.init(jax.random.key(0), data), data, inputs)
-    timing = N.round_time(algo.name, costs, clients=[N.PHONE_LTE] * k, server=N.GPU_SERVER, local_steps=steps)
-    np.testing.assert_array_equal(timing.bytes_up_per_client, metrics["bytes_up_per_client"], err_msg=algo.name)
-    np.testing.assert_array_equal(timing.bytes_down_per_client, metrics["bytes_down_per_client"], err_msg=algo.name)
+  algo = A.splitfed(_model(), version=1, client_optimizer=opt, server_optimizer=opt, num_clients=k,
+                    batch_size=costs.batch_size, local_steps=steps, uplink=uplink)
+  participating = np.array([True, False])
+  inputs = A.RoundInputs(participating, np.zeros((steps, k), bool))
+  _, metrics = jax.jit(algo.round)(algo.init(jax.random.key(0), data), data, inputs)
+  timing = N.round_time(algo.name, costs, clients=[N.PHONE_LTE] * k, server=N.GPU_SERVER, local_steps=steps,
+                        participating=participating)
+  np.testing.assert_array_equal(timing.bytes_up_per_client, metrics["bytes_up_per_client"])
+  np.testing.assert_array_equal(timing.bytes_down_per_client, metrics["bytes_down_per_client"])
+  assert timing.bytes_up_per_client[0] == steps * costs.smashed_bytes + costs.client_weights_bytes > 0
 
 
 def test_compare_gives_one_row_per_algorithm(costs_8_16):
@@ -269,3 +285,8 @@ def test_compare_gives_one_row_per_algorithm(costs_8_16):
     assert r["wall_s"] > 0 and 0 <= r["server_idle_fraction"] <= 1 and 0 <= r["mean_client_idle_fraction"] <= 1
   # On LTE the network, not the GPU, sets the pace: the server idles almost all the time.
   assert all(r["server_idle_fraction"] > 0.99 for r in rows)
+
+
+def test_docstring_examples_run():
+  results = doctest.testmod(N)
+  assert results.attempted > 0 and results.failed == 0

@@ -3,7 +3,7 @@
 from sljax.algorithms._common import Algorithm, RoundInputs, SimState
 from sljax.algorithms.baselines import centralized_baseline, fedavg
 from sljax.algorithms.heterogeneous import heterogeneous_parallel_sl
-from sljax.algorithms.parallel import linear_head, local_loss_sl, parallel_sl
+from sljax.algorithms.parallel import linear_head, local_loss_client_step, local_loss_sl, parallel_sl
 from sljax.algorithms.sequential import sequential_sl
 from sljax.algorithms.splitfed import splitfed
 
@@ -15,6 +15,7 @@ __all__ = [
     "fedavg",
     "heterogeneous_parallel_sl",
     "linear_head",
+    "local_loss_client_step",
     "local_loss_sl",
     "parallel_sl",
     "sequential_sl",

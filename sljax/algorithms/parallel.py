@@ -134,6 +134,32 @@ def linear_head(num_classes: int) -> Stage:
   return sequential(function_stage(flatten), linen_stage(nn.Dense(num_classes)))
 
 
+def local_loss_client_step(model: SplitModel, aux_head: Stage, *, client_optimizer: optax.GradientTransformation,
+                           loss: c.Loss = c.DEFAULT_LOSS, uplink: codecs.Codec | None = None):
+  """A local-loss client's whole step: `(client, x, y, key) -> (client, SmashedData)`.
+
+  The client half and the auxiliary head learn from the head's loss; the smashed data goes up
+  detached (and encoded with `uplink`), labels with it.
+  """
+  up_codec = uplink or codecs.identity()
+
+  def step(client, x, y, key):
+    protocol.check_batch("x", x, client.input_spec)
+
+    def objective(params):
+      h, client_state = model.client.apply(params["client"], client.model_state["client"], x, key=key, train=True)
+      out, aux_state = aux_head.apply(params["aux"], client.model_state["aux"], h, key=None, train=True)
+      return loss(out, y), (h, {"client": client_state, "aux": aux_state})
+
+    (_, (h, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(client.params)
+    payload, codec_state = up_codec.encode(jax.lax.stop_gradient(h), client.codec_state,
+                                           jax.random.fold_in(key, protocol.CODEC_STREAM))
+    client = c.apply_update(client, grads, client_optimizer, model_state).replace(codec_state=codec_state)
+    return client, msgs.SmashedData(payload, y)
+
+  return step
+
+
 def local_loss_sl(
     model: SplitModel,
     *,
@@ -159,8 +185,8 @@ def local_loss_sl(
     3. The server runs its half once on everyone's smashed data and makes one update of its
        params and optimizer state from the weighted mean of the clients' losses.
   Nothing goes down, so downlink bytes are zero. A client that drops after its forward keeps
-  its state from before the step, and the server ignores its smashed data. Client params are
-  `{"client": ..., "aux": ...}`. `uplink` is a codec on the smashed data.
+  its state from before the step, and the server ignores its smashed data. Client params and
+  model state are `{"client": ..., "aux": ...}`. `uplink` is a codec on the smashed data.
   """
   c.check_schedule(participation=participation, drop_rate=drop_rate)
   vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
@@ -172,25 +198,15 @@ def local_loss_sl(
     k_model, k_aux, k_run = jax.random.split(key, 3)
     st = vanilla.init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
     h, _ = model.client.apply(st.client.params, st.client.model_state, data.x[0, :1], key=None, train=False)
-    aux_params, _ = aux_head.init(k_aux, h)
+    aux_params, aux_state = aux_head.init(k_aux, h)
     params = {"client": st.client.params, "aux": aux_params}
-    client = st.client.replace(params=params, opt_state=client_optimizer.init(params))
+    model_state = {"client": st.client.model_state, "aux": aux_state}
+    client = st.client.replace(params=params, model_state=model_state, opt_state=client_optimizer.init(params))
     return c.SimState(c.stack_party(client, num_clients), st.server, jnp.zeros((), jnp.int32),
                       jax.random.key_data(k_run))
 
-  def client_local_step(client, x, y, key):
-    protocol.check_batch("x", x, client.input_spec)
-
-    def objective(params):
-      h, model_state = model.client.apply(params["client"], client.model_state, x, key=key, train=True)
-      out, _ = aux_head.apply(params["aux"], {}, h, key=None, train=True)
-      return loss(out, y), (h, model_state)
-
-    (_, (h, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(client.params)
-    payload, codec_state = up_codec.encode(jax.lax.stop_gradient(h), client.codec_state,
-                                           jax.random.fold_in(key, protocol.CODEC_STREAM))
-    client = c.apply_update(client, grads, client_optimizer, model_state).replace(codec_state=codec_state)
-    return client, msgs.SmashedData(payload, y)
+  client_local_step = local_loss_client_step(model, aux_head, client_optimizer=client_optimizer, loss=loss,
+                                             uplink=uplink)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
@@ -203,7 +219,8 @@ def local_loss_sl(
       active = inputs.active()[s]
       updated, ups = executor(client_local_step, clients, x, y, keys)
       server, _, losses, accs = c.server_step_on_all(
-          model.server, server, jax.vmap(up_codec.decode)(ups.activations), y, active.astype(jnp.float32), jax.random.fold_in(k_step, 1),
+          model.server, server, jax.vmap(up_codec.decode)(ups.activations), y, active.astype(jnp.float32),
+          jax.random.fold_in(k_step, 1),
           loss=loss, optimizer=server_optimizer)
       clients = c.where(active, updated, clients)
       up = msgs.wire_size(c.first(ups)) * inputs.participating
@@ -216,7 +233,7 @@ def local_loss_sl(
 
   def predict(state: c.SimState, x, client: int = 0):
     one = jax.tree.map(lambda a: a[client], state.clients)
-    one = one.replace(params=one.params["client"])
+    one = one.replace(params=one.params["client"], model_state=one.model_state["client"])
     return vanilla.predict(protocol.SplitState(one, state.server, state.round), x)[0]
 
   return c.Algorithm("local_loss_sl", init, round_fn, predict, local_steps)

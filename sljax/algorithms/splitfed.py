@@ -91,7 +91,7 @@ def splitfed(
       return new.client, new.server, metrics
 
     new_clients, new_servers, m = executor(one, clients, servers, x, y, keys)
-    bytes_per_client = (m["bytes_up"][0], m["bytes_down"][0])
+    bytes_per_client = (m["bytes_up"], m["bytes_down"])
     return (c.where(active, new_clients, clients), c.where(active, new_servers, servers), m["loss"], m["accuracy"],
             bytes_per_client)
 
