@@ -189,7 +189,8 @@ class TailPending:
   tail_state: PyTree
 
 
-def _update(party: PartyState, grads: PyTree, optimizer: optax.GradientTransformation, model_state) -> PartyState:
+def apply_update(party: PartyState, grads: PyTree, optimizer: optax.GradientTransformation, model_state) -> PartyState:
+  """One optimizer step of a party, with its new model state."""
   updates, opt_state = optimizer.update(grads, party.opt_state, party.params)
   return party.replace(params=optax.apply_updates(party.params, updates), opt_state=opt_state, model_state=model_state)
 
@@ -311,12 +312,12 @@ def vanilla(
     )
     payload, codec_state = down_codec.encode(g_smashed, server.codec_state, jax.random.fold_in(key, CODEC_STREAM))
     metrics = {"loss": value, "accuracy": accuracy(out, message.labels)}
-    server = _update(server, g_params, server_optimizer, model_state).replace(codec_state=codec_state)
+    server = apply_update(server, g_params, server_optimizer, model_state).replace(codec_state=codec_state)
     return server, msgs.CutGradient(payload), metrics
 
   def client_backward(client: PartyState, pending: ClientPending, message: msgs.CutGradient) -> PartyState:
     (grads,) = pending.pullback(down_codec.decode(message.grad))
-    return _update(client, grads, client_optimizer, pending.model_state).replace(codec_state=pending.codec_state)
+    return apply_update(client, grads, client_optimizer, pending.model_state).replace(codec_state=pending.codec_state)
 
   def step(state: SplitState, batch, key) -> tuple[SplitState, dict]:
     x, labels = batch
@@ -414,12 +415,12 @@ def u_shaped(
       server: PartyState, pending: ServerPending, message: msgs.TailGradient
   ) -> tuple[PartyState, msgs.CutGradient]:
     g_params, g_smashed = pending.pullback(message.grad)
-    return _update(server, g_params, server_optimizer, pending.model_state), msgs.CutGradient(g_smashed)
+    return apply_update(server, g_params, server_optimizer, pending.model_state), msgs.CutGradient(g_smashed)
 
   def client_backward(client: PartyState, pending: TailPending, message: msgs.CutGradient) -> PartyState:
     (g_head,) = pending.head.pullback(message.grad)
     grads = {"head": g_head, "tail": pending.tail_grads}
-    return _update(client, grads, client_optimizer, {"head": pending.head.model_state, "tail": pending.tail_state})
+    return apply_update(client, grads, client_optimizer, {"head": pending.head.model_state, "tail": pending.tail_state})
 
   def step(state: SplitState, batch, key) -> tuple[SplitState, dict]:
     x, labels = batch
@@ -485,7 +486,7 @@ def centralized(
 
     (value, (out, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     metrics = Metrics({"loss": value, "accuracy": accuracy(out, labels)}, {"bytes_up": 0, "bytes_down": 0})
-    return _update(state, grads, optimizer, model_state), metrics
+    return apply_update(state, grads, optimizer, model_state), metrics
 
   def predict(state: PartyState, x) -> tuple[jax.Array, dict]:
     check_batch("x", x, state.input_spec)

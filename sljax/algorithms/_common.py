@@ -12,7 +12,7 @@ from flax import struct
 
 from sljax import messages as msgs
 from sljax.data.clients import ClientData, client_batches
-from sljax.protocol import ArraySpec, PartyState, check_batch, softmax_cross_entropy
+from sljax.protocol import ArraySpec, PartyState, apply_update, check_batch, softmax_cross_entropy
 
 PyTree = Any
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
@@ -200,11 +200,6 @@ def client_gradient(vanilla):
     return pending.pullback(g)[0], pending.model_state, pending.codec_state
 
   return backward
-
-
-def apply_update(party: PartyState, grads: PyTree, optimizer: optax.GradientTransformation, model_state) -> PartyState:
-  updates, opt_state = optimizer.update(grads, party.opt_state, party.params)
-  return party.replace(params=optax.apply_updates(party.params, updates), opt_state=opt_state, model_state=model_state)
 
 
 def round_metrics(losses_SxK, accs_SxK, active_SxK, up_SxK, down_SxK, participating_K, extra_up_K=0, extra_down_K=0):
