@@ -561,7 +561,9 @@ def top_k(*, k: int | None = None, fraction: float | None = None,
   unsigned integer dtype that holds the row length. Biased: the dropped coordinates decode to
   zero. With ``error_feedback=True`` what was not sent is kept in the state and added to the
   next input before selection, so nothing is lost over time: after ``n`` encodes the decoded
-  outputs plus the residual sum to the inputs.
+  outputs plus the residual sum to the inputs. The residual is kept per row, so error feedback
+  suits quantities summed over steps; on per-example messages (smashed data, cut gradients of
+  shuffled batches) it adds one example's remainder to another's row and hurts training.
 
   Args:
     k: values kept per row, at most the row length.

@@ -265,7 +265,15 @@ def vanilla(
       gradient to its pullback. None sends it as it is.
 
   Stateful codecs (error feedback) size their state from the batch given to `init`: initialise
-  with a batch of the training batch size.
+  with a batch of the training batch size. Error feedback keeps a residual per batch row; rows
+  hold different examples from step to step, so on smashed data or cut gradients it mixes
+  examples (measured: top-k with error feedback on the uplink trains far worse than without;
+  see experiments/benchmarks/codecs.py). Use it where the quantity is summed over steps.
+
+  The client applies the decoded cut gradient to its pullback as it is (straight-through): the
+  codec's own Jacobian is ignored. For quantizers that is the usual estimator; for sparsifiers
+  the exact gradient would also be masked (and, for unbiased random-k, rescaled), which this
+  does not do yet.
 
   Example:
     >>> import flax.linen as nn, optax
@@ -328,11 +336,19 @@ def vanilla(
     metrics = Metrics(metrics, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
     return SplitState(client, server, state.step + 1), metrics
 
-  def predict(state: SplitState, x) -> tuple[jax.Array, dict]:
+  def predict(state: SplitState, x, key=None) -> tuple[jax.Array, dict]:
+    """Collaborative inference: the smashed data goes up through the uplink codec, no labels.
+
+    The codec starts from a fresh state (no error feedback at inference); `key` drives its
+    randomness (a fixed key if None).
+    """
     check_batch("x", x, state.client.input_spec)
     smashed, _ = model.client.apply(state.client.params, state.client.model_state, x, key=None, train=False)
-    up = msgs.SmashedData(smashed)
-    out, _ = model.server.apply(state.server.params, state.server.model_state, up.activations, key=None, train=False)
+    key = jax.random.key(0) if key is None else key
+    payload, _ = up_codec.encode(smashed, up_codec.init(smashed), jax.random.fold_in(key, CODEC_STREAM))
+    up = msgs.SmashedData(payload)
+    out, _ = model.server.apply(state.server.params, state.server.model_state, up_codec.decode(up.activations),
+                                key=None, train=False)
     down = msgs.Prediction(out)
     return out, Metrics({}, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
 

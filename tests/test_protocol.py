@@ -255,3 +255,23 @@ def test_codecs_on_the_cut():
   e_next, _ = jax.jit(ef.step)(e_state, batch, jax.random.key(1))
   assert float(jnp.abs(e_next.client.codec_state.residual).sum()) > 0
   assert float(jnp.abs(e_state.client.codec_state.residual).sum()) == 0
+
+
+def test_inference_goes_through_the_uplink_codec():
+  from sljax import codecs
+
+  x, _ = _data((64,))
+  model = sljax.cut(models.mlp(hidden=(32, 32)), 1)
+  opt = optax.sgd(0.1)
+  plain = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt)
+  sparse = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt, uplink=codecs.top_k(k=4))
+  state = plain.init(jax.random.key(0), x[:BATCH])
+  xb = jnp.asarray(x[:BATCH])
+  out_plain, traffic_plain = plain.predict(state, xb)
+  out_sparse, traffic_sparse = sparse.predict(state, xb)  # same params: only the codec differs
+  h, _ = model.client.apply(state.client.params, state.client.model_state, xb, key=None, train=False)
+  kept = jnp.where(jnp.abs(h) >= jnp.sort(jnp.abs(h), axis=-1)[:, -4:-3], h, 0.0)
+  expected, _ = model.server.apply(state.server.params, state.server.model_state, kept, key=None, train=False)
+  np.testing.assert_allclose(out_sparse, expected, atol=1e-5)
+  assert not np.allclose(out_sparse, out_plain)
+  assert traffic_sparse["bytes_up"] < traffic_plain["bytes_up"]
