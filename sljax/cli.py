@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -75,6 +76,110 @@ def demo(args) -> int:
   return 0
 
 
+def _hidden(text: str) -> tuple[int, ...]:
+  return tuple(int(h) for h in text.split(",") if h)
+
+
+def _read(path: str | None) -> bytes | None:
+  if path is None:
+    return None
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def serve(args) -> int:
+  """`sljax serve`: the server of sequential split learning (vanilla with --num-clients 1) over gRPC."""
+  import signal
+  import threading
+
+  from sljax import transport
+  from sljax.transport import demo as demo_setup
+
+  setup = demo_setup.digits_setup(model=args.model, hidden=_hidden(args.hidden), dropout=args.dropout, lr=args.lr,
+                                  seed=args.data_seed)
+  tokens = None
+  if args.token_file:
+    tokens = {token: client for client, token in demo_setup.read_tokens(args.token_file).items()}
+  names = {f"client-{k}": k for k in range(args.num_clients)} if args.client_ca else None
+  max_bytes = int(args.max_message_mb * 1024 * 1024)
+  schedule = transport.Schedule(args.num_clients, args.rounds, args.local_steps, args.batch_size)
+  server = transport.SplitServer(
+      setup.model, setup.sl, schedule=schedule,
+      input_spec=protocol.ArraySpec.of(setup.dataset.x_train), key=jax.random.key(args.seed), tokens=tokens,
+      certificate_names=names, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+      lease_seconds=args.lease_seconds, max_message_bytes=max_bytes)
+  credentials = None
+  if args.tls_cert:
+    credentials = transport.server_credentials(_read(args.tls_cert), _read(args.tls_key),
+                                               client_ca=_read(args.client_ca))
+  running = transport.serve(server.handle, address=f"{args.host}:{args.port}", credentials=credentials,
+                            max_message_bytes=max_bytes, max_workers=args.num_clients + 8)
+  if args.port_file:  # written whole, then renamed: a reader never sees half a number
+    with open(args.port_file + ".tmp", "w") as f:
+      f.write(str(running.port))
+    os.replace(args.port_file + ".tmp", args.port_file)
+  logging.getLogger("sljax").info("sljax serve: %s:%d, %d client(s), %d round(s) of %d step(s) per turn", args.host,
+                                  running.port, args.num_clients, args.rounds, args.local_steps)
+  stop = threading.Event()
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: stop.set())
+  stop.wait()
+  running.stop(grace=1.0)
+  server.close()
+  return 0
+
+
+def client(args) -> int:
+  """`sljax client`: one party of the demo, training over gRPC, then collaborative inference."""
+  from sljax import transport
+  from sljax.transport import demo as demo_setup
+
+  setup = demo_setup.digits_setup(model=args.model, hidden=_hidden(args.hidden), dropout=args.dropout, lr=args.lr,
+                                  seed=args.data_seed)
+  token = demo_setup.read_tokens(args.token_file)[args.client_id] if args.token_file else None
+  ds = setup.dataset
+  part = data.iid(ds.y_train, num_clients=args.num_clients, seed=args.partition_seed)[args.client_id]
+  link = transport.GrpcTransport(args.target, token=token, root_certificates=_read(args.tls_ca),
+                                 private_key=_read(args.tls_key), certificate_chain=_read(args.tls_cert),
+                                 server_name=args.server_name, deadline=args.deadline, retries=args.retries)
+  start = time.perf_counter()
+  try:
+    session = transport.connect(link, setup.model, setup.sl, client=args.client_id, x=ds.x_train[part],
+                                y=ds.y_train[part])
+    if session.schedule.num_clients != args.num_clients:
+      raise SystemExit(f"--num-clients {args.num_clients}: the server runs {session.schedule.num_clients} clients")
+    result = transport.run(session, progress=args.progress)
+    logits = transport.predict(session, result.half, ds.x_test)
+  except transport.TransportError as e:
+    print(f"sljax client: {e}", file=sys.stderr)
+    return 1
+  finally:
+    link.close()
+  accuracy = float((logits.argmax(-1) == ds.y_test).mean())
+  row = {"client": args.client_id, "steps": len(result.history), "test_accuracy": accuracy,
+         "train_bytes_up": sum(h["bytes_up"] for h in result.history),
+         "train_bytes_down": sum(h["bytes_down"] for h in result.history),
+         "last_loss": result.history[-1]["loss"] if result.history else None,
+         "seconds": time.perf_counter() - start}
+  if args.json:
+    print(json.dumps(row))
+  else:
+    print(f"client {row['client']}: {row['steps']} steps, last loss {row['last_loss']}, test accuracy "
+          f"{accuracy:.4f} (collaborative inference), train MB up {_mb(row['train_bytes_up'])} down "
+          f"{_mb(row['train_bytes_down'])}, {row['seconds']:.1f} s")
+  return 0
+
+
+def _add_setup_args(p) -> None:
+  """The demo's model and schedule: server and clients must give the same values."""
+  p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+  p.add_argument("--hidden", default="128,128", help="MLP hidden sizes, comma-separated")
+  p.add_argument("--lr", type=float, default=2e-3)
+  p.add_argument("--dropout", type=float, default=0.0)
+  p.add_argument("--data-seed", type=int, default=0, help="train/test split of digits")
+  p.add_argument("--num-clients", type=int, default=1)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="sljax", description="Split learning for JAX.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -86,8 +191,48 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--lr", type=float, default=2e-3)
   p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
   p.set_defaults(run=demo)
+
+  p = sub.add_parser("serve", help="serve split learning over gRPC (sequential SL; vanilla with one client)")
+  _add_setup_args(p)
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=50051, help="0 picks a free port (see --port-file)")
+  p.add_argument("--port-file", help="write the port listened on to this file once serving")
+  p.add_argument("--token-file", help="lines '<client id> <token>'")
+  p.add_argument("--tls-cert", help="PEM certificate chain of the server")
+  p.add_argument("--tls-key", help="PEM private key of the server")
+  p.add_argument("--client-ca", help="PEM CA of client certificates: mutual TLS, client k's certificate named client-k")
+  p.add_argument("--checkpoint-dir", help="checkpoint here; resume from here after a restart")
+  p.add_argument("--checkpoint-every", type=int, default=20, help="commits between checkpoints")
+  p.add_argument("--rounds", type=int, default=10)
+  p.add_argument("--local-steps", type=int, default=20, help="steps per turn")
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--seed", type=int, default=0, help="the run key: model init, data order, step keys")
+  p.add_argument("--lease-seconds", type=float, default=120.0, help="a client silent this long loses its turn")
+  p.add_argument("--max-message-mb", type=float, default=64.0)
+  p.set_defaults(run=serve)
+
+  p = sub.add_parser("client", help="train as one client over gRPC, then run collaborative inference")
+  _add_setup_args(p)
+  p.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
+  p.add_argument("--client-id", type=int, required=True)
+  p.add_argument("--token-file", help="lines '<client id> <token>'; the line of --client-id is used")
+  p.add_argument("--partition-seed", type=int, default=0, help="seed of the iid split of digits into clients")
+  p.add_argument("--tls-ca", help="PEM CA to verify the server with (TLS)")
+  p.add_argument("--tls-cert", help="PEM certificate of this client (mutual TLS)")
+  p.add_argument("--tls-key", help="PEM private key of this client (mutual TLS)")
+  p.add_argument("--server-name", help="the name in the server's certificate, if not the target's host")
+  p.add_argument("--deadline", type=float, default=60.0, help="seconds per call attempt")
+  p.add_argument("--retries", type=int, default=10, help="retries of a call while the server is away")
+  p.add_argument("--progress", action="store_true", help="show a progress bar")
+  p.add_argument("--json", action="store_true", help="print one JSON line instead of a sentence")
+  p.set_defaults(run=client)
+
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING)
+  if args.command in ("serve", "client"):
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("sljax").setLevel(logging.INFO)
+  else:
+    logging.basicConfig(level=logging.WARNING)
   return args.run(args)
 
 

@@ -10,14 +10,26 @@ simulation (`sljax.algorithms.sequential_sl`). The wire protocol is specified in
 Example (one process; over the network the server runs `serve(server.handle, ...)` and each
 client uses `GrpcTransport("host:port", token=...)`):
 
-    >>> server = SplitServer(model, sl, schedule=Schedule(num_clients=1, rounds=5, local_steps=10, batch_size=32),
-    ...                      input_spec=ArraySpec((64,), "float32"), key=jax.random.key(0), tokens={"t": 0})  # doctest: +SKIP
+    >>> schedule = Schedule(num_clients=1, rounds=5, local_steps=10, batch_size=32)
+    >>> server = SplitServer(model, sl, schedule=schedule, input_spec=ArraySpec((64,), "float32"),
+    ...                      key=jax.random.key(0), tokens={"t": 0})                              # doctest: +SKIP
     >>> session = connect(InProcessTransport(server.handle, token="t"), model, sl, client=0, x=x, y=y)  # doctest: +SKIP
     >>> result = run(session)                                                                     # doctest: +SKIP
     >>> logits = predict(session, result.half, x_test)                                            # doctest: +SKIP
 """
 
-from sljax.transport.client import Result, Session, connect, fetch_half, hand_over, predict, run, run_turn, status, train_step
+from sljax.transport.client import (
+    Result,
+    Session,
+    connect,
+    fetch_half,
+    hand_over,
+    predict,
+    run,
+    run_turn,
+    status,
+    train_step,
+)
 from sljax.transport.rpc import GrpcTransport, RunningServer, serve, server_credentials
 from sljax.transport.schedule import Schedule
 from sljax.transport.server import ServerState, SplitServer

@@ -78,13 +78,14 @@ class Result(NamedTuple):
   history: list[dict]
 
 
-def call(session_or_transport, method: str, fields: dict, *, timeout: float | None = None) -> dict:
+def call(transport: Transport, method: str, fields: dict, *, timeout: float | None = None) -> dict:
   """One call: encodes the request map, decodes and checks the response map."""
-  transport = getattr(session_or_transport, "transport", session_or_transport)
-  if timeout is None:
-    timeout = getattr(session_or_transport, "timeout", None)
   response = transport.call(method, wire.encode(fields), timeout=timeout)
   return wire.decode(method, response, response=True)
+
+
+def _call(session: Session, method: str, fields: dict, *, extra_seconds: float = 0.0) -> dict:
+  return call(session.transport, method, {"client": session.client, **fields}, timeout=session.timeout + extra_seconds)
 
 
 def connect(transport: Transport, model: SplitModel, sl: Vanilla, *, client: int, x, y, codec: str = "none",
@@ -126,7 +127,8 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla, *, client: int
       rows=sched.row_order(client=client, count=len(x), batch_size=b, run_key=run_key),
       forward=jax.jit(sl.client_forward), backward=jax.jit(sl.client_backward),
       infer=jax.jit(lambda p, x: model.client.apply(p.params, p.model_state, x, key=None, train=False)[0]),
-      input_spec=whole.client.input_spec, output_spec=ArraySpec.of(out), half_template=msgs.spec_of(sched.to_message(whole.client)),
+      input_spec=whole.client.input_spec, output_spec=ArraySpec.of(out),
+      half_template=msgs.spec_of(sched.to_message(whole.client)),
       down_template=down, timeout=timeout)
   _warm_up(session, whole.client)
   return session
@@ -150,7 +152,12 @@ def _batch(session: Session, data_step: int) -> tuple[np.ndarray, np.ndarray]:
 
 def status(session: Session) -> dict:
   """The server's position: round, turn, steps committed, the last checkpointed step, done."""
-  return call(session, "Status", {"client": session.client})
+  return _call(session, "Status", {})
+
+
+def _turn_is_over(session: Session, round_: int) -> bool:
+  position = status(session)
+  return (position["round"], position["turn"]) > (round_, session.client)
 
 
 def fetch_half(session: Session, round_: int, *, wait: float = 10.0) -> PartyState | None:
@@ -161,10 +168,10 @@ def fetch_half(session: Session, round_: int, *, wait: float = 10.0) -> PartySta
   """
   while True:
     try:
-      response = call(session, "Handover", {"client": session.client, "round": round_, "op": "get", "steps": 0,
-                                            "wait": wait, "message": None}, timeout=session.timeout + wait)
+      response = _call(session, "Handover", {"round": round_, "op": "get", "steps": 0, "wait": wait, "message": None},
+                       extra_seconds=wait)
     except TransportError as e:
-      if e.code == _FAILED and "is over" in e.details:
+      if e.code == _FAILED and round_ < session.schedule.rounds and _turn_is_over(session, round_):
         logger.warning("client %d: %s", session.client, e.details)
         return None
       raise
@@ -175,9 +182,8 @@ def fetch_half(session: Session, round_: int, *, wait: float = 10.0) -> PartySta
 
 def hand_over(session: Session, half: PartyState, round_: int) -> dict:
   """Ends this client's turn in `round_`: uploads the client half for the next client."""
-  response = call(session, "Handover", {
-      "client": session.client, "round": round_, "op": "put", "steps": session.schedule.local_steps, "wait": 0.0,
-      "message": msgs.to_bytes(sched.to_message(half))})
+  response = _call(session, "Handover", {"round": round_, "op": "put", "steps": session.schedule.local_steps,
+                                         "wait": 0.0, "message": msgs.to_bytes(sched.to_message(half))})
   return response["position"]
 
 
@@ -194,10 +200,10 @@ def train_step(session: Session, half: PartyState, round_: int, step: int) -> tu
   x, y = _batch(session, sched.data_step(session.schedule, round_, step))
   up, pending = session.forward(half, x, y, k_client)
   up_bytes = msgs.to_bytes(up)
-  response = call(session, "Forward", {"client": session.client, "round": round_, "step": step, "message": up_bytes})
+  response = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes})
   down = wire.read_message(session.down_template, response["message"], what="Forward response")
   new_half = session.backward(half, pending, down)
-  position = call(session, "Commit", {"client": session.client, "round": round_, "step": step})
+  position = _call(session, "Commit", {"round": round_, "step": step})
   metrics = {"round": round_, "client": session.client, "step": step, "loss": response["loss"],
              "accuracy": response["accuracy"], "bytes_up": len(up_bytes), "bytes_down": len(response["message"])}
   return new_half, position, metrics
@@ -267,10 +273,16 @@ def run(session: Session, *, wait: float = 10.0, progress: bool = False) -> Resu
         continue
       half, turn = run_turn(session, half, round_, on_step)
       history += turn
-      if half is not None:
+      if half is None:
+        continue
+      try:
         hand_over(session, half, round_)
-        logger.info("client %d: round %d done, loss %.4f", session.client, round_, turn[-1]["loss"] if turn else
-                    float("nan"))
+      except TransportError as e:  # the lease ran out between the last commit and the handover
+        if e.code != _FAILED or not _turn_is_over(session, round_):
+          raise
+        logger.warning("client %d: %s", session.client, e.details)
+        continue
+      logger.info("client %d: round %d done, loss %.4f", session.client, round_, turn[-1]["loss"])
   final = fetch_half(session, schedule.rounds, wait=wait)
   if final is None:
     raise TransportError(_FAILED, "the server did not hand out the final client half")
@@ -285,8 +297,7 @@ def predict(session: Session, half: PartyState, x, *, batch_size: int = 1024) ->
   x, outputs = np.asarray(x), []
   for start in range(0, len(x), batch_size):
     smashed = np.asarray(session.infer(half, x[start:start + batch_size]))
-    response = call(session, "Predict", {"client": session.client, "batch": len(smashed),
-                                         "message": msgs.to_bytes(msgs.SmashedData(smashed))})
+    response = _call(session, "Predict", {"batch": len(smashed), "message": msgs.to_bytes(msgs.SmashedData(smashed))})
     out = session.output_spec
     template = msgs.Prediction(jax.ShapeDtypeStruct((len(smashed), *out.shape), out.dtype))
     outputs.append(np.asarray(wire.read_message(template, response["message"], what="Predict response").logits))

@@ -7,6 +7,8 @@ and is tested against it, so a run over the network can be compared with the sim
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -57,7 +59,7 @@ def step_keys(run_key: jax.Array, round_: jax.Array, client: jax.Array, step: ja
   return k_client, k_server
 
 
-def row_order(*, client: int, count: int, batch_size: int, run_key) -> "jax.stages.Wrapped":
+def row_order(*, client: int, count: int, batch_size: int, run_key) -> Callable[[int], jax.Array]:
   """`rows(data_step) -> (batch_size,) int32`: the rows of client `client`'s own data (of `count`
   rows) in the batch number `data_step`, exactly as `sljax.data.client_batches` orders them.
 
@@ -69,14 +71,14 @@ def row_order(*, client: int, count: int, batch_size: int, run_key) -> "jax.stag
   rows = np.broadcast_to(np.arange(count, dtype=np.int32), (client + 1, count))
   stand_in = ClientData(jnp.asarray(rows), jnp.zeros((client + 1, count), jnp.int32),
                         jnp.full((client + 1,), count, jnp.int32))
-  key = jax.random.wrap_key_data(jnp.asarray(run_key))
+  key = jnp.asarray(run_key)
+  return functools.partial(_rows_of, stand_in, key, client=client, batch_size=batch_size)
 
-  @jax.jit
-  def rows_of(data_step):
-    x, _, _ = client_batches(stand_in, data_step, batch_size=batch_size, key=key)
-    return x[client]
 
-  return rows_of
+@functools.partial(jax.jit, static_argnames=("client", "batch_size"))
+def _rows_of(stand_in: ClientData, run_key: jax.Array, data_step, *, client: int, batch_size: int) -> jax.Array:
+  x, _, _ = client_batches(stand_in, data_step, batch_size=batch_size, key=jax.random.wrap_key_data(run_key))
+  return x[client]
 
 
 def data_step(schedule: Schedule, round_: int, step: int) -> int:

@@ -19,9 +19,9 @@ step, so that a failure anywhere leaves both sides consistent:
 
 A staged step that is never committed is discarded. A client that stops talking for
 `lease_seconds` loses its turn: its staged step is discarded, the client half goes on to the next
-client as it was last handed over, and the server keeps the steps it committed. A client that
-restarts the server-side protocol after a server restart asks `Status` and rolls back to the last
-checkpointed step (`durable`), so no step is applied twice or lost.
+client as it was last handed over, and the server keeps the steps it committed. After a server
+restart (from the latest checkpoint) a client's next `Commit` fails, it asks `Status` and rolls
+back to the last checkpointed step (`durable`), so no step is applied twice or lost.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import orbax.checkpoint as ocp
 from flax import serialization, struct
 
 from sljax import messages as msgs
+from sljax import simulation
 from sljax.protocol import ArraySpec, PartyState, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
@@ -162,7 +163,7 @@ class SplitServer:
 
     k_model, run_key = sched.split_run_key(key)
     x = jnp.zeros((1, *input_spec.shape), input_spec.dtype)
-    init = sl.init(k_model, x)
+    init = jax.jit(sl.init)(k_model, x)  # the same numbers as sl.init; compiled once per process, not per server
     k = schedule.num_clients
     initial = ServerState(
         init.server, init.client, _i32(0), _i32(0), _i32(0), run_key,
@@ -185,12 +186,10 @@ class SplitServer:
     self._manager = None
     self._version = 0
     if checkpoint_dir is not None:
-      self._manager = ocp.CheckpointManager(
-          os.path.abspath(checkpoint_dir), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+      self._manager = simulation.checkpoint_manager(checkpoint_dir)
       latest = self._manager.latest_step()
       if latest is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, initial)
-        restored = self._manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+        restored = simulation.restore(self._manager, initial, latest)
         initial = jax.tree.map(lambda new, like: np.asarray(new) if isinstance(like, np.ndarray) else new,
                                restored, initial)
         self._version = latest
@@ -198,7 +197,8 @@ class SplitServer:
                     _int(initial.round), _int(initial.turn), _int(initial.step))
     self.state = initial
     self._durable = _int(initial.step)
-    self._deadline = self._clock() + self.lease_seconds
+    # The first turn's lease starts with the first call from any client, not when the server starts.
+    self._deadline = float("inf")
     if self._manager is not None and self._manager.latest_step() is None:
       self._save()
 
@@ -226,6 +226,8 @@ class SplitServer:
       raise TransportError(grpc.StatusCode.PERMISSION_DENIED,
                            f"{method}: field 'client' is {req['client']}, but the credentials are client {client}'s")
     with self._cond:
+      if self._deadline == float("inf"):
+        self._renew_lease()
       self._expire_if_due()
       return getattr(self, f"_{method.lower()}")(client, req)
 
@@ -263,8 +265,8 @@ class SplitServer:
     if peer_names:
       raise TransportError(grpc.StatusCode.UNAUTHENTICATED,
                            f"no client is registered for the certificate name(s) {sorted(peer_names)}")
-    raise TransportError(grpc.StatusCode.UNAUTHENTICATED,
-                         f"no credentials: send '{wire.TOKEN_METADATA}: Bearer <token>' metadata or a client certificate")
+    raise TransportError(grpc.StatusCode.UNAUTHENTICATED, f"no credentials: send '{wire.TOKEN_METADATA}: Bearer "
+                                                          "<token>' metadata or a client certificate")
 
   def _check_protocol(self, request: bytes) -> None:
     """Handshake: a client of another protocol version gets FAILED_PRECONDITION, whatever else it sent."""
@@ -289,7 +291,7 @@ class SplitServer:
   def _turn_of(self, client: int, round_: int) -> int:
     """-1, 0 or 1: the turn (round_, client) is over, current, or to come."""
     now = (_int(self.state.round), _int(self.state.turn))
-    return (now > (round_, client)) - (now < (round_, client))
+    return (now < (round_, client)) - (now > (round_, client))
 
   def _renew_lease(self) -> None:
     self._deadline = self._clock() + self.lease_seconds
@@ -391,12 +393,12 @@ class SplitServer:
       raise TransportError(_FAILED, f"Handover: it is not client {client}'s turn in round {round_}; {self._where()}")
     if req["message"] is None:
       raise wire.invalid("Handover put: field 'message' must hold the client half")
+    half = wire.read_message(self._half_template, req["message"], what="Handover put",
+                             max_bytes=self.max_message_bytes)
     steps = self.schedule.local_steps
     if req["steps"] != steps or _int(self.state.step) != steps:
       raise TransportError(_FAILED, f"Handover put: a turn hands over after {steps} committed steps; the request "
                                     f"says {req['steps']}, and {self._where()}")
-    half = wire.read_message(self._half_template, req["message"], what="Handover put",
-                             max_bytes=self.max_message_bytes)
     self._end_turn(completed=True, client_half=sched.from_message(half, self.input_spec))
     return wire.encode({"ready": True, "message": None, "position": self._position()})
 

@@ -37,7 +37,8 @@ _POSITION = {"round": _INT, "turn": _INT, "step": _INT, "durable": _INT, "done":
 REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {
     "Handshake": {"protocol": _INT, "client": _INT, "cut_shape": (list,), "cut_dtype": (str,), "codec": (str,)},
     "Status": {"client": _INT},
-    "Handover": {"client": _INT, "round": _INT, "op": (str,), "steps": _INT, "wait": _NUM, "message": _BIN + (type(None),)},
+    "Handover": {"client": _INT, "round": _INT, "op": (str,), "steps": _INT, "wait": _NUM,
+                 "message": _BIN + (type(None),)},
     "Forward": {"client": _INT, "round": _INT, "step": _INT, "message": _BIN},
     "Commit": {"client": _INT, "round": _INT, "step": _INT},
     "Predict": {"client": _INT, "batch": _INT, "message": _BIN},
@@ -176,4 +177,4 @@ def check_finite(message: Any, *, what: str) -> None:
     leaf = np.asarray(leaf)
     if jnp.issubdtype(leaf.dtype, jnp.inexact) and not np.isfinite(leaf).all():
       bad = int((~np.isfinite(leaf)).sum())
-      raise invalid(f"{what}: field {jax.tree_util.keystr(path)} holds {bad} NaN or infinite value(s)")
+      raise invalid(f"{what}: field {jax.tree_util.keystr(path).lstrip('.')} holds {bad} NaN or infinite value(s)")
