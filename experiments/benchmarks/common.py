@@ -56,17 +56,27 @@ def chunk_steps(runs: Mapping[str, Run], *, chunk_seconds: float, min_steps: int
 
 
 def plan_chunks(seconds_per_step: Mapping[str, float], *, chunk_seconds: float, budget_seconds: float,
-                min_rounds: int, max_rounds: int, max_steps: int = 5000) -> tuple[int, int]:
+                min_rounds: int, max_rounds: int, max_steps: int = 5000,
+                per_variant: bool = False) -> tuple[int | dict[str, int], int]:
   """(steps per chunk, interleaved rounds) from one probe per variant, for variants too slow to
   probe repeatedly (`chunk_steps` runs every variant 3 x `min_steps` times).
 
-  Steps: a chunk of the slowest variant lasts about `chunk_seconds` (at least one step). Rounds:
-  as many as fit in `budget_seconds`, clipped to [min_rounds, max_rounds]; the lower clip wins,
-  so a slow set of variants may overrun the budget rather than give too few rounds for a median.
+  Steps: a chunk of the slowest variant lasts about `chunk_seconds` (at least one step); with
+  `per_variant`, a chunk of every variant does, each with its own number of steps (a dict), so
+  that a fast variant timed next to slow ones is not timed on one cold step. Rounds: as many as
+  fit in `budget_seconds`, clipped to [min_rounds, max_rounds]; the lower clip wins, so a slow
+  set of variants may overrun the budget rather than give too few rounds for a median.
   """
-  slowest = max(seconds_per_step.values())
-  steps = int(np.clip(round(chunk_seconds / slowest), 1, max_steps))
-  per_round = steps * sum(seconds_per_step.values())
+
+  def steps_for(seconds: float) -> int:
+    return int(np.clip(round(chunk_seconds / seconds), 1, max_steps))
+
+  if per_variant:
+    steps = {name: steps_for(t) for name, t in seconds_per_step.items()}
+    per_round = sum(steps[name] * t for name, t in seconds_per_step.items())
+  else:
+    steps = steps_for(max(seconds_per_step.values()))
+    per_round = steps * sum(seconds_per_step.values())
   return steps, int(np.clip(budget_seconds // per_round, min_rounds, max_rounds))
 
 
@@ -80,8 +90,10 @@ def round_order(names: list[str], r: int) -> list[str]:
   return rotated[::-1] if (r // len(names)) % 2 else rotated
 
 
-def interleave(runs: Mapping[str, Run], *, rounds: int, steps: int) -> dict[str, np.ndarray]:
+def interleave(runs: Mapping[str, Run], *, rounds: int, steps: int | Mapping[str, int]) -> dict[str, np.ndarray]:
   """Seconds per step of every variant, one chunk per round, shape (rounds,) per variant.
+
+  `steps` is the steps per chunk, one number for all variants or one per variant.
 
   The garbage collector is off while timing (as in `timeit`), so a collection triggered by one
   variant is not charged to whichever runs next.
@@ -93,7 +105,7 @@ def interleave(runs: Mapping[str, Run], *, rounds: int, steps: int) -> dict[str,
   try:
     for r in range(rounds):
       for name in round_order(names, r):
-        times[name][r] = time_chunk(runs[name], steps)
+        times[name][r] = time_chunk(runs[name], steps if isinstance(steps, int) else steps[name])
   finally:
     if was_enabled:
       gc.enable()
