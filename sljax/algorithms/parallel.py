@@ -85,6 +85,13 @@ def parallel_sl(
     server = state.server.replace(codec_state=c.broadcast(state.server.codec_state, num_clients))
     return state.replace(server=server)
 
+  def update(party, grads, model_state, codec_state):
+    return c.apply_update(party, grads, client_optimizer, model_state).replace(codec_state=codec_state)
+
+  def backward_and_update(party, x, y, key, g_cut, active):
+    grads, model_state, codec_state = c.client_gradient(vanilla)(party, x, y, key, g_cut)
+    return c.select(active, update(party, grads, model_state, codec_state), party)
+
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
                                 local_steps=local_steps, participation=participation, drop_rate=drop_rate)
@@ -101,14 +108,15 @@ def parallel_sl(
           loss=loss, optimizer=server_optimizer)
       payload, codec_state = jax.vmap(down_codec.encode)(g_h, server.codec_state, c.codec_keys(k_step, num_clients))
       server = server.replace(codec_state=c.where(active, codec_state, server.codec_state))
-      grads, model_states, codec_states = executor(c.client_gradient(vanilla), clients, x, y, keys,
-                                                   jax.vmap(down_codec.decode)(payload))
+      g_cut = jax.vmap(down_codec.decode)(payload)
       if sync_clients:
+        grads, model_states, codec_states = executor(c.client_gradient(vanilla), clients, x, y, keys, g_cut)
         grads = c.broadcast(c.weighted_mean(grads, active.astype(jnp.float32)), num_clients)
-      updated = executor(
-          lambda party, g, s, cs: c.apply_update(party, g, client_optimizer, s).replace(codec_state=cs),
-          clients, grads, model_states, codec_states)
-      clients = c.where(active, updated, clients)
+        updated = executor(update, clients, grads, model_states, codec_states)
+        clients = c.where(active, updated, clients)
+      else:
+        # one pass per client: backward, update, keep or discard (no K-wide gradient temporaries)
+        clients = executor(backward_and_update, clients, x, y, keys, g_cut, active)
       up = msgs.wire_size(c.first(ups)) * inputs.participating
       down = msgs.wire_size(msgs.CutGradient(c.first(payload))) * active
       return (clients, server), (losses, accs, active, up, down)
