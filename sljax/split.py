@@ -273,21 +273,6 @@ def cut(layers: Sequence[Any], k: int, k2: int | None = None) -> SplitModel:
   return SplitModel(sequential(*layers[:k]), sequential(*layers[k:k2]), sequential(*layers[k2:]))
 
 
-def dense(features: int, *, activation: Callable | None = None) -> Stage:
-  """A dense layer with an optional activation, as a Linen stage (a convenience for stacks)."""
-  return linen_stage(_Dense(features, activation))
-
-
-class _Dense(linen.Module):
-  features: int
-  activation: Callable | None = None
-
-  @linen.compact
-  def __call__(self, x):
-    x = linen.Dense(self.features)(x)
-    return x if self.activation is None else self.activation(x)
-
-
 def flatten(x: jax.Array) -> jax.Array:
   """Flattens all but the leading (batch) axis."""
   return jnp.reshape(x, (x.shape[0], -1))
