@@ -233,7 +233,11 @@ def _init_parties_traced(model: SplitModel, key, x, client_optimizer, server_opt
 
 
 class Vanilla(NamedTuple):
-  """Vanilla split learning: pure legs and their fused composition. Built by `vanilla`."""
+  """Vanilla split learning: pure legs and their fused composition. Built by `vanilla`.
+
+  The last fields are the configuration it was built with (the codecs as used: identity when
+  none was given), for code that composes the legs differently, e.g. a multi-client server.
+  """
 
   init: Callable[..., SplitState]
   client_forward: Callable[..., tuple[msgs.SmashedData, ClientPending]]
@@ -241,6 +245,12 @@ class Vanilla(NamedTuple):
   client_backward: Callable[..., PartyState]
   step: Callable[..., tuple[SplitState, dict]]
   predict: Callable[..., tuple[jax.Array, dict]]
+  model: SplitModel
+  client_optimizer: optax.GradientTransformation
+  server_optimizer: optax.GradientTransformation
+  loss: Callable[[jax.Array, jax.Array], jax.Array]
+  uplink: codec_lib.Codec
+  downlink: codec_lib.Codec
 
 
 def vanilla(
@@ -352,7 +362,8 @@ def vanilla(
     down = msgs.Prediction(out)
     return out, Metrics({}, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
 
-  return Vanilla(init, client_forward, server_step, client_backward, step, predict)
+  return Vanilla(init, client_forward, server_step, client_backward, step, predict, model, client_optimizer,
+                 server_optimizer, loss, up_codec, down_codec)
 
 
 class UShaped(NamedTuple):

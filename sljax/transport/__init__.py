@@ -30,12 +30,16 @@ from sljax.transport.client import (
     status,
     train_step,
 )
+from sljax.transport.concurrent import ALGORITHMS, ConcurrentServer, ConcurrentState
 from sljax.transport.rpc import GrpcTransport, RunningServer, serve, server_credentials
 from sljax.transport.schedule import Schedule
 from sljax.transport.server import ServerState, SplitServer
 from sljax.transport.wire import METHODS, SERVICE, InProcessTransport, Transport, TransportError
 
 __all__ = [
+    "ALGORITHMS",
+    "ConcurrentServer",
+    "ConcurrentState",
     "METHODS",
     "SERVICE",
     "GrpcTransport",

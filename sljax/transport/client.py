@@ -52,6 +52,9 @@ class Session(NamedTuple):
     output_spec: the server half's output spec (what `Predict` returns per row).
     half_template, down_template: templates of the ClientHalf and CutGradient messages it accepts.
     timeout: seconds per call (a `Handover` wait adds its own).
+    algorithm: the server's algorithm: "sequential_sl", "parallel_sl" or "splitfed_v1".
+    lease_seconds: the server's lease; calls that wait for other clients may take that long.
+    weights_template: template of the ModelWeights message of SplitFed's averaging.
   """
 
   transport: Transport
@@ -69,6 +72,9 @@ class Session(NamedTuple):
   half_template: msgs.ClientHalf
   down_template: msgs.CutGradient
   timeout: float
+  algorithm: str = "sequential_sl"
+  lease_seconds: float = 120.0
+  weights_template: msgs.ModelWeights | None = None
 
 
 class Result(NamedTuple):
@@ -112,7 +118,7 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla, *, client: int
   cut = whole.server.input_spec
   hello = call(transport, "Handshake", {
       "protocol": msgs.PROTOCOL_VERSION, "client": client, "cut_shape": list(cut.shape), "cut_dtype": cut.dtype,
-      "codec": codec}, timeout=timeout)
+      "codec": codec, "samples": len(x)}, timeout=timeout)
   schedule = sched.Schedule(hello["num_clients"], hello["rounds"], hello["local_steps"], hello["batch_size"])
   run_key = np.asarray(hello["run_key"], np.uint32)
   b = schedule.batch_size
@@ -129,7 +135,8 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla, *, client: int
       infer=jax.jit(lambda p, x: model.client.apply(p.params, p.model_state, x, key=None, train=False)[0]),
       input_spec=whole.client.input_spec, output_spec=ArraySpec.of(out),
       half_template=msgs.spec_of(sched.to_message(whole.client)),
-      down_template=down, timeout=timeout)
+      down_template=down, timeout=timeout, algorithm=hello["algorithm"], lease_seconds=float(hello["lease_seconds"]),
+      weights_template=msgs.spec_of(_weights_of(whole.client)))
   _warm_up(session, whole.client)
   return session
 
@@ -139,10 +146,23 @@ def _warm_up(session: Session, half_struct: PartyState) -> None:
   zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
   half = jax.tree.map(zeros, half_struct)
   x, y = _batch(session, 0)
-  k_client, _ = sched.step_keys(session.run_key, 0, session.client, 0)
-  _, pending = session.forward(half, x, y, k_client)
+  _, pending = session.forward(half, x, y, _client_key(session, 0, 0))
   down = jax.tree.map(zeros, session.down_template)
   jax.block_until_ready(session.backward(half, pending, down))
+
+
+def _weights_of(half: PartyState) -> msgs.ModelWeights:
+  """What a SplitFed client hands in for averaging: its params and model state."""
+  return msgs.ModelWeights({"params": half.params, "model_state": half.model_state})
+
+
+def _client_key(session: Session, round_: int, step: int) -> jax.Array:
+  """The key of this client's forward pass in step `step` of round `round_`, as in the simulation."""
+  if session.algorithm == "sequential_sl":
+    return sched.step_keys(session.run_key, round_, session.client, step)[0]
+  return sched.concurrent_client_key(session.run_key, round_, session.client, step,
+                                     num_clients=session.schedule.num_clients,
+                                     splitfed=session.algorithm == "splitfed_v1")
 
 
 def _batch(session: Session, data_step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,14 +216,14 @@ def train_step(session: Session, half: PartyState, round_: int, step: int) -> tu
   Raises:
     TransportError: as the server answered (see `run_turn` for the recovery).
   """
-  k_client, _ = sched.step_keys(session.run_key, round_, session.client, step)
   x, y = _batch(session, sched.data_step(session.schedule, round_, step))
-  up, pending = session.forward(half, x, y, k_client)
+  up, pending = session.forward(half, x, y, _client_key(session, round_, step))
   up_bytes = msgs.to_bytes(up)
-  response = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes})
+  wait = 0.0 if session.algorithm == "sequential_sl" else session.lease_seconds + 1.0  # held for the others
+  response = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes}, extra_seconds=wait)
   down = wire.read_message(session.down_template, response["message"], what="Forward response")
   new_half = session.backward(half, pending, down)
-  position = _call(session, "Commit", {"round": round_, "step": step})
+  position = _call(session, "Commit", {"round": round_, "step": step}, extra_seconds=wait)
   metrics = {"round": round_, "client": session.client, "step": step, "loss": response["loss"],
              "accuracy": response["accuracy"], "bytes_up": len(up_bytes), "bytes_down": len(response["message"])}
   return new_half, position, metrics
@@ -213,12 +233,22 @@ def run_turn(session: Session, half: PartyState, round_: int,
              on_step: Callable[[dict], None] | None = None) -> tuple[PartyState | None, list[dict]]:
   """This client's turn in `round_`, from the client half it fetched to the one it hands over.
 
+  Returns the client half after the turn, or None if the client was dropped from it (in
+  sequential split learning the half then goes on without it), and the records of its steps.
+
   Recovery: when the server answers that the step is not staged (ABORTED: it restarted, or
   discarded the step) or is not where the client is (FAILED_PRECONDITION, ALREADY_EXISTS), the
   client asks for the server's position. Same step: it forwards the step again. The server's last
-  checkpointed step, which the client kept: it rolls back to it and replays. Its turn is over:
-  it returns None (it was dropped; the next client has the half as last handed over).
+  checkpointed step, which the client kept: it rolls back to it and replays. Its turn is over (or,
+  training with all clients at once, it was dropped from the round): it stops.
   """
+  half, completed, history = _train_round(session, half, round_, on_step)
+  return (half if completed else None), history
+
+
+def _train_round(session: Session, half: PartyState, round_: int,
+                 on_step: Callable[[dict], None] | None) -> tuple[PartyState, bool, list[dict]]:
+  """`run_turn`, returning the last half the server committed and whether the turn completed."""
   durable = (0, half)  # the turn's start is always checkpointed
   history: list[dict] = []
   step = 0
@@ -232,7 +262,7 @@ def run_turn(session: Session, half: PartyState, round_: int,
       if (position["round"], position["turn"]) != (round_, session.client):
         logger.warning("client %d: turn of round %d lost after %d step(s): %s", session.client, round_, step,
                        e.details)
-        return None, history
+        return half, False, history
       if position["step"] == step:
         logger.info("client %d: step %d was not committed (%s); forwarding it again", session.client, step, e.code.name)
         continue
@@ -250,7 +280,7 @@ def run_turn(session: Session, half: PartyState, round_: int,
       on_step(metrics)
     if position["durable"] == step:
       durable = (step, half)
-  return half, history
+  return half, True, history
 
 
 def run(session: Session, *, wait: float = 10.0, progress: bool = False) -> Result:
@@ -267,6 +297,8 @@ def run(session: Session, *, wait: float = 10.0, progress: bool = False) -> Resu
       bar.update(1)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}")
 
+    if session.algorithm != "sequential_sl":
+      return _run_together(session, wait=wait, on_step=on_step)
     for round_ in range(schedule.rounds):
       half = fetch_half(session, round_, wait=wait)
       if half is None:
@@ -287,6 +319,57 @@ def run(session: Session, *, wait: float = 10.0, progress: bool = False) -> Resu
   if final is None:
     raise TransportError(_FAILED, "the server did not hand out the final client half")
   return Result(final, history)
+
+
+def _await_round(session: Session, round_: int, *, wait: float) -> dict:
+  """`Handover get` of `round_` until the server says it has begun (or training is over)."""
+  while True:
+    response = _call(session, "Handover", {"round": round_, "op": "get", "steps": 0, "wait": wait, "message": None},
+                     extra_seconds=wait)
+    if response["ready"]:
+      return response
+
+
+def _merge_average(session: Session, half: PartyState, response: dict) -> PartyState:
+  """SplitFed: the round's averaged params and model state; the optimizer and codec states stay."""
+  weights = wire.read_message(session.weights_template, response["message"], what="Handover get").params
+  return half.replace(params=weights["params"], model_state=weights["model_state"])
+
+
+def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], None]) -> Result:
+  """Parallel split learning or SplitFed v1: every round, all clients at once.
+
+  The client fetches the initial client half, then per round trains `local_steps` steps (each
+  `Forward` and `Commit` held by the server until the other clients are there, in parallel SL)
+  and, in SplitFed, hands in its weights and fetches their average before the next round. A
+  client dropped from a round keeps its half as the server last committed it and joins the next
+  round.
+  """
+  schedule, history = session.schedule, []
+  response = _await_round(session, 0, wait=wait)
+  half = sched.from_message(wire.read_message(session.half_template, response["message"], what="Handover get"),
+                            session.input_spec)
+  round_ = response["position"]["round"]
+  if round_ > 0 and session.algorithm == "splitfed_v1":  # joining late: start from the latest average
+    half = _merge_average(session, half, _await_round(session, round_, wait=wait))
+  while round_ < schedule.rounds:
+    half, completed, steps = _train_round(session, half, round_, on_step)
+    history += steps
+    if completed and session.algorithm == "splitfed_v1":
+      try:
+        _call(session, "Handover", {"round": round_, "op": "put", "steps": schedule.local_steps, "wait": 0.0,
+                                    "message": msgs.to_bytes(_weights_of(half))})
+      except TransportError as e:  # dropped between its last commit and the handover: out of the average
+        if e.code != _FAILED:
+          raise
+        logger.warning("client %d: %s", session.client, e.details)
+        completed = False
+    response = _await_round(session, round_ + 1, wait=wait)
+    if session.algorithm == "splitfed_v1":
+      half = _merge_average(session, half, response)
+    logger.info("client %d: round %d %s", session.client, round_, "done" if completed else "lost")
+    round_ = response["position"]["round"]
+  return Result(half, history)
 
 
 def predict(session: Session, half: PartyState, x, *, batch_size: int = 1024) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What server and clients must agree on to reproduce `sljax.algorithms.sequential_sl` exactly.
+"""What server and clients must agree on to reproduce the simulation (`sljax.algorithms`) exactly.
 
 The schedule (clients, rounds, steps per turn, batch size), the step keys, each client's data
 order, and the client half as it travels. Each function here mirrors one line of the simulation
@@ -57,6 +57,20 @@ def step_keys(run_key: jax.Array, round_: jax.Array, client: jax.Array, step: ja
   key = jax.random.fold_in(jax.random.fold_in(key, client + 1), step)
   k_client, k_server = jax.random.split(key, 2)
   return k_client, k_server
+
+
+@functools.partial(jax.jit, static_argnames=("num_clients", "splitfed"))
+def concurrent_client_key(run_key: jax.Array, round_, client, step, *, num_clients: int, splitfed: bool) -> jax.Array:
+  """The key of client `client`'s forward pass in step `step` of round `round_`, as in `parallel_sl`
+  and `splitfed(version=1)`.
+
+  Both draw step s of round r from `k_step = fold_in(fold_in(wrap_key_data(run_key), r), s + 1)`
+  and give client k the key `split(fold_in(k_step, 0), num_clients)[k]`; parallel SL's forward
+  pass takes it as it is, SplitFed v1's `vanilla.step` splits it in two and takes the first.
+  """
+  k_step = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(run_key), round_), step + 1)
+  key = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)[client]
+  return jax.random.split(key, 2)[0] if splitfed else key
 
 
 def row_order(*, client: int, count: int, batch_size: int, run_key) -> Callable[[int], jax.Array]:

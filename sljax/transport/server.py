@@ -94,7 +94,167 @@ def _int(x) -> int:
   return int(np.asarray(x))
 
 
-class SplitServer:
+class ServiceBase:
+  """What every sljax server shares: identities, limits, the lock, checkpoints, the call pipeline.
+
+  A subclass builds its state, then calls `_start(initial)`, and implements one `_<method>`
+  per method of the service (`_handshake_fields`, `_status`, `_handover`, `_forward`, `_commit`,
+  `_predict_party`) plus `_expire_if_due` and `_staged_dict`.
+  """
+
+  algorithm = ""
+
+  def _configure(self, *, num_clients: int, tokens, certificate_names, codec: str, checkpoint_every: int,
+                 lease_seconds: float, max_message_bytes: int, max_predict_batch: int,
+                 clock: Callable[[], float]) -> None:
+    if not tokens and not certificate_names:
+      raise ValueError("tokens, certificate_names: give at least one way to identify clients")
+    for name, ids in (("tokens", tokens or {}), ("certificate_names", certificate_names or {})):
+      bad = sorted(v for v in ids.values() if not 0 <= v < num_clients)
+      if bad:
+        raise ValueError(f"{name}: client ids must be in [0, {num_clients}), got {bad}")
+    if checkpoint_every < 1:
+      raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every}")
+    if not lease_seconds > 0:
+      raise ValueError(f"lease_seconds: expected a positive number, got {lease_seconds}")
+    self._tokens = dict(tokens or {})
+    self._certificate_names = dict(certificate_names or {})
+    self.codec = codec
+    self.lease_seconds = float(lease_seconds)
+    self.max_message_bytes = int(max_message_bytes)
+    self.max_predict_batch = int(max_predict_batch)
+    self._clock = clock
+    self._checkpoint_every = checkpoint_every
+    self._cond = threading.Condition()
+    self._commits_since_save = 0
+    self._manager = None
+    self._version = 0
+
+  def _restore(self, checkpoint_dir, initial):
+    """The latest checkpoint in `checkpoint_dir` if there is one, else `initial`."""
+    if checkpoint_dir is None:
+      return initial
+    self._manager = simulation.checkpoint_manager(checkpoint_dir)
+    latest = self._manager.latest_step()
+    if latest is None:
+      return initial
+    restored = simulation.restore(self._manager, initial, latest)
+    self._version = latest
+    return jax.tree.map(lambda new, like: np.asarray(new) if isinstance(like, np.ndarray) else new, restored, initial)
+
+  def _save_state(self) -> None:
+    if self._manager is not None:
+      self._version += 1
+      self._manager.save(self._version, args=ocp.args.StandardSave(self.state))
+      self._manager.wait_until_finished()  # durable before the caller hears of it
+    self._commits_since_save = 0
+
+  # ---- the service ------------------------------------------------------------------------------
+
+  def handle(self, method: str, request: bytes, *, metadata: Mapping[str, str],
+             peer_names: Sequence[str] = ()) -> bytes:
+    """Serves one call: the request's bytes in, the response's bytes out.
+
+    Raises:
+      TransportError: with the status code the caller gets (see docs/protocol.md). A refused
+        request leaves the server exactly as it was.
+    """
+    if method not in wire.REQUESTS:
+      raise TransportError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
+    if len(request) > self.max_message_bytes:
+      raise TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{method}: request of {len(request)} bytes exceeds the maximum of "
+                           f"{self.max_message_bytes} bytes")
+    client = self._authenticate(metadata, peer_names)
+    if method == "Handshake":
+      self._check_protocol(request)
+    req = wire.decode(method, request)
+    if req["client"] != client:
+      raise TransportError(grpc.StatusCode.PERMISSION_DENIED,
+                           f"{method}: field 'client' is {req['client']}, but the credentials are client {client}'s")
+    with self._cond:
+      self._seen(client)
+      self._expire_if_due()
+      return getattr(self, f"_{method.lower()}")(client, req)
+
+  def snapshot(self) -> bytes:
+    """The server's state and staged step(s) as bytes: equal bytes, equal state (for tests)."""
+    with self._cond:
+      return serialization.msgpack_serialize(
+          {"state": serialization.to_state_dict(jax.device_get(self.state)), "staged": jax.device_get(self._staged_dict())})
+
+  def close(self) -> None:
+    """Finishes pending checkpoint writes."""
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+      self._manager.close()
+
+  # ---- identity ---------------------------------------------------------------------------------------
+
+  def _authenticate(self, metadata: Mapping[str, str], peer_names: Sequence[str]) -> int:
+    value = metadata.get(wire.TOKEN_METADATA)
+    if value is not None:
+      token = value[len("Bearer "):] if value.startswith("Bearer ") else value
+      found = None
+      for known, client in self._tokens.items():  # compare with every token, in constant time each
+        if hmac.compare_digest(known.encode(), token.encode()):
+          found = client
+      if found is not None:
+        return found
+      raise TransportError(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not one of this server's")
+    for name in peer_names:
+      if name in self._certificate_names:
+        return self._certificate_names[name]
+    if peer_names:
+      raise TransportError(grpc.StatusCode.UNAUTHENTICATED,
+                           f"no client is registered for the certificate name(s) {sorted(peer_names)}")
+    raise TransportError(grpc.StatusCode.UNAUTHENTICATED, f"no credentials: send '{wire.TOKEN_METADATA}: Bearer "
+                                                          "<token>' metadata or a client certificate")
+
+  def _check_protocol(self, request: bytes) -> None:
+    """Handshake: a client of another protocol version gets FAILED_PRECONDITION, whatever else it sent."""
+    try:
+      version = msgpack.unpackb(request, raw=False).get("protocol")
+    except Exception:  # noqa: BLE001 -- malformed requests are reported by wire.decode
+      return
+    if isinstance(version, int) and version != msgs.PROTOCOL_VERSION:
+      raise TransportError(_FAILED, f"protocol version: expected {msgs.PROTOCOL_VERSION}, got {version}")
+
+  def _handshake(self, client: int, req: dict) -> bytes:
+    want_shape, want_dtype = list(self.cut_spec.shape), self.cut_spec.dtype
+    if req["cut_shape"] != want_shape or req["cut_dtype"] != want_dtype:
+      got = ArraySpec(tuple(req["cut_shape"]), req["cut_dtype"]).describe() if all(
+          isinstance(d, int) for d in req["cut_shape"]) else repr(req["cut_shape"])
+      raise TransportError(_FAILED, f"model signature: the server's half takes cut activations of shape "
+                                    f"{self.cut_spec.describe()}, the client's half makes {got}")
+    if req["codec"] != self.codec:
+      raise TransportError(_FAILED, f"codec: expected {self.codec!r}, got {req['codec']!r}")
+    if req["samples"] < 1:
+      raise wire.invalid(f"Handshake request: field 'samples' must be a positive int, got {req['samples']}")
+    self._hello(client, req)
+    return wire.encode({
+        "protocol": msgs.PROTOCOL_VERSION, "client": client, "algorithm": self.algorithm, **self.schedule._asdict(),
+        "lease_seconds": self.lease_seconds,
+        "run_key": [int(v) for v in np.asarray(self.state.key).ravel()], "position": self._position(client)})
+
+  def _hello(self, client: int, req: dict) -> None:
+    """A handshake that passed its checks; subclasses record what they need."""
+
+  def _status(self, client: int, req: dict) -> bytes:
+    del req
+    return wire.encode(self._position(client))
+
+  def _predict(self, client: int, req: dict) -> bytes:
+    batch = req["batch"]
+    if not 1 <= batch <= self.max_predict_batch:
+      raise wire.invalid(f"Predict: field 'batch' must be in [1, {self.max_predict_batch}], got {batch}")
+    template = msgs.SmashedData(jax.ShapeDtypeStruct((batch, *self.cut_spec.shape), self.cut_spec.dtype))
+    message = wire.read_message(template, req["message"], what="Predict", max_bytes=self.max_message_bytes)
+    logits = self._server_eval(self._predict_party(client), message.activations)
+    return wire.encode({"message": msgs.to_bytes(msgs.Prediction(np.asarray(logits)))})
+
+
+class SplitServer(ServiceBase):
   """The server's side of sequential split learning, behind any transport.
 
   Both parties build the same `sljax.vanilla(model, ...)` (same optimizers, codecs and loss); the
@@ -144,22 +304,9 @@ class SplitServer:
       clock: Callable[[], float] = time.monotonic,
   ):
     self.schedule = schedule.check()
-    if not tokens and not certificate_names:
-      raise ValueError("tokens, certificate_names: give at least one way to identify clients")
-    for name, ids in (("tokens", tokens or {}), ("certificate_names", certificate_names or {})):
-      bad = sorted(v for v in ids.values() if not 0 <= v < schedule.num_clients)
-      if bad:
-        raise ValueError(f"{name}: client ids must be in [0, {schedule.num_clients}), got {bad}")
-    if checkpoint_every < 1:
-      raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every}")
-    self._tokens = dict(tokens or {})
-    self._certificate_names = dict(certificate_names or {})
-    self.codec = codec
-    self.lease_seconds = float(lease_seconds)
-    self.max_message_bytes = int(max_message_bytes)
-    self.max_predict_batch = int(max_predict_batch)
-    self._clock = clock
-    self._checkpoint_every = checkpoint_every
+    self._configure(num_clients=schedule.num_clients, tokens=tokens, certificate_names=certificate_names, codec=codec,
+                    checkpoint_every=checkpoint_every, lease_seconds=lease_seconds,
+                    max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock)
 
     k_model, run_key = sched.split_run_key(key)
     x = jnp.zeros((1, *input_spec.shape), input_spec.dtype)
@@ -180,21 +327,11 @@ class SplitServer:
     self._server_eval = jax.jit(
         lambda party, h: model.server.apply(party.params, party.model_state, h, key=None, train=False)[0])
 
-    self._cond = threading.Condition()
     self._staged: _Staged | None = None
-    self._commits_since_save = 0
-    self._manager = None
-    self._version = 0
-    if checkpoint_dir is not None:
-      self._manager = simulation.checkpoint_manager(checkpoint_dir)
-      latest = self._manager.latest_step()
-      if latest is not None:
-        restored = simulation.restore(self._manager, initial, latest)
-        initial = jax.tree.map(lambda new, like: np.asarray(new) if isinstance(like, np.ndarray) else new,
-                               restored, initial)
-        self._version = latest
-        logger.info("resumed from checkpoint %d at round %d, turn %d, step %d", latest,
-                    _int(initial.round), _int(initial.turn), _int(initial.step))
+    initial = self._restore(checkpoint_dir, initial)
+    if self._version:
+      logger.info("resumed from checkpoint %d at round %d, turn %d, step %d", self._version,
+                  _int(initial.round), _int(initial.turn), _int(initial.step))
     self.state = initial
     self._durable = _int(initial.step)
     # The first turn's lease starts with the first call from any client, not when the server starts.
@@ -202,82 +339,26 @@ class SplitServer:
     if self._manager is not None and self._manager.latest_step() is None:
       self._save()
 
-  # ---- the service ------------------------------------------------------------------------------
+  algorithm = "sequential_sl"
 
-  def handle(self, method: str, request: bytes, *, metadata: Mapping[str, str],
-             peer_names: Sequence[str] = ()) -> bytes:
-    """Serves one call: the request's bytes in, the response's bytes out.
+  # ---- position and lease -----------------------------------------------------------------------------
 
-    Raises:
-      TransportError: with the status code the caller gets (see docs/protocol.md). A refused
-        request leaves the server exactly as it was.
-    """
-    if method not in wire.REQUESTS:
-      raise TransportError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
-    if len(request) > self.max_message_bytes:
-      raise TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{method}: request of {len(request)} bytes exceeds the maximum of "
-                           f"{self.max_message_bytes} bytes")
-    client = self._authenticate(metadata, peer_names)
-    if method == "Handshake":
-      self._check_protocol(request)
-    req = wire.decode(method, request)
-    if req["client"] != client:
-      raise TransportError(grpc.StatusCode.PERMISSION_DENIED,
-                           f"{method}: field 'client' is {req['client']}, but the credentials are client {client}'s")
-    with self._cond:
-      if self._deadline == float("inf"):
-        self._renew_lease()
-      self._expire_if_due()
-      return getattr(self, f"_{method.lower()}")(client, req)
+  def _staged_dict(self):
+    return None if self._staged is None else {
+        "position": [self._staged.round, self._staged.client, self._staged.step],
+        "server": serialization.to_state_dict(self._staged.server)}
 
-  def snapshot(self) -> bytes:
-    """The server's state and staged step as bytes: equal bytes, equal state (for tests)."""
-    with self._cond:
-      staged = None if self._staged is None else {
-          "position": [self._staged.round, self._staged.client, self._staged.step],
-          "server": serialization.to_state_dict(self._staged.server)}
-      return serialization.msgpack_serialize(
-          {"state": serialization.to_state_dict(jax.device_get(self.state)), "staged": jax.device_get(staged)})
+  def _predict_party(self, client: int) -> PartyState:
+    del client
+    return self.state.server
 
-  def close(self) -> None:
-    """Finishes pending checkpoint writes."""
-    if self._manager is not None:
-      self._manager.wait_until_finished()
-      self._manager.close()
+  def _seen(self, client: int) -> None:
+    del client
+    if self._deadline == float("inf"):  # the first turn's lease starts with the first call from any client
+      self._renew_lease()
 
-  # ---- identity and position ----------------------------------------------------------------------
-
-  def _authenticate(self, metadata: Mapping[str, str], peer_names: Sequence[str]) -> int:
-    value = metadata.get(wire.TOKEN_METADATA)
-    if value is not None:
-      token = value[len("Bearer "):] if value.startswith("Bearer ") else value
-      found = None
-      for known, client in self._tokens.items():  # compare with every token, in constant time each
-        if hmac.compare_digest(known.encode(), token.encode()):
-          found = client
-      if found is not None:
-        return found
-      raise TransportError(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not one of this server's")
-    for name in peer_names:
-      if name in self._certificate_names:
-        return self._certificate_names[name]
-    if peer_names:
-      raise TransportError(grpc.StatusCode.UNAUTHENTICATED,
-                           f"no client is registered for the certificate name(s) {sorted(peer_names)}")
-    raise TransportError(grpc.StatusCode.UNAUTHENTICATED, f"no credentials: send '{wire.TOKEN_METADATA}: Bearer "
-                                                          "<token>' metadata or a client certificate")
-
-  def _check_protocol(self, request: bytes) -> None:
-    """Handshake: a client of another protocol version gets FAILED_PRECONDITION, whatever else it sent."""
-    try:
-      version = msgpack.unpackb(request, raw=False).get("protocol")
-    except Exception:  # noqa: BLE001 -- malformed requests are reported by wire.decode
-      return
-    if isinstance(version, int) and version != msgs.PROTOCOL_VERSION:
-      raise TransportError(_FAILED, f"protocol version: expected {msgs.PROTOCOL_VERSION}, got {version}")
-
-  def _position(self) -> dict[str, Any]:
+  def _position(self, client: int | None = None) -> dict[str, Any]:
+    del client
     s = self.state
     return {"round": _int(s.round), "turn": _int(s.turn), "step": _int(s.step), "durable": self._durable,
             "done": _int(s.round) >= self.schedule.rounds}
@@ -318,31 +399,10 @@ class SplitServer:
     self._cond.notify_all()
 
   def _save(self) -> None:
-    if self._manager is not None:
-      self._version += 1
-      self._manager.save(self._version, args=ocp.args.StandardSave(self.state))
-      self._manager.wait_until_finished()  # durable before the caller hears of it
-    self._commits_since_save = 0
+    self._save_state()
     self._durable = _int(self.state.step)
 
   # ---- methods --------------------------------------------------------------------------------------
-
-  def _handshake(self, client: int, req: dict) -> bytes:
-    want_shape, want_dtype = list(self.cut_spec.shape), self.cut_spec.dtype
-    if req["cut_shape"] != want_shape or req["cut_dtype"] != want_dtype:
-      got = ArraySpec(tuple(req["cut_shape"]), req["cut_dtype"]).describe() if all(
-          isinstance(d, int) for d in req["cut_shape"]) else repr(req["cut_shape"])
-      raise TransportError(_FAILED, f"model signature: the server's half takes cut activations of shape "
-                                    f"{self.cut_spec.describe()}, the client's half makes {got}")
-    if req["codec"] != self.codec:
-      raise TransportError(_FAILED, f"codec: expected {self.codec!r}, got {req['codec']!r}")
-    return wire.encode({
-        "protocol": msgs.PROTOCOL_VERSION, "client": client, **self.schedule._asdict(),
-        "run_key": [int(v) for v in np.asarray(self.state.key).ravel()], "position": self._position()})
-
-  def _status(self, client: int, req: dict) -> bytes:
-    del client, req
-    return wire.encode(self._position())
 
   def _handover(self, client: int, req: dict) -> bytes:
     if req["op"] == "get":
@@ -452,17 +512,6 @@ class SplitServer:
       self._save()
     self._renew_lease()
     return wire.encode(self._position())
-
-  def _predict(self, client: int, req: dict) -> bytes:
-    del client
-    batch = req["batch"]
-    if not 1 <= batch <= self.max_predict_batch:
-      raise wire.invalid(f"Predict: field 'batch' must be in [1, {self.max_predict_batch}], got {batch}")
-    template = msgs.SmashedData(jax.ShapeDtypeStruct((batch, *self.cut_spec.shape), self.cut_spec.dtype))
-    message = wire.read_message(template, req["message"], what="Predict", max_bytes=self.max_message_bytes)
-    logits = self._server_eval(self.state.server, message.activations)
-    return wire.encode({"message": msgs.to_bytes(msgs.Prediction(np.asarray(logits)))})
-
 
 def _i32(x) -> np.ndarray:
   return np.array(x, np.int32)

@@ -35,7 +35,8 @@ _NUM = (int, float)
 _BIN = (bytes,)
 _POSITION = {"round": _INT, "turn": _INT, "step": _INT, "durable": _INT, "done": (bool,)}
 REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {
-    "Handshake": {"protocol": _INT, "client": _INT, "cut_shape": (list,), "cut_dtype": (str,), "codec": (str,)},
+    "Handshake": {"protocol": _INT, "client": _INT, "cut_shape": (list,), "cut_dtype": (str,), "codec": (str,),
+                  "samples": _INT},
     "Status": {"client": _INT},
     "Handover": {"client": _INT, "round": _INT, "op": (str,), "steps": _INT, "wait": _NUM,
                  "message": _BIN + (type(None),)},
@@ -44,8 +45,9 @@ REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {
     "Predict": {"client": _INT, "batch": _INT, "message": _BIN},
 }
 RESPONSES: dict[str, dict[str, tuple[type, ...]]] = {
-    "Handshake": {"protocol": _INT, "client": _INT, "num_clients": _INT, "rounds": _INT, "local_steps": _INT,
-                  "batch_size": _INT, "run_key": (list,), "position": (dict,)},
+    "Handshake": {"protocol": _INT, "client": _INT, "algorithm": (str,), "num_clients": _INT, "rounds": _INT,
+                  "local_steps": _INT, "batch_size": _INT, "lease_seconds": _NUM, "run_key": (list,),
+                  "position": (dict,)},
     "Status": _POSITION,
     "Handover": {"ready": (bool,), "message": _BIN + (type(None),), "position": (dict,)},
     "Forward": {"message": _BIN, "loss": _NUM, "accuracy": _NUM},
