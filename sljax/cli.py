@@ -88,7 +88,8 @@ def _read(path: str | None) -> bytes | None:
 
 
 def serve(args) -> int:
-  """`sljax serve`: the server of sequential split learning (vanilla with --num-clients 1) over gRPC."""
+  """`sljax serve`: the server of sequential split learning (vanilla with --num-clients 1), parallel split
+  learning or SplitFed v1 (`--algorithm`) over gRPC."""
   import signal
   import threading
 
@@ -103,11 +104,14 @@ def serve(args) -> int:
   names = {f"client-{k}": k for k in range(args.num_clients)} if args.client_ca else None
   max_bytes = int(args.max_message_mb * 1024 * 1024)
   schedule = transport.Schedule(args.num_clients, args.rounds, args.local_steps, args.batch_size)
-  server = transport.SplitServer(
-      setup.model, setup.sl, schedule=schedule,
-      input_spec=protocol.ArraySpec.of(setup.dataset.x_train), key=jax.random.key(args.seed), tokens=tokens,
-      certificate_names=names, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-      lease_seconds=args.lease_seconds, max_message_bytes=max_bytes)
+  common = dict(schedule=schedule, input_spec=protocol.ArraySpec.of(setup.dataset.x_train),
+                key=jax.random.key(args.seed), tokens=tokens, certificate_names=names,
+                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                lease_seconds=args.lease_seconds, max_message_bytes=max_bytes)
+  if args.algorithm == "sequential_sl":
+    server = transport.SplitServer(setup.model, setup.sl, **common)
+  else:
+    server = transport.ConcurrentServer(setup.model, setup.sl, algorithm=args.algorithm, **common)
   credentials = None
   if args.tls_cert:
     credentials = transport.server_credentials(_read(args.tls_cert), _read(args.tls_key),
@@ -118,8 +122,8 @@ def serve(args) -> int:
     with open(args.port_file + ".tmp", "w") as f:
       f.write(str(running.port))
     os.replace(args.port_file + ".tmp", args.port_file)
-  logging.getLogger("sljax").info("sljax serve: %s:%d, %d client(s), %d round(s) of %d step(s) per turn", args.host,
-                                  running.port, args.num_clients, args.rounds, args.local_steps)
+  logging.getLogger("sljax").info("sljax serve: %s on %s:%d, %d client(s), %d round(s) of %d step(s)", args.algorithm,
+                                  args.host, running.port, args.num_clients, args.rounds, args.local_steps)
   stop = threading.Event()
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda *_: stop.set())
@@ -204,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--checkpoint-dir", help="checkpoint here; resume from here after a restart")
   p.add_argument("--checkpoint-every", type=int, default=20, help="commits between checkpoints")
   p.add_argument("--rounds", type=int, default=10)
-  p.add_argument("--local-steps", type=int, default=20, help="steps per turn")
+  p.add_argument("--algorithm", choices=("sequential_sl", "parallel_sl", "splitfed_v1"), default="sequential_sl",
+                 help="sequential: clients take turns; parallel SL and SplitFed v1: all clients at once")
+  p.add_argument("--local-steps", type=int, default=20, help="steps per turn (sequential) or per round")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--seed", type=int, default=0, help="the run key: model init, data order, step keys")
   p.add_argument("--lease-seconds", type=float, default=120.0, help="a client silent this long loses its turn")

@@ -355,7 +355,7 @@ def _forward(message, client=0, round_=0, step=0):
 
 def _handshake(**override):
   fields = {"protocol": msgs.PROTOCOL_VERSION, "client": 0, "cut_shape": [HIDDEN[0]], "cut_dtype": "float32",
-            "codec": "none"}
+            "codec": "none", "samples": 100}
   return wire.encode({**fields, **override})
 
 
@@ -379,6 +379,7 @@ def _bad_requests(setup, server):
       ("Handshake", _handshake(cut_dtype="float16"), TOKENS[0], code.FAILED_PRECONDITION, r"\(B, 32\) float16"),
       ("Handshake", _handshake(codec="int8"), TOKENS[0], code.FAILED_PRECONDITION,
        "codec: expected 'none', got 'int8'"),
+      ("Handshake", _handshake(samples=0), TOKENS[0], code.INVALID_ARGUMENT, "'samples' must be a positive int"),
       ("Forward", _forward(_smashed(np.zeros((b, 31), np.float32))), TOKENS[0], code.INVALID_ARGUMENT,
        r"field activations: expected shape \(16, 32\) float32, got \(16, 31\) float32"),
       ("Forward", _forward(_smashed(np.zeros((b, 32), np.float64))), TOKENS[0], code.INVALID_ARGUMENT,

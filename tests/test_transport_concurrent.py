@@ -1,0 +1,306 @@
+"""Parallel split learning and SplitFed v1 over the network (`sljax.transport.ConcurrentServer`):
+all clients at once against one server. Over gRPC (client processes or threads) the run equals the
+in-process run bit for bit, and the fused simulation (`parallel_sl`, `splitfed(version=1)`) within
+1e-5; a client that drops after its forward loses exactly that step while the others go on, as
+`RoundInputs.dropped` says in simulation; requests out of place get their status and change nothing.
+
+Set-up: the demo MLP (digits, 64 -> 32 | -> 10, dropout, so every key matters) with Adam, two
+clients with an iid split of digits, 2 rounds of 3 steps with batches of 16.
+"""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import chex
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sljax
+from sljax import messages as msgs
+from sljax import transport as T
+from sljax.algorithms import RoundInputs, parallel_sl, splitfed
+from sljax.transport import client as transport_client
+from sljax.transport import demo, wire
+
+HIDDEN = (32,)
+DROPOUT = 0.25
+LR = 2e-3
+SEED = 0
+SCHEDULE = T.Schedule(num_clients=2, rounds=2, local_steps=3, batch_size=16)
+TOKENS = {0: "token-zero", 1: "token-one"}
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def setup():
+  return demo.digits_setup(model="mlp", hidden=HIDDEN, dropout=DROPOUT, lr=LR)
+
+
+def _parts(setup):
+  return sljax.data.iid(setup.dataset.y_train, num_clients=SCHEDULE.num_clients, seed=0)
+
+
+def _client_data(setup, k):
+  part = _parts(setup)[k]
+  return setup.dataset.x_train[part], setup.dataset.y_train[part]
+
+
+def _server(setup, algorithm, **kw):
+  kw = {"lease_seconds": 60.0, **kw}
+  return T.ConcurrentServer(setup.model, setup.sl, algorithm=algorithm, schedule=SCHEDULE,
+                            input_spec=sljax.ArraySpec.of(setup.dataset.x_train), key=jax.random.key(SEED),
+                            tokens={t: k for k, t in TOKENS.items()}, **kw)
+
+
+def _simulate(setup, algorithm, inputs=()):
+  """The fused simulation of the same run; `inputs[r]` overrides round r's participation and drops."""
+  opt = optax.adam(LR)
+  kw = dict(client_optimizer=opt, server_optimizer=opt, num_clients=SCHEDULE.num_clients,
+            batch_size=SCHEDULE.batch_size, local_steps=SCHEDULE.local_steps)
+  algo = parallel_sl(setup.model, **kw) if algorithm == "parallel_sl" else splitfed(setup.model, version=1, **kw)
+  data = sljax.data.stack_clients(setup.dataset.x_train, setup.dataset.y_train, _parts(setup))
+  state = algo.init(jax.random.key(SEED), data)
+  round_fn = jax.jit(algo.round)
+  for r in range(SCHEDULE.rounds):
+    state, _ = round_fn(state, data, inputs[r] if r < len(inputs) else None)
+  return state
+
+
+def _run_clients(setup, transports, errors_ok=()):
+  """`connect` and `run` for every client in its own thread; returns their results."""
+  results, errors = {}, []
+
+  def one(k):
+    try:
+      x, y = _client_data(setup, k)
+      results[k] = T.run(T.connect(transports[k], setup.model, setup.sl, client=k, x=x, y=y))
+    except errors_ok:
+      pass
+    except BaseException as e:  # noqa: BLE001 -- re-raised in the test's thread
+      errors.append(e)
+
+  threads = [threading.Thread(target=one, args=(k,)) for k in transports]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(TIMEOUT)
+  if errors:
+    raise errors[0]
+  assert not any(t.is_alive() for t in threads), "a client did not finish in time"
+  return results
+
+
+def _assert_bitwise(a, b):
+  chex.assert_trees_all_equal_structs(a, b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), strict=True)
+
+
+def _client(state, k):
+  return jax.tree.map(lambda a: a[k], state.clients.params)
+
+
+@pytest.fixture(scope="module", params=["parallel_sl", "splitfed_v1"])
+def in_process(request, setup):
+  """The reference: the run over InProcessTransport, clients in threads."""
+  server = _server(setup, request.param)
+  results = _run_clients(setup, {k: T.InProcessTransport(server.handle, token=t) for k, t in TOKENS.items()})
+  return request.param, server, results
+
+
+def test_in_process_run_equals_the_simulation(setup, in_process):
+  algorithm, server, results = in_process
+  sim = _simulate(setup, algorithm)
+  for k, result in results.items():
+    assert [(h["round"], h["step"]) for h in result.history] == [
+        (r, s) for r in range(SCHEDULE.rounds) for s in range(SCHEDULE.local_steps)]
+    # Not bitwise: the simulation fuses the round into one program, XLA may fuse differently.
+    chex.assert_trees_all_close(result.half.params, _client(sim, k), atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(result.half.opt_state, jax.tree.map(lambda a: a[k], sim.clients.opt_state),
+                                atol=1e-5, rtol=0)
+  chex.assert_trees_all_close(server.state.server.params, sim.server.params, atol=1e-5, rtol=0)
+  if algorithm == "splitfed_v1":  # FedAvg at the end of each round: every client holds the average
+    _assert_bitwise(results[0].half.params, results[1].half.params)
+  else:
+    assert not np.allclose(jax.tree.leaves(results[0].half.params)[0], jax.tree.leaves(results[1].half.params)[0])
+  # Collaborative inference over the same connection, with the client's half and its server half.
+  x, y = _client_data(setup, 0)
+  session = T.connect(T.InProcessTransport(server.handle, token=TOKENS[0]), setup.model, setup.sl, client=0, x=x, y=y)
+  logits = T.predict(session, results[0].half, setup.dataset.x_test)
+  expected = jax.jit(lambda s, x: sljax.algorithms.parallel_sl(
+      setup.model, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR), num_clients=2,
+      batch_size=16).predict(s, x) if algorithm == "parallel_sl" else splitfed(
+      setup.model, version=1, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR), num_clients=2,
+      batch_size=16).predict(s, x))(sim, setup.dataset.x_test)
+  np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def _cli(*args):
+  return [sys.executable, "-m", "sljax.cli", *args, "--hidden", ",".join(map(str, HIDDEN)), "--lr", str(LR),
+          "--dropout", str(DROPOUT), "--num-clients", str(SCHEDULE.num_clients)]
+
+
+def _stop(process):
+  if process.poll() is None:
+    process.kill()
+    process.wait(timeout=20)
+
+
+def test_grpc_server_and_two_client_processes_equal_in_process_bitwise(setup, in_process, tmp_path):
+  """`sljax serve --algorithm ...` and two `sljax client` processes against it."""
+  algorithm, reference, _ = in_process
+  tokens = tmp_path / "tokens.txt"
+  tokens.write_text("".join(f"{k} {t}\n" for k, t in TOKENS.items()))
+  port_file, ckpt = tmp_path / "port", tmp_path / "ckpt"
+  r = SCHEDULE
+  with open(tmp_path / "server.log", "w") as log:
+    server = subprocess.Popen(
+        _cli("serve", "--algorithm", algorithm, "--port", "0", "--port-file", str(port_file), "--token-file",
+             str(tokens), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--rounds", str(r.rounds),
+             "--local-steps", str(r.local_steps), "--batch-size", str(r.batch_size), "--seed", str(SEED)),
+        stdout=subprocess.DEVNULL, stderr=log)
+  clients = []
+  try:
+    for _ in range(1200):
+      if port_file.exists() or server.poll() is not None:
+        break
+      time.sleep(0.1)
+    assert port_file.exists(), (tmp_path / "server.log").read_text()[-3000:]
+    target = f"127.0.0.1:{int(port_file.read_text())}"
+    clients = [subprocess.Popen(_cli("client", "--target", target, "--client-id", str(k), "--token-file", str(tokens),
+                                     "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for k in TOKENS]
+    outputs = [c.communicate(timeout=TIMEOUT) for c in clients]
+  finally:
+    for c in clients:
+      _stop(c)
+    _stop(server)
+  for c, (out, err) in zip(clients, outputs, strict=True):
+    assert c.returncode == 0, err[-3000:]
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["steps"] == r.rounds * r.local_steps and 0 <= row["test_accuracy"] <= 1
+  # The server's last checkpoint (written at the end of the last round) holds its final state.
+  manager = sljax.simulation.checkpoint_manager(ckpt)
+  try:
+    restored = sljax.simulation.restore(manager, jax.device_get(reference.state))
+  finally:
+    manager.close()
+  _assert_bitwise(restored.server, jax.device_get(reference.state.server))
+  _assert_bitwise((restored.average, restored.upto), jax.device_get((reference.state.average, reference.state.upto)))
+
+
+class _DiesAfterForward:
+  """A client transport that goes silent for good after the Forward of (round, step)."""
+
+  def __init__(self, inner, round_, step):
+    self.inner, self.at, self.dead = inner, (round_, step), threading.Event()
+
+  def call(self, method, request, *, timeout=None):
+    if self.dead.is_set():
+      raise SystemExit  # ends the client's thread quietly
+    response = self.inner.call(method, request, timeout=timeout)
+    if method == "Forward":
+      fields = wire.decode(method, request)
+      if (fields["round"], fields["step"]) == self.at:
+        self.dead.set()
+    return response
+
+
+class _Clock:
+  """Real time plus an offset the test can jump ahead, to let a lease run out at once."""
+
+  def __init__(self):
+    self.offset = 0.0
+
+  def __call__(self):
+    return time.monotonic() + self.offset
+
+
+@pytest.mark.parametrize("algorithm", ["parallel_sl", "splitfed_v1"])
+def test_client_dropping_after_forward_loses_that_step_and_the_others_go_on(setup, algorithm):
+  clock = _Clock()
+  server = _server(setup, algorithm, clock=clock)
+  dying = _DiesAfterForward(T.InProcessTransport(server.handle, token=TOKENS[1]), 0, 1)
+  transports = {0: T.InProcessTransport(server.handle, token=TOKENS[0]), 1: dying}
+  done = {}
+  runner = threading.Thread(target=lambda: done.update(_run_clients(setup, transports, errors_ok=(SystemExit,))))
+  runner.start()
+  assert dying.dead.wait(TIMEOUT)
+  time.sleep(0.5)
+  clock.offset += 120.0  # client 1's lease runs out while client 0 waits for it
+  runner.join(TIMEOUT)
+  assert set(done) == {0}
+  state = server.state
+  steps = SCHEDULE.local_steps
+  assert int(state.upto[1]) == 1  # its step 0 of round 0 counts; step 1 was discarded, round 1 it missed
+  assert int(state.upto[0]) == SCHEDULE.rounds * steps
+  # The simulation with the same drops: round 0 client 1 drops in step 1; round 1 in step 0.
+  rounds = []
+  for step in (1, 0):
+    dropped = np.zeros((steps, SCHEDULE.num_clients), bool)
+    dropped[step, 1] = True
+    rounds.append(RoundInputs(jnp.ones(SCHEDULE.num_clients, bool), jnp.asarray(dropped)))
+  sim = _simulate(setup, algorithm, rounds)
+  chex.assert_trees_all_close(done[0].half.params, _client(sim, 0), atol=1e-5, rtol=0)
+  chex.assert_trees_all_close(state.server.params, sim.server.params, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def parallel_served(setup):
+  server = _server(setup, "parallel_sl")
+  running = T.serve(server.handle, address="127.0.0.1:0")
+  yield server, running
+  running.stop()
+
+
+def _request(method, **fields):
+  base = {"Forward": {"client": 0, "round": 0, "step": 0, "message": b""},
+          "Commit": {"client": 0, "round": 0, "step": 0},
+          "Handover": {"client": 0, "round": 0, "op": "get", "steps": 0, "wait": 0.0, "message": None}}[method]
+  return wire.encode({**base, **fields})
+
+
+def test_requests_out_of_place_get_their_status_and_change_nothing(setup):
+  for algorithm in T.ALGORITHMS:
+    server = _server(setup, algorithm)
+    link = T.InProcessTransport(server.handle, token=TOKENS[0])
+    b = SCHEDULE.batch_size
+    good = msgs.to_bytes(msgs.SmashedData(np.zeros((b, HIDDEN[0]), np.float32), np.zeros((b,), np.int32)))
+    average = jax.device_get(server.state.average) or {"params": {}, "model_state": {}}
+    weights = msgs.to_bytes(msgs.ModelWeights(average))
+    code = grpc.StatusCode
+    cases = [
+        ("Forward", _request("Forward", round=1, message=good), code.FAILED_PRECONDITION, "round 1 has not begun"),
+        ("Forward", _request("Forward", step=1, message=good), code.FAILED_PRECONDITION, "not the next step"),
+        ("Forward", _request("Forward", step=3, message=good), code.FAILED_PRECONDITION, "not the next step"),
+        ("Forward", _request("Forward", message=good[:-10]), code.INVALID_ARGUMENT, "malformed or truncated"),
+        ("Commit", _request("Commit"), code.ABORTED, "not staged"),
+        ("Handover", _request("Handover", round=3), code.FAILED_PRECONDITION, r"round 3 is not in \[0, 2\]"),
+        ("Handover", _request("Handover", op="put", steps=3, message=weights), code.FAILED_PRECONDITION,
+         "averages nothing" if algorithm == "parallel_sl" else "after 3 committed steps"),
+    ]
+    if algorithm == "splitfed_v1":
+      nan = jax.tree.map(lambda a: np.full_like(a, np.nan), average)
+      cases += [
+          ("Handover", _request("Handover", op="put", steps=3, message=msgs.to_bytes(msgs.ModelWeights(nan))),
+           code.INVALID_ARGUMENT, "Handover put.*NaN or infinite"),
+          ("Handover", _request("Handover", op="put", steps=3, message=good), code.INVALID_ARGUMENT,
+           "expected kind ModelWeights"),
+      ]
+    before = server.snapshot()
+    for method, request, want, match in cases:
+      with pytest.raises(T.TransportError) as e:
+        link.call(method, request)
+      assert e.value.code == want and re.search(match, e.value.details), (algorithm, method, e.value)
+      assert server.snapshot() == before, (algorithm, method)
+    position = transport_client.call(link, "Status", {"client": 0})
+    assert position == {"round": 0, "turn": 0, "step": 0, "durable": 0, "done": False}
