@@ -91,6 +91,7 @@ def run(
     evaluate: Callable[[SimState], dict] | None = None,
     evaluate_every: int = 0,
     progress: bool = False,
+    donate: bool = True,
 ) -> tuple[SimState, list[dict]]:
   """Runs rounds until `state.round == rounds`, resuming from `checkpoint_dir` if it has a checkpoint.
 
@@ -105,6 +106,10 @@ def run(
     checkpoint_dir: save the whole state every `checkpoint_every` rounds and at the end.
     evaluate: `evaluate(state) -> dict` merged into the round's record every `evaluate_every` rounds.
     progress: show a progress bar over rounds.
+    donate: let each jitted round write the new state over the old one
+      (`jax.jit(round, donate_argnums=0)`), so that a round holds one state instead of two. The
+      `state` passed in is then consumed: its arrays are deleted by the first round. Pass False
+      to keep using it (e.g. to start another run from the same state).
 
   Returns:
     The final state and the records of the rounds run in this call.
@@ -116,7 +121,7 @@ def run(
   start = int(state.round)
   if metrics_path is not None:
     _write_jsonl(metrics_path, [r for r in _read_jsonl(metrics_path) if r["round"] <= start])
-  round_fn = jax.jit(algorithm.round) if jit else algorithm.round
+  round_fn = (jax.jit(algorithm.round, donate_argnums=0 if donate else ()) if jit else algorithm.round)
   history = []
   try:
     with tqdm(range(start, rounds), desc=algorithm.name, disable=not progress, leave=False) as bar:
@@ -132,6 +137,9 @@ def run(
             f.write(json.dumps(record) + "\n")
         if manager is not None and ((r + 1) % checkpoint_every == 0 or r + 1 == rounds):
           manager.save(r + 1, args=ocp.args.StandardSave(state))
+          if donate and jit:
+            # the next round overwrites these arrays: let orbax finish reading them first
+            manager.wait_until_finished()
   finally:
     if manager is not None:
       manager.wait_until_finished()

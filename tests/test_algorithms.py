@@ -149,7 +149,7 @@ def test_sharded_over_four_devices_equals_single_device():
                A.splitfed(_model(), version=1, client_optimizer=OPT, server_optimizer=OPT, num_clients=8,
                           batch_size=B)]:
     state = algo.init(jax.random.key(2), data)
-    single, _ = simulation.run(algo, state, data, rounds=2)
+    single, _ = simulation.run(algo, state, data, rounds=2, donate=False)  # state is sharded below
     mesh = execution.client_mesh(jax.devices()[:4])
     s_state, s_data = simulation.shard(algo, state, data, mesh)
     sharded, _ = simulation.run(algo, s_state, s_data, rounds=2)
@@ -211,11 +211,13 @@ def test_resume_is_bit_identical_and_metrics_reproduce(tmp_path):
   algo = A.splitfed(_model(), version=2, client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B,
                     participation=0.75, drop_rate=0.1, local_steps=2)
   state = algo.init(jax.random.key(4), data)
-  full, full_history = simulation.run(algo, state, data, rounds=6)
-  again, again_history = simulation.run(algo, state, data, rounds=6)
+  full, full_history = simulation.run(algo, state, data, rounds=6, donate=False)
+  again, again_history = simulation.run(algo, state, data, rounds=6, donate=False)
   assert full_history == again_history  # same seed, same everything
   ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
-  simulation.run(algo, state, data, rounds=3, checkpoint_dir=ckpt, checkpoint_every=3, metrics_path=metrics)
+  simulation.run(algo, state, data, rounds=3, checkpoint_dir=ckpt, checkpoint_every=3, metrics_path=metrics,
+                 donate=False)
+  # resumed with the state donated from round to round (the default): still bit-identical
   resumed, resumed_history = simulation.run(algo, state, data, rounds=6, checkpoint_dir=ckpt, metrics_path=metrics)
   assert [r["round"] for r in resumed_history] == [4, 5, 6]
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):

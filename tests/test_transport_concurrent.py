@@ -155,29 +155,41 @@ def _stop(process):
     process.wait(timeout=20)
 
 
+def _start_server(tmp_path, algorithm, port, name, *, checkpoint_every):
+  tokens = tmp_path / "tokens.txt"
+  tokens.write_text("".join(f"{k} {t}\n" for k, t in TOKENS.items()))
+  port_file, r = tmp_path / f"port-{name}", SCHEDULE
+  with open(tmp_path / f"{name}.log", "w") as log:
+    process = subprocess.Popen(
+        _cli("serve", "--algorithm", algorithm, "--port", str(port), "--port-file", str(port_file), "--token-file",
+             str(tokens), "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", str(checkpoint_every),
+             "--rounds", str(r.rounds), "--local-steps", str(r.local_steps), "--batch-size", str(r.batch_size),
+             "--seed", str(SEED)),
+        stdout=subprocess.DEVNULL, stderr=log)
+  for _ in range(1200):
+    if port_file.exists() or process.poll() is not None:
+      break
+    time.sleep(0.1)
+  assert port_file.exists(), (tmp_path / f"{name}.log").read_text()[-3000:]
+  return process, int(port_file.read_text()), str(tokens)
+
+
+def _restored(path, like):
+  manager = sljax.simulation.checkpoint_manager(path)
+  try:
+    return sljax.simulation.restore(manager, jax.device_get(like))
+  finally:
+    manager.close()
+
+
 def test_grpc_server_and_two_client_processes_equal_in_process_bitwise(setup, in_process, tmp_path):
   """`sljax serve --algorithm ...` and two `sljax client` processes against it."""
   algorithm, reference, _ = in_process
-  tokens = tmp_path / "tokens.txt"
-  tokens.write_text("".join(f"{k} {t}\n" for k, t in TOKENS.items()))
-  port_file, ckpt = tmp_path / "port", tmp_path / "ckpt"
-  r = SCHEDULE
-  with open(tmp_path / "server.log", "w") as log:
-    server = subprocess.Popen(
-        _cli("serve", "--algorithm", algorithm, "--port", "0", "--port-file", str(port_file), "--token-file",
-             str(tokens), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--rounds", str(r.rounds),
-             "--local-steps", str(r.local_steps), "--batch-size", str(r.batch_size), "--seed", str(SEED)),
-        stdout=subprocess.DEVNULL, stderr=log)
+  server, port, tokens = _start_server(tmp_path, algorithm, 0, "server", checkpoint_every=1)
   clients = []
   try:
-    for _ in range(1200):
-      if port_file.exists() or server.poll() is not None:
-        break
-      time.sleep(0.1)
-    assert port_file.exists(), (tmp_path / "server.log").read_text()[-3000:]
-    target = f"127.0.0.1:{int(port_file.read_text())}"
-    clients = [subprocess.Popen(_cli("client", "--target", target, "--client-id", str(k), "--token-file", str(tokens),
-                                     "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    clients = [subprocess.Popen(_cli("client", "--target", f"127.0.0.1:{port}", "--client-id", str(k), "--token-file",
+                                     tokens, "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for k in TOKENS]
     outputs = [c.communicate(timeout=TIMEOUT) for c in clients]
   finally:
@@ -187,15 +199,62 @@ def test_grpc_server_and_two_client_processes_equal_in_process_bitwise(setup, in
   for c, (out, err) in zip(clients, outputs, strict=True):
     assert c.returncode == 0, err[-3000:]
     row = json.loads(out.strip().splitlines()[-1])
-    assert row["steps"] == r.rounds * r.local_steps and 0 <= row["test_accuracy"] <= 1
+    assert row["steps"] == SCHEDULE.rounds * SCHEDULE.local_steps and 0 <= row["test_accuracy"] <= 1
   # The server's last checkpoint (written at the end of the last round) holds its final state.
-  manager = sljax.simulation.checkpoint_manager(ckpt)
+  restored = _restored(tmp_path / "ckpt", reference.state)
+  _assert_bitwise(restored, jax.device_get(reference.state))
+
+
+class _KillAfter:
+  """A transport that SIGKILLs the server process once the n-th Forward response (of any client)
+  has arrived: that step is computed on the server and not yet applied."""
+
+  def __init__(self, inner, shared):
+    self.inner, self.shared = inner, shared
+
+  def call(self, method, request, *, timeout=None):
+    response = self.inner.call(method, request, timeout=timeout)
+    if method == "Forward":
+      with self.shared["lock"]:
+        self.shared["forwards"] += 1
+        if self.shared["forwards"] == self.shared["kill_at"]:
+          self.shared["process"].send_signal(signal.SIGKILL)
+          self.shared["process"].wait(timeout=20)
+          self.shared["killed"].set()
+    return response
+
+
+def test_server_killed_mid_round_resumes_exactly(setup, in_process, tmp_path, caplog):
+  caplog.set_level("WARNING", logger="sljax")
+  algorithm, reference, expected = in_process
+  # Checkpoints every 2 steps: the 3rd Forward response is in step 1 of round 0 (parallel SL: step
+  # 0 is applied and not checkpointed), so the clients must roll back and replay.
+  first, port, _ = _start_server(tmp_path, algorithm, 0, "first", checkpoint_every=2)
+  second, transports = None, {}
   try:
-    restored = sljax.simulation.restore(manager, jax.device_get(reference.state))
+    shared = {"lock": threading.Lock(), "forwards": 0, "kill_at": 3, "process": first, "killed": threading.Event()}
+    transports = {k: _KillAfter(T.GrpcTransport(f"127.0.0.1:{port}", token=t, retries=400, backoff=0.05,
+                                                max_backoff=0.25, deadline=30), shared) for k, t in TOKENS.items()}
+    outcome = {}
+    clients = threading.Thread(target=lambda: outcome.update(_run_clients(setup, transports)))
+    clients.start()
+    assert shared["killed"].wait(TIMEOUT) and first.returncode == -signal.SIGKILL
+    second, _, _ = _start_server(tmp_path, algorithm, port, "second", checkpoint_every=2)
+    clients.join(TIMEOUT)
+    assert set(outcome) == set(TOKENS), (tmp_path / "second.log").read_text()[-3000:]
   finally:
-    manager.close()
-  _assert_bitwise(restored.server, jax.device_get(reference.state.server))
-  _assert_bitwise((restored.average, restored.upto), jax.device_get((reference.state.average, reference.state.upto)))
+    for t in transports.values():
+      t.inner.close()
+    _stop(first)
+    if second is not None:
+      _stop(second)
+  if algorithm == "parallel_sl":
+    assert "rolling back" in caplog.text
+  steps = [(r, s) for r in range(SCHEDULE.rounds) for s in range(SCHEDULE.local_steps)]
+  for k, result in outcome.items():  # every step once, in order, despite the replay
+    assert [(h["round"], h["step"]) for h in result.history] == steps
+    _assert_bitwise(result.half, expected[k].half)
+  _assert_bitwise(_restored(tmp_path / "ckpt", reference.state), jax.device_get(reference.state))
 
 
 class _DiesAfterForward:

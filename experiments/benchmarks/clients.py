@@ -9,6 +9,7 @@ samples/s = K * 32 * local_steps / seconds per round. The variants, timed side b
   parallel_sl/<executor>  `sljax.algorithms.parallel_sl`, the jitted round, under `vmap()`,
   splitfed_v1/<executor>  `chunked_vmap(min(K, 64))` and `lax_map()`; and SplitFed v1.
   centralized             `centralized_baseline`: one step on the K*32 samples of a step pooled.
+                          All jitted rounds donate their state, as `sljax.simulation.run` does.
   jax_loop                a Python loop over clients of jitted legs, with parallel-SL semantics:
                           `jit(client_forward)` per client, ONE `jit(server_step)` on all clients'
                           smashed data concatenated (each client's gradient slice scaled by K, the
@@ -86,11 +87,11 @@ LR = 1e-3
 STEP_SAMPLES = 256 * BATCH  # local_steps = max(1, 256 // K): a round holds >= 8192 samples
 NUM_BATCHES = 4  # distinct pre-drawn batches per client that the loops cycle through
 LAX_MAP_MAX_K = 512  # lax_map above this K is left out to bound the run (--lax-map-max-k)
-MEMORY_VARIANTS = (  # (algorithm, executor, donate) at the largest K; simulation.run does not donate
-    ("parallel_sl", "vmap", False),
+MEMORY_VARIANTS = (  # (algorithm, executor, donate) at the largest K; simulation.run donates by default
     ("parallel_sl", "vmap", True),
-    ("parallel_sl", "chunked_vmap", False),
-    ("splitfed_v1", "vmap", False),
+    ("parallel_sl", "vmap", False),
+    ("parallel_sl", "chunked_vmap", True),
+    ("splitfed_v1", "vmap", True),
 )
 TARGETS = {
     "parallel_sl_over_centralized": (0.8, "at K=512"),
@@ -132,9 +133,9 @@ def algorithm(name: str, k: int, executor_name: str = "vmap") -> sljax.algorithm
 
 
 def _round_run(algo: sljax.algorithms.Algorithm, data: sljax.data.ClientData) -> Run:
-  """A variant that runs the jitted round, as `sljax.simulation.run` does (no donation)."""
+  """A variant that runs the jitted round, as `sljax.simulation.run` does (the state donated)."""
   state = algo.init(jax.random.key(0), data)
-  round_fn = jax.jit(algo.round)
+  round_fn = jax.jit(algo.round, donate_argnums=0)
 
   def run(n: int) -> None:
     nonlocal state

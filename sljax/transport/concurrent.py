@@ -479,6 +479,8 @@ class ConcurrentServer(ServiceBase):
     stacked = jax.device_get(self._set_weights(s.weights, client, weights.params))
     self.state = s.replace(weights=stacked, handed=handed)
     self._advance()
+    if int(self.state.round) == round_:  # (else the new round was just checkpointed)
+      self._save()  # durable before the client hears of it: it will wait for the average, not put again
     return wire.encode({"ready": True, "message": None, "position": self._position(client)})
 
   def _forward(self, client: int, req: dict) -> bytes:
@@ -524,7 +526,8 @@ class ConcurrentServer(ServiceBase):
       self.state = s.replace(server=self._set_copy(s.server, client, staged[2]), upto=upto)
       del self._staged[client]
       self._commits_since_save += 1
-      if self._commits_since_save >= self._checkpoint_every:
+      # A client's last step of the round is always made durable: it then waits for the average.
+      if self._commits_since_save >= self._checkpoint_every or self._steps_of(client) == self.schedule.local_steps:
         self._save()
       return wire.encode(self._position(client))
     p = self._pending

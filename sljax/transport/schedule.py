@@ -21,10 +21,11 @@ from sljax.protocol import ArraySpec, PartyState
 
 
 class Schedule(NamedTuple):
-  """Sequential split learning's schedule: in each of `rounds` rounds, clients 0, 1, ...,
-  `num_clients - 1` take turns; a turn is `local_steps` steps on batches of `batch_size`.
+  """A run's schedule: `rounds` rounds of `local_steps` steps per client on batches of `batch_size`.
 
-  Vanilla split learning with one client is `num_clients=1`.
+  In sequential split learning clients 0, 1, ..., `num_clients - 1` take turns in each round, a
+  turn being `local_steps` steps; vanilla split learning with one client is `num_clients=1`. In
+  parallel SL and SplitFed v1 all clients run the round's `local_steps` steps at once.
   """
 
   num_clients: int
