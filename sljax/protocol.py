@@ -174,10 +174,13 @@ class ClientPending:
 
 @struct.dataclass
 class ServerPending:
-  """What the U-shaped server keeps between its forward and its backward."""
+  """What the U-shaped server keeps between its forward and its backward (its codec state, and
+  the key its downlink codec takes for the cut gradient, included)."""
 
   pullback: Any
   model_state: PyTree
+  codec_state: PyTree = ()
+  codec_key: Any = None
 
 
 @struct.dataclass
@@ -187,6 +190,7 @@ class TailPending:
   head: ClientPending
   tail_grads: PyTree
   tail_state: PyTree
+  codec_state: PyTree = ()
 
 
 def apply_update(party: PartyState, grads: PyTree, optimizer: optax.GradientTransformation, model_state) -> PartyState:
@@ -385,11 +389,19 @@ def u_shaped(
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation,
     loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    uplink: codec_lib.Codec | None = None,
+    downlink: codec_lib.Codec | None = None,
 ) -> UShaped:
   """U-shaped split learning: the labels and the loss stay on the client.
 
   The client holds the head (`model.client`) and the tail (`model.tail`); its params are
   `{"head": ..., "tail": ...}` under one client optimizer. The server holds the body.
+
+  `uplink` encodes both messages the client sends (the smashed data and the gradient at the
+  body's output), `downlink` both the server sends (the body's output and the cut gradient); each
+  message keeps its own codec state (`codec_state` of the client: {"smashed", "tail_grad"}; of the
+  server: {"body", "cut_grad"}). Gradients go through their codec straight-through, as in
+  `vanilla`.
 
   Example:
     >>> import flax.linen as nn, optax
@@ -402,8 +414,18 @@ def u_shaped(
   if not model.is_u_shaped:
     raise ValueError("model: U-shaped split learning takes a three-part model (cut(layers, k, k2))")
 
+  up_codec = uplink or codec_lib.identity()
+  down_codec = downlink or codec_lib.identity()
+
   def init(key, x) -> SplitState:
-    return _init_parties(model, key, x, client_optimizer, server_optimizer)
+    state = _init_parties(model, key, x, client_optimizer, server_optimizer)
+    b = x.shape[0]
+    cut = jax.ShapeDtypeStruct((b, *state.server.input_spec.shape), state.server.input_spec.dtype)
+    body = jax.eval_shape(lambda p, s, h: model.server.apply(p, s, h, key=None, train=False)[0],
+                          state.server.params, state.server.model_state, cut)
+    return state.replace(
+        client=state.client.replace(codec_state={"smashed": up_codec.init(cut), "tail_grad": up_codec.init(body)}),
+        server=state.server.replace(codec_state={"body": down_codec.init(body), "cut_grad": down_codec.init(cut)}))
 
   def client_forward(client: PartyState, x, key) -> tuple[msgs.SmashedData, ClientPending]:
     check_batch("x", x, client.input_spec)
@@ -412,42 +434,55 @@ def u_shaped(
       return model.client.apply(params, client.model_state["head"], x, key=key, train=True)
 
     smashed, pullback, model_state = jax.vjp(f, client.params["head"], has_aux=True)
-    return msgs.SmashedData(smashed), ClientPending(pullback, model_state)
+    payload, codec_state = up_codec.encode(smashed, client.codec_state["smashed"],
+                                           jax.random.fold_in(key, CODEC_STREAM))
+    return msgs.SmashedData(payload), ClientPending(pullback, model_state, codec_state)
 
   def server_forward(server: PartyState, message: msgs.SmashedData, key) -> tuple[msgs.BodyOutput, ServerPending]:
-    check_batch("message.activations", message.activations, server.input_spec)
+    activations = up_codec.decode(message.activations)
+    check_batch("message.activations", activations, server.input_spec)
 
     def f(params, h):
       return model.server.apply(params, server.model_state, h, key=key, train=True)
 
-    body, pullback, model_state = jax.vjp(f, server.params, message.activations, has_aux=True)
-    return msgs.BodyOutput(body), ServerPending(pullback, model_state)
+    body, pullback, model_state = jax.vjp(f, server.params, activations, has_aux=True)
+    codec_key = jax.random.fold_in(key, CODEC_STREAM)
+    payload, body_codec = down_codec.encode(body, server.codec_state["body"], codec_key)
+    codec_state = {**server.codec_state, "body": body_codec}
+    return msgs.BodyOutput(payload), ServerPending(pullback, model_state, codec_state, jax.random.fold_in(codec_key, 1))
 
   def client_tail_step(
       client: PartyState, pending: ClientPending, message: msgs.BodyOutput, labels, key
   ) -> tuple[msgs.TailGradient, TailPending, dict]:
-    check_labels(labels, batch=message.activations.shape[0])
+    body = down_codec.decode(message.activations)
+    check_labels(labels, batch=body.shape[0])
 
     def objective(params, h):
       out, model_state = model.tail.apply(params, client.model_state["tail"], h, key=key, train=True)
       return loss(out, labels), (out, model_state)
 
     (value, (out, tail_state)), (g_tail, g_body) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
-        client.params["tail"], message.activations
+        client.params["tail"], body
     )
     metrics = {"loss": value, "accuracy": accuracy(out, labels)}
-    return msgs.TailGradient(g_body), TailPending(pending, g_tail, tail_state), metrics
+    payload, tail_codec = up_codec.encode(g_body, client.codec_state["tail_grad"], jax.random.fold_in(key, CODEC_STREAM))
+    codec_state = {"smashed": pending.codec_state, "tail_grad": tail_codec}
+    return msgs.TailGradient(payload), TailPending(pending, g_tail, tail_state, codec_state), metrics
 
   def server_backward(
       server: PartyState, pending: ServerPending, message: msgs.TailGradient
   ) -> tuple[PartyState, msgs.CutGradient]:
-    g_params, g_smashed = pending.pullback(message.grad)
-    return apply_update(server, g_params, server_optimizer, pending.model_state), msgs.CutGradient(g_smashed)
+    g_params, g_smashed = pending.pullback(up_codec.decode(message.grad))
+    payload, cut_codec = down_codec.encode(g_smashed, pending.codec_state["cut_grad"], pending.codec_key)
+    updated = apply_update(server, g_params, server_optimizer, pending.model_state)
+    return updated.replace(codec_state={**pending.codec_state, "cut_grad": cut_codec}), msgs.CutGradient(payload)
 
   def client_backward(client: PartyState, pending: TailPending, message: msgs.CutGradient) -> PartyState:
-    (g_head,) = pending.head.pullback(message.grad)
+    (g_head,) = pending.head.pullback(down_codec.decode(message.grad))
     grads = {"head": g_head, "tail": pending.tail_grads}
-    return apply_update(client, grads, client_optimizer, {"head": pending.head.model_state, "tail": pending.tail_state})
+    updated = apply_update(client, grads, client_optimizer,
+                           {"head": pending.head.model_state, "tail": pending.tail_state})
+    return updated.replace(codec_state=pending.codec_state)
 
   def step(state: SplitState, batch, key) -> tuple[SplitState, dict]:
     x, labels = batch
@@ -463,14 +498,19 @@ def u_shaped(
     })
     return SplitState(client, server, state.step + 1), metrics
 
-  def predict(state: SplitState, x) -> tuple[jax.Array, dict]:
+  def predict(state: SplitState, x, key=None) -> tuple[jax.Array, dict]:
+    """Collaborative inference through both codecs, from fresh codec states (see `vanilla`)."""
     check_batch("x", x, state.client.input_spec)
     c, s = state.client, state.server
+    key = jax.random.key(0) if key is None else key
     smashed, _ = model.client.apply(c.params["head"], c.model_state["head"], x, key=None, train=False)
-    up = msgs.SmashedData(smashed)
-    body, _ = model.server.apply(s.params, s.model_state, up.activations, key=None, train=False)
-    down = msgs.BodyOutput(body)
-    out, _ = model.tail.apply(c.params["tail"], c.model_state["tail"], down.activations, key=None, train=False)
+    payload, _ = up_codec.encode(smashed, up_codec.init(smashed), jax.random.fold_in(key, CODEC_STREAM))
+    up = msgs.SmashedData(payload)
+    body, _ = model.server.apply(s.params, s.model_state, up_codec.decode(up.activations), key=None, train=False)
+    payload, _ = down_codec.encode(body, down_codec.init(body), jax.random.fold_in(key, CODEC_STREAM + 1))
+    down = msgs.BodyOutput(payload)
+    out, _ = model.tail.apply(c.params["tail"], c.model_state["tail"], down_codec.decode(down.activations), key=None,
+                              train=False)
     return out, Metrics({}, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
 
   return UShaped(init, client_forward, server_forward, client_tail_step, server_backward, client_backward, step, predict)

@@ -275,3 +275,46 @@ def test_inference_goes_through_the_uplink_codec():
   np.testing.assert_allclose(out_sparse, expected, atol=1e-5)
   assert not np.allclose(out_sparse, out_plain)
   assert traffic_sparse["bytes_up"] < traffic_plain["bytes_up"]
+
+
+def test_codecs_on_both_u_shaped_links():
+  """U-shaped: `uplink` encodes the smashed data and the tail gradient, `downlink` the body's output
+  and the cut gradient, each message with its own codec state; the three-call legs equal `step`."""
+  from sljax import codecs
+
+  x, y = _data((64,))
+  model = sljax.cut(models.mlp(hidden=(32, 32)), 1, 2)
+  opt = optax.adam(1e-2)
+  plain = sljax.u_shaped(model, client_optimizer=opt, server_optimizer=opt)
+  same = sljax.u_shaped(model, client_optimizer=opt, server_optimizer=opt, uplink=codecs.identity(),
+                        downlink=codecs.identity())
+  q8 = sljax.u_shaped(model, client_optimizer=opt, server_optimizer=opt, uplink=codecs.quantize(bits=8),
+                      downlink=codecs.quantize(bits=8))
+  p_state, p_losses = _run(plain, plain.init(jax.random.key(0), x[:BATCH]), x, y, steps=20)
+  s_state, _ = _run(same, same.init(jax.random.key(0), x[:BATCH]), x, y, steps=20)
+  chex.assert_trees_all_close((p_state.client.params, p_state.server.params),
+                              (s_state.client.params, s_state.server.params), atol=0, rtol=0)
+  q_state, q_losses = _run(q8, q8.init(jax.random.key(0), x[:BATCH]), x, y, steps=20)
+  assert q_losses[-1] < q_losses[0] - 0.3 and not np.allclose(q_losses, p_losses)
+  np.testing.assert_allclose(q_losses[-1], p_losses[-1], rtol=0.3)
+  batch = next(_batches(x, y))
+  _, plain_metrics = plain.step(p_state, batch, jax.random.key(0))
+  _, q_metrics = q8.step(q_state, batch, jax.random.key(0))
+  assert plain_metrics["bytes_up"] / q_metrics["bytes_up"] > 2.5
+  assert plain_metrics["bytes_down"] / q_metrics["bytes_down"] > 2.5
+  # The legs called one by one, messages through bytes, equal the fused step with the codecs.
+  key = jax.random.key(3)
+  k_head, k_body, k_tail = jax.random.split(key, 3)
+  through = lambda m: sljax.from_bytes(sljax.messages.spec_of(m), sljax.to_bytes(m))  # noqa: E731
+  up1, head = q8.client_forward(q_state.client, batch[0], k_head)
+  down1, pending = q8.server_forward(q_state.server, through(up1), k_body)
+  up2, tail, _ = q8.client_tail_step(q_state.client, head, through(down1), batch[1], k_tail)
+  server, down2 = q8.server_backward(q_state.server, pending, through(up2))
+  client = q8.client_backward(q_state.client, tail, through(down2))
+  fused, _ = q8.step(q_state, batch, key)
+  chex.assert_trees_all_close((client, server), (fused.client, fused.server), atol=1e-6)
+  assert set(client.codec_state) == {"smashed", "tail_grad"} and set(server.codec_state) == {"body", "cut_grad"}
+  out_q, traffic = q8.predict(q_state, jnp.asarray(x[:BATCH]))
+  out_p, _ = plain.predict(q_state, jnp.asarray(x[:BATCH]))  # same params: only the codecs differ
+  assert not np.allclose(out_q, out_p) and np.allclose(out_q, out_p, atol=0.1)
+  assert traffic["bytes_up"] < plain_metrics["bytes_up"]
