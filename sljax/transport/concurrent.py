@@ -318,7 +318,7 @@ class ConcurrentServer(ServiceBase):
       if s.gone[k] or not self._silent(k):
         continue
       if self._splitfed:
-        waited_for = not s.handed[k] and (s.handed | s.gone).any()
+        waited_for = not s.handed[k] and s.handed.any()  # others wait for the average
       elif self._pending is None:
         waited_for = False
       elif self._pending.forwarded is None:

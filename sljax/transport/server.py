@@ -95,11 +95,15 @@ def _int(x) -> int:
 
 
 class ServiceBase:
-  """What every sljax server shares: identities, limits, the lock, checkpoints, the call pipeline.
+  """What every sljax server shares: identities, limits, the lock, checkpoints, the call pipeline,
+  and the methods that do not depend on the algorithm (Handshake, Status, Predict).
 
-  A subclass builds its state, then calls `_start(initial)`, and implements one `_<method>`
-  per method of the service (`_handshake_fields`, `_status`, `_handover`, `_forward`, `_commit`,
-  `_predict_party`) plus `_expire_if_due` and `_staged_dict`.
+  A subclass calls `_configure(...)`, builds its initial state, passes it through
+  `_restore(checkpoint_dir, initial)` and sets `self.state`, `self.schedule`, `self.cut_spec` and
+  `self._server_eval`. It implements `_handover`, `_forward`, `_commit` (one per method of the
+  service), `_position(client)`, `_seen(client)` (a call from `client` arrived),
+  `_expire_if_due()` (leases), `_predict_party(client)` (the server half that serves `client`'s
+  inference) and `_staged_dict()` (what is staged, for `snapshot`); `_hello` optionally.
   """
 
   algorithm = ""
