@@ -27,9 +27,13 @@ Conventions shared by every codec in this module:
   tree, state, key)[0]``, then ``flax.serialization.from_bytes(template, data)``.
 * **Static shapes.** Every payload shape is a function of the input shapes and the codec's
   hyperparameters, never of the data, so a round compiles once.
-* **No gradients through codecs.** In split learning the server differentiates with respect to
-  the *decoded* smashed data and the client applies the decoded cut gradient to its own pullback
-  (a straight-through estimator); nothing differentiates ``encode``.
+* **Gradients through codecs.** In split learning the server differentiates with respect to
+  the *decoded* smashed data. The client maps the decoded cut gradient back through its uplink
+  codec with :func:`cotangent` before its own pullback: a sparsifier's ``backward`` is the exact
+  transpose of its decode-of-encode with the selection held fixed (the gradient masked to the
+  coordinates sent, rescaled like them), so the client's gradient is that of the loss it
+  actually trained; codecs without a ``backward`` (cast, quantize, clip) pass the gradient
+  straight through, the usual estimator for rounding. Nothing differentiates ``encode``.
 
 References: stochastic uniform quantization follows QSGD (Alistarh et al., 2017); top-k with
 error feedback follows "Sparsified SGD with memory" (Stich et al., 2018).
@@ -57,6 +61,7 @@ __all__ = [
     "cast",
     "chain",
     "clip",
+    "cotangent",
     "identity",
     "payload_nbytes",
     "quantize",
@@ -78,11 +83,33 @@ class Codec(NamedTuple):
     encode: ``encode(tree, state, key) -> (payload, new_state)``. ``key`` is a PRNG key
       (deterministic codecs ignore it).
     decode: ``decode(payload) -> tree`` with the shapes and dtypes of the encoder's input.
+    backward: ``backward(payload, g) -> g_in`` or None: the transpose of the Jacobian of
+      ``decode(encode(.))`` at the point that made ``payload``, with every discrete choice
+      (selected coordinates, rounding) held fixed, applied to ``g``, a cotangent shaped like the
+      decoded tree. None means the identity (straight-through). Use :func:`cotangent`.
   """
 
   init: Callable[[PyTree], PyTree]
   encode: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree]]
   decode: Callable[[PyTree], PyTree]
+  backward: Callable[[PyTree, PyTree], PyTree] | None = None
+
+
+def cotangent(codec: Codec, payload: PyTree, g: PyTree) -> PyTree:
+  """``codec.backward(payload, g)``, or ``g`` itself for a straight-through codec.
+
+  Maps the gradient with respect to the decoded message to the gradient with respect to what
+  was encoded: the sender of ``payload`` calls it before its own pullback.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> codec = top_k(k=1)
+    >>> x = jnp.array([[1.0, -3.0, 2.0]])
+    >>> payload, _ = codec.encode(x, codec.init(x), jax.random.key(0))
+    >>> cotangent(codec, payload, jnp.ones((1, 3))).tolist()
+    [[0.0, 1.0, 0.0]]
+  """
+  return g if codec.backward is None else codec.backward(payload, g)
 
 
 class EmptyState(NamedTuple):
@@ -136,8 +163,9 @@ class QuantizedLeaf:
     packed: ``(B, ceil(D * bits / 8))`` uint8; value ``j`` of a row sits in byte
       ``j // (8 // bits)`` at bit offset ``bits * (j % (8 // bits))`` (low bits first);
       the last byte of a row is zero-padded.
-    minimum: ``(B, 1)`` float32, the row minimum.
-    scale: ``(B, 1)`` float32, the width of one quantization level,
+    minimum: ``(B, 1)`` float32, the row minimum; ``(1, 1)``, the leaf's, when quantized per
+      tensor.
+    scale: ``(B, 1)`` (or ``(1, 1)``) float32, the width of one quantization level,
       ``(max - min) / (2**bits - 1)``.
     shape: the leaf's original shape ``(B, ...)`` (static).
     dtype: the leaf's original dtype (static).
@@ -261,14 +289,15 @@ def _init_empty(example_tree: PyTree) -> EmptyState:
   return EmptyState()
 
 
-def _jitted_codec(init, encode, decode) -> Codec:
-  """Wraps ``encode`` and ``decode`` in ``jax.jit``.
+def _jitted_codec(init, encode, decode, backward=None) -> Codec:
+  """Wraps ``encode``, ``decode`` and ``backward`` in ``jax.jit``.
 
   Inside a jitted round this changes nothing, since nested jits are inlined; called eagerly, as
   in a notebook, a codec then compiles once per input shape instead of dispatching op by op.
   Argument and shape errors are still raised, at trace time.
   """
-  return Codec(init=init, encode=jax.jit(encode), decode=jax.jit(decode))
+  return Codec(init=init, encode=jax.jit(encode), decode=jax.jit(decode),
+               backward=None if backward is None else jax.jit(backward))
 
 
 def _leafwise_codec(codec_name: str, leaf_type: type, encode_leaf, decode_leaf, *, random: bool):
@@ -381,30 +410,34 @@ def _unpack_bits(packed_BxN: jax.Array, bits: int, dim: int) -> jax.Array:
   return fields_BxNxP.reshape(batch, nbytes * per_byte)[:, :dim]
 
 
-def quantize(*, bits: int, stochastic: bool = True) -> Codec:
-  """Uniform per-row quantization to ``bits`` bits per value, bit-packed into uint8.
+def quantize(*, bits: int, stochastic: bool = True, per: str = "row") -> Codec:
+  """Uniform quantization to ``bits`` bits per value, bit-packed into uint8.
 
-  Each row (one example) is mapped affinely onto ``2**bits`` levels between its minimum and
-  maximum; the row's minimum and level width travel as float32 (8 bytes per row; chain with
-  ``cast(dtype=jnp.float16)`` to halve them). Values are packed ``8 // bits`` to a byte, so
-  4 bits really cost half a byte.
+  With ``per="row"`` each row (one example) is mapped affinely onto ``2**bits`` levels between
+  its minimum and maximum; the row's minimum and level width travel as float32 (8 bytes per row;
+  chain with ``cast(dtype=jnp.float16)`` to halve them). With ``per="tensor"`` one minimum and
+  level width serve the whole leaf (8 bytes per message): cheaper for narrow rows, coarser when
+  rows differ in range. Values are packed ``8 // bits`` to a byte, so 4 bits really cost half a
+  byte.
 
   With ``stochastic=True`` each value rounds up with probability equal to its fractional
   position between two levels, which makes the codec unbiased, ``E[decode(encode(x))] = x``,
   with an error below one level width, ``(max - min) / (2**bits - 1)``, per element. With
   ``stochastic=False`` values round to the nearest level: biased, error at most half a level.
-  A constant row is sent exactly.
+  The level width is that of the row (``per="row"``) or of the whole leaf (``per="tensor"``). A
+  constant row (leaf) is sent exactly.
 
   Args:
     bits: bits per value, one of 1, 2, 4, 8.
     stochastic: stochastic (unbiased) rounding if True, round to nearest otherwise.
+    per: ``"row"`` or ``"tensor"``: what shares one minimum and level width.
 
   Returns:
     A stateless :class:`Codec` whose payload is an :class:`EncodedTree` of
     :class:`QuantizedLeaf`.
 
   Raises:
-    ValueError: if ``bits`` is not one of 1, 2, 4, 8.
+    ValueError: if ``bits`` is not one of 1, 2, 4, 8, or ``per`` not "row" or "tensor".
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -417,13 +450,16 @@ def quantize(*, bits: int, stochastic: bool = True) -> Codec:
   is_int = isinstance(bits, (int, np.integer)) and not isinstance(bits, bool)
   if not is_int or bits not in _QUANTIZE_BITS:
     raise ValueError(f"quantize: bits must be one of {_QUANTIZE_BITS}; got {bits!r}.")
+  if per not in ("row", "tensor"):
+    raise ValueError(f"quantize: per must be 'row' or 'tensor'; got {per!r}.")
   bits = int(bits)
   num_levels = 2**bits - 1
+  axis = 1 if per == "row" else None  # keepdims: (B, 1) per row, (1, 1) per tensor
 
   def encode_leaf(leaf, key):
     rows_BxD = _rows(leaf, "quantize").astype(jnp.float32)
-    minimum_Bx1 = rows_BxD.min(axis=1, keepdims=True)
-    maximum_Bx1 = rows_BxD.max(axis=1, keepdims=True)
+    minimum_Bx1 = rows_BxD.min(axis=axis, keepdims=True)
+    maximum_Bx1 = rows_BxD.max(axis=axis, keepdims=True)
     scale_Bx1 = (maximum_Bx1 - minimum_Bx1) / num_levels
     # A constant row has scale 0: send level 0 and decode to the minimum, which is exact.
     safe_scale_Bx1 = jnp.where(scale_Bx1 > 0, scale_Bx1, 1.0)
@@ -523,6 +559,22 @@ def _sparsifier(codec_name: str, select, *, k, fraction, error_feedback: bool, u
   def decode(payload):
     return _decode_float_leaves(payload, SparseLeaf, decode_leaf, codec_name)
 
+  def backward(payload, g):
+    """The gradient masked to the sent coordinates and rescaled like them: decode is linear in
+    the values it sends, and the values are the input's (plus a residual that does not depend on
+    it) at the selected coordinates."""
+    g_leaves = jax.tree.leaves(g)
+    if len(g_leaves) != len(payload.leaves):
+      raise ValueError(f"{codec_name}.backward: `g` must be shaped like the decoded message; got "
+                       f"{len(g_leaves)} leaves for {len(payload.leaves)}.")
+    out = []
+    for p, g_leaf in zip(payload.leaves, g_leaves):
+      if isinstance(p, SparseLeaf):
+        rows_BxD = jnp.reshape(g_leaf, (p.shape[0], -1)).astype(p.dtype)
+        g_leaf = decode_leaf(p.replace(values=jnp.take_along_axis(rows_BxD, p.indices.astype(jnp.int32), axis=1)))
+      out.append(g_leaf)
+    return payload.treedef.unflatten(out)
+
   def encode(tree, state, key):
     key = key if random else None
     if not error_feedback:
@@ -533,7 +585,7 @@ def _sparsifier(codec_name: str, select, *, k, fraction, error_feedback: bool, u
     residual = jax.tree.map(jnp.subtract, corrected, decode(payload))
     return payload, ErrorFeedbackState(residual=residual)
 
-  return _jitted_codec(init, encode, decode)
+  return _jitted_codec(init, encode, decode, backward)
 
 
 def _check_residual(codec_name: str, tree, state) -> None:
@@ -771,4 +823,21 @@ def chain(*codecs: Codec) -> Codec:
       payload = codec.decode(payload)
     return payload
 
-  return _jitted_codec(init, encode, decode)
+  def backward(payload, g):
+    # Each codec's own payload, recovered by decoding the later ones (indices pass through
+    # exactly). The codecs that act on trees shaped like the message (those before the first
+    # one whose payload is not) map the cotangent back, last applied first; the later codecs
+    # act on an earlier payload's values and pass the gradient straight through.
+    payloads = [payload]
+    for codec in reversed(codecs[1:]):
+      payloads.insert(0, codec.decode(payloads[0]))
+    message_structure = jax.tree.structure(g)
+    acting = 1
+    while acting < len(codecs) and jax.tree.structure(payloads[acting - 1]) == message_structure:
+      acting += 1
+    for codec, own in reversed(list(zip(codecs[:acting], payloads[:acting]))):
+      g = cotangent(codec, own, g)
+    return g
+
+  has_backward = any(codec.backward is not None for codec in codecs)
+  return _jitted_codec(init, encode, decode, backward if has_backward else None)

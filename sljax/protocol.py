@@ -170,6 +170,7 @@ class ClientPending:
   pullback: Any
   model_state: PyTree
   codec_state: PyTree = ()
+  sent: PyTree = ()  # the uplink codec's payload: its backward needs the selection it made
 
 
 @struct.dataclass
@@ -181,6 +182,7 @@ class ServerPending:
   model_state: PyTree
   codec_state: PyTree = ()
   codec_key: Any = None
+  sent: PyTree = ()  # the downlink codec's payload of the body's output
 
 
 @struct.dataclass
@@ -284,10 +286,11 @@ def vanilla(
   examples (measured: top-k with error feedback on the uplink trains far worse than without;
   see experiments/benchmarks/codecs.py). Use it where the quantity is summed over steps.
 
-  The client applies the decoded cut gradient to its pullback as it is (straight-through): the
-  codec's own Jacobian is ignored. For quantizers that is the usual estimator; for sparsifiers
-  the exact gradient would also be masked (and, for unbiased random-k, rescaled), which this
-  does not do yet.
+  The client maps the decoded cut gradient back through its uplink codec
+  (`sljax.codecs.cotangent`) before its pullback: through a sparsifier exactly (masked to the
+  coordinates it sent and rescaled like them, so the client follows the gradient of the loss the
+  server computed on what it received), through a quantizer or a cast straight (the usual
+  estimator for rounding).
 
   Example:
     >>> import flax.linen as nn, optax
@@ -319,7 +322,7 @@ def vanilla(
 
     smashed, pullback, model_state = jax.vjp(f, client.params, has_aux=True)
     payload, codec_state = up_codec.encode(smashed, client.codec_state, jax.random.fold_in(key, CODEC_STREAM))
-    return msgs.SmashedData(payload, labels), ClientPending(pullback, model_state, codec_state)
+    return msgs.SmashedData(payload, labels), ClientPending(pullback, model_state, codec_state, payload)
 
   def server_step(server: PartyState, message: msgs.SmashedData, key) -> tuple[PartyState, msgs.CutGradient, dict]:
     activations = up_codec.decode(message.activations)
@@ -338,7 +341,7 @@ def vanilla(
     return server, msgs.CutGradient(payload), metrics
 
   def client_backward(client: PartyState, pending: ClientPending, message: msgs.CutGradient) -> PartyState:
-    (grads,) = pending.pullback(down_codec.decode(message.grad))
+    (grads,) = pending.pullback(codec_lib.cotangent(up_codec, pending.sent, down_codec.decode(message.grad)))
     return apply_update(client, grads, client_optimizer, pending.model_state).replace(codec_state=pending.codec_state)
 
   def step(state: SplitState, batch, key) -> tuple[SplitState, dict]:
@@ -400,8 +403,8 @@ def u_shaped(
   `uplink` encodes both messages the client sends (the smashed data and the gradient at the
   body's output), `downlink` both the server sends (the body's output and the cut gradient); each
   message keeps its own codec state (`codec_state` of the client: {"smashed", "tail_grad"}; of the
-  server: {"body", "cut_grad"}). Gradients go through their codec straight-through, as in
-  `vanilla`.
+  server: {"body", "cut_grad"}). A gradient at an encoded activation is mapped back through that
+  activation's codec (`sljax.codecs.cotangent`) by its sender, as in `vanilla`.
 
   Example:
     >>> import flax.linen as nn, optax
@@ -436,7 +439,7 @@ def u_shaped(
     smashed, pullback, model_state = jax.vjp(f, client.params["head"], has_aux=True)
     payload, codec_state = up_codec.encode(smashed, client.codec_state["smashed"],
                                            jax.random.fold_in(key, CODEC_STREAM))
-    return msgs.SmashedData(payload), ClientPending(pullback, model_state, codec_state)
+    return msgs.SmashedData(payload), ClientPending(pullback, model_state, codec_state, payload)
 
   def server_forward(server: PartyState, message: msgs.SmashedData, key) -> tuple[msgs.BodyOutput, ServerPending]:
     activations = up_codec.decode(message.activations)
@@ -449,7 +452,8 @@ def u_shaped(
     codec_key = jax.random.fold_in(key, CODEC_STREAM)
     payload, body_codec = down_codec.encode(body, server.codec_state["body"], codec_key)
     codec_state = {**server.codec_state, "body": body_codec}
-    return msgs.BodyOutput(payload), ServerPending(pullback, model_state, codec_state, jax.random.fold_in(codec_key, 1))
+    return msgs.BodyOutput(payload), ServerPending(pullback, model_state, codec_state, jax.random.fold_in(codec_key, 1),
+                                                   payload)
 
   def client_tail_step(
       client: PartyState, pending: ClientPending, message: msgs.BodyOutput, labels, key
@@ -472,13 +476,14 @@ def u_shaped(
   def server_backward(
       server: PartyState, pending: ServerPending, message: msgs.TailGradient
   ) -> tuple[PartyState, msgs.CutGradient]:
-    g_params, g_smashed = pending.pullback(up_codec.decode(message.grad))
+    g_body = codec_lib.cotangent(down_codec, pending.sent, up_codec.decode(message.grad))
+    g_params, g_smashed = pending.pullback(g_body)
     payload, cut_codec = down_codec.encode(g_smashed, pending.codec_state["cut_grad"], pending.codec_key)
     updated = apply_update(server, g_params, server_optimizer, pending.model_state)
     return updated.replace(codec_state={**pending.codec_state, "cut_grad": cut_codec}), msgs.CutGradient(payload)
 
   def client_backward(client: PartyState, pending: TailPending, message: msgs.CutGradient) -> PartyState:
-    (g_head,) = pending.head.pullback(down_codec.decode(message.grad))
+    (g_head,) = pending.head.pullback(codec_lib.cotangent(up_codec, pending.head.sent, down_codec.decode(message.grad)))
     grads = {"head": g_head, "tail": pending.tail_grads}
     updated = apply_update(client, grads, client_optimizer,
                            {"head": pending.head.model_state, "tail": pending.tail_state})

@@ -76,6 +76,23 @@ def test_pack_bits_layout_and_round_trip():
     np.testing.assert_array_equal(unpacked, levels)
 
 
+def test_quantize_per_tensor_shares_one_level_width():
+  x = _normal(1, (B, 3, 5)) * jnp.arange(1, B + 1)[:, None, None]  # rows of different ranges
+  for stochastic in (True, False):
+    decoded, payload = _round_trip(codecs.quantize(bits=4, stochastic=stochastic, per="tensor"), x)
+    (leaf,) = payload.leaves
+    assert leaf.minimum.shape == (1, 1) and leaf.scale.shape == (1, 1)
+    level = (float(x.max()) - float(x.min())) / 15
+    bound = level if stochastic else level / 2
+    assert np.abs(np.asarray(decoded) - np.asarray(x)).max() <= bound * (1 + 1e-5) + 1e-6
+  constant = jnp.full((B, 6), 0.3)
+  np.testing.assert_array_equal(_round_trip(codecs.quantize(bits=2, per="tensor"), constant)[0], constant)
+  # per row is finer on rows of different ranges
+  per_row, _ = _round_trip(codecs.quantize(bits=4, stochastic=False), x)
+  assert np.abs(np.asarray(per_row) - x).mean() < np.abs(np.asarray(_round_trip(
+      codecs.quantize(bits=4, stochastic=False, per="tensor"), x)[0]) - x).mean()
+
+
 @pytest.mark.parametrize("stochastic", [True, False])
 @pytest.mark.parametrize("bits", codecs._QUANTIZE_BITS)
 def test_quantize_error_is_below_one_level(bits, stochastic):
@@ -177,6 +194,7 @@ def test_payload_bytes_and_compression_ratios():
       "quantize8": (codecs.quantize(bits=8), batch * (dim + 8)),
       "quantize4": (codecs.quantize(bits=4), batch * (dim // 2 + 8)),
       "quantize1": (codecs.quantize(bits=1), batch * (dim // 8 + 8)),
+      "quantize8 per tensor": (codecs.quantize(bits=8, per="tensor"), batch * dim + 8),
       "quantize4+f16 stats": (
           codecs.chain(codecs.quantize(bits=4), codecs.cast(dtype=jnp.float16)),
           batch * (dim // 2 + 4),
@@ -204,6 +222,7 @@ def test_payload_bytes_and_compression_ratios():
     assert nbytes < len(wire) <= nbytes + 48 * num_leaves + 32, (name, len(wire), nbytes)
     ratios[name] = raw / nbytes
   assert 3.8 < ratios["quantize8"] <= 4 and 7.5 < ratios["quantize4"] <= 8
+  assert 3.98 < ratios["quantize8 per tensor"] < 4  # 8 bytes of statistics per message
   assert 7.5 < ratios["top_k10%"] < 8.0 and ratios["cast_bf16"] == 2
 
 
@@ -259,9 +278,10 @@ def _bias_z_scores(codec, x, num_keys=4000):
 @pytest.mark.parametrize("codec", [
     codecs.quantize(bits=2),
     codecs.quantize(bits=1),
+    codecs.quantize(bits=2, per="tensor"),
     codecs.random_k(k=4),
     codecs.chain(codecs.random_k(k=8), codecs.quantize(bits=4)),
-], ids=["quantize2", "quantize1", "random_k", "random_k+quantize"])
+], ids=["quantize2", "quantize1", "quantize2_per_tensor", "random_k", "random_k+quantize"])
 def test_unbiased_codecs_are_unbiased(codec):
   assert _bias_z_scores(codec, _normal(10)).max() < 5
 
@@ -363,6 +383,8 @@ def test_vmap_over_clients_equals_loop(clients):
 def test_quantize_rejects_bits(bits):
   with pytest.raises(ValueError, match=r"bits must be one of \(1, 2, 4, 8\); got"):
     codecs.quantize(bits=bits)
+  with pytest.raises(ValueError, match=r"quantize: per must be 'row' or 'tensor'; got 'column'"):
+    codecs.quantize(bits=8, per="column")
 
 
 def test_sparsifiers_reject_bad_k_and_fraction():
@@ -412,3 +434,88 @@ def test_other_bad_input_names_the_argument():
 def test_docstring_examples_run():
   results = doctest.testmod(codecs, optionflags=doctest.ELLIPSIS)
   assert results.attempted > 0 and results.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients through codecs.
+
+
+SPARSE = {
+    "random_k": (codecs.random_k(k=5), None),
+    "random_k_unscaled": (codecs.random_k(k=5, unbiased=False), None),
+    "top_k": (codecs.top_k(fraction=0.25), None),
+    "top_k_ef": (codecs.top_k(k=3, error_feedback=True), None),
+    # In a chain, only the sparsifier's selection matters; rounding and casting pass straight.
+    "random_k+quantize": (codecs.chain(codecs.random_k(k=6), codecs.quantize(bits=8)),
+                          codecs.chain(codecs.random_k(k=6), codecs.identity())),
+    "clip+top_k+cast": (codecs.chain(codecs.clip(max_norm=100.0), codecs.top_k(k=4), codecs.cast(dtype=jnp.float16)),
+                        codecs.chain(codecs.clip(max_norm=100.0), codecs.top_k(k=4), codecs.identity())),
+}
+
+
+@pytest.mark.parametrize("name", list(SPARSE))
+def test_sparsifier_backward_is_the_transpose_of_decode_of_encode(name):
+  """With the selection fixed, decode(encode(x)) is linear in x: `cotangent` returns its exact VJP,
+  as jax.vjp computes it through the gather and the scatter. In a chain, rounding and casting pass
+  the gradient straight: the reference swaps them for identity (same key splitting, same selection)."""
+  codec, reference = SPARSE[name]
+  reference = reference or codec
+  x = {"a": _normal(20, (B, 3, 4)), "b": _normal(21, (B, 6))}
+  g = {"a": _normal(22, (B, 3, 4)), "b": _normal(23, (B, 6))}
+  key = jax.random.key(7)
+  payload, _ = codec.encode(x, codec.init(x), key)
+  got = codecs.cotangent(codec, payload, g)
+  ref_state = reference.init(x)
+  _, vjp = jax.vjp(lambda x: reference.decode(reference.encode(x, ref_state, key)[0]), x)
+  (expected,) = vjp(g)
+  chex.assert_trees_all_close(got, expected, atol=1e-6)
+  # Zero exactly off the coordinates sent.
+  sent = jax.tree.map(lambda d: d != 0, codec.decode(payload))
+  assert all(bool(jnp.all((a == 0) | m)) for a, m in zip(jax.tree.leaves(got), jax.tree.leaves(sent)))
+
+
+@pytest.mark.parametrize("codec", [codecs.identity(), codecs.cast(dtype=jnp.float16), codecs.quantize(bits=4),
+                                   codecs.clip(max_norm=0.5)], ids=["identity", "cast", "quantize", "clip"])
+def test_other_codecs_pass_gradients_straight_through(codec):
+  x = _normal(24)
+  payload, _ = codec.encode(x, codec.init(x), jax.random.key(0))
+  g = _normal(25)
+  assert codec.backward is None
+  chex.assert_trees_all_equal(codecs.cotangent(codec, payload, g), g)
+
+
+def test_split_step_through_random_k_is_the_exact_gradient():
+  """Vanilla SL with random-k on the uplink = one SGD step on loss(server(decode(encode(client(x))))),
+  differentiated end to end with the selection fixed: the client's gradient is exact."""
+  import optax
+
+  import sljax
+  from sljax import models
+
+  model = sljax.cut(models.mlp(hidden=(16, 16), num_classes=4), 1)
+  codec = codecs.random_k(fraction=0.25)
+  sl = sljax.vanilla(model, client_optimizer=optax.sgd(0.5), server_optimizer=optax.sgd(0.5), uplink=codec)
+  x = _normal(26, (8, 5))
+  y = jnp.arange(8, dtype=jnp.int32) % 4
+  state = sl.init(jax.random.key(0), x)
+  key = jax.random.key(3)
+  new, _ = jax.jit(sl.step)(state, (x, y), key)
+
+  k_client, k_server = jax.random.split(key)
+  codec_key = jax.random.fold_in(k_client, sljax.protocol.CODEC_STREAM)
+
+  def loss(pc, ps):
+    h, _ = model.client.apply(pc, state.client.model_state, x, key=k_client, train=True)
+    h_hat = codec.decode(codec.encode(h, state.client.codec_state, codec_key)[0])
+    out, _ = model.server.apply(ps, state.server.model_state, h_hat, key=k_server, train=True)
+    return sljax.protocol.softmax_cross_entropy(out, y)
+
+  g_c, g_s = jax.grad(loss, argnums=(0, 1))(state.client.params, state.server.params)
+  sgd = lambda p, g: jax.tree.map(lambda a, b: a - 0.5 * b, p, g)  # noqa: E731
+  chex.assert_trees_all_close(new.client.params, sgd(state.client.params, g_c), atol=1e-6)
+  chex.assert_trees_all_close(new.server.params, sgd(state.server.params, g_s), atol=1e-6)
+  # The straight-through gradient would differ: the check has teeth.
+  up, pending = sl.client_forward(state.client, x, y, k_client)
+  _, down, _ = sl.server_step(state.server, up, k_server)
+  (straight,) = pending.pullback(down.grad)
+  assert not np.allclose(jax.tree.leaves(straight)[0], jax.tree.leaves(g_c)[0], atol=1e-4)

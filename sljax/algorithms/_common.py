@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from sljax import codecs
 from sljax import messages as msgs
 from sljax.data.clients import ClientData, client_batches
 from sljax.protocol import ArraySpec, PartyState, apply_update, check_batch, softmax_cross_entropy
@@ -200,6 +201,7 @@ def client_gradient(vanilla):
 
   def backward(client, x, y, key, g):
     _, pending = vanilla.client_forward(client, x, y, key)
+    g = codecs.cotangent(vanilla.uplink, pending.sent, g)  # through the uplink codec, as `client_backward`
     return pending.pullback(g)[0], pending.model_state, pending.codec_state
 
   return backward
