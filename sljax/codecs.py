@@ -509,7 +509,7 @@ def _check_k_and_fraction(codec_name: str, k, fraction) -> None:
 
 
 def _sparsifier(codec_name: str, select, *, k, fraction, error_feedback: bool, unbiased: bool,
-                random: bool) -> Codec:
+                random: bool, straight_through: bool) -> Codec:
   """Builds a per-row k-sparsifier; ``select(rows_BxD, k, key)`` returns ``(B, k)`` indices."""
   _check_k_and_fraction(codec_name, k, fraction)
 
@@ -585,7 +585,7 @@ def _sparsifier(codec_name: str, select, *, k, fraction, error_feedback: bool, u
     residual = jax.tree.map(jnp.subtract, corrected, decode(payload))
     return payload, ErrorFeedbackState(residual=residual)
 
-  return _jitted_codec(init, encode, decode, backward)
+  return _jitted_codec(init, encode, decode, None if straight_through else backward)
 
 
 def _check_residual(codec_name: str, tree, state) -> None:
@@ -606,7 +606,7 @@ def _check_residual(codec_name: str, tree, state) -> None:
 
 
 def top_k(*, k: int | None = None, fraction: float | None = None,
-          error_feedback: bool = False) -> Codec:
+          error_feedback: bool = False, straight_through: bool = False) -> Codec:
   """Keeps the ``k`` largest-magnitude values of each row.
 
   The payload holds the kept values in the leaf's dtype and their positions in the smallest
@@ -622,6 +622,9 @@ def top_k(*, k: int | None = None, fraction: float | None = None,
     fraction: alternatively, the fraction of each row kept, in ``(0, 1]``;
       ``k = max(1, round(fraction * row_length))`` per leaf.
     error_feedback: carry the unsent remainder in the state.
+    straight_through: pass gradients back unmasked (``backward`` None) instead of through the
+      exact transpose (masked to the sent coordinates). Biased, but it also moves what was not
+      sent, which can train a sparsified cut better (see experiments/benchmarks/codecs.py).
 
   Returns:
     A :class:`Codec` whose payload is an :class:`EncodedTree` of :class:`SparseLeaf`; its state
@@ -646,11 +649,11 @@ def top_k(*, k: int | None = None, fraction: float | None = None,
     return indices_BxK
 
   return _sparsifier("top_k", select, k=k, fraction=fraction, error_feedback=error_feedback,
-                     unbiased=False, random=False)
+                     unbiased=False, random=False, straight_through=straight_through)
 
 
 def random_k(*, k: int | None = None, fraction: float | None = None,
-             error_feedback: bool = False, unbiased: bool = True) -> Codec:
+             error_feedback: bool = False, unbiased: bool = True, straight_through: bool = False) -> Codec:
   """Keeps ``k`` coordinates of each row drawn uniformly at random without replacement.
 
   With ``unbiased=True`` decode rescales the kept values by ``D / k`` (``D`` the row length),
@@ -668,6 +671,7 @@ def random_k(*, k: int | None = None, fraction: float | None = None,
       ``k = max(1, round(fraction * row_length))`` per leaf.
     error_feedback: carry the unsent remainder in the state; needs ``unbiased=False``.
     unbiased: rescale by ``D / k`` on decode.
+    straight_through: pass gradients back unmasked and unscaled, as :func:`top_k`.
 
   Returns:
     A :class:`Codec` whose payload is an :class:`EncodedTree` of :class:`SparseLeaf`.
@@ -698,7 +702,7 @@ def random_k(*, k: int | None = None, fraction: float | None = None,
     return indices_BxK
 
   return _sparsifier("random_k", select, k=k, fraction=fraction, error_feedback=error_feedback,
-                     unbiased=unbiased, random=True)
+                     unbiased=unbiased, random=True, straight_through=straight_through)
 
 
 def clip(*, max_norm: float) -> Codec:

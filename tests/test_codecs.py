@@ -475,7 +475,9 @@ def test_sparsifier_backward_is_the_transpose_of_decode_of_encode(name):
 
 
 @pytest.mark.parametrize("codec", [codecs.identity(), codecs.cast(dtype=jnp.float16), codecs.quantize(bits=4),
-                                   codecs.clip(max_norm=0.5)], ids=["identity", "cast", "quantize", "clip"])
+                                   codecs.clip(max_norm=0.5), codecs.top_k(k=3, straight_through=True),
+                                   codecs.random_k(k=3, straight_through=True)],
+                         ids=["identity", "cast", "quantize", "clip", "top_k_straight", "random_k_straight"])
 def test_other_codecs_pass_gradients_straight_through(codec):
   x = _normal(24)
   payload, _ = codec.encode(x, codec.init(x), jax.random.key(0))

@@ -196,6 +196,21 @@ class ConcurrentServer(ServiceBase):
     self._durable_upto = np.array(initial.upto)
     if self._manager is not None and self._manager.latest_step() is None:
       self._save()
+    self._warm_up()
+
+  def _warm_up(self) -> None:
+    """Compiles the server's steps now, so the first step of training does not wait for XLA;
+    the results are discarded."""
+    s = self.state
+    zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), self._smashed_template)
+    if self._splitfed:
+      copy, _, _, _ = self._splitfed_step(s.server, 0, zeros, s.key, 0, 0)
+      jax.block_until_ready((self._set_copy(s.server, 0, copy), self._set_weights(s.weights, 0, s.average),
+                             self._average(s.weights, s.server, np.ones(self.schedule.num_clients, np.float32))))
+    else:
+      pending = _Pending(0, 0, {})
+      weights = np.zeros(self.schedule.num_clients, np.float32)
+      jax.block_until_ready(self._parallel_step(s.server, self._stacked_smashed(pending), weights, s.key, 0, 0))
 
   @property
   def _splitfed(self) -> bool:

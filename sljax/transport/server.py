@@ -342,6 +342,9 @@ class SplitServer(ServiceBase):
     self._deadline = float("inf")
     if self._manager is not None and self._manager.latest_step() is None:
       self._save()
+    # Compile the server step now, so the first step of training does not wait for XLA.
+    zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), self._smashed_template)
+    jax.block_until_ready(self._server_step(self.state.server, zeros, sched.step_keys(self.state.key, 0, 0, 0)[1]))
 
   algorithm = "sequential_sl"
 
