@@ -309,3 +309,35 @@ def test_heterogeneous_cuts_train_with_a_shared_body():
   assert out.shape == (5, 10)
   with pytest.raises(ValueError, match=r"cuts\[1\]: cut index must be in \[1, 2\] for a stack of 3 layers, got 3"):
     A.heterogeneous_parallel_sl(layers, cuts=[1, 3], client_optimizer=OPT, server_optimizer=OPT, batch_size=B)
+
+
+def test_parallel_sl_with_the_server_in_client_chunks_equals_the_whole_step():
+  """`server_chunk`: clients C at a time through client, server and back, one summed server update
+  per step: the same round (uneven clients, a non-participant, a drop, codecs), without retracing."""
+  data = _data(8, uneven=True)
+  everyone = A.RoundInputs(jnp.ones((8,), bool), jnp.zeros((3, 8), bool))
+  inputs = A.RoundInputs(jnp.array([1, 1, 0, 1, 1, 1, 1, 1], bool), jnp.zeros((3, 8), bool).at[1, 3].set(True))
+  codecs = dict(uplink=sljax.codecs.random_k(fraction=0.5), downlink=sljax.codecs.quantize(bits=8))
+  results = {}
+  for chunk in (None, 2, 8):
+    algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=8, batch_size=B,
+                         local_steps=3, server_chunk=chunk, **codecs)
+    state = algo.init(jax.random.key(2), data)
+    jitted = jax.jit(algo.round, donate_argnums=0)
+    history = []
+    for r in range(3):
+      state, metrics = jitted(state, data, inputs if r == 1 else everyone)
+      history.append(metrics)
+    assert jitted._cache_size() == 1  # one compilation for every round
+    results[chunk] = (jax.device_get(state), jax.device_get(history))
+  reference_state, reference_history = results[None]
+  for chunk in (2, 8):
+    state, history = results[chunk]
+    chex.assert_trees_all_close(state, reference_state, atol=2e-5, rtol=1e-5)
+    chex.assert_trees_all_close(history, reference_history, atol=2e-5, rtol=1e-5)
+  assert int(reference_history[1]["completed_steps"][3]) == 1 and int(reference_history[1]["completed_steps"][2]) == 0
+  with pytest.raises(ValueError, match=r"server_chunk: expected a positive int that divides num_clients=8, got 3"):
+    A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=8, batch_size=B, server_chunk=3)
+  with pytest.raises(ValueError, match="server_chunk: not available with sync_clients=True"):
+    A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=8, batch_size=B, server_chunk=2,
+                  sync_clients=True)

@@ -8,6 +8,9 @@ samples/s = K * 32 * local_steps / seconds per round. The variants, timed side b
 
   parallel_sl/<executor>  `sljax.algorithms.parallel_sl`, the jitted round, under `vmap()`,
   splitfed_v1/<executor>  `chunked_vmap(min(K, 64))` and `lax_map()`; and SplitFed v1.
+  parallel_sl/server_chunk  `parallel_sl(server_chunk=min(K, 256))`: each step runs 256 clients
+                          at a time through client, server and back, summing the server gradient
+                          and writing the clients' new state in place: the memory-bounded round.
   centralized             `centralized_baseline`: one step on the K*32 samples of a step pooled.
                           All jitted rounds donate their state, as `sljax.simulation.run` does.
   jax_loop                a Python loop over clients of jitted legs, with parallel-SL semantics:
@@ -91,8 +94,10 @@ MEMORY_VARIANTS = (  # (algorithm, executor, donate) at the largest K; simulatio
     ("parallel_sl", "vmap", True),
     ("parallel_sl", "vmap", False),
     ("parallel_sl", "chunked_vmap", True),
+    ("parallel_sl", "server_chunk", True),
     ("splitfed_v1", "vmap", True),
 )
+SERVER_CHUNK = 256  # clients per chunk of parallel_sl(server_chunk=...): the memory-bounded round
 TARGETS = {
     "parallel_sl_over_centralized": (0.8, "at K=512"),
     "jax_over_torch": (5.0, "at K>=64"),
@@ -119,7 +124,13 @@ def client_data(k: int) -> sljax.data.ClientData:
 
 def executor(name: str, k: int) -> sljax.execution.Executor:
   ex = sljax.execution
-  return {"vmap": ex.vmap, "chunked_vmap": lambda: ex.chunked_vmap(min(k, 64)), "lax_map": ex.lax_map}[name]()
+  return {"vmap": ex.vmap, "chunked_vmap": lambda: ex.chunked_vmap(min(k, 64)), "lax_map": ex.lax_map,
+          "server_chunk": ex.vmap}[name]()
+
+
+def _server_chunk(executor_name: str, k: int) -> int | None:
+  """`parallel_sl(server_chunk=...)` of the "server_chunk" variant: whole chunks of SERVER_CHUNK clients."""
+  return min(k, SERVER_CHUNK) if executor_name == "server_chunk" else None
 
 
 def algorithm(name: str, k: int, executor_name: str = "vmap") -> sljax.algorithms.Algorithm:
@@ -128,7 +139,7 @@ def algorithm(name: str, k: int, executor_name: str = "vmap") -> sljax.algorithm
     return sljax.algorithms.centralized_baseline(model(), optimizer=optax.adam(LR), **common)
   halves = {"client_optimizer": optax.adam(LR), "server_optimizer": optax.adam(LR), "executor": executor(executor_name, k)}
   if name == "parallel_sl":
-    return sljax.algorithms.parallel_sl(model(), **halves, **common)
+    return sljax.algorithms.parallel_sl(model(), **halves, **common, server_chunk=_server_chunk(executor_name, k))
   return sljax.algorithms.splitfed(model(), version=1, **halves, **common)
 
 
@@ -275,7 +286,7 @@ def measure(k: int, *, budget_seconds: float, chunk_seconds: float, min_rounds: 
   builders: dict[str, Callable[[], Run]] = {}
   skipped = {}
   for algo in ("parallel_sl", "splitfed_v1"):
-    for ex in ("vmap", "chunked_vmap", "lax_map"):
+    for ex in ("vmap", "chunked_vmap", "lax_map") + (("server_chunk",) if algo == "parallel_sl" else ()):
       name = f"{algo}/{ex}"
       if ex == "lax_map" and k > lax_map_max_k:
         skipped[name] = f"lax_map left out above K={lax_map_max_k} (--lax-map-max-k) to bound the run"
@@ -355,7 +366,8 @@ def memory_child(algo_name: str, executor_name: str, k: int, *, donate: bool, ro
   one_server = jax.tree.map(lambda a: a[0], state.server) if "server" in algo.stacked else state.server
   server_copies = k if "server" in algo.stacked else 1
   expected = k * _tree_bytes(one_client) + server_copies * _tree_bytes(one_server)
-  return {"algorithm": algo_name, "executor": executor(executor_name, k).name, "K": k, "donate": donate,
+  ex_name = executor(executor_name, k).name if executor_name != "server_chunk" else f"server_chunk({_server_chunk(executor_name, k)})"
+  return {"algorithm": algo_name, "executor": ex_name, "K": k, "donate": donate,
           "client_state_bytes": _tree_bytes(one_client), "server_state_bytes": _tree_bytes(one_server),
           "server_copies": server_copies, "expected_bytes": expected, "live_state_bytes": _tree_bytes(state),
           "init_rss_delta_bytes": after_init - base, "peak_rss_delta_bytes": peak - base,

@@ -18,7 +18,7 @@ from sljax import codecs
 from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
-from sljax.data.clients import ClientData
+from sljax.data.clients import ClientData, client_batches
 from sljax.execution import Executor, vmap
 from sljax.split import SplitModel, Stage
 
@@ -45,6 +45,7 @@ def parallel_sl(
     sync_clients: bool = False,
     uplink: codecs.Codec | None = None,
     downlink: codecs.Codec | None = None,
+    server_chunk: int | None = None,
 ) -> c.Algorithm:
   """Parallel split learning: every client at once, one server, one server update per step.
 
@@ -65,6 +66,18 @@ def parallel_sl(
   `uplink`/`downlink` are codecs on the smashed data and the cut gradients; each client keeps
   its uplink codec state, and the server one downlink codec state per client.
 
+  Memory: by default a step holds every client's activations, the server's activations for all
+  K*B rows and their gradients at once. `server_chunk=C` (C divides K) runs each step C clients
+  at a time instead: their batches, forward passes, the server's forward and backward on their
+  rows, their cut gradients, backward passes and updates, written in place into the client
+  state; the server's gradient is summed over the chunks and applied once after the last, so it
+  is the same step. Peak memory then holds the state (donate it: `jax.jit(round,
+  donate_argnums=0)`, as `sljax.simulation.run` does) plus one chunk's temporaries. The result
+  equals the unchunked step's (up to float summation order) for server halves without batch
+  statistics or dropout; with batch statistics they are a chunk's, with dropout the server draws
+  its masks per chunk (`fold_in(key, chunk)`). `executor` is not used then: each chunk is
+  vmapped. Not with `sync_clients`.
+
   Example:
     >>> import optax, sljax
     >>> ds = sljax.data.load_digits(image=False)
@@ -75,6 +88,14 @@ def parallel_sl(
     >>> state, metrics = jax.jit(algo.round)(state, data)
   """
   c.check_schedule(participation=participation, drop_rate=drop_rate)
+  if server_chunk is not None:
+    if isinstance(server_chunk, bool) or not isinstance(server_chunk, int) or server_chunk < 1 or (
+        num_clients % server_chunk):
+      raise ValueError(f"server_chunk: expected a positive int that divides num_clients={num_clients}, "
+                       f"got {server_chunk!r}")
+    if sync_clients:
+      raise ValueError("server_chunk: not available with sync_clients=True (the client gradients are averaged "
+                       "over all clients before any update)")
   vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
                              uplink=uplink, downlink=downlink)
   up_codec, down_codec = uplink or codecs.identity(), downlink or codecs.identity()
@@ -121,10 +142,78 @@ def parallel_sl(
       down = msgs.wire_size(msgs.CutGradient(c.first(payload))) * active
       return (clients, server), (losses, accs, active, up, down)
 
+    if server_chunk is not None:
+      step = _chunked_step(state, data, key, inputs)
     (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
     metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating)
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
+
+  def _chunked_step(state: c.SimState, data: ClientData, key, inputs: c.RoundInputs):
+    """One step, `server_chunk` clients at a time (see the docstring)."""
+    size, num_chunks = server_chunk, num_clients // server_chunk
+    data_key = jax.random.wrap_key_data(state.key)
+
+    def step(carry, s):
+      clients, server = carry
+      k_step = jax.random.fold_in(key, s + 1)
+      keys_K = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
+      codec_keys_K = c.codec_keys(k_step, num_clients)
+      active_K = inputs.active()[s]
+      weights_K = active_K.astype(jnp.float32)
+      total = weights_K.sum()
+      k_server = jax.random.fold_in(k_step, 1)
+      data_step = state.round * local_steps + s
+
+      def chunk(carry, j):
+        clients, server_codec, model_state, g_sum = carry
+        start = j * size
+        take = lambda tree: jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), tree)  # noqa: E731
+        part, codec_part = take(clients), take(server_codec)
+        keys, active, weights = take(keys_K), take(active_K), take(weights_K)
+        x, y, _ = client_batches(take(data), data_step, batch_size=batch_size, key=data_key, first_client=start)
+        ups = jax.vmap(lambda *a: vanilla.client_forward(*a)[0])(part, x, y, keys)
+        h = jax.vmap(up_codec.decode)(ups.activations)
+
+        def objective(params, h):
+          flat = h.reshape(size * batch_size, *h.shape[2:])
+          out, new_state = model.server.apply(params, model_state, flat, key=jax.random.fold_in(k_server, j),
+                                              train=True)
+          out = out.reshape(size, batch_size, *out.shape[1:])
+          losses = c.per_client_losses(out, y, loss)
+          return (losses * weights).sum() / jnp.maximum(total, 1.0), (losses, out, new_state)
+
+        (_, (losses, out, new_state)), (g_params, g_h) = jax.value_and_grad(
+            objective, argnums=(0, 1), has_aux=True)(server.params, h)
+        # d(weighted mean)/dh_k = w_k / total * d loss_k / dh_k: rescale to each client's own loss.
+        scale = jnp.where(weights > 0, total / jnp.where(weights > 0, weights, 1.0), 0.0)
+        g_h = g_h * scale.reshape(size, *(1,) * (g_h.ndim - 1)).astype(g_h.dtype)
+        payload, codec_state = jax.vmap(down_codec.encode)(g_h, codec_part, take(codec_keys_K))
+        g_cut = jax.vmap(down_codec.decode)(payload)
+        # The chunk's new state is computed whole before it is written back: a conditional is never
+        # fused, so no fusion both reads the old state and writes the new one, and the writes happen
+        # in place (without it XLA:CPU copied two K-wide optimizer arrays per chunk). Always true.
+        updated = jax.lax.cond(j < num_chunks, lambda p: jax.vmap(backward_and_update)(p, x, y, keys, g_cut, active),
+                               lambda p: p, part)
+        put = lambda tree, new: jax.tree.map(  # noqa: E731
+            lambda a, n: jax.lax.dynamic_update_slice_in_dim(a, n, start, 0), tree, new)
+        clients = put(clients, updated)
+        server_codec = put(server_codec, c.where(active, codec_state, codec_part))
+        g_sum = jax.tree.map(jnp.add, g_sum, g_params)
+        accs = jnp.mean(jnp.argmax(out, -1) == y, axis=-1)
+        sizes.update(up=msgs.wire_size(c.first(ups)), down=msgs.wire_size(msgs.CutGradient(c.first(payload))))
+        return (clients, server_codec, new_state, g_sum), (losses, accs)
+
+      zeros = jax.tree.map(jnp.zeros_like, server.params)
+      sizes = {}  # the messages' wire bytes, static: filled in when `chunk` is traced
+      (clients, server_codec, model_state, g_sum), (losses, accs) = jax.lax.scan(
+          chunk, (clients, server.codec_state, server.model_state, zeros), jnp.arange(num_chunks))
+      updated = c.apply_update(server, g_sum, server_optimizer, model_state)
+      server = c.select(total > 0, updated, server).replace(codec_state=server_codec)
+      up, down = sizes["up"] * inputs.participating, sizes["down"] * active_K
+      return (clients, server), (losses.reshape(num_clients), accs.reshape(num_clients), active_K, up, down)
+
+    return step
 
   def predict(state: c.SimState, x, client: int = 0):
     one = jax.tree.map(lambda a: a[client], state.clients)

@@ -129,7 +129,7 @@ def _round_constants(seed_2: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Ar
 
 
 def client_batches(
-    data: ClientData, step, *, batch_size: int, key: jax.Array
+    data: ClientData, step, *, batch_size: int, key: jax.Array, first_client=0
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Batch number `step` of every client: a pure, jittable function of `(data, step, key)`.
 
@@ -162,6 +162,9 @@ def client_batches(
       must stay below 2**31.
     batch_size: rows per client per step, a static positive int.
     key: the data-order key; keep it fixed for the whole run.
+    first_client: the index k of `data`'s first client (an int, or an int32 scalar that may be
+      traced): with a slice of clients k0, k0 + 1, ..., pass k0 to get their batches as in the
+      whole stack.
 
   Returns:
     x of shape (K, B, *feature_shape), y of shape (K, B), and the bool mask of shape (K, B).
@@ -186,7 +189,7 @@ def client_batches(
   epoch_K = start // c_Kx1[:, 0]
   # With c >= B a batch spans at most two epochs; with c < B all of it uses pi_e (see above).
   in_next_KxB = (pos_1xB // c_Kx1 > epoch_K[:, None]) & (c_Kx1 >= batch_size)
-  clients_K = jnp.arange(num_clients)
+  clients_K = first_client + jnp.arange(num_clients)
   now_KxR, now_keys_KxR = jax.vmap(_round_constants)(_epoch_seeds(key, clients_K, epoch_K), c_Kx1[:, 0])
   next_KxR, next_keys_KxR = jax.vmap(_round_constants)(_epoch_seeds(key, clients_K, epoch_K + 1), c_Kx1[:, 0])
   row_KxB = pos_1xB % c_Kx1  # the slot in the epoch; the rounds map it to a row
