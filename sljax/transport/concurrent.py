@@ -174,7 +174,7 @@ class ConcurrentServer(ServiceBase):
         server=server, round=np.array(0, np.int32), step=np.array(0, np.int32), upto=np.zeros((k,), np.int32),
         gone=np.zeros((k,), bool), samples=np.zeros((k,), np.int32), handed=np.zeros((k,), bool),
         weights=jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), weights),
-        average=jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), average), key=run_key)
+        average=average, key=run_key)  # before any round, the "average" is the initial client half
     initial = jax.device_get(initial)
 
     b = schedule.batch_size
