@@ -1,11 +1,12 @@
-"""The client's side of split learning over a network, one driver for every transport.
+"""The client's side of split learning over a network, one driver for every transport and algorithm.
 
-A client holds its own data (numpy arrays) and, during its turn, the client half. Per step it
-runs the very legs of the simulation: `client_forward` on its batch, `Forward` to the server,
-`client_backward` on the cut gradient, then `Commit`. It keeps the state it had at the server's
-last checkpoint (`durable`) until a newer one is durable, so when the server restarts from its
-checkpoint the client rolls back to exactly that step and replays from there: no step is lost or
-applied twice, and the run ends where an uninterrupted one would.
+A client holds its own data (numpy arrays) and its client half: during its turn in sequential SL,
+all the time in parallel SL and SplitFed v1 (the algorithm the server names in its handshake;
+`run` follows it). Per step it runs the very legs of the simulation: `client_forward` on its
+batch, `Forward` to the server, `client_backward` on the cut gradient, then `Commit`. It keeps the
+state it had at the server's last checkpoint (`durable`) until a newer one is durable, so when the
+server restarts from its checkpoint the client rolls back to exactly that step and replays from
+there: no step is lost or applied twice, and the run ends where an uninterrupted one would.
 
     session = connect(transport, model, sl, client=k, x=x_k, y=y_k)
     result = run(session)                         # every turn of every round, then the final half
