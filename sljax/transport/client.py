@@ -15,6 +15,7 @@ there: no step is lost or applied twice, and the run ends where an uninterrupted
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -26,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sljax import messages as msgs
-from sljax.protocol import ArraySpec, PartyState, Vanilla
+from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
 from sljax.transport import wire
@@ -133,13 +134,20 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla, *, client: int
       transport=transport, client=client, schedule=schedule, run_key=run_key, x=x, y=y,
       rows=sched.row_order(client=client, count=len(x), batch_size=b, run_key=run_key),
       forward=jax.jit(sl.client_forward), backward=jax.jit(sl.client_backward),
-      infer=jax.jit(lambda p, x: model.client.apply(p.params, p.model_state, x, key=None, train=False)[0]),
+      infer=jax.jit(functools.partial(_infer, model, sl)),
       input_spec=whole.client.input_spec, output_spec=ArraySpec.of(out),
       half_template=msgs.spec_of(sched.to_message(whole.client)),
       down_template=down, timeout=timeout, algorithm=hello["algorithm"], lease_seconds=float(hello["lease_seconds"]),
       weights_template=msgs.spec_of(_weights_of(whole.client)))
   _warm_up(session, whole.client)
   return session
+
+
+def _infer(model: SplitModel, sl: Vanilla, half: PartyState, x) -> Any:
+  """The client half in eval mode, through the uplink codec from a fresh state, as `Vanilla.predict`."""
+  smashed = model.client.apply(half.params, half.model_state, x, key=None, train=False)[0]
+  key = jax.random.fold_in(jax.random.key(0), CODEC_STREAM)
+  return sl.uplink.encode(smashed, sl.uplink.init(smashed), key)[0]
 
 
 def _warm_up(session: Session, half_struct: PartyState) -> None:
@@ -376,13 +384,15 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
 def predict(session: Session, half: PartyState, x, *, batch_size: int = 1024) -> np.ndarray:
   """Collaborative inference: this client's half runs here, the server's half there (`Predict`).
 
-  Returns the server's outputs (e.g. logits) for every row of `x`. No labels are sent.
+  Returns the server's outputs (e.g. logits) for every row of `x`. No labels are sent; the smashed
+  data goes through the uplink codec, as in `Vanilla.predict`.
   """
   x, outputs = np.asarray(x), []
   for start in range(0, len(x), batch_size):
-    smashed = np.asarray(session.infer(half, x[start:start + batch_size]))
-    response = _call(session, "Predict", {"batch": len(smashed), "message": msgs.to_bytes(msgs.SmashedData(smashed))})
+    rows = x[start:start + batch_size]
+    payload = jax.device_get(session.infer(half, rows))
+    response = _call(session, "Predict", {"batch": len(rows), "message": msgs.to_bytes(msgs.SmashedData(payload))})
     out = session.output_spec
-    template = msgs.Prediction(jax.ShapeDtypeStruct((len(smashed), *out.shape), out.dtype))
+    template = msgs.Prediction(jax.ShapeDtypeStruct((len(rows), *out.shape), out.dtype))
     outputs.append(np.asarray(wire.read_message(template, response["message"], what="Predict response").logits))
   return np.concatenate(outputs)

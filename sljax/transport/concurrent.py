@@ -181,8 +181,7 @@ class ConcurrentServer(ServiceBase):
     x_struct = jax.ShapeDtypeStruct((b, *input_spec.shape), input_spec.dtype)
     y_struct = jax.ShapeDtypeStruct((b,), jnp.int32)
     self._smashed_template = jax.eval_shape(sl.client_forward, init.client, x_struct, y_struct, jax.random.key(0))[0]
-    self._server_eval = jax.jit(
-        lambda party, h: model.server.apply(party.params, party.model_state, h, key=None, train=False)[0])
+    self._configure_inference(model, sl)
     self._build_steps(model, sl)
 
     self._pending: _Pending | None = None

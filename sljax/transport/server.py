@@ -99,8 +99,8 @@ class ServiceBase:
   and the methods that do not depend on the algorithm (Handshake, Status, Predict).
 
   A subclass calls `_configure(...)`, builds its initial state, passes it through
-  `_restore(checkpoint_dir, initial)` and sets `self.state`, `self.schedule`, `self.cut_spec` and
-  `self._server_eval`. It implements `_handover`, `_forward`, `_commit` (one per method of the
+  `_restore(checkpoint_dir, initial)` and sets `self.state`, `self.schedule` and `self.cut_spec`,
+  and calls `_configure_inference(model, sl)`. It implements `_handover`, `_forward`, `_commit` (one per method of the
   service), `_position(client)`, `_seen(client)` (a call from `client` arrived),
   `_expire_if_due()` (leases), `_predict_party(client)` (the server half that serves `client`'s
   inference) and `_staged_dict()` (what is staged, for `snapshot`); `_hello` optionally.
@@ -248,12 +248,26 @@ class ServiceBase:
     del req
     return wire.encode(self._position(client))
 
+  def _configure_inference(self, model: SplitModel, sl: Vanilla) -> None:
+    """Predict: the smashed data comes through the uplink codec, as in `Vanilla.predict`."""
+    self._uplink = sl.uplink
+    self._server_eval = jax.jit(lambda party, payload: model.server.apply(
+        party.params, party.model_state, sl.uplink.decode(payload), key=None, train=False)[0])
+    self._predict_templates: dict[int, msgs.SmashedData] = {}
+
+  def _predict_template(self, batch: int) -> msgs.SmashedData:
+    if batch not in self._predict_templates:
+      cut = jax.ShapeDtypeStruct((batch, *self.cut_spec.shape), self.cut_spec.dtype)
+      payload = jax.eval_shape(lambda h: self._uplink.encode(h, self._uplink.init(h), jax.random.key(0))[0], cut)
+      self._predict_templates[batch] = msgs.SmashedData(payload)
+    return self._predict_templates[batch]
+
   def _predict(self, client: int, req: dict) -> bytes:
     batch = req["batch"]
     if not 1 <= batch <= self.max_predict_batch:
       raise wire.invalid(f"Predict: field 'batch' must be in [1, {self.max_predict_batch}], got {batch}")
-    template = msgs.SmashedData(jax.ShapeDtypeStruct((batch, *self.cut_spec.shape), self.cut_spec.dtype))
-    message = wire.read_message(template, req["message"], what="Predict", max_bytes=self.max_message_bytes)
+    message = wire.read_message(self._predict_template(batch), req["message"], what="Predict",
+                                max_bytes=self.max_message_bytes)
     logits = self._server_eval(self._predict_party(client), message.activations)
     return wire.encode({"message": msgs.to_bytes(msgs.Prediction(np.asarray(logits)))})
 
@@ -328,8 +342,7 @@ class SplitServer(ServiceBase):
     self._smashed_template = jax.eval_shape(sl.client_forward, init.client, x_struct, y_struct, jax.random.key(0))[0]
     self._half_template = msgs.spec_of(sched.to_message(init.client))
     self._server_step = jax.jit(sl.server_step)
-    self._server_eval = jax.jit(
-        lambda party, h: model.server.apply(party.params, party.model_state, h, key=None, train=False)[0])
+    self._configure_inference(model, sl)
 
     self._staged: _Staged | None = None
     initial = self._restore(checkpoint_dir, initial)
