@@ -186,12 +186,15 @@ class SparseLeaf:
 
   Attributes:
     values: ``(B, k)`` kept values in the leaf's original dtype.
-    indices: ``(B, k)`` their positions in the flattened row, in the smallest unsigned integer
-      dtype that holds the row length (uint8, uint16 or uint32).
+    indices: ``(B, ceil(k * b / 8))`` uint8: their positions in the flattened row, ``b =
+      index_bits`` bits each, bit-packed: bit ``i`` of position ``j`` of a row is bit
+      ``(j * b + i) % 8`` (low bits first) of byte ``(j * b + i) // 8``; the last byte of a row is
+      zero-padded. :meth:`positions` unpacks them.
     shape: the leaf's original shape ``(B, ...)`` (static).
     dtype: the leaf's original dtype (static).
     rescale: factor applied to ``values`` on decode (static): ``D / k`` for unbiased random-k,
       otherwise 1.
+    index_bits: bits per position, ``ceil(log2 D)`` for rows of ``D`` values (at least 1; static).
   """
 
   values: jax.Array
@@ -199,6 +202,14 @@ class SparseLeaf:
   shape: tuple[int, ...] = struct.field(pytree_node=False)
   dtype: Any = struct.field(pytree_node=False)
   rescale: float = struct.field(pytree_node=False)
+  index_bits: int = struct.field(pytree_node=False, default=8)
+
+  def positions(self) -> jax.Array:
+    """The ``(B, k)`` int32 positions of the kept values."""
+    batch, k = self.values.shape
+    bits_BxKxI = _unpack_bits(self.indices, 1, k * self.index_bits).reshape(batch, k, self.index_bits)
+    weights_1x1xI = (1 << jnp.arange(self.index_bits, dtype=jnp.int32)).reshape(1, 1, self.index_bits)
+    return (bits_BxKxI.astype(jnp.int32) * weights_1x1xI).sum(-1)
 
 
 def payload_nbytes(payload: PyTree) -> int:
@@ -488,12 +499,19 @@ def quantize(*, bits: int, stochastic: bool = True, per: str = "row") -> Codec:
   return _leafwise_codec("quantize", QuantizedLeaf, encode_leaf, decode_leaf, random=stochastic)
 
 
-def _index_dtype(row_length: int) -> np.dtype:
-  """The smallest unsigned integer dtype that holds every index below ``row_length``."""
-  for dtype in (np.uint8, np.uint16, np.uint32):
-    if row_length - 1 <= np.iinfo(dtype).max:
-      return np.dtype(dtype)
-  raise ValueError(f"row length {row_length} does not fit uint32 indices.")
+def _index_bits(row_length: int) -> int:
+  """Bits that hold every position below ``row_length``: ``ceil(log2(row_length))``, at least 1."""
+  if row_length > 2**31:
+    raise ValueError(f"row length {row_length} does not fit int32 positions.")
+  return max(1, (row_length - 1).bit_length())
+
+
+def _pack_positions(positions_BxK: jax.Array, index_bits: int) -> jax.Array:
+  """Bit-packs ``(B, k)`` positions below ``2**index_bits`` into ``(B, ceil(k * index_bits / 8))`` uint8."""
+  batch, k = positions_BxK.shape
+  shifts_1x1xI = jnp.arange(index_bits, dtype=jnp.uint32).reshape(1, 1, index_bits)
+  bits_BxKxI = (positions_BxK.astype(jnp.uint32)[..., None] >> shifts_1x1xI) & 1
+  return _pack_bits(bits_BxKxI.astype(jnp.uint8).reshape(batch, k * index_bits), 1)
 
 
 def _check_k_and_fraction(codec_name: str, k, fraction) -> None:
@@ -527,12 +545,14 @@ def _sparsifier(codec_name: str, select, *, k, fraction, error_feedback: bool, u
     leaf_k, dim = resolve_k(leaf)
     rows_BxD = _rows(leaf, codec_name)
     indices_BxK = select(rows_BxD, leaf_k, key)
+    index_bits = _index_bits(dim)
     return SparseLeaf(
         values=jnp.take_along_axis(rows_BxD, indices_BxK, axis=1),
-        indices=indices_BxK.astype(_index_dtype(dim)),
+        indices=_pack_positions(indices_BxK, index_bits),
         shape=tuple(leaf.shape),
         dtype=leaf.dtype,
         rescale=dim / leaf_k if unbiased else 1.0,
+        index_bits=index_bits,
     )
 
   def decode_leaf(payload: SparseLeaf):
@@ -542,7 +562,7 @@ def _sparsifier(codec_name: str, select, *, k, fraction, error_feedback: bool, u
     if payload.rescale != 1.0:
       values_BxK = (values_BxK.astype(jnp.float32) * payload.rescale).astype(payload.dtype)
     rows_BxD = jnp.zeros((batch, dim), payload.dtype)
-    rows_BxD = rows_BxD.at[jnp.arange(batch)[:, None], payload.indices.astype(jnp.int32)].set(
+    rows_BxD = rows_BxD.at[jnp.arange(batch)[:, None], payload.positions()].set(
         values_BxK
     )
     return rows_BxD.reshape(payload.shape)
@@ -571,7 +591,7 @@ def _sparsifier(codec_name: str, select, *, k, fraction, error_feedback: bool, u
     for p, g_leaf in zip(payload.leaves, g_leaves):
       if isinstance(p, SparseLeaf):
         rows_BxD = jnp.reshape(g_leaf, (p.shape[0], -1)).astype(p.dtype)
-        g_leaf = decode_leaf(p.replace(values=jnp.take_along_axis(rows_BxD, p.indices.astype(jnp.int32), axis=1)))
+        g_leaf = decode_leaf(p.replace(values=jnp.take_along_axis(rows_BxD, p.positions(), axis=1)))
       out.append(g_leaf)
     return payload.treedef.unflatten(out)
 
@@ -609,8 +629,8 @@ def top_k(*, k: int | None = None, fraction: float | None = None,
           error_feedback: bool = False, straight_through: bool = False) -> Codec:
   """Keeps the ``k`` largest-magnitude values of each row.
 
-  The payload holds the kept values in the leaf's dtype and their positions in the smallest
-  unsigned integer dtype that holds the row length. Biased: the dropped coordinates decode to
+  The payload holds the kept values in the leaf's dtype and their positions, bit-packed at
+  ``ceil(log2 D)`` bits each for rows of ``D`` values. Biased: the dropped coordinates decode to
   zero. With ``error_feedback=True`` what was not sent is kept in the state and added to the
   next input before selection, so nothing is lost over time: after ``n`` encodes the decoded
   outputs plus the residual sum to the inputs. The residual is kept per row, so error feedback
@@ -639,7 +659,7 @@ def top_k(*, k: int | None = None, fraction: float | None = None,
     >>> codec = top_k(k=1)
     >>> x = jnp.array([[1.0, -3.0, 2.0]])
     >>> payload, _ = codec.encode(x, codec.init(x), jax.random.key(0))
-    >>> codec.decode(payload).tolist(), payload_nbytes(payload)  # 4-byte value + uint8 index
+    >>> codec.decode(payload).tolist(), payload_nbytes(payload)  # 4-byte value + a 2-bit index in a byte
     ([[0.0, -3.0, 0.0]], 5)
   """
 
@@ -661,7 +681,7 @@ def random_k(*, k: int | None = None, fraction: float | None = None,
   ``(D / k - 1) x**2`` per coordinate. With ``unbiased=False`` it is biased
   (``E = (k / D) x``) and may carry error feedback like :func:`top_k`.
 
-  The indices travel packed in the smallest unsigned dtype that holds the row length, although
+  The indices travel bit-packed, ``ceil(log2 D)`` bits each, although
   the receiver could regenerate them from a shared key: a self-describing payload keeps decode
   key-free and the transcript complete, so attacks and audits see exactly what the server saw.
 
@@ -687,8 +707,8 @@ def random_k(*, k: int | None = None, fraction: float | None = None,
     >>> x = jnp.ones((2, 8))
     >>> payload, _ = codec.encode(x, codec.init(x), jax.random.key(0))
     >>> x_hat = codec.decode(payload)  # two coordinates per row, each 8 / 2 = 4.0
-    >>> (x_hat != 0).sum(axis=1).tolist(), float(x_hat.max()), payload_nbytes(payload)
-    ([2, 2], 4.0, 20)
+    >>> (x_hat != 0).sum(axis=1).tolist(), float(x_hat.max()), payload_nbytes(payload)  # 2 x (8 + 1)
+    ([2, 2], 4.0, 18)
   """
   if error_feedback and unbiased:
     raise ValueError(

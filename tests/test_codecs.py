@@ -122,6 +122,7 @@ def test_top_k_keeps_exactly_the_k_largest_magnitudes():
   decoded, payload = _round_trip(codecs.top_k(k=k), x)
   (leaf,) = payload.leaves
   assert leaf.values.shape == (B, k) and leaf.indices.dtype == jnp.uint8
+  assert leaf.index_bits == 4 and leaf.indices.shape == (B, math.ceil(k * 4 / 8))  # rows of 16: 4 bits each
 
   x_np = np.asarray(x)
   expected = np.zeros_like(x_np)
@@ -137,7 +138,7 @@ def test_random_k_sends_k_distinct_coordinates_rescaled():
   (leaf,) = payload.leaves
   kept = np.asarray(decoded) != 0
   np.testing.assert_array_equal(kept.sum(1), k)
-  np.testing.assert_array_equal(np.sort(np.asarray(leaf.indices), 1),
+  np.testing.assert_array_equal(np.sort(np.asarray(leaf.positions()), 1),
                                 np.sort(np.nonzero(kept)[1].reshape(B, k), 1))
   np.testing.assert_allclose(np.asarray(decoded)[kept], np.asarray(x)[kept] * D / k, rtol=1e-6)
 
@@ -226,13 +227,19 @@ def test_payload_bytes_and_compression_ratios():
   assert 7.5 < ratios["top_k10%"] < 8.0 and ratios["cast_bf16"] == 2
 
 
-def test_index_dtype_is_the_smallest_that_holds_the_row():
-  codec = codecs.top_k(k=1)
-  for dim, dtype in ((256, jnp.uint8), (257, jnp.uint16), (65536, jnp.uint16),
-                     (65537, jnp.uint32)):
+def test_positions_are_bit_packed_at_ceil_log2_of_the_row_length():
+  codec = codecs.top_k(k=3)
+  for dim, bits in ((3, 2), (4, 2), (5, 3), (256, 8), (257, 9), (512, 9), (65536, 16), (65537, 17)):
     x = jax.ShapeDtypeStruct((2, dim), jnp.float32)
     payload, _ = jax.eval_shape(codec.encode, x, codec.init(x), jax.random.key(0))
-    assert payload.leaves[0].indices.dtype == dtype, dim
+    leaf = payload.leaves[0]
+    assert leaf.index_bits == bits and leaf.indices.shape == (2, math.ceil(3 * bits / 8)), dim
+    assert leaf.indices.dtype == jnp.uint8
+  # Round trip of positions at an odd width, including the largest position.
+  x = jnp.zeros((2, 300)).at[0, 299].set(5.0).at[1, 0].set(-4.0).at[1, 257].set(3.0)
+  decoded, payload = _round_trip(codecs.top_k(k=3), x)
+  np.testing.assert_array_equal(decoded, x)
+  assert payload.leaves[0].index_bits == 9
 
 
 @pytest.mark.parametrize("codec", [
