@@ -374,7 +374,8 @@ def vanilla(
 
 
 class UShaped(NamedTuple):
-  """U-shaped split learning: pure legs and their fused composition. Built by `u_shaped`."""
+  """U-shaped split learning: pure legs and their fused composition. Built by `u_shaped`; the last
+  fields are its configuration, as in `Vanilla`."""
 
   init: Callable[..., SplitState]
   client_forward: Callable[..., tuple[msgs.SmashedData, ClientPending]]
@@ -384,6 +385,12 @@ class UShaped(NamedTuple):
   client_backward: Callable[..., PartyState]
   step: Callable[..., tuple[SplitState, dict]]
   predict: Callable[..., tuple[jax.Array, dict]]
+  model: SplitModel
+  client_optimizer: optax.GradientTransformation
+  server_optimizer: optax.GradientTransformation
+  loss: Callable[[jax.Array, jax.Array], jax.Array]
+  uplink: codec_lib.Codec
+  downlink: codec_lib.Codec
 
 
 def u_shaped(
@@ -518,7 +525,8 @@ def u_shaped(
                               train=False)
     return out, Metrics({}, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
 
-  return UShaped(init, client_forward, server_forward, client_tail_step, server_backward, client_backward, step, predict)
+  return UShaped(init, client_forward, server_forward, client_tail_step, server_backward, client_backward, step, predict,
+                 model, client_optimizer, server_optimizer, loss, up_codec, down_codec)
 
 
 class Centralized(NamedTuple):
