@@ -87,17 +87,35 @@ def _read(path: str | None) -> bytes | None:
     return f.read()
 
 
+def _transport_setup(args):
+  """The demo setup of `sljax serve` and `sljax client`; with --u-shaped, the model cut in three
+  (head | body | tail, as `sljax demo` cuts it) with `u_shaped` legs."""
+  from sljax.transport import demo as demo_setup
+
+  setup = demo_setup.digits_setup(model=args.model, hidden=_hidden(args.hidden), dropout=args.dropout, lr=args.lr,
+                                  seed=args.data_seed)
+  if not args.u_shaped:
+    return setup
+  if args.model == "mlp":
+    model = split.cut(models.mlp(hidden=_hidden(args.hidden), dropout=args.dropout), 1, 2)
+  else:
+    model = split.cut(models.cnn(dropout=args.dropout), 2, 3)
+  opt = optax.adam(args.lr)
+  return setup._replace(model=model, sl=protocol.u_shaped(model, client_optimizer=opt, server_optimizer=opt))
+
+
 def serve(args) -> int:
-  """`sljax serve`: the server of sequential split learning (vanilla with --num-clients 1), parallel split
-  learning or SplitFed v1 (`--algorithm`) over gRPC."""
+  """`sljax serve`: the server of sequential split learning (vanilla with --num-clients 1; U-shaped with
+  --u-shaped), parallel split learning or SplitFed v1 (`--algorithm`) over gRPC."""
   import signal
   import threading
 
   from sljax import transport
   from sljax.transport import demo as demo_setup
 
-  setup = demo_setup.digits_setup(model=args.model, hidden=_hidden(args.hidden), dropout=args.dropout, lr=args.lr,
-                                  seed=args.data_seed)
+  if args.u_shaped and args.algorithm != "sequential_sl":
+    raise SystemExit(f"--u-shaped: runs with --algorithm sequential_sl only, got {args.algorithm}")
+  setup = _transport_setup(args)
   tokens = None
   if args.token_file:
     tokens = {token: client for client, token in demo_setup.read_tokens(args.token_file).items()}
@@ -122,7 +140,7 @@ def serve(args) -> int:
     with open(args.port_file + ".tmp", "w") as f:
       f.write(str(running.port))
     os.replace(args.port_file + ".tmp", args.port_file)
-  logging.getLogger("sljax").info("sljax serve: %s on %s:%d, %d client(s), %d round(s) of %d step(s)", args.algorithm,
+  logging.getLogger("sljax").info("sljax serve: %s on %s:%d, %d client(s), %d round(s) of %d step(s)", server.algorithm,
                                   args.host, running.port, args.num_clients, args.rounds, args.local_steps)
   stop = threading.Event()
   for sig in (signal.SIGINT, signal.SIGTERM):
@@ -138,8 +156,7 @@ def client(args) -> int:
   from sljax import transport
   from sljax.transport import demo as demo_setup
 
-  setup = demo_setup.digits_setup(model=args.model, hidden=_hidden(args.hidden), dropout=args.dropout, lr=args.lr,
-                                  seed=args.data_seed)
+  setup = _transport_setup(args)
   token = demo_setup.read_tokens(args.token_file)[args.client_id] if args.token_file else None
   ds = setup.dataset
   part = data.iid(ds.y_train, num_clients=args.num_clients, seed=args.partition_seed)[args.client_id]
@@ -182,6 +199,8 @@ def _add_setup_args(p) -> None:
   p.add_argument("--dropout", type=float, default=0.0)
   p.add_argument("--data-seed", type=int, default=0, help="train/test split of digits")
   p.add_argument("--num-clients", type=int, default=1)
+  p.add_argument("--u-shaped", action="store_true",
+                 help="U-shaped split learning (sequential): the model cut in three, labels stay with the clients")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,10 @@
 A client holds its own data (numpy arrays) and its client half: during its turn in sequential SL,
 all the time in parallel SL and SplitFed v1 (the algorithm the server names in its handshake;
 `run` follows it). Per step it runs the very legs of the simulation: `client_forward` on its
-batch, `Forward` to the server, `client_backward` on the cut gradient, then `Commit`. It keeps the
+batch, `Forward` to the server, `client_backward` on the cut gradient, then `Commit`. In U-shaped
+split learning (`sljax.u_shaped`, algorithm "sequential_sl_u") the labels never leave the client:
+`Forward` answers with the body's output, the client runs its tail and the loss
+(`client_tail_step`), sends the tail gradient (`Backward`), and applies the cut gradient it gets. It keeps the
 state it had at the server's last checkpoint (`durable`) until a newer one is durable, so when the
 server restarts from its checkpoint the client rolls back to exactly that step and replays from
 there: no step is lost or applied twice, and the run ends where an uninterrupted one would.
@@ -27,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sljax import messages as msgs
-from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, Vanilla
+from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
 from sljax.transport import wire
@@ -36,6 +39,8 @@ from sljax.transport.wire import Transport, TransportError
 logger = logging.getLogger(__name__)
 
 _FAILED = grpc.StatusCode.FAILED_PRECONDITION
+# The algorithms where clients take turns (the server is a `SplitServer`).
+SEQUENTIAL = ("sequential_sl", "sequential_sl_u")
 
 
 class Session(NamedTuple):
@@ -51,12 +56,18 @@ class Session(NamedTuple):
     forward, backward: `sl.client_forward` and `sl.client_backward`, jitted.
     infer: the client half's forward pass for inference (train=False), jitted.
     input_spec: the client half's input spec.
-    output_spec: the server half's output spec (what `Predict` returns per row).
+    output_spec: the model's output spec (what `predict` returns per row).
     half_template, down_template: templates of the ClientHalf and CutGradient messages it accepts.
     timeout: seconds per call (a `Handover` wait adds its own).
-    algorithm: the server's algorithm: "sequential_sl", "parallel_sl" or "splitfed_v1".
+    algorithm: the server's algorithm: "sequential_sl", "sequential_sl_u" (U-shaped),
+      "parallel_sl" or "splitfed_v1".
     lease_seconds: the server's lease; calls that wait for other clients may take that long.
     weights_template: template of the ModelWeights message of SplitFed's averaging.
+    answer_template: `answer_template(uplink payload) -> template` of the `Predict` answer.
+    finish: `finish(half, answer) -> outputs`: the logits of a `Prediction`; U-shaped, the tail on
+      the body's output (train=False), jitted.
+    tail_step, body_template: U-shaped: `sl.client_tail_step`, jitted, and the template of the
+      BodyOutput message it accepts; None otherwise.
   """
 
   transport: Transport
@@ -77,6 +88,10 @@ class Session(NamedTuple):
   algorithm: str = "sequential_sl"
   lease_seconds: float = 120.0
   weights_template: msgs.ModelWeights | None = None
+  answer_template: Callable[[Any], Any] | None = None
+  finish: Callable[..., Any] | None = None
+  tail_step: Callable[..., Any] | None = None
+  body_template: msgs.BodyOutput | None = None
 
 
 class Result(NamedTuple):
@@ -96,13 +111,14 @@ def _call(session: Session, method: str, fields: dict, *, extra_seconds: float =
   return call(session.transport, method, {"client": session.client, **fields}, timeout=session.timeout + extra_seconds)
 
 
-def connect(transport: Transport, model: SplitModel, sl: Vanilla, *, client: int, x, y, codec: str = "none",
-            timeout: float = 60.0) -> Session:
+def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, client: int, x, y,
+            codec: str = "none", timeout: float = 60.0) -> Session:
   """Handshakes with the server and compiles this client's legs.
 
   Args:
     transport: `GrpcTransport` or `InProcessTransport`.
-    model, sl: the same split model and `sljax.vanilla(model, ...)` as the server's.
+    model, sl: the same split model and `sljax.vanilla(model, ...)` (or `sljax.u_shaped(model,
+      ...)`) as the server's.
     client: this client's id (its credentials must be that client's).
     x, y: this client's training data, (N, *input shape) and (N,) integer labels.
     codec: the codec configuration's name; must equal the server's.
@@ -110,7 +126,8 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla, *, client: int
 
   Raises:
     TransportError: UNAUTHENTICATED, PERMISSION_DENIED, or FAILED_PRECONDITION when the server's
-      protocol version, cut signature or codec differ from this client's (the details say which).
+      protocol version, cut signature or codec differ from this client's (the details say which), or
+      when one side is U-shaped and the other is not.
   """
   x, y = np.asarray(x), np.asarray(y).astype(np.int32)
   if x.ndim < 1 or y.shape != x.shape[:1] or len(y) == 0:
@@ -121,15 +138,25 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla, *, client: int
   hello = call(transport, "Handshake", {
       "protocol": msgs.PROTOCOL_VERSION, "client": client, "cut_shape": list(cut.shape), "cut_dtype": cut.dtype,
       "codec": codec, "samples": len(x)}, timeout=timeout)
+  u_shaped = isinstance(sl, UShaped)
+  if u_shaped != (hello["algorithm"] == "sequential_sl_u"):
+    raise TransportError(_FAILED, f"algorithm: the server runs {hello['algorithm']!r}, this client's legs are "
+                                  f"{'U-shaped' if u_shaped else 'vanilla'}")
   schedule = sched.Schedule(hello["num_clients"], hello["rounds"], hello["local_steps"], hello["batch_size"])
   run_key = np.asarray(hello["run_key"], np.uint32)
   b = schedule.batch_size
   x_struct = jax.ShapeDtypeStruct((b, *spec.shape), spec.dtype)
   y_struct = jax.ShapeDtypeStruct((b,), jnp.int32)
-  up = jax.eval_shape(sl.client_forward, whole.client, x_struct, y_struct, jax.random.key(0))[0]
-  down = jax.eval_shape(sl.server_step, whole.server, up, jax.random.key(0))[1]
-  out = jax.eval_shape(lambda p, h: model.server.apply(p.params, p.model_state, h, key=None, train=False)[0],
-                       whole.server, jax.ShapeDtypeStruct((1, *cut.shape), cut.dtype))
+  u_legs = {}
+  if u_shaped:
+    whole = jax.eval_shape(sl.init, jax.random.key(0), x_struct)  # codec states per row of a batch, as the server's
+    _, body, _, down = sched.u_shaped_messages(sl, whole, x_struct, y_struct)
+    u_legs = {"tail_step": jax.jit(sl.client_tail_step), "body_template": body}
+  else:
+    up = jax.eval_shape(sl.client_forward, whole.client, x_struct, y_struct, jax.random.key(0))[0]
+    down = jax.eval_shape(sl.server_step, whole.server, up, jax.random.key(0))[1]
+  out = jax.eval_shape(lambda state, x: sl.predict(state, x)[0], whole, jax.ShapeDtypeStruct((1, *spec.shape),
+                                                                                                 spec.dtype))
   session = Session(
       transport=transport, client=client, schedule=schedule, run_key=run_key, x=x, y=y,
       rows=sched.row_order(client=client, count=len(x), batch_size=b, run_key=run_key),
@@ -138,16 +165,31 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla, *, client: int
       input_spec=whole.client.input_spec, output_spec=ArraySpec.of(out),
       half_template=msgs.spec_of(sched.to_message(whole.client)),
       down_template=down, timeout=timeout, algorithm=hello["algorithm"], lease_seconds=float(hello["lease_seconds"]),
-      weights_template=msgs.spec_of(_weights_of(whole.client)))
+      weights_template=msgs.spec_of(_weights_of(whole.client)),
+      answer_template=functools.partial(jax.eval_shape, sched.inference_answer(model, sl), whole.server),
+      finish=jax.jit(functools.partial(_finish, model, sl)), **u_legs)
   _warm_up(session, whole.client)
   return session
 
 
-def _infer(model: SplitModel, sl: Vanilla, half: PartyState, x) -> Any:
-  """The client half in eval mode, through the uplink codec from a fresh state, as `Vanilla.predict`."""
-  smashed = model.client.apply(half.params, half.model_state, x, key=None, train=False)[0]
+def _infer(model: SplitModel, sl: Vanilla | UShaped, half: PartyState, x) -> Any:
+  """The client half (U-shaped: the head) in eval mode, through the uplink codec from a fresh state,
+  as `Vanilla.predict` and `UShaped.predict`."""
+  params, model_state = half.params, half.model_state
+  if isinstance(sl, UShaped):
+    params, model_state = params["head"], model_state["head"]
+  smashed = model.client.apply(params, model_state, x, key=None, train=False)[0]
   key = jax.random.fold_in(jax.random.key(0), CODEC_STREAM)
   return sl.uplink.encode(smashed, sl.uplink.init(smashed), key)[0]
+
+
+def _finish(model: SplitModel, sl: Vanilla | UShaped, half: PartyState, answer: Any) -> Any:
+  """The outputs of a `Predict` answer: its logits; U-shaped, the tail (eval mode) on the body's
+  output through the downlink codec, as `UShaped.predict`."""
+  if not isinstance(sl, UShaped):
+    return answer.logits
+  body = sl.downlink.decode(answer.activations)
+  return model.tail.apply(half.params["tail"], half.model_state["tail"], body, key=None, train=False)[0]
 
 
 def _warm_up(session: Session, half_struct: PartyState) -> None:
@@ -155,8 +197,13 @@ def _warm_up(session: Session, half_struct: PartyState) -> None:
   zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
   half = jax.tree.map(zeros, half_struct)
   x, y = _batch(session, 0)
-  _, pending = session.forward(half, x, y, _client_key(session, 0, 0))
   down = jax.tree.map(zeros, session.down_template)
+  if session.tail_step is None:
+    _, pending = session.forward(half, x, y, _client_key(session, 0, 0))
+  else:
+    k_head, _, k_tail = sched.u_shaped_step_keys(session.run_key, 0, session.client, 0)
+    _, head = session.forward(half, x, k_head)
+    _, pending, _ = session.tail_step(half, head, jax.tree.map(zeros, session.body_template), y, k_tail)
   jax.block_until_ready(session.backward(half, pending, down))
 
 
@@ -166,7 +213,8 @@ def _weights_of(half: PartyState) -> msgs.ModelWeights:
 
 
 def _client_key(session: Session, round_: int, step: int) -> jax.Array:
-  """The key of this client's forward pass in step `step` of round `round_`, as in the simulation."""
+  """The key of this client's forward pass in step `step` of round `round_`, as in the simulation
+  (vanilla legs; U-shaped keys are `sched.u_shaped_step_keys`)."""
   if session.algorithm == "sequential_sl":
     return sched.step_keys(session.run_key, round_, session.client, step)[0]
   return sched.concurrent_client_key(session.run_key, round_, session.client, step,
@@ -226,15 +274,36 @@ def train_step(session: Session, half: PartyState, round_: int, step: int) -> tu
     TransportError: as the server answered (see `run_turn` for the recovery).
   """
   x, y = _batch(session, sched.data_step(session.schedule, round_, step))
+  if session.tail_step is not None:
+    return _train_step_u_shaped(session, half, round_, step, x, y)
   up, pending = session.forward(half, x, y, _client_key(session, round_, step))
   up_bytes = msgs.to_bytes(up)
-  wait = 0.0 if session.algorithm == "sequential_sl" else session.lease_seconds + 1.0  # held for the others
+  wait = 0.0 if session.algorithm in SEQUENTIAL else session.lease_seconds + 1.0  # held for the others
   response = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes}, extra_seconds=wait)
   down = wire.read_message(session.down_template, response["message"], what="Forward response")
   new_half = session.backward(half, pending, down)
   position = _call(session, "Commit", {"round": round_, "step": step}, extra_seconds=wait)
   metrics = {"round": round_, "client": session.client, "step": step, "loss": response["loss"],
              "accuracy": response["accuracy"], "bytes_up": len(up_bytes), "bytes_down": len(response["message"])}
+  return new_half, position, metrics
+
+
+def _train_step_u_shaped(session: Session, half: PartyState, round_: int, step: int, x, y):
+  """`train_step` of U-shaped split learning: the labels and the loss stay here."""
+  k_head, _, k_tail = sched.u_shaped_step_keys(session.run_key, round_, session.client, step)
+  up, head = session.forward(half, x, k_head)
+  up_bytes = msgs.to_bytes(up)
+  forward = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes})
+  body = wire.read_message(session.body_template, forward["message"], what="Forward response")
+  tail_grad, pending, metrics = session.tail_step(half, head, body, y, k_tail)
+  tail_bytes = msgs.to_bytes(tail_grad)
+  backward = _call(session, "Backward", {"round": round_, "step": step, "message": tail_bytes})
+  down = wire.read_message(session.down_template, backward["message"], what="Backward response")
+  new_half = session.backward(half, pending, down)
+  position = _call(session, "Commit", {"round": round_, "step": step})
+  metrics = {"round": round_, "client": session.client, "step": step, "loss": float(metrics["loss"]),
+             "accuracy": float(metrics["accuracy"]), "bytes_up": len(up_bytes) + len(tail_bytes),
+             "bytes_down": len(forward["message"]) + len(backward["message"])}
   return new_half, position, metrics
 
 
@@ -306,7 +375,7 @@ def run(session: Session, *, wait: float = 10.0, progress: bool = False) -> Resu
       bar.update(1)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}")
 
-    if session.algorithm != "sequential_sl":
+    if session.algorithm not in SEQUENTIAL:
       return _run_together(session, wait=wait, on_step=on_step)
     for round_ in range(schedule.rounds):
       half = fetch_half(session, round_, wait=wait)
@@ -384,15 +453,15 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
 def predict(session: Session, half: PartyState, x, *, batch_size: int = 1024) -> np.ndarray:
   """Collaborative inference: this client's half runs here, the server's half there (`Predict`).
 
-  Returns the server's outputs (e.g. logits) for every row of `x`. No labels are sent; the smashed
-  data goes through the uplink codec, as in `Vanilla.predict`.
+  Returns the model's outputs (e.g. logits) for every row of `x`: the server's (vanilla), or, in
+  U-shaped split learning, those of this client's tail on the body's output the server returns. No
+  labels are sent; the smashed data goes through the uplink codec, as in `Vanilla.predict`.
   """
   x, outputs = np.asarray(x), []
   for start in range(0, len(x), batch_size):
     rows = x[start:start + batch_size]
     payload = jax.device_get(session.infer(half, rows))
     response = _call(session, "Predict", {"batch": len(rows), "message": msgs.to_bytes(msgs.SmashedData(payload))})
-    out = session.output_spec
-    template = msgs.Prediction(jax.ShapeDtypeStruct((len(rows), *out.shape), out.dtype))
-    outputs.append(np.asarray(wire.read_message(template, response["message"], what="Predict response").logits))
+    answer = wire.read_message(session.answer_template(payload), response["message"], what="Predict response")
+    outputs.append(np.asarray(session.finish(half, answer)))
   return np.concatenate(outputs)

@@ -1,7 +1,8 @@
 """What server and clients must agree on to reproduce the simulation (`sljax.algorithms`) exactly.
 
 The schedule (clients, rounds, steps per turn, batch size), the step keys, each client's data
-order, and the client half as it travels. Each function here mirrors one line of the simulation
+order, the client half as it travels, the shapes of the U-shaped step's messages and what the
+server answers to `Predict`. Each function here mirrors one line of the simulation
 and is tested against it, so a run over the network can be compared with the simulation.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,8 @@ import numpy as np
 
 from sljax import messages as msgs
 from sljax.data.clients import ClientData, client_batches
-from sljax.protocol import ArraySpec, PartyState
+from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, SplitState, UShaped, Vanilla
+from sljax.split import SplitModel
 
 
 class Schedule(NamedTuple):
@@ -46,6 +48,11 @@ def split_run_key(key: jax.Array) -> tuple[jax.Array, np.ndarray]:
   return k_model, np.asarray(jax.random.key_data(k_run))
 
 
+def _step_key(run_key: jax.Array, round_, client, step) -> jax.Array:
+  key = jax.random.fold_in(jax.random.wrap_key_data(run_key), round_)
+  return jax.random.fold_in(jax.random.fold_in(key, client + 1), step)
+
+
 @jax.jit
 def step_keys(run_key: jax.Array, round_: jax.Array, client: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(client key, server key) of one step, as in `sequential_sl`.
@@ -54,10 +61,49 @@ def step_keys(run_key: jax.Array, round_: jax.Array, client: jax.Array, step: ja
   `fold_in(fold_in(fold_in(wrap_key_data(run_key), r), k + 1), s)`, and `vanilla.step` splits
   that key in two: the client's forward pass takes the first, the server step the second.
   """
-  key = jax.random.fold_in(jax.random.wrap_key_data(run_key), round_)
-  key = jax.random.fold_in(jax.random.fold_in(key, client + 1), step)
-  k_client, k_server = jax.random.split(key, 2)
+  k_client, k_server = jax.random.split(_step_key(run_key, round_, client, step), 2)
   return k_client, k_server
+
+
+@jax.jit
+def u_shaped_step_keys(run_key: jax.Array, round_: jax.Array, client: jax.Array,
+                       step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(head key, body key, tail key) of one U-shaped step: the key of `step_keys`, split in three
+  as `u_shaped(...).step` splits its key. The client's head and tail take the first and the last,
+  the server's body the second."""
+  k_head, k_body, k_tail = jax.random.split(_step_key(run_key, round_, client, step), 3)
+  return k_head, k_body, k_tail
+
+
+def u_shaped_messages(sl: UShaped, state: SplitState, x, labels) -> tuple[msgs.SmashedData, msgs.BodyOutput,
+                                                                         msgs.TailGradient, msgs.CutGradient]:
+  """Shapes and dtypes of the four messages of a U-shaped step on a batch like `x`, `labels`
+  (`jax.ShapeDtypeStruct`s): the templates each side checks what it receives against."""
+
+  def one_step(state, x, labels, key):
+    up, head = sl.client_forward(state.client, x, key)
+    body, pending = sl.server_forward(state.server, up, key)
+    tail_grad, _, _ = sl.client_tail_step(state.client, head, body, labels, key)
+    return up, body, tail_grad, sl.server_backward(state.server, pending, tail_grad)[1]
+
+  return jax.eval_shape(one_step, state, x, labels, jax.random.key(0))
+
+
+def inference_answer(model: SplitModel, sl: Vanilla | UShaped) -> Callable[[PartyState, Any], Any]:
+  """`answer(server half, uplink payload) -> message`: the server's side of `Predict`, in eval mode.
+
+  Vanilla: `Prediction(server half's output)`, as `Vanilla.predict`. U-shaped: `BodyOutput(the
+  body's output through the downlink codec from a fresh state, key fold_in(key(0), CODEC_STREAM +
+  1))`, as `UShaped.predict`; the client's tail does the rest.
+  """
+  def answer(party: PartyState, payload) -> Any:
+    out = model.server.apply(party.params, party.model_state, sl.uplink.decode(payload), key=None, train=False)[0]
+    if not isinstance(sl, UShaped):
+      return msgs.Prediction(out)
+    key = jax.random.fold_in(jax.random.key(0), CODEC_STREAM + 1)
+    return msgs.BodyOutput(sl.downlink.encode(out, sl.downlink.init(out), key)[0])
+
+  return answer
 
 
 @functools.partial(jax.jit, static_argnames=("num_clients", "splitfed"))
@@ -79,21 +125,21 @@ def row_order(*, client: int, count: int, batch_size: int, run_key) -> Callable[
   rows) in the batch number `data_step`, exactly as `sljax.data.client_batches` orders them.
 
   The data order of client k depends only on (run key, k, its row count), so the client does
-  not need the other clients' data. `client_batches` is called on a stand-in `ClientData` whose
-  features are row numbers (k + 1 clients of `count` rows each; only row k is read), so the
-  order is the simulation's by construction, at the cost of k + 1 small sorts per step.
+  not need the other clients' data. `client_batches` is called on a one-client stand-in
+  `ClientData` whose features are row numbers, numbered as client k (`first_client=k`), so the
+  order is the simulation's by construction.
   """
-  rows = np.broadcast_to(np.arange(count, dtype=np.int32), (client + 1, count))
-  stand_in = ClientData(jnp.asarray(rows), jnp.zeros((client + 1, count), jnp.int32),
-                        jnp.full((client + 1,), count, jnp.int32))
+  rows = np.arange(count, dtype=np.int32)[None, :]
+  stand_in = ClientData(jnp.asarray(rows), jnp.zeros((1, count), jnp.int32), jnp.full((1,), count, jnp.int32))
   key = jnp.asarray(run_key)
-  return functools.partial(_rows_of, stand_in, key, client=client, batch_size=batch_size)
+  return functools.partial(_rows_of, stand_in, key, jnp.int32(client), batch_size=batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("client", "batch_size"))
-def _rows_of(stand_in: ClientData, run_key: jax.Array, data_step, *, client: int, batch_size: int) -> jax.Array:
-  x, _, _ = client_batches(stand_in, data_step, batch_size=batch_size, key=jax.random.wrap_key_data(run_key))
-  return x[client]
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def _rows_of(stand_in: ClientData, run_key: jax.Array, client, data_step, *, batch_size: int) -> jax.Array:
+  x, _, _ = client_batches(stand_in, data_step, batch_size=batch_size, key=jax.random.wrap_key_data(run_key),
+                           first_client=client)
+  return x[0]
 
 
 def data_step(schedule: Schedule, round_: int, step: int) -> int:

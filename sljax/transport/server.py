@@ -1,5 +1,5 @@
 """The server of split learning over a network: sequential (relay) split learning, and vanilla
-split learning as its one-client case.
+split learning as its one-client case, each with vanilla or U-shaped legs.
 
 `SplitServer.handle(method, request, ...)` is the whole service: it takes the bytes of one call
 and returns the bytes of its response, or raises a `TransportError`. It does not know which
@@ -16,6 +16,11 @@ step, so that a failure anywhere leaves both sides consistent:
                                  the run key and the step id, never drawn).
   Commit(round, step)            the client has applied its backward; the server makes the staged
                                  update its state, and checkpoints every `checkpoint_every` commits.
+
+U-shaped split learning (`sljax.u_shaped`: the labels and the loss stay with the client) takes one
+more call between the two: `Forward` runs `server_forward` and stages its pending backward (the
+answer is the body's output), `Backward(round, step, tail gradient)` runs `server_backward` with it
+and stages the updated server half (the answer is the cut gradient), and `Commit` commits it.
 
 A staged step that is never committed is discarded. A client that stops talking for
 `lease_seconds` loses its turn: its staged step is discarded, the client half goes on to the next
@@ -44,7 +49,7 @@ from flax import serialization, struct
 
 from sljax import messages as msgs
 from sljax import simulation
-from sljax.protocol import ArraySpec, PartyState, Vanilla
+from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
 from sljax.transport import wire
@@ -84,10 +89,14 @@ class ServerState:
 
 
 class _Staged(NamedTuple):
+  """A step forwarded and not yet committed. U-shaped: `pending` is the body's pullback, and
+  `server` is None until `Backward` has run."""
+
   round: int
   client: int
   step: int
-  server: PartyState
+  server: PartyState | None
+  pending: Any = None
 
 
 def _int(x) -> int:
@@ -101,7 +110,8 @@ class ServiceBase:
   A subclass calls `_configure(...)`, builds its initial state, passes it through
   `_restore(checkpoint_dir, initial)` and sets `self.state`, `self.schedule` and `self.cut_spec`,
   and calls `_configure_inference(model, sl)`. It implements `_handover`, `_forward`, `_commit` (one per method of the
-  service), `_position(client)`, `_seen(client)` (a call from `client` arrived),
+  service; `_backward` too if it serves U-shaped split learning), `_position(client)`, `_seen(client)` (a call
+  from `client` arrived),
   `_expire_if_due()` (leases), `_predict_party(client)` (the server half that serves `client`'s
   inference) and `_staged_dict()` (what is staged, for `snapshot`); `_hello` optionally.
   """
@@ -248,11 +258,16 @@ class ServiceBase:
     del req
     return wire.encode(self._position(client))
 
-  def _configure_inference(self, model: SplitModel, sl: Vanilla) -> None:
-    """Predict: the smashed data comes through the uplink codec, as in `Vanilla.predict`."""
+  def _backward(self, client: int, req: dict) -> bytes:
+    del client, req
+    raise TransportError(grpc.StatusCode.UNIMPLEMENTED,
+                         f"Backward: this server runs {self.algorithm}; only U-shaped split learning has a Backward")
+
+  def _configure_inference(self, model: SplitModel, sl: Vanilla | UShaped) -> None:
+    """Predict: the smashed data comes through the uplink codec, as in `Vanilla.predict`; the answer
+    is `sched.inference_answer`'s (the logits, or a U-shaped body's output)."""
     self._uplink = sl.uplink
-    self._server_eval = jax.jit(lambda party, payload: model.server.apply(
-        party.params, party.model_state, sl.uplink.decode(payload), key=None, train=False)[0])
+    self._server_eval = jax.jit(sched.inference_answer(model, sl))
     self._predict_templates: dict[int, msgs.SmashedData] = {}
 
   def _predict_template(self, batch: int) -> msgs.SmashedData:
@@ -268,19 +283,22 @@ class ServiceBase:
       raise wire.invalid(f"Predict: field 'batch' must be in [1, {self.max_predict_batch}], got {batch}")
     message = wire.read_message(self._predict_template(batch), req["message"], what="Predict",
                                 max_bytes=self.max_message_bytes)
-    logits = self._server_eval(self._predict_party(client), message.activations)
-    return wire.encode({"message": msgs.to_bytes(msgs.Prediction(np.asarray(logits)))})
+    answer = self._server_eval(self._predict_party(client), message.activations)
+    return wire.encode({"message": msgs.to_bytes(jax.device_get(answer))})
 
 
 class SplitServer(ServiceBase):
   """The server's side of sequential split learning, behind any transport.
 
   Both parties build the same `sljax.vanilla(model, ...)` (same optimizers, codecs and loss); the
-  server runs `server_step` only, the clients `client_forward` and `client_backward`.
+  server runs `server_step` only, the clients `client_forward` and `client_backward`. With
+  `sljax.u_shaped(model, ...)` (a three-part model) the server runs `server_forward` and
+  `server_backward`, the clients the head and the tail, and the handshake names the algorithm
+  "sequential_sl_u".
 
   Args:
     model: the split model.
-    sl: `sljax.vanilla(model, ...)`.
+    sl: `sljax.vanilla(model, ...)`, or `sljax.u_shaped(model, ...)`.
     schedule: clients, rounds, steps per turn, batch size.
     input_spec: shape (without the batch axis) and dtype of the clients' inputs; the server
       initialises both halves from `key` as `sequential_sl.init` does, and hands the client half
@@ -306,7 +324,7 @@ class SplitServer(ServiceBase):
   def __init__(
       self,
       model: SplitModel,
-      sl: Vanilla,
+      sl: Vanilla | UShaped,
       *,
       schedule: sched.Schedule,
       input_spec: ArraySpec,
@@ -327,7 +345,9 @@ class SplitServer(ServiceBase):
                     max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock)
 
     k_model, run_key = sched.split_run_key(key)
-    x = jnp.zeros((1, *input_spec.shape), input_spec.dtype)
+    # U-shaped: both codec states (error feedback) are per row, so build them on a whole batch.
+    rows = schedule.batch_size if isinstance(sl, UShaped) else 1
+    x = jnp.zeros((rows, *input_spec.shape), input_spec.dtype)
     init = jax.jit(sl.init)(k_model, x)  # the same numbers as sl.init; compiled once per process, not per server
     k = schedule.num_clients
     initial = ServerState(
@@ -339,9 +359,16 @@ class SplitServer(ServiceBase):
     b = schedule.batch_size
     x_struct = jax.ShapeDtypeStruct((b, *input_spec.shape), input_spec.dtype)
     y_struct = jax.ShapeDtypeStruct((b,), jnp.int32)
-    self._smashed_template = jax.eval_shape(sl.client_forward, init.client, x_struct, y_struct, jax.random.key(0))[0]
+    self._u_shaped = isinstance(sl, UShaped)
+    if self._u_shaped:
+      self.algorithm = "sequential_sl_u"
+      self._smashed_template, _, self._tail_grad_template, _ = sched.u_shaped_messages(sl, init, x_struct, y_struct)
+      self._server_forward, self._server_backward = jax.jit(sl.server_forward), jax.jit(sl.server_backward)
+    else:
+      self._smashed_template = jax.eval_shape(sl.client_forward, init.client, x_struct, y_struct,
+                                              jax.random.key(0))[0]
+      self._server_step = jax.jit(sl.server_step)
     self._half_template = msgs.spec_of(sched.to_message(init.client))
-    self._server_step = jax.jit(sl.server_step)
     self._configure_inference(model, sl)
 
     self._staged: _Staged | None = None
@@ -356,17 +383,28 @@ class SplitServer(ServiceBase):
     if self._manager is not None and self._manager.latest_step() is None:
       self._save()
     # Compile the server step now, so the first step of training does not wait for XLA.
-    zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), self._smashed_template)
-    jax.block_until_ready(self._server_step(self.state.server, zeros, sched.step_keys(self.state.key, 0, 0, 0)[1]))
+    zeros = lambda template: jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), template)  # noqa: E731
+    if self._u_shaped:
+      _, pending = self._server_forward(self.state.server, zeros(self._smashed_template),
+                                        sched.u_shaped_step_keys(self.state.key, 0, 0, 0)[1])
+      jax.block_until_ready(self._server_backward(self.state.server, pending, zeros(self._tail_grad_template)))
+    else:
+      jax.block_until_ready(self._server_step(self.state.server, zeros(self._smashed_template),
+                                              sched.step_keys(self.state.key, 0, 0, 0)[1]))
 
   algorithm = "sequential_sl"
 
   # ---- position and lease -----------------------------------------------------------------------------
 
   def _staged_dict(self):
-    return None if self._staged is None else {
-        "position": [self._staged.round, self._staged.client, self._staged.step],
-        "server": serialization.to_state_dict(self._staged.server)}
+    if self._staged is None:
+      return None
+    st = self._staged
+    return {"position": [st.round, st.client, st.step],
+            "server": None if st.server is None else serialization.to_state_dict(st.server),
+            # U-shaped: the pending backward's arrays (the pullback's residuals, the codec key's data).
+            "pending": [np.asarray(jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
+                        for v in jax.tree.leaves(st.pending)]}
 
   def _predict_party(self, client: int) -> PartyState:
     del client
@@ -502,11 +540,36 @@ class SplitServer(ServiceBase):
                                 max_bytes=self.max_message_bytes)
     # Everything is checked: from here on the request is served.
     self._renew_lease()
+    if self._u_shaped:
+      # The loss is the client's: the answer is the body's output, loss and accuracy are 0.
+      _, k_body, _ = sched.u_shaped_step_keys(self.state.key, round_, client, step)
+      body, pending = self._server_forward(self.state.server, message, k_body)
+      self._staged = _Staged(round_, client, step, None, pending)
+      return wire.encode({"message": msgs.to_bytes(jax.device_get(body)), "loss": 0.0, "accuracy": 0.0})
     _, k_server = sched.step_keys(self.state.key, round_, client, step)
     server, down, metrics = self._server_step(self.state.server, message, k_server)
     self._staged = _Staged(round_, client, step, server)
     return wire.encode({"message": msgs.to_bytes(down), "loss": float(metrics["loss"]),
                         "accuracy": float(metrics["accuracy"])})
+
+  def _backward(self, client: int, req: dict) -> bytes:
+    """U-shaped: the tail gradient of the staged step in, the cut gradient out; stages the update."""
+    if not self._u_shaped:
+      return super()._backward(client, req)
+    round_, step = req["round"], req["step"]
+    self._check_step("Backward", client, round_, step)
+    staged = self._staged
+    if staged is None or (staged.round, staged.client, staged.step) != (round_, client, step):
+      raise TransportError(grpc.StatusCode.ABORTED,
+                           f"Backward: step {step} of round {round_} is not staged (never forwarded, or discarded "
+                           f"by a server restart); forward it again. {self._where()}")
+    message = wire.read_message(self._tail_grad_template, req["message"], what="Backward",
+                                max_bytes=self.max_message_bytes)
+    self._renew_lease()
+    # From the committed state and the staged pending: a repeated Backward recomputes the same.
+    server, down = self._server_backward(self.state.server, staged.pending, message)
+    self._staged = staged._replace(server=server)
+    return wire.encode({"message": msgs.to_bytes(jax.device_get(down))})
 
   def _commit(self, client: int, req: dict) -> bytes:
     round_, step = req["round"], req["step"]
@@ -525,6 +588,10 @@ class SplitServer(ServiceBase):
       raise TransportError(grpc.StatusCode.ABORTED,
                            f"Commit: step {step} of round {round_} is not staged (never forwarded, or discarded "
                            f"by a server restart); forward it again. {self._where()}")
+    if staged.server is None:
+      raise TransportError(grpc.StatusCode.ABORTED,
+                           f"Commit: step {step} of round {round_} is not staged: forwarded, but no Backward yet; "
+                           f"send its Backward, or forward it again. {self._where()}")
     self.state = s.replace(server=staged.server, step=_i32(step + 1))
     self._staged = None
     self._commits_since_save += 1

@@ -41,6 +41,7 @@ REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {
     "Handover": {"client": _INT, "round": _INT, "op": (str,), "steps": _INT, "wait": _NUM,
                  "message": _BIN + (type(None),)},
     "Forward": {"client": _INT, "round": _INT, "step": _INT, "message": _BIN},
+    "Backward": {"client": _INT, "round": _INT, "step": _INT, "message": _BIN},  # U-shaped only
     "Commit": {"client": _INT, "round": _INT, "step": _INT},
     "Predict": {"client": _INT, "batch": _INT, "message": _BIN},
 }
@@ -51,6 +52,7 @@ RESPONSES: dict[str, dict[str, tuple[type, ...]]] = {
     "Status": _POSITION,
     "Handover": {"ready": (bool,), "message": _BIN + (type(None),), "position": (dict,)},
     "Forward": {"message": _BIN, "loss": _NUM, "accuracy": _NUM},
+    "Backward": {"message": _BIN},
     "Commit": _POSITION,
     "Predict": {"message": _BIN},
 }
