@@ -169,7 +169,7 @@ def client(args) -> int:
                                 y=ds.y_train[part])
     if session.schedule.num_clients != args.num_clients:
       raise SystemExit(f"--num-clients {args.num_clients}: the server runs {session.schedule.num_clients} clients")
-    result = transport.run(session, progress=args.progress)
+    result = transport.run(session, progress=args.progress, checkpoint_dir=args.checkpoint_dir)
     logits = transport.predict(session, result.half, ds.x_test)
   except transport.TransportError as e:
     print(f"sljax client: {e}", file=sys.stderr)
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--server-name", help="the name in the server's certificate, if not the target's host")
   p.add_argument("--deadline", type=float, default=60.0, help="seconds per call attempt")
   p.add_argument("--retries", type=int, default=10, help="retries of a call while the server is away")
+  p.add_argument("--checkpoint-dir", help="checkpoint this client's half here; resume from here after a restart")
   p.add_argument("--progress", action="store_true", help="show a progress bar")
   p.add_argument("--json", action="store_true", help="print one JSON line instead of a sentence")
   p.set_defaults(run=client)

@@ -587,3 +587,51 @@ def test_collaborative_inference_goes_through_the_uplink_codec(setup):
   assert not np.allclose(logits, plain, atol=1e-6)  # the codec made a difference
   predict_bytes = [n for method, n in sent if method == "Predict"]
   assert predict_bytes and predict_bytes[0] < 100 * HIDDEN[0] * 4 / 3  # 8-bit payload, not float32
+
+
+class _CrashesAfterCommit:
+  """A client transport whose process "crashes" (its thread ends) once the Commit of (round, step)
+  has been answered."""
+
+  def __init__(self, inner, round_, step):
+    self.inner, self.at, self.crashed = inner, (round_, step), threading.Event()
+
+  def call(self, method, request, *, timeout=None):
+    if self.crashed.is_set():
+      raise SystemExit
+    response = self.inner.call(method, request, timeout=timeout)
+    if method == "Commit" and (wire.decode(method, request)["round"], wire.decode(method, request)["step"]) == self.at:
+      self.crashed.set()
+    return response
+
+
+def test_client_restarted_mid_turn_from_its_checkpoint_ends_as_the_uninterrupted_run(setup, in_process, tmp_path):
+  server = _server(setup)
+  first = _CrashesAfterCommit(T.InProcessTransport(server.handle, token=TOKENS[0]), 1, 0)
+  done, errors = {}, []
+
+  def client(k, transport, key):
+    try:
+      x, y = _client_data(setup, k)
+      done[key] = T.run(T.connect(transport, setup.model, setup.sl, client=k, x=x, y=y),
+                        checkpoint_dir=tmp_path / f"client-{k}")
+    except SystemExit:
+      pass
+    except BaseException as e:  # noqa: BLE001 -- re-raised below
+      errors.append(e)
+
+  threads = [threading.Thread(target=client, args=(0, first, "first")),
+             threading.Thread(target=client, args=(1, T.InProcessTransport(server.handle, token=TOKENS[1]), 1))]
+  for t in threads:
+    t.start()
+  assert first.crashed.wait(PROCESS_TIMEOUT)
+  threads[0].join(PROCESS_TIMEOUT)
+  restarted = threading.Thread(target=client, args=(0, T.InProcessTransport(server.handle, token=TOKENS[0]), 0))
+  restarted.start()
+  for t in (threads[1], restarted):
+    t.join(PROCESS_TIMEOUT)
+  assert not errors, errors
+  assert set(done) == {0, 1}
+  assert [(h["round"], h["step"]) for h in done[0].history] == [(1, 1)]  # resumed its turn of round 1 at step 1
+  _assert_bitwise(_halves(server.state), _halves(in_process[0].state))
+  _assert_bitwise(done[0].half.params, in_process[1][0].half.params)

@@ -363,3 +363,60 @@ def test_requests_out_of_place_get_their_status_and_change_nothing(setup):
       assert server.snapshot() == before, (algorithm, method)
     position = transport_client.call(link, "Status", {"client": 0})
     assert position == {"round": 0, "turn": 0, "step": 0, "durable": 0, "done": False}
+
+
+class _CrashesAfterCommit:
+  """A client transport whose process "crashes" (its thread ends) once the Commit of (round, step)
+  has been answered: the step is committed on the server and checkpointed by the client."""
+
+  def __init__(self, inner, round_, step):
+    self.inner, self.at, self.crashed = inner, (round_, step), threading.Event()
+
+  def call(self, method, request, *, timeout=None):
+    if self.crashed.is_set():
+      raise SystemExit
+    response = self.inner.call(method, request, timeout=timeout)
+    if method == "Commit":
+      fields = wire.decode(method, request)
+      if (fields["round"], fields["step"]) == self.at:
+        self.crashed.set()
+    return response
+
+
+def test_client_restarted_from_its_checkpoint_ends_as_the_uninterrupted_run(setup, in_process, tmp_path):
+  """A client process that dies mid-round and comes back (within the lease) resumes from its own
+  checkpoint at the step the server waits for: the run ends bit for bit as the uninterrupted one."""
+  algorithm, reference, expected = in_process
+  server = _server(setup, algorithm)
+  x, y = _client_data(setup, 1)
+  first = _CrashesAfterCommit(T.InProcessTransport(server.handle, token=TOKENS[1]), 0, 1)
+  done, errors = {}, []
+
+  def client(k, transport, key):
+    try:
+      xs, ys = _client_data(setup, k)
+      done[key] = T.run(T.connect(transport, setup.model, setup.sl, client=k, x=xs, y=ys),
+                        checkpoint_dir=tmp_path / f"client-{k}")
+    except SystemExit:
+      pass
+    except BaseException as e:  # noqa: BLE001 -- re-raised below
+      errors.append(e)
+
+  threads = [threading.Thread(target=client, args=(0, T.InProcessTransport(server.handle, token=TOKENS[0]), 0)),
+             threading.Thread(target=client, args=(1, first, "first"))]
+  for t in threads:
+    t.start()
+  assert first.crashed.wait(TIMEOUT)
+  threads[1].join(TIMEOUT)
+  restarted = threading.Thread(target=client, args=(1, T.InProcessTransport(server.handle, token=TOKENS[1]), 1))
+  restarted.start()
+  for t in (threads[0], restarted):
+    t.join(TIMEOUT)
+  assert not errors, errors
+  assert "first" not in done and set(done) == {0, 1}
+  steps = [(r, s) for r in range(SCHEDULE.rounds) for s in range(SCHEDULE.local_steps)]
+  assert [(h["round"], h["step"]) for h in done[1].history] == steps[2:]  # resumed at step 2 of round 0
+  for k in (0, 1):
+    _assert_bitwise(done[k].half, expected[k].half)
+  _assert_bitwise(jax.device_get(server.state), jax.device_get(reference.state))
+  del x, y

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,7 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+import orbax.checkpoint as ocp
+
 from sljax import messages as msgs
+from sljax import simulation
 from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
@@ -324,12 +329,18 @@ def run_turn(session: Session, half: PartyState, round_: int,
   return (half if completed else None), history
 
 
-def _train_round(session: Session, half: PartyState, round_: int,
-                 on_step: Callable[[dict], None] | None) -> tuple[PartyState, bool, list[dict]]:
-  """`run_turn`, returning the last half the server committed and whether the turn completed."""
-  durable = (0, half)  # the turn's start is always checkpointed
+def _train_round(session: Session, half: PartyState, round_: int, on_step: Callable[[dict], None] | None, *,
+                 start: int = 0, on_durable: Callable[[int, int, PartyState], None] | None = None
+                 ) -> tuple[PartyState, bool, list[dict]]:
+  """`run_turn`, returning the last half the server committed and whether the turn completed.
+
+  `start`: the step to begin at (a client resuming from its own checkpoint; that step is durable
+  on the server). `on_durable(round, step, half)` is called whenever the server reports the step
+  the client just committed as checkpointed.
+  """
+  durable = (start, half)  # the turn's start is always checkpointed
   history: list[dict] = []
-  step = 0
+  step = start
   while step < session.schedule.local_steps:
     try:
       new_half, position, metrics = train_step(session, half, round_, step)
@@ -358,16 +369,28 @@ def _train_round(session: Session, half: PartyState, round_: int,
       on_step(metrics)
     if position["durable"] == step:
       durable = (step, half)
+      if on_durable is not None:
+        on_durable(round_, step, half)
   return half, True, history
 
 
-def run(session: Session, *, wait: float = 10.0, progress: bool = False) -> Result:
+def run(session: Session, *, wait: float = 10.0, progress: bool = False,
+        checkpoint_dir: str | os.PathLike | None = None) -> Result:
   """Every turn of this client, round after round, then the final client half.
 
   A turn lost to a lease (the client was too slow) is skipped with a warning; the client takes
   part again in the next round with the client half the server hands it then.
+
+  With `checkpoint_dir`, the client checkpoints its half (orbax) whenever the server reports a
+  step of it as checkpointed, and at the start of each round it takes part in. A client process
+  restarted on the same directory resumes from there: in the middle of its turn (sequential SL)
+  or of a round (parallel SL, SplitFed v1) if the server is still at that step, so a crash of the
+  client costs nothing when it is back within the server's lease; otherwise it joins its next
+  turn or round with the half it saved (parallel SL: its own half, as in simulation when a client
+  drops). `Result.history` then holds the steps of this process only.
   """
-  schedule, history = session.schedule, []
+  schedule = session.schedule
+  saver = None if checkpoint_dir is None else _HalfCheckpoints(checkpoint_dir, session)
   total = schedule.rounds * schedule.local_steps
   with tqdm(total=total, desc=f"client {session.client}", disable=not progress, leave=False) as bar:
 
@@ -375,23 +398,48 @@ def run(session: Session, *, wait: float = 10.0, progress: bool = False) -> Resu
       bar.update(1)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}")
 
-    if session.algorithm not in SEQUENTIAL:
-      return _run_together(session, wait=wait, on_step=on_step)
-    for round_ in range(schedule.rounds):
+    try:
+      if session.algorithm not in SEQUENTIAL:
+        return _run_together(session, wait=wait, on_step=on_step, saver=saver)
+      return _run_in_turns(session, wait=wait, on_step=on_step, saver=saver)
+    finally:
+      if saver is not None:
+        saver.close()
+
+
+def _run_in_turns(session: Session, *, wait: float, on_step: Callable[[dict], None],
+                  saver: _HalfCheckpoints | None) -> Result:
+  """Sequential SL: the client's turn in every round, then the final client half."""
+  schedule, history = session.schedule, []
+  resume = None if saver is None else saver.latest()
+  for round_ in range(schedule.rounds):
+    start, half = 0, None
+    if resume is not None and resume[0] == round_:
+      position = status(session)
+      if (position["round"], position["turn"], position["step"]) == (round_, session.client, resume[1]):
+        logger.info("client %d: resuming its turn of round %d at step %d from its checkpoint", session.client,
+                    round_, resume[1])
+        start, half = resume[1], resume[2]
+      resume = None
+    if half is None:
       half = fetch_half(session, round_, wait=wait)
       if half is None:
         continue
-      half, turn = run_turn(session, half, round_, on_step)
-      history += turn
-      if half is None:
-        continue
-      try:
-        hand_over(session, half, round_)
-      except TransportError as e:  # the lease ran out between the last commit and the handover
-        if e.code != _FAILED or not _turn_is_over(session, round_):
-          raise
-        logger.warning("client %d: %s", session.client, e.details)
-        continue
+      if saver is not None:
+        saver.save(round_, 0, half)
+    half, completed, turn = _train_round(session, half, round_, on_step, start=start,
+                                         on_durable=None if saver is None else saver.save)
+    history += turn
+    if not completed:
+      continue
+    try:
+      hand_over(session, half, round_)
+    except TransportError as e:  # the lease ran out between the last commit and the handover
+      if e.code != _FAILED or not _turn_is_over(session, round_):
+        raise
+      logger.warning("client %d: %s", session.client, e.details)
+      continue
+    if turn:
       logger.info("client %d: round %d done, loss %.4f", session.client, round_, turn[-1]["loss"])
   final = fetch_half(session, schedule.rounds, wait=wait)
   if final is None:
@@ -414,7 +462,8 @@ def _merge_average(session: Session, half: PartyState, response: dict) -> PartyS
   return half.replace(params=weights["params"], model_state=weights["model_state"])
 
 
-def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], None]) -> Result:
+def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], None],
+                  saver: _HalfCheckpoints | None = None) -> Result:
   """Parallel split learning or SplitFed v1: every round, all clients at once.
 
   The client fetches the initial client half, then per round trains `local_steps` steps (each
@@ -424,14 +473,29 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
   round.
   """
   schedule, history = session.schedule, []
-  response = _await_round(session, 0, wait=wait)
-  half = sched.from_message(wire.read_message(session.half_template, response["message"], what="Handover get"),
-                            session.input_spec)
-  round_ = response["position"]["round"]
-  if round_ > 0 and session.algorithm == "splitfed_v1":  # joining late: start from the latest average
-    half = _merge_average(session, half, _await_round(session, round_, wait=wait))
+  resume = None if saver is None else saver.latest()
+  start, in_round = 0, True
+  if resume is not None:  # this client's own half, as last checkpointed
+    round_, start, half = resume
+    position = status(session)
+    in_round = (position["round"], position["turn"], position["step"]) == (round_, session.client, start)
+    if in_round:
+      logger.info("client %d: resuming round %d at step %d from its checkpoint", session.client, round_, start)
+  else:
+    response = _await_round(session, 0, wait=wait)
+    half = sched.from_message(wire.read_message(session.half_template, response["message"], what="Handover get"),
+                              session.input_spec)
+    round_ = response["position"]["round"]
+    if round_ > 0 and session.algorithm == "splitfed_v1":  # joining late: start from the latest average
+      half = _merge_average(session, half, _await_round(session, round_, wait=wait))
+    if saver is not None:
+      saver.save(round_, 0, half)
   while round_ < schedule.rounds:
-    half, completed, steps = _train_round(session, half, round_, on_step)
+    completed, steps = in_round, []  # resumed after its last step: it still hands in its weights
+    if in_round and start < schedule.local_steps:
+      half, completed, steps = _train_round(session, half, round_, on_step, start=start,
+                                            on_durable=None if saver is None else saver.save)
+    start, in_round = 0, True
     history += steps
     if completed and session.algorithm == "splitfed_v1":
       try:
@@ -447,7 +511,49 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
       half = _merge_average(session, half, response)
     logger.info("client %d: round %d %s", session.client, round_, "done" if completed else "lost")
     round_ = response["position"]["round"]
+    if saver is not None and round_ < schedule.rounds:
+      saver.save(round_, 0, half)
   return Result(half, history)
+
+
+# Orbax's asynchronous saves signal each other through process-wide keys: two managers saving at
+# once from two threads of one process (clients simulated as threads) can wait on each other's
+# keys. Client checkpoints are therefore written one at a time per process.
+_SAVING = threading.Lock()
+
+
+class _HalfCheckpoints:
+  """A client's own checkpoints of its half (orbax), each at a position (round, step)."""
+
+  def __init__(self, directory: str | os.PathLike, session: Session):
+    with _SAVING:
+      self._manager = simulation.checkpoint_manager(directory)
+    self._steps = session.schedule.local_steps
+    self._like = {"position": np.zeros((2,), np.int32),
+                  "half": jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), session.half_template)}
+    self._input_spec = session.input_spec
+
+  def save(self, round_: int, step: int, half: PartyState) -> None:
+    number = round_ * (self._steps + 1) + step
+    if number in self._manager.all_steps():  # saved by an earlier process: the same position, the same half
+      return
+    item = {"position": np.array([round_, step], np.int32), "half": jax.device_get(sched.to_message(half))}
+    with _SAVING:
+      self._manager.save(number, args=ocp.args.StandardSave(item), force=True)
+      self._manager.wait_until_finished()
+
+  def latest(self) -> tuple[int, int, PartyState] | None:
+    if self._manager.latest_step() is None:
+      return None
+    with _SAVING:
+      item = simulation.restore(self._manager, self._like)
+    round_, step = (int(v) for v in np.asarray(item["position"]))
+    return round_, step, sched.from_message(item["half"], self._input_spec)
+
+  def close(self) -> None:
+    with _SAVING:
+      self._manager.wait_until_finished()
+      self._manager.close()
 
 
 def predict(session: Session, half: PartyState, x, *, batch_size: int = 1024) -> np.ndarray:
