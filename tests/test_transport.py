@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import chex
 import grpc
@@ -34,6 +33,7 @@ from sljax.algorithms import RoundInputs, sequential_sl
 from sljax.transport import client as transport_client
 from sljax.transport import demo, wire
 from sljax.transport import schedule as sched
+from transport_helpers import Clock, CrashesAfterCommit, KillAfter, assert_bitwise, run_in_threads
 
 HIDDEN = (32,)
 DROPOUT = 0.25  # so that every step key matters
@@ -80,30 +80,12 @@ def _simulate(setup, schedule=SCHEDULE, inputs=None):
 
 def _run_clients(setup, transports):
   """Runs `connect` and `run` for every client in its own thread; returns their results."""
-  results, errors = {}, []
 
-  def one(k):
-    try:
-      x, y = _client_data(setup, k)
-      results[k] = T.run(T.connect(transports[k], setup.model, setup.sl, client=k, x=x, y=y))
-    except BaseException as e:  # noqa: BLE001 -- re-raised in the test's thread
-      errors.append(e)
+  def work(k):
+    x, y = _client_data(setup, k)
+    return T.run(T.connect(transports[k], setup.model, setup.sl, client=k, x=x, y=y))
 
-  threads = [threading.Thread(target=one, args=(k,)) for k in transports]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join(PROCESS_TIMEOUT)
-  if errors:
-    raise errors[0]
-  assert not any(t.is_alive() for t in threads), "a client did not finish in time"
-  return results
-
-
-def _assert_bitwise(a, b):
-  chex.assert_trees_all_equal_structs(a, b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), strict=True)
+  return run_in_threads(work, transports, timeout=PROCESS_TIMEOUT)
 
 
 def _halves(state):
@@ -124,7 +106,7 @@ def test_in_process_run_follows_the_schedule_and_matches_the_simulation(setup, i
   for k, result in results.items():
     assert [(h["round"], h["step"]) for h in result.history] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(h["client"] == k for h in result.history)
-    _assert_bitwise(result.half.params, server.state.client_half.params)
+    assert_bitwise(result.half.params, server.state.client_half.params)
   sim = _simulate(setup)
   # Not bitwise: the simulation fuses the round into one program, XLA may fuse differently.
   chex.assert_trees_all_close(server.state.server.params, sim.server.params, atol=1e-6, rtol=0)
@@ -179,26 +161,7 @@ def test_grpc_with_two_client_processes_equals_in_process_bitwise(setup, in_proc
     assert c.returncode == 0, err[-3000:]
     row = json.loads(out.strip().splitlines()[-1])
     assert row["steps"] == SCHEDULE.rounds * SCHEDULE.local_steps and 0 <= row["test_accuracy"] <= 1
-  _assert_bitwise(_halves(server.state), _halves(in_process[0].state))
-
-
-class _KillAfter:
-  """A transport that SIGKILLs the server process once the n-th Forward response has arrived,
-  so that the step is staged on the server but not committed."""
-
-  def __init__(self, inner, shared):
-    self.inner, self.shared = inner, shared
-
-  def call(self, method, request, *, timeout=None):
-    response = self.inner.call(method, request, timeout=timeout)
-    if method == "Forward":
-      with self.shared["lock"]:
-        self.shared["forwards"] += 1
-        if self.shared["forwards"] == self.shared["kill_at"]:
-          self.shared["process"].send_signal(signal.SIGKILL)
-          self.shared["process"].wait(timeout=20)
-          self.shared["killed"].set()
-    return response
+  assert_bitwise(_halves(server.state), _halves(in_process[0].state))
 
 
 def _start_server(tmp_path, port, name):
@@ -227,7 +190,7 @@ def test_server_killed_mid_training_resumes_exactly(setup, in_process, tmp_path,
     # The 6th Forward is client 0's second step of round 1: its first step is committed but not yet
     # checkpointed (every 2 commits), so the client must roll back one step and replay.
     shared = {"lock": threading.Lock(), "forwards": 0, "kill_at": 6, "process": first, "killed": threading.Event()}
-    transports = {k: _KillAfter(T.GrpcTransport(f"127.0.0.1:{port}", token=t, retries=400, backoff=0.05,
+    transports = {k: KillAfter(T.GrpcTransport(f"127.0.0.1:{port}", token=t, retries=400, backoff=0.05,
                                                 max_backoff=0.25, deadline=30), shared) for k, t in TOKENS.items()}
     outcome = {}
     clients = threading.Thread(target=lambda: outcome.update(_run_clients(setup, transports)))
@@ -250,23 +213,13 @@ def test_server_killed_mid_training_resumes_exactly(setup, in_process, tmp_path,
     restored = simulation.restore(manager, in_process[0].state)
   finally:
     manager.close()
-  _assert_bitwise(_halves(restored), _halves(in_process[0].state))
-  _assert_bitwise(outcome[1].half.params, in_process[0].state.client_half.params)
-
-
-class _Clock:
-  """Real time plus an offset the test can jump ahead, to let a lease run out at once."""
-
-  def __init__(self):
-    self.offset = 0.0
-
-  def __call__(self):
-    return time.monotonic() + self.offset
+  assert_bitwise(_halves(restored), _halves(in_process[0].state))
+  assert_bitwise(outcome[1].half.params, in_process[0].state.client_half.params)
 
 
 def test_client_dropping_after_forward_loses_that_step_and_the_next_client_proceeds(setup):
   schedule = SCHEDULE._replace(rounds=1)
-  clock = _Clock()
+  clock = Clock()
   server = _server(setup, schedule=schedule, lease_seconds=60.0, clock=clock)
   running = T.serve(server.handle, address="127.0.0.1:0")
   initial = (server.state.server, server.state.client_half)
@@ -284,7 +237,7 @@ def test_client_dropping_after_forward_loses_that_step_and_the_next_client_proce
     links[0].close()  # client 0 is gone before its Commit
     clock.offset += 120.0  # its lease runs out: the next call ends its turn
     assert T.status(sessions[1])["turn"] == 1 and server._staged is None
-    _assert_bitwise((server.state.server, server.state.client_half), initial)  # no trace of client 0's step
+    assert_bitwise((server.state.server, server.state.client_half), initial)  # no trace of client 0's step
     result = T.run(sessions[1])
   finally:
     for link in links.values():
@@ -557,7 +510,7 @@ def test_each_client_reads_its_batches_in_the_simulation_order():
 def test_client_half_round_trips_through_bytes(in_process):
   half = sched.to_message(in_process[0].state.client_half)
   data = msgs.to_bytes(half)
-  _assert_bitwise(msgs.from_bytes(msgs.spec_of(half), data), jax.device_get(half))
+  assert_bitwise(msgs.from_bytes(msgs.spec_of(half), data), jax.device_get(half))
   assert len(data) == msgs.wire_size(half)
 
 
@@ -589,25 +542,9 @@ def test_collaborative_inference_goes_through_the_uplink_codec(setup):
   assert predict_bytes and predict_bytes[0] < 100 * HIDDEN[0] * 4 / 3  # 8-bit payload, not float32
 
 
-class _CrashesAfterCommit:
-  """A client transport whose process "crashes" (its thread ends) once the Commit of (round, step)
-  has been answered."""
-
-  def __init__(self, inner, round_, step):
-    self.inner, self.at, self.crashed = inner, (round_, step), threading.Event()
-
-  def call(self, method, request, *, timeout=None):
-    if self.crashed.is_set():
-      raise SystemExit
-    response = self.inner.call(method, request, timeout=timeout)
-    if method == "Commit" and (wire.decode(method, request)["round"], wire.decode(method, request)["step"]) == self.at:
-      self.crashed.set()
-    return response
-
-
 def test_client_restarted_mid_turn_from_its_checkpoint_ends_as_the_uninterrupted_run(setup, in_process, tmp_path):
   server = _server(setup)
-  first = _CrashesAfterCommit(T.InProcessTransport(server.handle, token=TOKENS[0]), 1, 0)
+  first = CrashesAfterCommit(T.InProcessTransport(server.handle, token=TOKENS[0]), 1, 0)
   done, errors = {}, []
 
   def client(k, transport, key):
@@ -633,5 +570,5 @@ def test_client_restarted_mid_turn_from_its_checkpoint_ends_as_the_uninterrupted
   assert not errors, errors
   assert set(done) == {0, 1}
   assert [(h["round"], h["step"]) for h in done[0].history] == [(1, 1)]  # resumed its turn of round 1 at step 1
-  _assert_bitwise(_halves(server.state), _halves(in_process[0].state))
-  _assert_bitwise(done[0].half.params, in_process[1][0].half.params)
+  assert_bitwise(_halves(server.state), _halves(in_process[0].state))
+  assert_bitwise(done[0].half.params, in_process[1][0].half.params)

@@ -30,6 +30,7 @@ from sljax import transport as T
 from sljax.algorithms import RoundInputs, parallel_sl, splitfed
 from sljax.transport import client as transport_client
 from sljax.transport import demo, wire
+from transport_helpers import Clock, CrashesAfterCommit, KillAfter, assert_bitwise, run_in_threads
 
 HIDDEN = (32,)
 DROPOUT = 0.25
@@ -77,32 +78,12 @@ def _simulate(setup, algorithm, inputs=()):
 
 def _run_clients(setup, transports, errors_ok=()):
   """`connect` and `run` for every client in its own thread; returns their results."""
-  results, errors = {}, []
 
-  def one(k):
-    try:
-      x, y = _client_data(setup, k)
-      results[k] = T.run(T.connect(transports[k], setup.model, setup.sl, client=k, x=x, y=y))
-    except errors_ok:
-      pass
-    except BaseException as e:  # noqa: BLE001 -- re-raised in the test's thread
-      errors.append(e)
+  def work(k):
+    x, y = _client_data(setup, k)
+    return T.run(T.connect(transports[k], setup.model, setup.sl, client=k, x=x, y=y))
 
-  threads = [threading.Thread(target=one, args=(k,)) for k in transports]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join(TIMEOUT)
-  if errors:
-    raise errors[0]
-  assert not any(t.is_alive() for t in threads), "a client did not finish in time"
-  return results
-
-
-def _assert_bitwise(a, b):
-  chex.assert_trees_all_equal_structs(a, b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), strict=True)
+  return run_in_threads(work, transports, timeout=TIMEOUT, errors_ok=errors_ok)
 
 
 def _client(state, k):
@@ -129,7 +110,7 @@ def test_in_process_run_equals_the_simulation(setup, in_process):
                                 atol=1e-5, rtol=0)
   chex.assert_trees_all_close(server.state.server.params, sim.server.params, atol=1e-5, rtol=0)
   if algorithm == "splitfed_v1":  # FedAvg at the end of each round: every client holds the average
-    _assert_bitwise(results[0].half.params, results[1].half.params)
+    assert_bitwise(results[0].half.params, results[1].half.params)
   else:
     assert not np.allclose(jax.tree.leaves(results[0].half.params)[0], jax.tree.leaves(results[1].half.params)[0])
   # Collaborative inference over the same connection, with the client's half and its server half.
@@ -202,26 +183,7 @@ def test_grpc_server_and_two_client_processes_equal_in_process_bitwise(setup, in
     assert row["steps"] == SCHEDULE.rounds * SCHEDULE.local_steps and 0 <= row["test_accuracy"] <= 1
   # The server's last checkpoint (written at the end of the last round) holds its final state.
   restored = _restored(tmp_path / "ckpt", reference.state)
-  _assert_bitwise(restored, jax.device_get(reference.state))
-
-
-class _KillAfter:
-  """A transport that SIGKILLs the server process once the n-th Forward response (of any client)
-  has arrived: that step is computed on the server and not yet applied."""
-
-  def __init__(self, inner, shared):
-    self.inner, self.shared = inner, shared
-
-  def call(self, method, request, *, timeout=None):
-    response = self.inner.call(method, request, timeout=timeout)
-    if method == "Forward":
-      with self.shared["lock"]:
-        self.shared["forwards"] += 1
-        if self.shared["forwards"] == self.shared["kill_at"]:
-          self.shared["process"].send_signal(signal.SIGKILL)
-          self.shared["process"].wait(timeout=20)
-          self.shared["killed"].set()
-    return response
+  assert_bitwise(restored, jax.device_get(reference.state))
 
 
 def test_server_killed_mid_round_resumes_exactly(setup, in_process, tmp_path, caplog):
@@ -233,7 +195,7 @@ def test_server_killed_mid_round_resumes_exactly(setup, in_process, tmp_path, ca
   second, transports = None, {}
   try:
     shared = {"lock": threading.Lock(), "forwards": 0, "kill_at": 3, "process": first, "killed": threading.Event()}
-    transports = {k: _KillAfter(T.GrpcTransport(f"127.0.0.1:{port}", token=t, retries=400, backoff=0.05,
+    transports = {k: KillAfter(T.GrpcTransport(f"127.0.0.1:{port}", token=t, retries=400, backoff=0.05,
                                                 max_backoff=0.25, deadline=30), shared) for k, t in TOKENS.items()}
     outcome = {}
     clients = threading.Thread(target=lambda: outcome.update(_run_clients(setup, transports)))
@@ -253,8 +215,8 @@ def test_server_killed_mid_round_resumes_exactly(setup, in_process, tmp_path, ca
   steps = [(r, s) for r in range(SCHEDULE.rounds) for s in range(SCHEDULE.local_steps)]
   for k, result in outcome.items():  # every step once, in order, despite the replay
     assert [(h["round"], h["step"]) for h in result.history] == steps
-    _assert_bitwise(result.half, expected[k].half)
-  _assert_bitwise(_restored(tmp_path / "ckpt", reference.state), jax.device_get(reference.state))
+    assert_bitwise(result.half, expected[k].half)
+  assert_bitwise(_restored(tmp_path / "ckpt", reference.state), jax.device_get(reference.state))
 
 
 class _DiesAfterForward:
@@ -274,19 +236,9 @@ class _DiesAfterForward:
     return response
 
 
-class _Clock:
-  """Real time plus an offset the test can jump ahead, to let a lease run out at once."""
-
-  def __init__(self):
-    self.offset = 0.0
-
-  def __call__(self):
-    return time.monotonic() + self.offset
-
-
 @pytest.mark.parametrize("algorithm", ["parallel_sl", "splitfed_v1"])
 def test_client_dropping_after_forward_loses_that_step_and_the_others_go_on(setup, algorithm):
-  clock = _Clock()
+  clock = Clock()
   server = _server(setup, algorithm, clock=clock)
   dying = _DiesAfterForward(T.InProcessTransport(server.handle, token=TOKENS[1]), 0, 1)
   transports = {0: T.InProcessTransport(server.handle, token=TOKENS[0]), 1: dying}
@@ -365,31 +317,12 @@ def test_requests_out_of_place_get_their_status_and_change_nothing(setup):
     assert position == {"round": 0, "turn": 0, "step": 0, "durable": 0, "done": False}
 
 
-class _CrashesAfterCommit:
-  """A client transport whose process "crashes" (its thread ends) once the Commit of (round, step)
-  has been answered: the step is committed on the server and checkpointed by the client."""
-
-  def __init__(self, inner, round_, step):
-    self.inner, self.at, self.crashed = inner, (round_, step), threading.Event()
-
-  def call(self, method, request, *, timeout=None):
-    if self.crashed.is_set():
-      raise SystemExit
-    response = self.inner.call(method, request, timeout=timeout)
-    if method == "Commit":
-      fields = wire.decode(method, request)
-      if (fields["round"], fields["step"]) == self.at:
-        self.crashed.set()
-    return response
-
-
 def test_client_restarted_from_its_checkpoint_ends_as_the_uninterrupted_run(setup, in_process, tmp_path):
   """A client process that dies mid-round and comes back (within the lease) resumes from its own
   checkpoint at the step the server waits for: the run ends bit for bit as the uninterrupted one."""
   algorithm, reference, expected = in_process
   server = _server(setup, algorithm)
-  x, y = _client_data(setup, 1)
-  first = _CrashesAfterCommit(T.InProcessTransport(server.handle, token=TOKENS[1]), 0, 1)
+  first = CrashesAfterCommit(T.InProcessTransport(server.handle, token=TOKENS[1]), 0, 1)
   done, errors = {}, []
 
   def client(k, transport, key):
@@ -417,6 +350,5 @@ def test_client_restarted_from_its_checkpoint_ends_as_the_uninterrupted_run(setu
   steps = [(r, s) for r in range(SCHEDULE.rounds) for s in range(SCHEDULE.local_steps)]
   assert [(h["round"], h["step"]) for h in done[1].history] == steps[2:]  # resumed at step 2 of round 0
   for k in (0, 1):
-    _assert_bitwise(done[k].half, expected[k].half)
-  _assert_bitwise(jax.device_get(server.state), jax.device_get(reference.state))
-  del x, y
+    assert_bitwise(done[k].half, expected[k].half)
+  assert_bitwise(jax.device_get(server.state), jax.device_get(reference.state))

@@ -9,7 +9,6 @@ Set-up: `cut(mlp(hidden=(16, 16), dropout), 1, 2)` on flat digits (head 64 -> 16
 tail 16 -> 10) with Adam; 2 rounds of 2 steps per turn with batches of 16.
 """
 
-import threading
 
 import chex
 import grpc
@@ -25,6 +24,7 @@ from sljax import messages as msgs
 from sljax import transport as T
 from sljax.transport import schedule as sched
 from sljax.transport import wire
+from transport_helpers import assert_bitwise, run_in_threads
 
 HIDDEN = (16, 16)
 DROPOUT = 0.25  # so that every step key matters
@@ -68,30 +68,12 @@ class _Recording:
 
 
 def _run_clients(setup, transports, num_clients):
-  results, errors = {}, []
 
-  def one(k):
-    try:
-      x, y = _client_data(setup, k, num_clients)
-      results[k] = T.run(T.connect(transports[k], setup[0], setup[1], client=k, x=x, y=y))
-    except BaseException as e:  # noqa: BLE001 -- re-raised in the test's thread
-      errors.append(e)
+  def work(k):
+    x, y = _client_data(setup, k, num_clients)
+    return T.run(T.connect(transports[k], setup[0], setup[1], client=k, x=x, y=y))
 
-  threads = [threading.Thread(target=one, args=(k,)) for k in transports]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join(TIMEOUT)
-  if errors:
-    raise errors[0]
-  assert not any(t.is_alive() for t in threads), "a client did not finish in time"
-  return results
-
-
-def _assert_bitwise(a, b):
-  chex.assert_trees_all_equal_structs(a, b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), strict=True)
+  return run_in_threads(work, transports, timeout=TIMEOUT)
 
 
 ONE = T.Schedule(num_clients=1, rounds=2, local_steps=2, batch_size=B)
@@ -127,7 +109,7 @@ def test_one_client_equals_the_fused_step(setup, vanilla_one):
   server, _, result = vanilla_one
   assert server.algorithm == "sequential_sl_u"
   assert [(h["round"], h["step"]) for h in result.history] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-  _assert_bitwise(result.half.params, server.state.client_half.params)
+  assert_bitwise(result.half.params, server.state.client_half.params)
   fused, losses = _fused(setup, ONE)
   # Not bitwise: the fused step is one program, XLA may fuse differently.
   chex.assert_trees_all_close(server.state.server.params, fused.server.params, atol=1e-6, rtol=0)
@@ -171,10 +153,10 @@ def test_two_clients_over_grpc_equal_in_process_bitwise(setup):
       link.close()
     running.stop()
   assert int(server.state.round) == two.rounds and bool(server.state.last_completed.all())
-  _assert_bitwise((server.state.server, server.state.client_half),
+  assert_bitwise((server.state.server, server.state.client_half),
                   (reference.state.server, reference.state.client_half))
   for k in TOKENS:
-    _assert_bitwise(over_grpc[k].half.params, in_process[k].half.params)
+    assert_bitwise(over_grpc[k].half.params, in_process[k].half.params)
     assert over_grpc[k].history == in_process[k].history
 
 
