@@ -476,7 +476,8 @@ def u_shaped(
         client.params["tail"], body
     )
     metrics = {"loss": value, "accuracy": accuracy(out, labels)}
-    payload, tail_codec = up_codec.encode(g_body, client.codec_state["tail_grad"], jax.random.fold_in(key, CODEC_STREAM))
+    payload, tail_codec = up_codec.encode(g_body, client.codec_state["tail_grad"],
+                                          jax.random.fold_in(key, CODEC_STREAM))
     codec_state = {"smashed": pending.codec_state, "tail_grad": tail_codec}
     return msgs.TailGradient(payload), TailPending(pending, g_tail, tail_state, codec_state), metrics
 
@@ -525,8 +526,8 @@ def u_shaped(
                               train=False)
     return out, Metrics({}, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
 
-  return UShaped(init, client_forward, server_forward, client_tail_step, server_backward, client_backward, step, predict,
-                 model, client_optimizer, server_optimizer, loss, up_codec, down_codec)
+  return UShaped(init, client_forward, server_forward, client_tail_step, server_backward, client_backward, step,
+                 predict, model, client_optimizer, server_optimizer, loss, up_codec, down_codec)
 
 
 class Centralized(NamedTuple):

@@ -278,7 +278,8 @@ class ConcurrentServer(ServiceBase):
       return "training is over"
     s = self.state
     gone = " (dropped from this round)" if s.gone[client] else ""
-    return f"the server is at round {int(s.round)}; client {client}{gone} has committed {self._steps_of(client)} step(s)"
+    return (f"the server is at round {int(s.round)}; client {client}{gone} has committed "
+            f"{self._steps_of(client)} step(s)")
 
   def _seen(self, client: int) -> None:
     now = self._clock()

@@ -195,7 +195,8 @@ class ServiceBase:
     """The server's state and staged step(s) as bytes: equal bytes, equal state (for tests)."""
     with self._cond:
       return serialization.msgpack_serialize(
-          {"state": serialization.to_state_dict(jax.device_get(self.state)), "staged": jax.device_get(self._staged_dict())})
+          {"state": serialization.to_state_dict(jax.device_get(self.state)),
+           "staged": jax.device_get(self._staged_dict())})
 
   def close(self) -> None:
     """Finishes pending checkpoint writes."""
