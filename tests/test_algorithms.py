@@ -266,13 +266,15 @@ def test_bad_client_data():
     A.splitfed(_model(), version=3, client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B)
 
 
-def test_heterogeneous_cuts_with_one_cut_equal_parallel_sl():
+@pytest.mark.parametrize("with_codecs", [False, True], ids=["plain", "codecs"])
+def test_heterogeneous_cuts_with_one_cut_equal_parallel_sl(with_codecs):
   data = _data(4)
   layers = sljax.models.mlp(hidden=(16, 16))
+  codecs = dict(uplink=sljax.codecs.random_k(fraction=0.5), downlink=sljax.codecs.quantize(bits=8)) if with_codecs else {}
   het = A.heterogeneous_parallel_sl(layers, cuts=[1, 1, 1, 1], client_optimizer=OPT, server_optimizer=OPT,
-                                    batch_size=B, local_steps=2)
+                                    batch_size=B, local_steps=2, **codecs)
   par = A.parallel_sl(sljax.cut(layers, 1), client_optimizer=OPT, server_optimizer=OPT, num_clients=4,
-                      batch_size=B, local_steps=2)
+                      batch_size=B, local_steps=2, **codecs)
   h_state = het.init(jax.random.key(5), data)
   p_state = par.init(jax.random.key(5), data)
   body = h_state.server.params["body"]
@@ -284,6 +286,10 @@ def test_heterogeneous_cuts_with_one_cut_equal_parallel_sl():
   chex.assert_trees_all_close(h_state.clients[0].params, p_state.clients.params, atol=1e-6, rtol=1e-6)
   chex.assert_trees_all_close(h_state.server.params["body"], p_state.server.params, atol=1e-6, rtol=1e-6)
   np.testing.assert_array_equal(h_metrics["bytes_up_per_client"], p_metrics["bytes_up_per_client"])
+  np.testing.assert_array_equal(h_metrics["bytes_down_per_client"], p_metrics["bytes_down_per_client"])
+  if with_codecs:  # the codecs did act: fewer bytes than plain float32 messages
+    plain = sljax.wire_size(sljax.messages.CutGradient(jnp.zeros((B, 16))))
+    assert int(h_metrics["bytes_down_per_client"][0]) < 2 * (2 * plain) / 3  # 2 steps per round
 
 
 def test_heterogeneous_cuts_train_with_a_shared_body():

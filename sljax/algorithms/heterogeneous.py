@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sljax import codecs
 from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
@@ -38,6 +39,8 @@ def heterogeneous_parallel_sl(
     executor: Executor = vmap(),
     participation: float = 1.0,
     drop_rate: float = 0.0,
+    uplink: codecs.Codec | None = None,
+    downlink: codecs.Codec | None = None,
 ) -> c.Algorithm:
   """Parallel split learning where client k cuts the stack at `cuts[k]`.
 
@@ -52,6 +55,10 @@ def heterogeneous_parallel_sl(
   of the same layer start equal. `SimState.clients` is a tuple with one client-stacked party per
   group, in increasing order of cut; `SimState.server.params` is `{"bridges": (...), "body": ...}`.
   The data's clients are in the order of `cuts`.
+
+  `uplink`/`downlink` are codecs on the smashed data and the cut gradients, as in `parallel_sl`:
+  each client keeps its uplink codec state, the server one downlink codec state per client
+  (`SimState.server.codec_state`, a tuple with one client-stacked state per group).
   """
   cuts = [int(k) for k in cuts]
   n = len(layers)
@@ -66,7 +73,9 @@ def heterogeneous_parallel_sl(
   order = np.concatenate(groups)  # client ids, group by group
   # one vanilla protocol per group: its client half, and as "server" the bridge then the body
   protocols = [protocol.vanilla(cut(layers, k), client_optimizer=client_optimizer,
-                                server_optimizer=server_optimizer, loss=loss) for k in levels]
+                                server_optimizer=server_optimizer, loss=loss, uplink=uplink, downlink=downlink)
+               for k in levels]
+  up_codec, down_codec = uplink or codecs.identity(), downlink or codecs.identity()
   client_stages = [sequential(*layers[:k]) for k in levels]
   bridges = [sequential(*layers[k:deepest]) if k < deepest else None for k in levels]
   body = sequential(*layers[deepest:])
@@ -77,18 +86,22 @@ def heterogeneous_parallel_sl(
     whole = sequential(*layers)
     x0 = jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype)
     params, model_state = jax.jit(whole.init)(k_model, x0)
-    clients = []
-    for k, g in zip(levels, groups):
+    clients, down_states = [], []
+    for k, g, stage in zip(levels, groups, client_stages):
       spec = protocol.ArraySpec.of(x0)
-      party = protocol.PartyState(params[:k], model_state[:k], client_optimizer.init(params[:k]), spec)
+      smashed = jax.eval_shape(lambda k=k, stage=stage: stage.apply(params[:k], model_state[:k], x0, key=None,
+                                                                     train=False)[0])
+      party = protocol.PartyState(params[:k], model_state[:k], client_optimizer.init(params[:k]), spec,
+                                  up_codec.init(smashed))
       clients.append(c.stack_party(party, len(g)))
+      down_states.append(c.broadcast(down_codec.init(smashed), len(g)))
     server_params = {"bridges": tuple(params[k:deepest] for k in levels), "body": params[deepest:]}
     server_state = {"bridges": tuple(model_state[k:deepest] for k in levels), "body": model_state[deepest:]}
     deepest_client = client_stages[-1]
     body_in = jax.eval_shape(lambda: deepest_client.apply(params[:deepest], model_state[:deepest], x0, key=None,
                                                           train=False)[0])
     server = protocol.PartyState(server_params, server_state, server_optimizer.init(server_params),
-                                 protocol.ArraySpec.of(body_in))
+                                 protocol.ArraySpec.of(body_in), tuple(down_states))
     return c.SimState(tuple(clients), server, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
 
   def server_apply(params, model_state, hs, key, train):
@@ -130,23 +143,29 @@ def heterogeneous_parallel_sl(
         accs = jnp.concatenate([jnp.mean(jnp.argmax(o, -1) == yg, axis=-1) for o, yg in zip(outs, y_groups)])
         return (losses * w).sum() / jnp.maximum(total, 1.0), (losses, accs, model_state)
 
-      hs = [u.activations for u in ups]
+      hs = [jax.vmap(up_codec.decode)(u.activations) for u in ups]
       (_, (losses, accs, model_state)), (g_params, g_hs) = jax.value_and_grad(
           objective, argnums=(0, 1), has_aux=True)(server.params, hs)
       updated_server = c.apply_update(server, g_params, server_optimizer, model_state)
       server = c.select(total > 0, updated_server, server)
       scale = jnp.where(w > 0, total / jnp.where(w > 0, w, 1.0), 0.0)
-      new_clients, up, down, start = [], [], [], 0
-      for p, party, g, g_h in zip(protocols, clients, groups, g_hs):
+      codec_keys = c.codec_keys(k_step, num_clients)
+      new_clients, new_codec_states, up, down, start = [], [], [], [], 0
+      for p, party, g, g_h, u, codec_state in zip(protocols, clients, groups, g_hs, ups, server.codec_state):
         sc = scale[start : start + len(g)]
         g_h = g_h * sc.reshape(-1, *(1,) * (g_h.ndim - 1)).astype(g_h.dtype)
-        grads, model_states, _ = executor(c.client_gradient(p), party, x[g], y[g], keys[g], g_h)
-        updated = executor(lambda pt, gr, ms: c.apply_update(pt, gr, client_optimizer, ms), party, grads,
-                           model_states)
-        new_clients.append(c.where(active_all[s][g], updated, party))
-        up.append(jnp.full((len(g),), msgs.wire_size(msgs.SmashedData(g_h[0], y[g][0]))))
-        down.append(jnp.full((len(g),), msgs.wire_size(msgs.CutGradient(g_h[0]))))
+        active = active_all[s][g]
+        payload, new_state = jax.vmap(down_codec.encode)(g_h, codec_state, codec_keys[g])
+        new_codec_states.append(c.where(active, new_state, codec_state))
+        g_cut = jax.vmap(down_codec.decode)(payload)
+        grads, model_states, client_codec = executor(c.client_gradient(p), party, x[g], y[g], keys[g], g_cut)
+        updated = executor(lambda pt, gr, ms, cs: c.apply_update(pt, gr, client_optimizer, ms).replace(codec_state=cs),
+                           party, grads, model_states, client_codec)
+        new_clients.append(c.where(active, updated, party))
+        up.append(jnp.full((len(g),), msgs.wire_size(c.first(u))))
+        down.append(jnp.full((len(g),), msgs.wire_size(msgs.CutGradient(c.first(payload)))))
         start += len(g)
+      server = server.replace(codec_state=tuple(new_codec_states))
       # back to client order for the metrics
       inverse = np.argsort(order)
       losses, accs = losses[inverse], accs[inverse]
@@ -163,6 +182,9 @@ def heterogeneous_parallel_sl(
     gi = levels.index(cuts[client])
     party = jax.tree.map(lambda a: a[int(np.flatnonzero(groups[gi] == client)[0])], state.clients[gi])
     h, _ = client_stages[gi].apply(party.params, party.model_state, x, key=None, train=False)
+    # through the uplink codec from a fresh state, as `Vanilla.predict`
+    payload, _ = up_codec.encode(h, up_codec.init(h), jax.random.fold_in(jax.random.key(0), protocol.CODEC_STREAM))
+    h = up_codec.decode(payload)
     params, model_state = state.server.params, state.server.model_state
     if bridges[gi] is not None:
       h, _ = bridges[gi].apply(params["bridges"][gi], model_state["bridges"][gi], h, key=None, train=False)
