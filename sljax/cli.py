@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--checkpoint-dir", help="checkpoint here; resume from here after a restart")
   p.add_argument("--checkpoint-every", type=int, default=20, help="commits between checkpoints")
   p.add_argument("--rounds", type=int, default=10)
-  p.add_argument("--algorithm", choices=("sequential_sl", "parallel_sl", "splitfed_v1"), default="sequential_sl",
-                 help="sequential: clients take turns; parallel SL and SplitFed v1: all clients at once")
+  p.add_argument("--algorithm", choices=("sequential_sl", "parallel_sl", "splitfed_v1", "splitfed_v2"),
+                 default="sequential_sl",
+                 help="sequential: clients take turns; parallel SL and SplitFed v1/v2: all clients at once")
   p.add_argument("--local-steps", type=int, default=20, help="steps per turn (sequential) or per round")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--seed", type=int, default=0, help="the run key: model init, data order, step keys")

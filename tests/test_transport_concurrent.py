@@ -1,6 +1,6 @@
 """Parallel split learning and SplitFed v1 over the network (`sljax.transport.ConcurrentServer`):
 all clients at once against one server. Over gRPC (client processes or threads) the run equals the
-in-process run bit for bit, and the fused simulation (`parallel_sl`, `splitfed(version=1)`) within
+in-process run bit for bit, and the fused simulation (`parallel_sl`, `splitfed(version=1|2)`) within
 1e-5; a client that drops after its forward loses exactly that step while the others go on, as
 `RoundInputs.dropped` says in simulation; requests out of place get their status and change nothing.
 
@@ -67,7 +67,8 @@ def _simulate(setup, algorithm, inputs=()):
   opt = optax.adam(LR)
   kw = dict(client_optimizer=opt, server_optimizer=opt, num_clients=SCHEDULE.num_clients,
             batch_size=SCHEDULE.batch_size, local_steps=SCHEDULE.local_steps)
-  algo = parallel_sl(setup.model, **kw) if algorithm == "parallel_sl" else splitfed(setup.model, version=1, **kw)
+  algo = parallel_sl(setup.model, **kw) if algorithm == "parallel_sl" else splitfed(
+      setup.model, version=int(algorithm[-1]), **kw)
   data = sljax.data.stack_clients(setup.dataset.x_train, setup.dataset.y_train, _parts(setup))
   state = algo.init(jax.random.key(SEED), data)
   round_fn = jax.jit(algo.round)
@@ -90,7 +91,7 @@ def _client(state, k):
   return jax.tree.map(lambda a: a[k], state.clients.params)
 
 
-@pytest.fixture(scope="module", params=["parallel_sl", "splitfed_v1"])
+@pytest.fixture(scope="module", params=["parallel_sl", "splitfed_v1", "splitfed_v2"])
 def in_process(request, setup):
   """The reference: the run over InProcessTransport, clients in threads."""
   server = _server(setup, request.param)
@@ -109,7 +110,7 @@ def test_in_process_run_equals_the_simulation(setup, in_process):
     chex.assert_trees_all_close(result.half.opt_state, jax.tree.map(lambda a: a[k], sim.clients.opt_state),
                                 atol=1e-5, rtol=0)
   chex.assert_trees_all_close(server.state.server.params, sim.server.params, atol=1e-5, rtol=0)
-  if algorithm == "splitfed_v1":  # FedAvg at the end of each round: every client holds the average
+  if algorithm != "parallel_sl":  # FedAvg at the end of each round: every client holds the average
     assert_bitwise(results[0].half.params, results[1].half.params)
   else:
     assert not np.allclose(jax.tree.leaves(results[0].half.params)[0], jax.tree.leaves(results[1].half.params)[0])
@@ -120,7 +121,8 @@ def test_in_process_run_equals_the_simulation(setup, in_process):
   expected = jax.jit(lambda s, x: sljax.algorithms.parallel_sl(
       setup.model, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR), num_clients=2,
       batch_size=16).predict(s, x) if algorithm == "parallel_sl" else splitfed(
-      setup.model, version=1, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR), num_clients=2,
+      setup.model, version=int(algorithm[-1]), client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR),
+      num_clients=2,
       batch_size=16).predict(s, x))(sim, setup.dataset.x_test)
   np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
@@ -236,7 +238,7 @@ class _DiesAfterForward:
     return response
 
 
-@pytest.mark.parametrize("algorithm", ["parallel_sl", "splitfed_v1"])
+@pytest.mark.parametrize("algorithm", ["parallel_sl", "splitfed_v1", "splitfed_v2"])
 def test_client_dropping_after_forward_loses_that_step_and_the_others_go_on(setup, algorithm):
   clock = Clock()
   server = _server(setup, algorithm, clock=clock)
@@ -299,7 +301,7 @@ def test_requests_out_of_place_get_their_status_and_change_nothing(setup):
         ("Handover", _request("Handover", op="put", steps=3, message=weights), code.FAILED_PRECONDITION,
          "averages nothing" if algorithm == "parallel_sl" else "after 3 committed steps"),
     ]
-    if algorithm == "splitfed_v1":
+    if algorithm != "parallel_sl":
       nan = jax.tree.map(lambda a: np.full_like(a, np.nan), average)
       cases += [
           ("Handover", _request("Handover", op="put", steps=3, message=msgs.to_bytes(msgs.ModelWeights(nan))),

@@ -1,7 +1,7 @@
 """The client's side of split learning over a network, one driver for every transport and algorithm.
 
 A client holds its own data (numpy arrays) and its client half: during its turn in sequential SL,
-all the time in parallel SL and SplitFed v1 (the algorithm the server names in its handshake;
+all the time in parallel SL and SplitFed v1 and v2 (the algorithm the server names in its handshake;
 `run` follows it). Per step it runs the very legs of the simulation: `client_forward` on its
 batch, `Forward` to the server, `client_backward` on the cut gradient, then `Commit`. In U-shaped
 split learning (`sljax.u_shaped`, algorithm "sequential_sl_u") the labels never leave the client:
@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 _FAILED = grpc.StatusCode.FAILED_PRECONDITION
 # The algorithms where clients take turns (the server is a `SplitServer`).
 SEQUENTIAL = ("sequential_sl", "sequential_sl_u")
+# The algorithms where clients hand in their weights for an average at the end of each round.
+_AVERAGED = ("splitfed_v1", "splitfed_v2")
 
 
 class Session(NamedTuple):
@@ -65,7 +67,7 @@ class Session(NamedTuple):
     half_template, down_template: templates of the ClientHalf and CutGradient messages it accepts.
     timeout: seconds per call (a `Handover` wait adds its own).
     algorithm: the server's algorithm: "sequential_sl", "sequential_sl_u" (U-shaped),
-      "parallel_sl" or "splitfed_v1".
+      "parallel_sl", "splitfed_v1" or "splitfed_v2".
     lease_seconds: the server's lease; calls that wait for other clients may take that long.
     weights_template: template of the ModelWeights message of SplitFed's averaging.
     answer_template: `answer_template(uplink payload) -> template` of the `Predict` answer.
@@ -464,7 +466,7 @@ def _merge_average(session: Session, half: PartyState, response: dict) -> PartyS
 
 def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], None],
                   saver: _HalfCheckpoints | None = None) -> Result:
-  """Parallel split learning or SplitFed v1: every round, all clients at once.
+  """Parallel split learning or SplitFed v1 or v2: every round, all clients at once.
 
   The client fetches the initial client half, then per round trains `local_steps` steps (each
   `Forward` and `Commit` held by the server until the other clients are there, in parallel SL)
@@ -486,7 +488,7 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
     half = sched.from_message(wire.read_message(session.half_template, response["message"], what="Handover get"),
                               session.input_spec)
     round_ = response["position"]["round"]
-    if round_ > 0 and session.algorithm == "splitfed_v1":  # joining late: start from the latest average
+    if round_ > 0 and session.algorithm in _AVERAGED:  # joining late: start from the latest average
       half = _merge_average(session, half, _await_round(session, round_, wait=wait))
     if saver is not None:
       saver.save(round_, 0, half)
@@ -497,7 +499,7 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
                                             on_durable=None if saver is None else saver.save)
     start, in_round = 0, True
     history += steps
-    if completed and session.algorithm == "splitfed_v1":
+    if completed and session.algorithm in _AVERAGED:
       try:
         _call(session, "Handover", {"round": round_, "op": "put", "steps": schedule.local_steps, "wait": 0.0,
                                     "message": msgs.to_bytes(_weights_of(half))})
@@ -507,7 +509,7 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
         logger.warning("client %d: %s", session.client, e.details)
         completed = False
     response = _await_round(session, round_ + 1, wait=wait)
-    if session.algorithm == "splitfed_v1":
+    if session.algorithm in _AVERAGED:
       half = _merge_average(session, half, response)
     logger.info("client %d: round %d %s", session.client, round_, "done" if completed else "lost")
     round_ = response["position"]["round"]

@@ -1,8 +1,8 @@
-"""The server of parallel split learning and SplitFed v1 over a network: all clients at once.
+"""The server of parallel split learning and SplitFed v1 and v2 over a network: all clients at once.
 
-`ConcurrentServer` serves the same methods as `SplitServer` (docs/protocol.md), for the two
+`ConcurrentServer` serves the same methods as `SplitServer` (docs/protocol.md), for the
 algorithms whose clients train at the same time. Each reproduces its simulation,
-`sljax.algorithms.parallel_sl` and `sljax.algorithms.splitfed(version=1)`: the same legs, keys,
+`sljax.algorithms.parallel_sl` and `sljax.algorithms.splitfed(version=1|2)`: the same legs, keys,
 data order and averaging, so a run over the network ends where the simulation does.
 
 Parallel SL (Jeon & Kim 2020) is lock-step: step s of round r is one server update on the smashed
@@ -20,6 +20,12 @@ round each client hands in its client half's weights (`Handover put`, a `ModelWe
 params and model state); when every client still in the round has, the server averages them
 (FedAvg, weighted by the clients' sample counts from their handshakes), averages its server
 copies the same way, and every client fetches the average (`Handover get` of the next round).
+
+SplitFed v2 keeps one server half that takes the clients one at a time, in an order drawn per
+round as the simulation draws it: in each step, a client's `Forward` is held until every client
+before it in the order has committed or dropped, and its `Commit` passes the turn on. A client
+that forwarded and never commits has its update discarded, and the next client is served from
+the server half without it. The client weights are averaged at the end of the round as in v1.
 
 A client silent for `lease_seconds` while others wait for it is dropped from the round: its
 staged step is discarded, and it takes part again from the next round (in parallel SL with its
@@ -53,7 +59,7 @@ from sljax.transport.wire import TransportError
 logger = logging.getLogger(__name__)
 
 PyTree = Any
-ALGORITHMS = ("parallel_sl", "splitfed_v1")
+ALGORITHMS = ("parallel_sl", "splitfed_v1", "splitfed_v2")
 _FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -65,7 +71,9 @@ class ConcurrentState:
     server: parallel SL: the server half, with one downlink codec state per client (K, ...), as
       in `parallel_sl`'s state; SplitFed v1: one copy of the server half per client, stacked (K, ...).
     round: the current round; equals the schedule's rounds when training is over.
-    step: parallel SL: the steps of this round applied so far (every client's step).
+    step: parallel SL and SplitFed v2: the steps of this round applied so far (every client's step).
+    turn: SplitFed v2: the position, in this round's order of clients, of the client the server
+      serves next in the current step.
     upto: (K,) int32, for each client the number of its committed steps since the start of the
       run, counting a round as `local_steps` steps (a client's step s of round r is committed
       iff `upto > r * local_steps + s`).
@@ -80,6 +88,7 @@ class ConcurrentState:
   server: PartyState
   round: np.ndarray
   step: np.ndarray
+  turn: np.ndarray
   upto: np.ndarray
   gone: np.ndarray
   samples: np.ndarray
@@ -109,13 +118,13 @@ def _weights_of(party: PartyState) -> msgs.ModelWeights:
 
 
 class ConcurrentServer(ServiceBase):
-  """The server's side of parallel split learning or SplitFed v1, behind any transport.
+  """The server's side of parallel split learning or SplitFed v1 or v2, behind any transport.
 
   Args:
     model: the split model.
     sl: `sljax.vanilla(model, ...)`, the same as the clients'; its optimizers, loss and codecs are
       the algorithm's.
-    algorithm: "parallel_sl" or "splitfed_v1".
+    algorithm: "parallel_sl", "splitfed_v1" or "splitfed_v2".
     schedule: clients, rounds, steps per round (`local_steps`), batch size.
     input_spec, key, tokens, certificate_names, codec, checkpoint_dir, checkpoint_every,
     lease_seconds, max_message_bytes, max_predict_batch, clock: as for `SplitServer`.
@@ -166,12 +175,15 @@ class ConcurrentServer(ServiceBase):
     one = _weights_of(init.client).params
     weights = c.stack_party(one, k) if self._splitfed else ()
     average = one if self._splitfed else ()
-    if self._splitfed:
+    if self._copies:
       server = c.stack_party(init.server, k)
+    elif self._in_order:
+      server = init.server
     else:
       server = init.server.replace(codec_state=c.broadcast(init.server.codec_state, k))
     initial = ConcurrentState(
-        server=server, round=np.array(0, np.int32), step=np.array(0, np.int32), upto=np.zeros((k,), np.int32),
+        server=server, round=np.array(0, np.int32), step=np.array(0, np.int32), turn=np.array(0, np.int32),
+        upto=np.zeros((k,), np.int32),
         gone=np.zeros((k,), bool), samples=np.zeros((k,), np.int32), handed=np.zeros((k,), bool),
         weights=jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), weights),
         average=average, key=run_key)  # before any round, the "average" is the initial client half
@@ -202,10 +214,14 @@ class ConcurrentServer(ServiceBase):
     the results are discarded."""
     s = self.state
     zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), self._smashed_template)
-    if self._splitfed:
+    if self._copies:
       copy, _, _, _ = self._splitfed_step(s.server, 0, zeros, s.key, 0, 0)
       jax.block_until_ready((self._set_copy(s.server, 0, copy), self._set_weights(s.weights, 0, s.average),
                              self._average(s.weights, s.server, np.ones(self.schedule.num_clients, np.float32))))
+    elif self._in_order:
+      jax.block_until_ready((self._in_order_step(s.server, 0, zeros, s.key, 0, 0), self._order(s.key, 0),
+                             self._set_weights(s.weights, 0, s.average),
+                             self._average_clients(s.weights, np.ones(self.schedule.num_clients, np.float32))))
     else:
       pending = _Pending(0, 0, {})
       weights = np.zeros(self.schedule.num_clients, np.float32)
@@ -213,7 +229,18 @@ class ConcurrentServer(ServiceBase):
 
   @property
   def _splitfed(self) -> bool:
+    """Clients hand in their weights at the end of each round (SplitFed v1 and v2)."""
+    return self.algorithm.startswith("splitfed")
+
+  @property
+  def _copies(self) -> bool:
+    """A copy of the server half per client (SplitFed v1)."""
     return self.algorithm == "splitfed_v1"
+
+  @property
+  def _in_order(self) -> bool:
+    """One server half that takes the clients one at a time, in a per-round order (SplitFed v2)."""
+    return self.algorithm == "splitfed_v2"
 
   def _build_steps(self, model: SplitModel, sl: Vanilla) -> None:
     """The server's jitted computations, the simulation's lines for one round step."""
@@ -242,6 +269,18 @@ class ConcurrentServer(ServiceBase):
       new, down, metrics = sl.server_step(copy, message, k_server)
       return new, down, metrics["loss"], metrics["accuracy"]
 
+    def in_order(server, client, message, run_key, round_, step):
+      """`splitfed(version=2)`'s server step for one client: its key is the client's, folded with 1."""
+      k_step = step_key(run_key, round_, step)
+      keys = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
+      new, down, metrics = sl.server_step(server, message, jax.random.fold_in(keys[client], 1))
+      return new, down, metrics["loss"], metrics["accuracy"]
+
+    def order(run_key, round_):
+      """SplitFed v2's order of clients in round `round_`, as the simulation draws it."""
+      key = jax.random.fold_in(jax.random.wrap_key_data(run_key), round_)
+      return jax.random.permutation(jax.random.fold_in(key, self.schedule.local_steps + 1), num_clients)
+
     def set_copy(servers, client, copy):
       return jax.tree.map(lambda a, one: a.at[client].set(one), servers, copy)
 
@@ -256,6 +295,9 @@ class ConcurrentServer(ServiceBase):
     self._set_copy = jax.jit(set_copy)
     self._set_weights = jax.jit(set_copy)
     self._average = jax.jit(average)
+    self._average_clients = jax.jit(c.weighted_mean)
+    self._in_order_step = jax.jit(in_order)
+    self._order = jax.jit(order)
 
   # ---- position, leases, checkpoints -------------------------------------------------------------
 
@@ -305,7 +347,7 @@ class ConcurrentServer(ServiceBase):
 
   def _predict_party(self, client: int) -> PartyState:
     server = self.state.server
-    return jax.tree.map(lambda a: a[client], server) if self._splitfed else server
+    return jax.tree.map(lambda a: a[client], server) if self._copies else server
 
   def _hello(self, client: int, req: dict) -> None:
     samples = np.array(self.state.samples)
@@ -332,8 +374,12 @@ class ConcurrentServer(ServiceBase):
     for k in range(self.schedule.num_clients):
       if s.gone[k] or not self._silent(k):
         continue
-      if self._splitfed:
-        waited_for = not s.handed[k] and s.handed.any()  # others wait for the average
+      if self._splitfed and not s.handed[k] and s.handed.any():
+        waited_for = True  # others wait for the average
+      elif self._in_order:
+        waited_for = int(s.step) < self.schedule.local_steps and self._serving() == k  # the step waits for it
+      elif self._splitfed:
+        waited_for = False
       elif self._pending is None:
         waited_for = False
       elif self._pending.forwarded is None:
@@ -382,6 +428,8 @@ class ConcurrentServer(ServiceBase):
     """Completes whatever every client still in the round has done its part of."""
     if self._done():
       return
+    if self._in_order:
+      self._skip_gone()
     if self._splitfed:
       s = self.state
       if (s.handed | s.gone).all():
@@ -395,6 +443,33 @@ class ConcurrentServer(ServiceBase):
       self._compute(p)
     elif p.forwarded is not None and all(gone[k] or k in self._committed for k in np.flatnonzero(p.forwarded)):
       self._apply(p)
+
+  def _serving(self) -> int:
+    """SplitFed v2: the client the current step serves next."""
+    return int(self._round_order()[int(self.state.turn)])
+
+  def _round_order(self) -> np.ndarray:
+    s = self.state
+    if getattr(self, "_order_of", (None,))[0] != int(s.round):
+      self._order_of = (int(s.round), np.asarray(self._order(s.key, int(s.round))))
+    return self._order_of[1]
+
+  def _skip_gone(self) -> None:
+    """SplitFed v2: passes over dropped clients; after the last client, the next step begins."""
+    s, k = self.state, self.schedule.num_clients
+    if int(s.step) >= self.schedule.local_steps:
+      return
+    turn, step = int(s.turn), int(s.step)
+    order = self._round_order()
+    while turn < k and s.gone[order[turn]]:
+      turn += 1
+    if turn == k:
+      turn, step = 0, step + 1
+    if (turn, step) != (int(s.turn), int(s.step)):
+      self.state = s.replace(turn=np.array(turn, np.int32), step=np.array(step, np.int32))
+      self._cond.notify_all()
+      if step != int(s.step):
+        self._skip_gone()
 
   def _stacked_smashed(self, p: _Pending) -> msgs.SmashedData:
     zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), self._smashed_template)
@@ -433,9 +508,11 @@ class ConcurrentServer(ServiceBase):
     """SplitFed: every client in the round handed in its weights or is gone: FedAvg, next round."""
     s = self.state
     w = (s.samples * s.handed).astype(np.float32)
-    if w.sum() > 0:
+    if w.sum() > 0 and self._copies:
       average, server = self._average(s.weights, s.server, w)
       self.state = s.replace(average=jax.device_get(average), server=server)
+    elif w.sum() > 0:  # v2: one server half, nothing to average on the server
+      self.state = s.replace(average=jax.device_get(self._average_clients(s.weights, w)))
     else:  # nobody finished the round: keep the last average rather than average nothing
       logger.warning("round %d: no client handed in its weights; the averages stay as they were", int(s.round))
     self._staged = {}
@@ -444,8 +521,8 @@ class ConcurrentServer(ServiceBase):
   def _next_round(self) -> None:
     k = self.schedule.num_clients
     self.state = self.state.replace(round=np.array(int(self.state.round) + 1, np.int32),
-                                    step=np.array(0, np.int32), gone=np.zeros((k,), bool),
-                                    handed=np.zeros((k,), bool))
+                                    step=np.array(0, np.int32), turn=np.array(0, np.int32),
+                                    gone=np.zeros((k,), bool), handed=np.zeros((k,), bool))
     self._save()
     logger.info("round %d begins", int(self.state.round))
     self._cond.notify_all()
@@ -504,10 +581,12 @@ class ConcurrentServer(ServiceBase):
     message = wire.read_message(self._smashed_template, req["message"], what="Forward",
                                 max_bytes=self.max_message_bytes)
     # Everything is checked: from here on the request is served.
-    if self._splitfed:
+    if self._copies:
       copy, down, loss, acc = self._splitfed_step(self.state.server, client, message, self.state.key, round_, step)
       self._staged[client] = (round_, step, copy)
       return wire.encode({"message": msgs.to_bytes(down), "loss": float(loss), "accuracy": float(acc)})
+    if self._in_order:
+      return self._forward_in_order(client, round_, step, message)
     p = self._pending
     if p is None or (p.round, p.step) != (round_, step):
       p = self._pending = _Pending(round_, step, {})
@@ -524,11 +603,44 @@ class ConcurrentServer(ServiceBase):
     return wire.encode({"message": msgs.to_bytes(down), "loss": float(p.losses[client]),
                         "accuracy": float(p.accuracies[client])})
 
+  def _forward_in_order(self, client: int, round_: int, step: int, message) -> bytes:
+    """SplitFed v2: held until the step serves this client (the clients before it in the round's
+    order have committed or dropped), then one server step on the server half as it is then."""
+    def my_turn():
+      s = self.state
+      return bool(s.gone[client]) or int(s.round) != round_ or (int(s.step) == step and self._serving() == client)
+
+    self._wait(client, my_turn, self.lease_seconds + 1.0)
+    s = self.state
+    if s.gone[client] or int(s.round) != round_ or int(s.step) != step or self._serving() != client:
+      raise TransportError(grpc.StatusCode.ABORTED, f"Forward: step {step} of round {round_} does not serve client "
+                                                    f"{client} yet; forward it again. {self._where(client)}")
+    server, down, loss, acc = self._in_order_step(s.server, client, message, s.key, round_, step)
+    self._staged[client] = (round_, step, server)
+    return wire.encode({"message": msgs.to_bytes(down), "loss": float(loss), "accuracy": float(acc)})
+
   def _commit(self, client: int, req: dict) -> bytes:
     round_, step = req["round"], req["step"]
     if self._committed_before(client, round_, step):
       return wire.encode(self._position(client))  # a retry of a commit that went through
     self._check_next("Commit", client, round_, step)
+    if self._in_order:
+      staged = self._staged.get(client)
+      if staged is None or staged[:2] != (round_, step) or self._serving() != client:
+        raise TransportError(grpc.StatusCode.ABORTED,
+                             f"Commit: step {step} of round {round_} is not staged (never forwarded, or discarded by a "
+                             f"server restart); forward it again. {self._where(client)}")
+      s = self.state
+      upto = np.array(s.upto)
+      upto[client] += 1
+      self.state = s.replace(server=staged[2], upto=upto, turn=np.array(int(s.turn) + 1, np.int32))
+      del self._staged[client]
+      self._skip_gone()
+      self._commits_since_save += 1
+      if self._commits_since_save >= self._checkpoint_every or self._steps_of(client) == self.schedule.local_steps:
+        self._save()
+      self._cond.notify_all()
+      return wire.encode(self._position(client))
     if self._splitfed:
       staged = self._staged.get(client)
       if staged is None or staged[:2] != (round_, step):
