@@ -7,7 +7,7 @@ Per algorithm (parallel SL, SplitFed v1) and number of clients K, the same train
                 another process (`sljax serve --algorithm A --num-clients K`) over loopback gRPC;
   in_process    the same client threads against a `ConcurrentServer` in this process
                 (`InProcessTransport`: the server's handler called on the client's thread, on bytes);
-  simulation    the fused simulation of the same run: `parallel_sl` / `splitfed(version=1)`, one jitted
+  simulation    the fused simulation of the same run: `parallel_sl` / `splitfed(version=1|2)`, one jitted
                 `round` per round, compiled beforehand.
 
 The timed window leaves out process start-up, compilation and the handshakes. Every client
@@ -65,7 +65,8 @@ from sljax import transport as T
 from sljax.algorithms import parallel_sl, splitfed
 from sljax.transport import demo, wire
 
-ALGORITHMS = ("parallel_sl", "splitfed_v1")
+ALGORITHMS = ("parallel_sl", "splitfed_v1", "splitfed_v2")
+DEFAULT_ALGORITHMS = ("parallel_sl", "splitfed_v1")
 VARIANTS = ("grpc", "in_process", "simulation")
 MODEL, HIDDEN, LR, SEED = "mlp", (128, 128), 2e-3, 0  # `sljax serve`'s defaults, but for --hidden
 START_SECONDS = 300.0  # a server that is not up by then failed
@@ -257,7 +258,7 @@ def simulation(cfg: Config, setup: demo.DigitsSetup):
   kw = {"client_optimizer": opt, "server_optimizer": opt, "num_clients": cfg.num_clients,
         "batch_size": cfg.batch_size, "local_steps": cfg.local_steps}
   algo = (parallel_sl(setup.model, **kw) if cfg.algorithm == "parallel_sl"
-          else splitfed(setup.model, version=1, **kw))
+          else splitfed(setup.model, version=int(cfg.algorithm[-1]), **kw))
   x, y = setup.dataset.x_train, setup.dataset.y_train
   data = sljax.data.stack_clients(x, y, sljax.data.iid(y, num_clients=cfg.num_clients, seed=0))
   round_fn = jax.jit(algo.round)
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
   parser.add_argument("--quick", action="store_true", help="K = 2 only, 3 repeats")
   parser.add_argument("--ks", default="2,4", help="numbers of clients, comma-separated")
-  parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset of "
+  parser.add_argument("--algorithms", default=",".join(DEFAULT_ALGORITHMS), help="comma-separated subset of "
                       + ",".join(ALGORITHMS))
   parser.add_argument("--rounds", type=int, default=3, help="timed rounds per run")
   parser.add_argument("--warmup-rounds", type=int, default=1, help="rounds before the timed ones (server compiles)")
