@@ -200,6 +200,7 @@ class ConcurrentServer(ServiceBase):
     self._committed: set[int] = set()
     self._staged: dict[int, tuple[int, int, PartyState]] = {}
     self._last_seen: dict[int, float] = {}
+    self._order_of: tuple[int | None, np.ndarray | None] = (None, None)  # SplitFed v2: (round, its order)
     initial = self._restore(checkpoint_dir, initial)
     if self._version:
       logger.info("resumed from checkpoint %d at round %d", self._version, int(initial.round))
@@ -450,7 +451,7 @@ class ConcurrentServer(ServiceBase):
 
   def _round_order(self) -> np.ndarray:
     s = self.state
-    if getattr(self, "_order_of", (None,))[0] != int(s.round):
+    if self._order_of[0] != int(s.round):
       self._order_of = (int(s.round), np.asarray(self._order(s.key, int(s.round))))
     return self._order_of[1]
 
@@ -612,7 +613,9 @@ class ConcurrentServer(ServiceBase):
 
     self._wait(client, my_turn, self.lease_seconds + 1.0)
     s = self.state
-    if s.gone[client] or int(s.round) != round_ or int(s.step) != step or self._serving() != client:
+    if s.gone[client] or int(s.round) != round_:
+      self._check_round("Forward", client, round_)  # raises: dropped, or the round is over
+    if int(s.step) != step or self._serving() != client:
       raise TransportError(grpc.StatusCode.ABORTED, f"Forward: step {step} of round {round_} does not serve client "
                                                     f"{client} yet; forward it again. {self._where(client)}")
     server, down, loss, acc = self._in_order_step(s.server, client, message, s.key, round_, step)
