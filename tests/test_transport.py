@@ -33,7 +33,7 @@ from sljax.algorithms import RoundInputs, sequential_sl
 from sljax.transport import client as transport_client
 from sljax.transport import demo, wire
 from sljax.transport import schedule as sched
-from transport_helpers import Clock, CrashesAfterCommit, KillAfter, assert_bitwise, run_in_threads
+from transport_helpers import Clock, CrashesAfterCommit, KillAfter, assert_bitwise, client_data, run_in_threads
 
 HIDDEN = (32,)
 DROPOUT = 0.25  # so that every step key matters
@@ -55,8 +55,7 @@ def _parts(setup):
 
 
 def _client_data(setup, k):
-  part = _parts(setup)[k]
-  return setup.dataset.x_train[part], setup.dataset.y_train[part]
+  return client_data(setup, k, SCHEDULE.num_clients)
 
 
 def _server(setup, schedule=SCHEDULE, **kw):

@@ -30,7 +30,7 @@ from sljax import transport as T
 from sljax.algorithms import RoundInputs, parallel_sl, splitfed
 from sljax.transport import client as transport_client
 from sljax.transport import demo, wire
-from transport_helpers import Clock, CrashesAfterCommit, KillAfter, assert_bitwise, run_in_threads
+from transport_helpers import Clock, CrashesAfterCommit, KillAfter, assert_bitwise, client_data, run_in_threads
 
 HIDDEN = (32,)
 DROPOUT = 0.25
@@ -51,8 +51,7 @@ def _parts(setup):
 
 
 def _client_data(setup, k):
-  part = _parts(setup)[k]
-  return setup.dataset.x_train[part], setup.dataset.y_train[part]
+  return client_data(setup, k, SCHEDULE.num_clients)
 
 
 def _server(setup, algorithm, **kw):

@@ -9,6 +9,7 @@ import chex
 import jax
 import numpy as np
 
+import sljax
 from sljax.transport import wire
 
 
@@ -17,6 +18,13 @@ def assert_bitwise(a, b):
   chex.assert_trees_all_equal_structs(a, b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), strict=True)
+
+
+def client_data(setup, k, num_clients):
+  """Client k's share of the demo's digits, split iid (seed 0) over `num_clients`, as the
+  simulations of these tests split them."""
+  part = sljax.data.iid(setup.dataset.y_train, num_clients=num_clients, seed=0)[k]
+  return setup.dataset.x_train[part], setup.dataset.y_train[part]
 
 
 def run_in_threads(work, keys, *, timeout, errors_ok=()):

@@ -72,6 +72,7 @@ import optax
 from common import (
   Run,
   compare,
+  emit,
   environment,
   interleave,
   peak_rss_bytes,
@@ -498,11 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             "environment": env, "torch": torch_version,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rows": rows, "memory": mem,
             "verdicts": _verdicts(rows, mem), "seconds": time.perf_counter() - start}
-  if args.json:
-    print(json.dumps(result))
-  else:
-    _print_table(result)
-  return 0
+  return emit(result, as_json=args.json, print_table=_print_table)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 
 import jax.numpy as jnp
 
 import sljax
-from common import environment
+from common import emit, environment
 from sljax import network
 
 NOTE = ("SIMULATED: a model of compute and network time (XLA FLOP counts of the step functions, exact message "
@@ -144,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "profiles": {name: dataclasses.asdict(p) for name, p in network.PRESETS.items()},
             **run(local_steps=args.local_steps, scenarios=scenarios)}
   result["seconds"] = time.perf_counter() - start
-  if args.json:
-    print(json.dumps(result))
-  else:
-    _print_table(result)
-  return 0
+  return emit(result, as_json=args.json, print_table=_print_table)
 
 
 if __name__ == "__main__":

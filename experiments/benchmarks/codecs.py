@@ -56,7 +56,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -69,7 +68,7 @@ import numpy as np
 import optax
 
 import sljax
-from common import environment
+from common import emit, environment
 
 codecs = sljax.codecs
 
@@ -286,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
   result = {"benchmark": "codecs", "seeds": seeds, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
             "environment": env, "rows": rows, "runs": runs, "target": check_target(rows),
             "seconds": time.perf_counter() - start}
-  if args.json:
-    print(json.dumps(result))
-  else:
-    _print_table(result)
-  return 0
+  return emit(result, as_json=args.json, print_table=_print_table)
 
 
 if __name__ == "__main__":

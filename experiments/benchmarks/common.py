@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import platform
 import resource
@@ -144,6 +145,15 @@ def environment() -> dict:
       "cpus": os.cpu_count(),
       "load_1min": os.getloadavg()[0],
   }
+
+
+def emit(result: dict, *, as_json: bool, print_table: Callable[[dict], None]) -> int:
+  """Prints a benchmark's result: one JSON line with `--json`, else its table. Returns the exit code."""
+  if as_json:
+    print(json.dumps(result))
+  else:
+    print_table(result)
+  return 0
 
 
 def _status_kib(field: str) -> int | None:

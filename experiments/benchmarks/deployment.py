@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import subprocess
 import sys
@@ -58,7 +57,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optax
-from common import compare, environment, quartiles, round_order
+from common import compare, emit, environment, quartiles, round_order
 
 import sljax
 from sljax import transport as T
@@ -416,11 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config(algorithm, k, args.rounds, args.warmup_rounds, args.local_steps, args.batch_size)
         rows.append(measure(cfg, setup, repeats=repeats, workdir=workdir))
   result = {"benchmark": "deployment", "environment": env, "rows": rows, "seconds": time.perf_counter() - start}
-  if args.json:
-    print(json.dumps(result))
-  else:
-    _print_table(result)
-  return 0
+  return emit(result, as_json=args.json, print_table=_print_table)
 
 
 if __name__ == "__main__":

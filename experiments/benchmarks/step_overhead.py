@@ -28,7 +28,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import numpy as np
 import optax
 
 import sljax
-from common import Run, chunk_steps, compare, environment, interleave
+from common import Run, chunk_steps, compare, emit, environment, interleave
 
 TARGET = 1.05  # fused split / centralized, from the issue
 
@@ -168,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                           chunk_seconds=args.chunk_ms / 1e3, donate=args.donate))
   result = {"benchmark": "step_overhead", "target": TARGET, "donate": args.donate, "environment": env, "rows": rows,
             "seconds": time.perf_counter() - start}
-  if args.json:
-    print(json.dumps(result))
-  else:
-    _print_table(result)
-  return 0
+  return emit(result, as_json=args.json, print_table=_print_table)
 
 
 if __name__ == "__main__":

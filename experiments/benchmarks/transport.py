@@ -22,7 +22,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -33,7 +32,7 @@ import time
 
 import jax
 import numpy as np
-from common import chunk_steps, compare, environment, interleave
+from common import chunk_steps, compare, emit, environment, interleave
 
 import sljax
 from sljax import transport as T
@@ -236,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     latency_steps=args.latency_steps, workdir=workdir) for name, model, hidden in MODELS]
   result = {"benchmark": "transport", "target_wire_over_payload": TARGET_WIRE_RATIO, "environment": env,
             "rows": rows, "seconds": time.perf_counter() - start}
-  if args.json:
-    print(json.dumps(result))
-  else:
-    _print_table(result)
-  return 0
+  return emit(result, as_json=args.json, print_table=_print_table)
 
 
 if __name__ == "__main__":
