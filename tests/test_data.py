@@ -178,6 +178,15 @@ def test_load_digits():
   assert np.all(np.abs(np.bincount(ds.y_test) - 0.2 * per_class) <= 1)
 
 
+def test_load_digits_reads_scikit_learns_file_as_scikit_learn_does():
+  # load_digits reads scikit-learn's bundled file itself (importing scikit-learn is slow).
+  x, y = data.datasets._digits_arrays()
+  raw_x, raw_y = sk_datasets.load_digits(return_X_y=True)
+  np.testing.assert_array_equal(x, raw_x)
+  np.testing.assert_array_equal(y, raw_y)
+  assert (x.dtype, y.dtype) == (raw_x.dtype, raw_y.dtype)
+
+
 def test_loaders_are_seeded():
   first, again, other = (data.load_digits(seed=s, image=False) for s in (3, 3, 4))
   np.testing.assert_array_equal(first.x_train, again.x_train)
