@@ -34,6 +34,9 @@ Conventions shared by every codec in this module:
   coordinates sent, rescaled like them), so the client's gradient is that of the loss it
   actually trained; codecs without a ``backward`` (cast, quantize, clip) pass the gradient
   straight through, the usual estimator for rounding. Nothing differentiates ``encode``.
+* **Configuration.** Every codec carries its name and hyperparameters (``Codec.config``, read
+  with :func:`describe`), so that two parties can check that they run the same codecs before a
+  message crosses: the network handshake compares them.
 
 References: stochastic uniform quantization follows QSGD (Alistarh et al., 2017); top-k with
 error feedback follows "Sparsified SGD with memory" (Stich et al., 2018).
@@ -41,8 +44,9 @@ error feedback follows "Sparsified SGD with memory" (Stich et al., 2018).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -62,6 +66,7 @@ __all__ = [
     "chain",
     "clip",
     "cotangent",
+    "describe",
     "identity",
     "payload_nbytes",
     "quantize",
@@ -87,12 +92,66 @@ class Codec(NamedTuple):
       ``decode(encode(.))`` at the point that made ``payload``, with every discrete choice
       (selected coordinates, rounding) held fixed, applied to ``g``, a cotangent shaped like the
       decoded tree. None means the identity (straight-through). Use :func:`cotangent`.
+    config: the codec's configuration, its name and every hyperparameter, as canonical JSON (keys
+      sorted, no spaces); every factory of this module fills it in. Read it with :func:`describe`.
+      A codec built by hand sets its own, e.g. ``'{"name":"my_noise","sigma":0.5}'``; None means
+      undescribed, which the network handshake refuses (it compares both parties' configurations).
+      A string, so that a codec stays hashable.
   """
 
   init: Callable[[PyTree], PyTree]
   encode: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree]]
   decode: Callable[[PyTree], PyTree]
   backward: Callable[[PyTree, PyTree], PyTree] | None = None
+  config: str | None = None
+
+
+def _config(name: str, **hyperparameters) -> str:
+  """The canonical JSON of a configuration: ``{"name": name, **hyperparameters}``, keys sorted."""
+  return json.dumps({"name": name, **hyperparameters}, sort_keys=True, separators=(",", ":"))
+
+
+def describe(codec: Codec | None) -> dict[str, Any]:
+  """The configuration of ``codec``: its name and every hyperparameter, a JSON-able dict.
+
+  Equal configurations give equal descriptions and different ones differ; ``None`` (no codec, as
+  ``sljax.vanilla(uplink=None)``) describes like :func:`identity`. A :func:`chain` nests its
+  codecs' descriptions in order under ``"codecs"``. The network handshake sends the client's
+  uplink and downlink descriptions and the server refuses a mismatch (docs/protocol.md).
+
+  Args:
+    codec: a :class:`Codec` or None.
+
+  Returns:
+    A fresh dict of str, int, float, bool, None, lists and dicts, e.g. ``{"name": "quantize",
+    "bits": 4, "per": "row", "stochastic": True}``.
+
+  Raises:
+    ValueError: if ``codec`` carries no ``config`` (built by hand without one, or a chain of such
+      a codec), or one that is not a JSON object with a string ``"name"``.
+
+  Example:
+    >>> describe(top_k(k=8))
+    {'error_feedback': False, 'fraction': None, 'k': 8, 'name': 'top_k', 'straight_through': False}
+    >>> describe(None) == describe(identity())
+    True
+  """
+  if codec is None:
+    codec = identity()
+  if not isinstance(codec, Codec):
+    raise TypeError(f"describe: codec must be a Codec or None; got {type(codec).__name__}.")
+  if codec.config is None:
+    raise ValueError(
+        "describe: this Codec carries no config (built by hand, or a chain of such a codec); build it "
+        "with a factory of sljax.codecs, or give Codec(..., config='{\"name\": ..., <hyperparameters>}')."
+    )
+  try:
+    description = json.loads(codec.config)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"describe: codec.config must be a JSON object; got {codec.config!r}.") from err
+  if not isinstance(description, dict) or not isinstance(description.get("name"), str):
+    raise ValueError(f"describe: codec.config must be a JSON object with a string 'name'; got {codec.config!r}.")
+  return description
 
 
 def cotangent(codec: Codec, payload: PyTree, g: PyTree) -> PyTree:
@@ -300,7 +359,7 @@ def _init_empty(example_tree: PyTree) -> EmptyState:
   return EmptyState()
 
 
-def _jitted_codec(init, encode, decode, backward=None) -> Codec:
+def _jitted_codec(init, encode, decode, backward=None, *, config: str | None) -> Codec:
   """Wraps ``encode``, ``decode`` and ``backward`` in ``jax.jit``.
 
   Inside a jitted round this changes nothing, since nested jits are inlined; called eagerly, as
@@ -308,10 +367,10 @@ def _jitted_codec(init, encode, decode, backward=None) -> Codec:
   Argument and shape errors are still raised, at trace time.
   """
   return Codec(init=init, encode=jax.jit(encode), decode=jax.jit(decode),
-               backward=None if backward is None else jax.jit(backward))
+               backward=None if backward is None else jax.jit(backward), config=config)
 
 
-def _leafwise_codec(codec_name: str, leaf_type: type, encode_leaf, decode_leaf, *, random: bool):
+def _leafwise_codec(codec_name: str, leaf_type: type, encode_leaf, decode_leaf, *, random: bool, config: str):
   """Builds a stateless codec that encodes each floating leaf on its own."""
 
   def encode(tree, state, key):
@@ -321,7 +380,7 @@ def _leafwise_codec(codec_name: str, leaf_type: type, encode_leaf, decode_leaf, 
   def decode(payload):
     return _decode_float_leaves(payload, leaf_type, decode_leaf, codec_name)
 
-  return _jitted_codec(_init_empty, encode, decode)
+  return _jitted_codec(_init_empty, encode, decode, config=config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +411,7 @@ def identity() -> Codec:
   def decode(payload):
     return payload
 
-  return Codec(init=_init_empty, encode=encode, decode=decode)
+  return Codec(init=_init_empty, encode=encode, decode=decode, config=_config("identity"))
 
 
 def cast(*, dtype) -> Codec:
@@ -396,7 +455,8 @@ def cast(*, dtype) -> Codec:
   def decode_leaf(payload: CastLeaf):
     return payload.data.astype(payload.dtype)
 
-  return _leafwise_codec("cast", CastLeaf, encode_leaf, decode_leaf, random=False)
+  return _leafwise_codec("cast", CastLeaf, encode_leaf, decode_leaf, random=False,
+                         config=_config("cast", dtype=wire_dtype.name))
 
 
 def _pack_bits(levels_BxD: jax.Array, bits: int) -> jax.Array:
@@ -496,7 +556,8 @@ def quantize(*, bits: int, stochastic: bool = True, per: str = "row") -> Codec:
     rows_BxD = minimum_Bx1 + payload.scale.astype(jnp.float32) * levels_BxD
     return rows_BxD.astype(payload.dtype).reshape(payload.shape)
 
-  return _leafwise_codec("quantize", QuantizedLeaf, encode_leaf, decode_leaf, random=stochastic)
+  return _leafwise_codec("quantize", QuantizedLeaf, encode_leaf, decode_leaf, random=stochastic,
+                         config=_config("quantize", bits=bits, stochastic=bool(stochastic), per=per))
 
 
 def _index_bits(row_length: int) -> int:
@@ -527,9 +588,12 @@ def _check_k_and_fraction(codec_name: str, k, fraction) -> None:
 
 
 def _sparsifier(codec_name: str, select, *, k, fraction, error_feedback: bool, unbiased: bool,
-                random: bool, straight_through: bool) -> Codec:
-  """Builds a per-row k-sparsifier; ``select(rows_BxD, k, key)`` returns ``(B, k)`` indices."""
+                random: bool, straight_through: bool, described: Mapping[str, Any]) -> Codec:
+  """Builds a per-row k-sparsifier; ``select(rows_BxD, k, key)`` returns ``(B, k)`` indices.
+  ``described``: the factory's hyperparameters besides k, fraction, error feedback and straight-through."""
   _check_k_and_fraction(codec_name, k, fraction)
+  config = _config(codec_name, k=None if k is None else int(k), fraction=None if fraction is None else float(fraction),
+                   error_feedback=bool(error_feedback), straight_through=bool(straight_through), **described)
 
   def resolve_k(leaf) -> tuple[int, int]:
     dim = _row_length(leaf, codec_name)
@@ -605,7 +669,7 @@ def _sparsifier(codec_name: str, select, *, k, fraction, error_feedback: bool, u
     residual = jax.tree.map(jnp.subtract, corrected, decode(payload))
     return payload, ErrorFeedbackState(residual=residual)
 
-  return _jitted_codec(init, encode, decode, None if straight_through else backward)
+  return _jitted_codec(init, encode, decode, None if straight_through else backward, config=config)
 
 
 def _check_residual(codec_name: str, tree, state) -> None:
@@ -669,7 +733,7 @@ def top_k(*, k: int | None = None, fraction: float | None = None,
     return indices_BxK
 
   return _sparsifier("top_k", select, k=k, fraction=fraction, error_feedback=error_feedback,
-                     unbiased=False, random=False, straight_through=straight_through)
+                     unbiased=False, random=False, straight_through=straight_through, described={})
 
 
 def random_k(*, k: int | None = None, fraction: float | None = None,
@@ -722,7 +786,8 @@ def random_k(*, k: int | None = None, fraction: float | None = None,
     return indices_BxK
 
   return _sparsifier("random_k", select, k=k, fraction=fraction, error_feedback=error_feedback,
-                     unbiased=unbiased, random=True, straight_through=straight_through)
+                     unbiased=unbiased, random=True, straight_through=straight_through,
+                     described={"unbiased": bool(unbiased)})
 
 
 def clip(*, max_norm: float) -> Codec:
@@ -753,6 +818,7 @@ def clip(*, max_norm: float) -> Codec:
   """
   if not max_norm > 0:
     raise ValueError(f"clip: max_norm must be > 0; got max_norm={max_norm!r}.")
+  config = _config("clip", max_norm=float(max_norm))
 
   def encode(tree, state, key):
     del key
@@ -781,7 +847,7 @@ def clip(*, max_norm: float) -> Codec:
   def decode(payload):
     return payload
 
-  return _jitted_codec(_init_empty, encode, decode)
+  return _jitted_codec(_init_empty, encode, decode, config=config)
 
 
 def chain(*codecs: Codec) -> Codec:
@@ -864,4 +930,6 @@ def chain(*codecs: Codec) -> Codec:
     return g
 
   has_backward = any(codec.backward is not None for codec in codecs)
-  return _jitted_codec(init, encode, decode, backward if has_backward else None)
+  described = all(codec.config is not None for codec in codecs)
+  config = _config("chain", codecs=[describe(codec) for codec in codecs]) if described else None
+  return _jitted_codec(init, encode, decode, backward if has_backward else None, config=config)

@@ -307,7 +307,7 @@ def _forward(message, client=0, round_=0, step=0):
 
 def _handshake(**override):
   fields = {"protocol": msgs.PROTOCOL_VERSION, "client": 0, "cut_shape": [HIDDEN[0]], "cut_dtype": "float32",
-            "codec": "none", "samples": 100}
+            "uplink": {"name": "identity"}, "downlink": {"name": "identity"}, "samples": 100}
   return wire.encode({**fields, **override})
 
 
@@ -329,8 +329,10 @@ def _bad_requests(setup, server):
       ("Handshake", _handshake(cut_shape=[31]), TOKENS[0], code.FAILED_PRECONDITION,
        r"signature.*\(B, 32\) float32.*\(B, 31\) float32"),
       ("Handshake", _handshake(cut_dtype="float16"), TOKENS[0], code.FAILED_PRECONDITION, r"\(B, 32\) float16"),
-      ("Handshake", _handshake(codec="int8"), TOKENS[0], code.FAILED_PRECONDITION,
-       "codec: expected 'none', got 'int8'"),
+      ("Handshake", _handshake(downlink={"name": "quantize", "bits": 8}), TOKENS[0], code.FAILED_PRECONDITION,
+       'codec configuration differs: downlink: the server\'s is {"name":"identity"}, the client\'s is '
+       '{"bits":8,"name":"quantize"}$'),
+      ("Handshake", _handshake(uplink="identity"), TOKENS[0], code.INVALID_ARGUMENT, "'uplink' must be dict"),
       ("Handshake", _handshake(samples=0), TOKENS[0], code.INVALID_ARGUMENT, "'samples' must be a positive int"),
       ("Forward", _forward(_smashed(np.zeros((b, 31), np.float32))), TOKENS[0], code.INVALID_ARGUMENT,
        r"field activations: expected shape \(16, 32\) float32, got \(16, 31\) float32"),
@@ -402,10 +404,10 @@ def test_handshake_refuses_wrong_token_model_and_codec(setup, served):
   _, running = served
   x, y = _client_data(setup, 0)
 
-  def connect(token=TOKENS[0], model=setup, codec="none"):
+  def connect(token=TOKENS[0], model=setup):
     link = T.GrpcTransport(f"127.0.0.1:{running.port}", token=token, retries=0)
     try:
-      return T.connect(link, model.model, model.sl, client=0, x=x, y=y, codec=codec)
+      return T.connect(link, model.model, model.sl, client=0, x=x, y=y)
     finally:
       link.close()
 
@@ -415,8 +417,12 @@ def test_handshake_refuses_wrong_token_model_and_codec(setup, served):
   other = demo.digits_setup(model="mlp", hidden=(24,), lr=LR)
   with pytest.raises(T.TransportError, match=r"FAILED_PRECONDITION.*\(B, 32\) float32.*\(B, 24\) float32"):
     connect(model=other)
-  with pytest.raises(T.TransportError, match="FAILED_PRECONDITION: codec: expected 'none', got 'top_k'"):
-    connect(codec="top_k")
+  opt = optax.adam(LR)
+  top_k = setup._replace(sl=sljax.vanilla(setup.model, client_optimizer=opt, server_optimizer=opt,
+                                          uplink=sljax.codecs.top_k(k=8)))
+  with pytest.raises(T.TransportError, match='FAILED_PRECONDITION: codec configuration differs: uplink: the '
+                                             'server\'s is {"name":"identity"}, the client\'s is {.*"name":"top_k"'):
+    connect(model=top_k)
 
 
 def _certificates():
@@ -520,7 +526,7 @@ def test_collaborative_inference_goes_through_the_uplink_codec(setup):
   q8 = sljax.vanilla(setup.model, client_optimizer=opt, server_optimizer=opt,
                      uplink=sljax.codecs.quantize(bits=8, stochastic=False))
   server = T.SplitServer(setup.model, q8, schedule=SCHEDULE, input_spec=sljax.ArraySpec.of(setup.dataset.x_train),
-                         key=jax.random.key(SEED), tokens={TOKENS[0]: 0}, codec="q8")
+                         key=jax.random.key(SEED), tokens={TOKENS[0]: 0})
   sent = []
 
   class Counting:
@@ -529,7 +535,7 @@ def test_collaborative_inference_goes_through_the_uplink_codec(setup):
       return server.handle(method, request, metadata={"authorization": f"Bearer {TOKENS[0]}"})
 
   session = T.connect(Counting(), setup.model, q8, client=0, x=setup.dataset.x_train[:20],
-                      y=setup.dataset.y_train[:20], codec="q8")
+                      y=setup.dataset.y_train[:20])
   half = T.fetch_half(session, 0)
   x = setup.dataset.x_test[:100]
   logits = T.predict(session, half, x, batch_size=100)

@@ -119,32 +119,36 @@ def _call(session: Session, method: str, fields: dict, *, extra_seconds: float =
 
 
 def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, client: int, x, y,
-            codec: str = "none", timeout: float = 60.0) -> Session:
+            timeout: float = 60.0) -> Session:
   """Handshakes with the server and compiles this client's legs.
 
   Args:
     transport: `GrpcTransport` or `InProcessTransport`.
     model, sl: the same split model and `sljax.vanilla(model, ...)` (or `sljax.u_shaped(model,
-      ...)`) as the server's.
+      ...)`) as the server's. The handshake sends the configurations of `sl.uplink` and
+      `sl.downlink` (`sljax.codecs.describe`); the server refuses them unless they equal its own.
     client: this client's id (its credentials must be that client's).
     x, y: this client's training data, (N, *input shape) and (N,) integer labels.
-    codec: the codec configuration's name; must equal the server's.
     timeout: seconds per call.
 
   Raises:
     TransportError: UNAUTHENTICATED, PERMISSION_DENIED, or FAILED_PRECONDITION when the server's
-      protocol version, cut signature or codec differ from this client's (the details say which), or
-      when one side is U-shaped and the other is not.
+      protocol version, cut signature or codec configuration differ from this client's (the details say
+      which: for codecs, the direction and both configurations), or when one side is U-shaped and the other
+      is not.
+    ValueError: if `sl.uplink` or `sl.downlink` carries no configuration (a `Codec` built by hand without
+      `config`).
   """
   x, y = np.asarray(x), np.asarray(y).astype(np.int32)
   if x.ndim < 1 or y.shape != x.shape[:1] or len(y) == 0:
     raise ValueError(f"x, y: expected N >= 1 samples and N labels, got shapes {x.shape} and {y.shape}")
   spec = ArraySpec.of(x)
+  codec_fields = wire.codec_fields(sl)
   whole = jax.eval_shape(sl.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *spec.shape), spec.dtype))
   cut = whole.server.input_spec
   hello = call(transport, "Handshake", {
       "protocol": msgs.PROTOCOL_VERSION, "client": client, "cut_shape": list(cut.shape), "cut_dtype": cut.dtype,
-      "codec": codec, "samples": len(x)}, timeout=timeout)
+      **codec_fields, "samples": len(x)}, timeout=timeout)
   u_shaped = isinstance(sl, UShaped)
   if u_shaped != (hello["algorithm"] == "sequential_sl_u"):
     raise TransportError(_FAILED, f"algorithm: the server runs {hello['algorithm']!r}, this client's legs are "

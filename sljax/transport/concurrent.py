@@ -126,7 +126,7 @@ class ConcurrentServer(ServiceBase):
       the algorithm's.
     algorithm: "parallel_sl", "splitfed_v1" or "splitfed_v2".
     schedule: clients, rounds, steps per round (`local_steps`), batch size.
-    input_spec, key, tokens, certificate_names, codec, checkpoint_dir, checkpoint_every,
+    input_spec, key, tokens, certificate_names, checkpoint_dir, checkpoint_every,
     lease_seconds, max_message_bytes, max_predict_batch, clock: as for `SplitServer`.
       `checkpoint_every` counts applied steps (parallel SL) or commits (SplitFed); the server also
       checkpoints at the end of every round.
@@ -149,7 +149,6 @@ class ConcurrentServer(ServiceBase):
       key: jax.Array,
       tokens: Mapping[str, int] | None = None,
       certificate_names: Mapping[str, int] | None = None,
-      codec: str = "none",
       checkpoint_dir: str | os.PathLike | None = None,
       checkpoint_every: int = 1,
       lease_seconds: float = 120.0,
@@ -161,7 +160,7 @@ class ConcurrentServer(ServiceBase):
       raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
     self.algorithm = algorithm
     self.schedule = schedule.check()
-    self._configure(num_clients=schedule.num_clients, tokens=tokens, certificate_names=certificate_names, codec=codec,
+    self._configure(num_clients=schedule.num_clients, tokens=tokens, certificate_names=certificate_names, sl=sl,
                     checkpoint_every=checkpoint_every, lease_seconds=lease_seconds,
                     max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock)
     k = schedule.num_clients

@@ -118,7 +118,7 @@ class ServiceBase:
 
   algorithm = ""
 
-  def _configure(self, *, num_clients: int, tokens, certificate_names, codec: str, checkpoint_every: int,
+  def _configure(self, *, num_clients: int, tokens, certificate_names, sl: Vanilla | UShaped, checkpoint_every: int,
                  lease_seconds: float, max_message_bytes: int, max_predict_batch: int,
                  clock: Callable[[], float]) -> None:
     if not tokens and not certificate_names:
@@ -133,7 +133,8 @@ class ServiceBase:
       raise ValueError(f"lease_seconds: expected a positive number, got {lease_seconds}")
     self._tokens = dict(tokens or {})
     self._certificate_names = dict(certificate_names or {})
-    self.codec = codec
+    # What the handshake compares with the client's: the codecs' configurations, derived from `sl`.
+    self.codecs = wire.codec_fields(sl)
     self.lease_seconds = float(lease_seconds)
     self.max_message_bytes = int(max_message_bytes)
     self.max_predict_batch = int(max_predict_batch)
@@ -242,8 +243,11 @@ class ServiceBase:
           isinstance(d, int) for d in req["cut_shape"]) else repr(req["cut_shape"])
       raise TransportError(_FAILED, f"model signature: the server's half takes cut activations of shape "
                                     f"{self.cut_spec.describe()}, the client's half makes {got}")
-    if req["codec"] != self.codec:
-      raise TransportError(_FAILED, f"codec: expected {self.codec!r}, got {req['codec']!r}")
+    differ = [f"{link}: the server's is {wire.show_configuration(mine)}, the client's is "
+              f"{wire.show_configuration(req[link])}"
+              for link, mine in self.codecs.items() if not wire.same_configuration(req[link], mine)]
+    if differ:
+      raise TransportError(_FAILED, "codec configuration differs: " + "; ".join(differ))
     if req["samples"] < 1:
       raise wire.invalid(f"Handshake request: field 'samples' must be a positive int, got {req['samples']}")
     self._hello(client, req)
@@ -295,7 +299,8 @@ class SplitServer(ServiceBase):
   server runs `server_step` only, the clients `client_forward` and `client_backward`. With
   `sljax.u_shaped(model, ...)` (a three-part model) the server runs `server_forward` and
   `server_backward`, the clients the head and the tail, and the handshake names the algorithm
-  "sequential_sl_u".
+  "sequential_sl_u". The handshake refuses a client whose uplink or downlink codec configuration
+  (`sljax.codecs.describe`, derived from its `sl`) differs from the server's.
 
   Args:
     model: the split model.
@@ -307,7 +312,6 @@ class SplitServer(ServiceBase):
     key: the run's PRNG key (the key given to `sequential_sl(...).init` in simulation).
     tokens: bearer token -> client id.
     certificate_names: TLS client certificate common name -> client id (with mutual TLS).
-    codec: a name both sides give their codec configuration; the handshake compares them.
     checkpoint_dir: where to checkpoint (orbax); a server started on a directory holding a
       checkpoint resumes from it.
     checkpoint_every: checkpoint after every this many commits (and at every change of turn).
@@ -332,7 +336,6 @@ class SplitServer(ServiceBase):
       key: jax.Array,
       tokens: Mapping[str, int] | None = None,
       certificate_names: Mapping[str, int] | None = None,
-      codec: str = "none",
       checkpoint_dir: str | os.PathLike | None = None,
       checkpoint_every: int = 1,
       lease_seconds: float = 120.0,
@@ -341,7 +344,7 @@ class SplitServer(ServiceBase):
       clock: Callable[[], float] = time.monotonic,
   ):
     self.schedule = schedule.check()
-    self._configure(num_clients=schedule.num_clients, tokens=tokens, certificate_names=certificate_names, codec=codec,
+    self._configure(num_clients=schedule.num_clients, tokens=tokens, certificate_names=certificate_names, sl=sl,
                     checkpoint_every=checkpoint_every, lease_seconds=lease_seconds,
                     max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock)
 

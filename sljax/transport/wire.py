@@ -14,7 +14,9 @@ of a deployment with the network taken out, and the reference the gRPC transport
 
 from __future__ import annotations
 
+import json
 import math
+import reprlib
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -25,6 +27,7 @@ import msgpack
 import numpy as np
 from flax import serialization
 
+from sljax import codecs
 from sljax import messages as msgs
 
 SERVICE = "sljax.Split"
@@ -35,8 +38,8 @@ _NUM = (int, float)
 _BIN = (bytes,)
 _POSITION = {"round": _INT, "turn": _INT, "step": _INT, "durable": _INT, "done": (bool,)}
 REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {
-    "Handshake": {"protocol": _INT, "client": _INT, "cut_shape": (list,), "cut_dtype": (str,), "codec": (str,),
-                  "samples": _INT},
+    "Handshake": {"protocol": _INT, "client": _INT, "cut_shape": (list,), "cut_dtype": (str,), "uplink": (dict,),
+                  "downlink": (dict,), "samples": _INT},
     "Status": {"client": _INT},
     "Handover": {"client": _INT, "round": _INT, "op": (str,), "steps": _INT, "wait": _NUM,
                  "message": _BIN + (type(None),)},
@@ -150,6 +153,50 @@ def decode(method: str, data: bytes, *, response: bool = False) -> dict[str, Any
     if isinstance(v, float) and not math.isfinite(v) and name != "loss":
       raise invalid(f"{what}: field {name!r} must be finite, got {v}")
   return value
+
+
+def codec_fields(sl: Any) -> dict[str, dict[str, Any]]:
+  """The Handshake's "uplink" and "downlink" fields: `codecs.describe` of `sl.uplink` and `sl.downlink`.
+
+  Args:
+    sl: `sljax.vanilla(...)` or `sljax.u_shaped(...)`.
+
+  Raises:
+    ValueError: naming `sl.uplink` or `sl.downlink` if that codec carries no configuration.
+  """
+  fields = {}
+  for link in ("uplink", "downlink"):
+    try:
+      fields[link] = codecs.describe(getattr(sl, link))
+    except ValueError as e:
+      raise ValueError(f"sl.{link}: {e}") from None
+  return fields
+
+
+def same_configuration(a: Any, b: Any) -> bool:
+  """Whether two codec descriptions (as decoded from msgpack) are equal: maps key by key, arrays
+  element by element, numbers by value (`1 == 1.0`), booleans only to booleans, the rest by type
+  and value. Recurses only as deep as both are, so a deep request costs no more than the server's
+  own description."""
+  if isinstance(a, bool) or isinstance(b, bool):
+    return isinstance(a, bool) and isinstance(b, bool) and a == b
+  if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+    return a == b
+  if isinstance(a, dict) and isinstance(b, dict):
+    return a.keys() == b.keys() and all(same_configuration(a[key], b[key]) for key in a)
+  if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+    return len(a) == len(b) and all(same_configuration(x, y) for x, y in zip(a, b))
+  return type(a) is type(b) and a == b
+
+
+def show_configuration(description: Any, *, limit: int = 400) -> str:
+  """A codec description as compact JSON with sorted keys (what `codecs.Codec.config` holds), cut
+  to `limit` characters; anything JSON cannot write (a request's bytes) as a bounded repr."""
+  try:
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"))
+  except (TypeError, ValueError, RecursionError):
+    text = reprlib.repr(description)
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def invalid(details: str) -> TransportError:
