@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from sljax.algorithms import Algorithm, SimState
 from sljax.data.clients import ClientData
 from sljax.execution import replicate, shard_clients
+from sljax.training import reuse_program
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,37 @@ def _record(metrics: dict, round_number: int) -> dict:
     value = _fetch(value)
     out[name] = value.item() if value.ndim == 0 else value.tolist()
   return out
+
+
+# Per-round byte counts that records also carry summed over the rounds so far (as `<name>_cumulative`).
+_CUMULATIVE = ("bytes_up", "bytes_down")
+
+
+def _cumulative_before(metrics_path, start: int) -> dict[str, int]:
+  """The byte totals of rounds 1..start: zeros, or those of the metrics file's record of round `start`.
+
+  A total that a resumed run cannot continue (no such record) is left out: it would be wrong.
+  """
+  if start == 0:
+    return {name: 0 for name in _CUMULATIVE}
+  found = [r for r in _read_jsonl(metrics_path) if r["round"] == start] if metrics_path is not None else []
+  last = found[-1] if found else {}
+  totals = {name: int(last[f"{name}_cumulative"]) for name in _CUMULATIVE if f"{name}_cumulative" in last}
+  if len(totals) < len(_CUMULATIVE):
+    logger.info("resumed at round %d without its metrics record: records leave out the cumulative byte totals", start)
+  return totals
+
+
+def _check_live(state: SimState) -> None:
+  """Raises a ValueError naming the donation when the arrays of `state` were deleted."""
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  deleted = [path for path, leaf in leaves if isinstance(leaf, jax.Array) and leaf.is_deleted()]
+  if deleted:
+    raise ValueError(
+        f"state: expected a state with live arrays, got one whose arrays were deleted ({len(deleted)} of "
+        f"{len(leaves)}, e.g. state{jax.tree_util.keystr(deleted[0])}): it was donated to an earlier "
+        "`simulation.run` (which donates its input state by default). Pass the state that run returned, or "
+        "run with donate=False to keep the input state usable.")
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -108,8 +140,16 @@ def run(
     progress: show a progress bar over rounds.
     donate: let each jitted round write the new state over the old one
       (`jax.jit(round, donate_argnums=0)`), so that a round holds one state instead of two. The
-      `state` passed in is then consumed: its arrays are deleted by the first round. Pass False
-      to keep using it (e.g. to start another run from the same state).
+      `state` passed in is then consumed: its arrays are deleted by the first round, and passing
+      it to `run` again raises a ValueError saying so. Pass False to keep using it (e.g. to start
+      another run from the same state).
+
+  Records hold the round's metrics as Python numbers, plus `bytes_up_cumulative` and
+  `bytes_down_cumulative`: the bytes of rounds 1 to this one, summed on the host as Python ints
+  (exact past 2**31). A resumed run continues them from the metrics file's record of the restored
+  round; without one, its records leave them out.
+
+  Calling `run` again with the same `algorithm` and shapes reuses the compiled round.
 
   Returns:
     The final state and the records of the rounds run in this call.
@@ -118,16 +158,28 @@ def run(
   if manager is not None and manager.latest_step() is not None:
     state = restore(manager, state)
     logger.info("resumed from round %d", int(state.round))
+  else:
+    _check_live(state)
   start = int(state.round)
+  cumulative = _cumulative_before(metrics_path, start)
   if metrics_path is not None:
     _write_jsonl(metrics_path, [r for r in _read_jsonl(metrics_path) if r["round"] <= start])
-  round_fn = (jax.jit(algorithm.round, donate_argnums=0 if donate else ()) if jit else algorithm.round)
+  round_ = algorithm.round  # held for as long as the program runs (see reuse_program)
+  if jit:
+    donated = (0,) if donate else ()
+    round_fn = reuse_program(round_, ("round", donated), lambda f: jax.jit(f, donate_argnums=donated))
+  else:
+    round_fn = round_
   history = []
   try:
     with tqdm(range(start, rounds), desc=algorithm.name, disable=not progress, leave=False) as bar:
       for r in bar:
         state, metrics = round_fn(state, data)
         record = _record(metrics, r + 1)
+        for name in _CUMULATIVE:
+          if name in cumulative and name in record:
+            cumulative[name] += int(record[name])  # a Python int: exact however large the total grows
+            record[f"{name}_cumulative"] = cumulative[name]
         if evaluate is not None and evaluate_every and (r + 1) % evaluate_every == 0:
           record.update(evaluate(state))
         history.append(record)
