@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -58,13 +59,60 @@ class RoundInputs(NamedTuple):
     return self.active()[-1]
 
 
+class Timeline(NamedTuple):
+  """An algorithm's round on the simulated clock (`sljax.network.round_time`), next to its `round`.
+
+  - `run(costs, legs, participating, local_steps, order) -> (wall_s, server_busy_s)`: when each
+    leg of each client happens, from the legs' seconds (`sljax.network` builds `legs`: per-client
+    `forward`, `backward`, `local_loss`, `model_step` seconds, `up(nbytes)` / `down(nbytes)`
+    transmission times and the server's FLOP/s).
+  - `traffic(costs, local_steps) -> (bytes up, bytes down)` of one participant in one round.
+  - `client_flops(costs, local_steps) -> float`: one participant's FLOPs in one round.
+  """
+
+  run: Callable[..., tuple[float, float]]
+  traffic: Callable[..., tuple[int, int]]
+  client_flops: Callable[..., float]
+
+
+class Schedule(NamedTuple):
+  """An algorithm's schedule, defined once next to its `round`.
+
+  The fused `round`, the network server (`sljax.transport`) and the simulated clock
+  (`sljax.network`) all read these; none derives a key, an order or an average of its own.
+  `run_key` is the run's raw key data (`SimState.key`), `round_` and `step` count from 0.
+
+  Attributes:
+    client_keys: `(run_key, round_, step) -> (K,) keys`: the key of each client's legs in a step
+      (the client's forward pass, and its backward).
+    server_keys: `(run_key, round_, step) -> (K,) keys`: the key of the server's step that serves
+      client k (one server step on all clients reads entry 0: all entries are equal then).
+    order: `(run_key, round_) -> (K,) int32`: the order in which the server serves the clients
+      within a step (or, in sequential split learning, the order of the turns).
+    server_step: the server's step on the clients present, with the keys above; its signature is
+      the algorithm's (see its module), None where the server takes no step (FedAvg).
+    aggregate: the end-of-round aggregation (FedAvg of client halves, of server copies), None if
+      nothing is averaged.
+    timeline: the round on the simulated clock.
+  """
+
+  client_keys: Callable[..., jax.Array]
+  server_keys: Callable[..., jax.Array]
+  order: Callable[..., jax.Array]
+  server_step: Callable[..., Any] | None
+  aggregate: Callable[..., Any] | None
+  timeline: Timeline | None
+
+
 class Algorithm(NamedTuple):
-  """A multi-client schedule as pure functions.
+  """A multi-client algorithm as pure functions.
 
   - `init(key, data) -> SimState`
   - `round(state, data, inputs=None) -> (state, metrics)`: one round, a pure function to jit.
     `inputs` (a `RoundInputs`) overrides the participation and drops sampled from the round key.
   - `predict(state, x, client=0) -> outputs`: inference with client `client`'s half.
+  - `schedule`: its `Schedule` (keys, order, server step, aggregation, timeline), which `round`
+    itself is built from.
   `stacked` names the fields of `SimState` that carry a leading client axis.
   """
 
@@ -74,10 +122,70 @@ class Algorithm(NamedTuple):
   predict: Callable[..., jax.Array]
   local_steps: int
   stacked: tuple[str, ...] = ("clients",)
+  schedule: Schedule | None = None
 
 
 def round_key(state: SimState) -> jax.Array:
-  return jax.random.fold_in(jax.random.wrap_key_data(state.key), state.round)
+  return round_key_of(state.key, state.round)
+
+
+def round_key_of(run_key, round_) -> jax.Array:
+  """The key of round `round_`: `fold_in(wrap_key_data(run_key), round_)`."""
+  return jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(run_key)), round_)
+
+
+def step_key(run_key, round_, step) -> jax.Array:
+  """The key of step `step` of round `round_`, shared by everything that happens in that step."""
+  return jax.random.fold_in(round_key_of(run_key, round_), step + 1)
+
+
+def lockstep_client_keys(num_clients: int) -> Callable[..., jax.Array]:
+  """`client_keys` of the algorithms whose clients all step at once: client k takes entry k of
+  `split(fold_in(step_key, 0), K)`."""
+
+  def client_keys(run_key, round_, step):
+    return jax.random.split(jax.random.fold_in(step_key(run_key, round_, step), 0), num_clients)
+
+  return client_keys
+
+
+def lockstep_server_keys(num_clients: int) -> Callable[..., jax.Array]:
+  """`server_keys` of one server step on all clients: `fold_in(step_key, 1)` for everyone."""
+
+  def server_keys(run_key, round_, step):
+    key = jax.random.fold_in(step_key(run_key, round_, step), 1)
+    return jnp.broadcast_to(key, (num_clients,))
+
+  return server_keys
+
+
+def index_order(num_clients: int) -> Callable[..., jax.Array]:
+  """The order 0, 1, ..., K-1 in every round."""
+
+  def order(run_key, round_):
+    del run_key, round_
+    return jnp.arange(num_clients, dtype=jnp.int32)
+
+  return order
+
+
+def client_key(schedule: Schedule, run_key, round_, client, step) -> jax.Array:
+  """Client `client`'s key in a step: entry `client` of `schedule.client_keys`."""
+  return schedule.client_keys(run_key, round_, step)[client]
+
+
+def server_key(schedule: Schedule, run_key, round_, client, step) -> jax.Array:
+  """The key of the server's step serving `client`: entry `client` of `schedule.server_keys`."""
+  return schedule.server_keys(run_key, round_, step)[client]
+
+
+def fedavg_exchange(ready, legs, participating, nbytes: int) -> float:
+  """On the clock: the end-of-round FedAvg barrier. Every participant uploads its weights when
+  `ready`, the server averages once all have arrived, and sends the average back. Returns the
+  wall time."""
+  p = participating
+  averaged = np.max((ready + legs.up(nbytes))[p])
+  return float(np.max((averaged + legs.down(nbytes))[p]))
 
 
 def sample_inputs(key, num_clients: int, *, local_steps: int, participation: float, drop_rate: float) -> RoundInputs:
@@ -108,14 +216,6 @@ def begin_round(state: SimState, data: ClientData, inputs: RoundInputs | None, *
     inputs = sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
                            participation=participation, drop_rate=drop_rate)
   return key, inputs
-
-
-def step_inputs(state: SimState, data: ClientData, key: jax.Array, s, *, num_clients: int, local_steps: int,
-                batch_size: int):
-  """Step s of the round: every client's batch, the step key and one key per client."""
-  x, y = batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
-  k_step = jax.random.fold_in(key, s + 1)
-  return x, y, k_step, jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
 
 
 def check_fraction(name: str, value: float, *, allow_zero: bool) -> None:

@@ -12,10 +12,21 @@ import optax
 
 from sljax import protocol
 from sljax.algorithms import _common as c
-from sljax.algorithms.splitfed import _average_clients
 from sljax.data.clients import ClientData
 from sljax.execution import Executor, vmap
 from sljax.split import SplitModel
+
+
+def _fedavg_timeline(costs, legs, p, steps, order):
+  """FedAvg: `steps` local steps of the whole model, then the whole model up, averaged, and down."""
+  del order
+  return c.fedavg_exchange(steps * legs.model_step, legs, p, costs.model_weights_bytes), 0.0
+
+
+TIMELINE = c.Timeline(
+    _fedavg_timeline,
+    lambda costs, s: (costs.model_weights_bytes, costs.model_weights_bytes),
+    lambda costs, s: s * costs.model_step_flops)
 
 
 def fedavg(
@@ -41,6 +52,16 @@ def fedavg(
   c.check_schedule(participation=participation, drop_rate=drop_rate)
   central = protocol.centralized(model, optimizer=optimizer, loss=loss)
 
+  client_keys = c.lockstep_client_keys(num_clients)
+
+  def aggregate(weights, server, w):
+    """End of round: FedAvg of the clients' {"params", "model_state"} (K, ...) with weights `w`
+    (sample counts of the clients that finished the round); there is no server half."""
+    return c.weighted_mean(weights, w), server
+
+  schedule = c.Schedule(client_keys, c.lockstep_server_keys(num_clients), c.index_order(num_clients), None,
+                        aggregate, TIMELINE)
+
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
     k_model, k_run = jax.random.split(key)
@@ -48,20 +69,22 @@ def fedavg(
     return c.SimState(c.stack_party(party, num_clients), None, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
-                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
+                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
 
     def step(clients, s):
-      x, y, _, keys = c.step_inputs(state, data, key, s, num_clients=num_clients, local_steps=local_steps,
-                                    batch_size=batch_size)
+      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
       active = inputs.active()[s]
-      updated, m = executor(lambda p, x, y, k: central.step(p, (x, y), k), clients, x, y, keys)
+      updated, m = executor(lambda p, x, y, k: central.step(p, (x, y), k), clients, x, y,
+                            client_keys(state.key, state.round, s))
       zeros = jnp.zeros((num_clients,), jnp.int32)
       return c.where(active, updated, clients), (m["loss"], m["accuracy"], active, zeros, zeros)
 
     clients, (losses, accs, active, up, down) = jax.lax.scan(step, state.clients, jnp.arange(local_steps))
     weights = data.count.astype(jnp.float32) * inputs.completed()
-    clients = _average_clients(clients, weights, num_clients)
+    average, _ = aggregate({"params": clients.params, "model_state": clients.model_state}, None, weights)
+    average = c.broadcast(average, num_clients)
+    clients = clients.replace(params=average["params"], model_state=average["model_state"])
     weight_bytes = c.model_bytes(jax.tree.map(lambda a: a[0], clients.params))
     metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating,
                               weight_bytes * inputs.completed(), weight_bytes * inputs.participating)
@@ -70,7 +93,7 @@ def fedavg(
   def predict(state: c.SimState, x, client: int = 0):
     return central.predict(jax.tree.map(lambda a: a[client], state.clients), x)[0]
 
-  return c.Algorithm("fedavg", init, round_fn, predict, local_steps)
+  return c.Algorithm("fedavg", init, round_fn, predict, local_steps, schedule=schedule)
 
 
 def centralized_baseline(
@@ -89,6 +112,11 @@ def centralized_baseline(
   """
   central = protocol.centralized(model, optimizer=optimizer, loss=loss)
 
+  def server_keys(run_key, round_, step):
+    return jnp.broadcast_to(c.step_key(run_key, round_, step), (num_clients,))
+
+  schedule = c.Schedule(server_keys, server_keys, c.index_order(num_clients), None, None, None)
+
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
     k_model, k_run = jax.random.split(key)
@@ -97,12 +125,11 @@ def centralized_baseline(
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     del inputs  # all data is in one place
     c.check_data(data, state.server.input_spec, num_clients)
-    key = c.round_key(state)
 
     def step(party, s):
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
       x, y = x.reshape(-1, *x.shape[2:]), y.reshape(-1)
-      party, m = central.step(party, (x, y), jax.random.fold_in(key, s + 1))
+      party, m = central.step(party, (x, y), server_keys(state.key, state.round, s)[0])
       return party, (m["loss"], m["accuracy"])
 
     server, (losses, accs) = jax.lax.scan(step, state.server, jnp.arange(local_steps))
@@ -116,4 +143,4 @@ def centralized_baseline(
     del client
     return central.predict(state.server, x)[0]
 
-  return c.Algorithm("centralized", init, round_fn, predict, local_steps, stacked=())
+  return c.Algorithm("centralized", init, round_fn, predict, local_steps, stacked=(), schedule=schedule)

@@ -22,6 +22,7 @@ from sljax import codecs
 from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
+from sljax.algorithms.parallel import TIMELINE
 from sljax.data.clients import ClientData
 from sljax.execution import Executor, vmap
 from sljax.split import cut, sequential
@@ -122,56 +123,66 @@ def heterogeneous_parallel_sl(
     outs = [o.reshape(h.shape[0], h.shape[1], *o.shape[1:]) for o, h in zip(jnp.split(out, sizes), hs)]
     return outs, {"bridges": tuple(bridge_states), "body": body_state}
 
+  client_keys, server_keys = c.lockstep_client_keys(num_clients), c.lockstep_server_keys(num_clients)
+
+  def server_step(server, ups, weights, run_key, round_, step):
+    """The server's side of one step: `(server, ups (one SmashedData per group), weights (K,) in
+    group order, run_key, round_, step) -> (server, downlink payloads per group, losses (K,),
+    accuracies (K,))`, losses and accuracies in group order. One update of bridges and body from
+    the weighted mean of the clients' losses; a client of weight 0 keeps its downlink codec state."""
+    total = weights.sum()
+    k_server = server_keys(run_key, round_, step)[0]
+
+    def objective(params, hs):
+      outs, model_state = server_apply(params, server.model_state, hs, k_server, True)
+      losses = jnp.concatenate([c.per_client_losses(o, u.labels, loss) for o, u in zip(outs, ups)])
+      accs = jnp.concatenate([jnp.mean(jnp.argmax(o, -1) == u.labels, axis=-1) for o, u in zip(outs, ups)])
+      return (losses * weights).sum() / jnp.maximum(total, 1.0), (losses, accs, model_state)
+
+    hs = [jax.vmap(up_codec.decode)(u.activations) for u in ups]
+    (_, (losses, accs, model_state)), (g_params, g_hs) = jax.value_and_grad(
+        objective, argnums=(0, 1), has_aux=True)(server.params, hs)
+    new = c.select(total > 0, c.apply_update(server, g_params, server_optimizer, model_state), server)
+    scale = jnp.where(weights > 0, total / jnp.where(weights > 0, weights, 1.0), 0.0)
+    codec_keys = c.codec_keys(c.step_key(run_key, round_, step), num_clients)
+    payloads, codec_states, start = [], [], 0
+    for g, g_h, codec_state in zip(groups, g_hs, server.codec_state):
+      sc, active = scale[start : start + len(g)], weights[start : start + len(g)] > 0
+      g_h = g_h * sc.reshape(-1, *(1,) * (g_h.ndim - 1)).astype(g_h.dtype)
+      payload, new_state = jax.vmap(down_codec.encode)(g_h, codec_state, codec_keys[g])
+      payloads.append(payload)
+      codec_states.append(c.where(active, new_state, codec_state))
+      start += len(g)
+    return new.replace(codec_state=tuple(codec_states)), payloads, losses, accs
+
+  schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, TIMELINE)
+
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    key, inputs = c.begin_round(state, data, inputs, spec=state.clients[0].input_spec, num_clients=num_clients,
-                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients[0].input_spec, num_clients=num_clients,
+                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
     active_all = inputs.active()
+    inverse = np.argsort(order)  # group order back to client order
 
     def step(carry, s):
       clients, server = carry
-      x, y, k_step, keys = c.step_inputs(state, data, key, s, num_clients=num_clients, local_steps=local_steps,
-                                         batch_size=batch_size)
+      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
+      keys = client_keys(state.key, state.round, s)
       ups = [executor(lambda *a, p=p: p.client_forward(*a)[0], party, x[g], y[g], keys[g])
              for p, party, g in zip(protocols, clients, groups)]
-      w = jnp.concatenate([active_all[s][g] for g in groups]).astype(jnp.float32)
-      total = w.sum()
-      y_groups = [y[g] for g in groups]
-
-      def objective(params, hs):
-        outs, model_state = server_apply(params, server.model_state, hs, jax.random.fold_in(k_step, 1), True)
-        losses = jnp.concatenate([c.per_client_losses(o, yg, loss) for o, yg in zip(outs, y_groups)])
-        accs = jnp.concatenate([jnp.mean(jnp.argmax(o, -1) == yg, axis=-1) for o, yg in zip(outs, y_groups)])
-        return (losses * w).sum() / jnp.maximum(total, 1.0), (losses, accs, model_state)
-
-      hs = [jax.vmap(up_codec.decode)(u.activations) for u in ups]
-      (_, (losses, accs, model_state)), (g_params, g_hs) = jax.value_and_grad(
-          objective, argnums=(0, 1), has_aux=True)(server.params, hs)
-      updated_server = c.apply_update(server, g_params, server_optimizer, model_state)
-      server = c.select(total > 0, updated_server, server)
-      scale = jnp.where(w > 0, total / jnp.where(w > 0, w, 1.0), 0.0)
-      codec_keys = c.codec_keys(k_step, num_clients)
-      new_clients, new_codec_states, up, down, start = [], [], [], [], 0
-      for p, party, g, g_h, u, codec_state in zip(protocols, clients, groups, g_hs, ups, server.codec_state):
-        sc = scale[start : start + len(g)]
-        g_h = g_h * sc.reshape(-1, *(1,) * (g_h.ndim - 1)).astype(g_h.dtype)
-        active = active_all[s][g]
-        payload, new_state = jax.vmap(down_codec.encode)(g_h, codec_state, codec_keys[g])
-        new_codec_states.append(c.where(active, new_state, codec_state))
+      w = active_all[s][order].astype(jnp.float32)
+      server, payloads, losses, accs = server_step(server, ups, w, state.key, state.round, s)
+      new_clients, up, down = [], [], []
+      for p, party, g, payload, u in zip(protocols, clients, groups, payloads, ups):
         g_cut = jax.vmap(down_codec.decode)(payload)
         grads, model_states, client_codec = executor(c.client_gradient(p), party, x[g], y[g], keys[g], g_cut)
         updated = executor(lambda pt, gr, ms, cs: c.apply_update(pt, gr, client_optimizer, ms).replace(codec_state=cs),
                            party, grads, model_states, client_codec)
-        new_clients.append(c.where(active, updated, party))
+        new_clients.append(c.where(active_all[s][g], updated, party))
         up.append(jnp.full((len(g),), msgs.wire_size(c.first(u))))
         down.append(jnp.full((len(g),), msgs.wire_size(msgs.CutGradient(c.first(payload)))))
-        start += len(g)
-      server = server.replace(codec_state=tuple(new_codec_states))
-      # back to client order for the metrics
-      inverse = np.argsort(order)
-      losses, accs = losses[inverse], accs[inverse]
       up = jnp.concatenate(up)[inverse] * inputs.participating
       down = jnp.concatenate(down)[inverse] * active_all[s]
-      return (tuple(new_clients), server), (losses, accs, active_all[s], up, down)
+      return (tuple(new_clients), server), (losses[inverse], accs[inverse], active_all[s], up, down)
 
     (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
@@ -190,5 +201,5 @@ def heterogeneous_parallel_sl(
       h, _ = bridges[gi].apply(params["bridges"][gi], model_state["bridges"][gi], h, key=None, train=False)
     return body.apply(params["body"], model_state["body"], h, key=None, train=False)[0]
 
-  return c.Algorithm("heterogeneous_parallel_sl", init, round_fn, predict, local_steps)
+  return c.Algorithm("heterogeneous_parallel_sl", init, round_fn, predict, local_steps, schedule=schedule)
 

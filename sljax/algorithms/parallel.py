@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sljax import codecs
@@ -21,6 +22,47 @@ from sljax.algorithms import _common as c
 from sljax.data.clients import ClientData, client_batches
 from sljax.execution import Executor, vmap
 from sljax.split import SplitModel, Stage
+
+
+def _parallel_timeline(costs, legs, p, steps, order):
+  """Parallel SL: a barrier per step. Every client forwards and sends; the server waits for the
+  last arrival, runs one step on all the smashed data, sends every client its cut gradient; each
+  client's next step starts when its own backward is done."""
+  del order
+  server = costs.server_flops(int(p.sum())) / legs.server_flops_per_s
+  end = np.zeros_like(legs.forward)
+  server_free = 0.0
+  for _ in range(steps):
+    arrive = end + legs.forward + legs.up(costs.smashed_bytes)
+    server_free = max(server_free, float(arrive[p].max())) + server
+    end = np.where(p, server_free + legs.down(costs.cut_gradient_bytes) + legs.backward, end)
+  return max(server_free, float(end[p].max())), steps * server
+
+
+TIMELINE = c.Timeline(
+    _parallel_timeline,
+    lambda costs, s: (s * costs.smashed_bytes, s * costs.cut_gradient_bytes),
+    lambda costs, s: s * (costs.client_forward_flops + costs.client_backward_flops))
+
+
+def _local_loss_timeline(costs, legs, p, steps, order):
+  """Local-loss SL: clients never wait. Each runs its local step, sends its smashed data and goes
+  on; the server makes one step per step index, once everyone's smashed data of that step has
+  arrived. The round ends when the server has made its last step."""
+  del order
+  server = costs.server_flops(int(p.sum())) / legs.server_flops_per_s
+  transmit = 8.0 * costs.smashed_bytes / legs.up_rate
+  server_free = 0.0
+  for s in range(steps):
+    arrive = (s + 1) * (legs.local_loss + transmit) + legs.latency
+    server_free = max(server_free, float(arrive[p].max())) + server
+  return max(server_free, float((steps * (legs.local_loss + transmit))[p].max())), steps * server
+
+
+LOCAL_LOSS_TIMELINE = c.Timeline(
+    _local_loss_timeline,
+    lambda costs, s: (s * costs.smashed_bytes, 0),
+    lambda costs, s: s * costs.local_loss_step_flops)
 
 
 def _init_stacked(vanilla_init, key, data: ClientData, num_clients: int, batch_size: int) -> c.SimState:
@@ -100,6 +142,30 @@ def parallel_sl(
                              uplink=uplink, downlink=downlink)
   up_codec, down_codec = uplink or codecs.identity(), downlink or codecs.identity()
 
+  client_keys, server_keys = c.lockstep_client_keys(num_clients), c.lockstep_server_keys(num_clients)
+
+  def downlink_keys(run_key, round_, step):
+    """The server's downlink codec key for each client's cut gradient."""
+    return c.codec_keys(c.step_key(run_key, round_, step), num_clients)
+
+  def server_step(server, ups, weights, run_key, round_, step):
+    """The server's side of one step: `(server, ups (K, ...), weights (K,), run_key, round_, step) ->
+    (server, downlink payloads (K, ...), losses (K,), accuracies (K,))`.
+
+    One update from the weighted mean of the clients' losses (weight 0: a client absent or whose
+    step is discarded; its downlink codec state stays as it was).
+    """
+    h = jax.vmap(up_codec.decode)(ups.activations)
+    new, g_h, losses, accs = c.server_step_on_all(
+        model.server, server, h, ups.labels, weights, server_keys(run_key, round_, step)[0], loss=loss,
+        optimizer=server_optimizer)
+    payload, codec_state = jax.vmap(down_codec.encode)(g_h, server.codec_state,
+                                                       downlink_keys(run_key, round_, step))
+    new = new.replace(codec_state=c.where(weights > 0, codec_state, server.codec_state))
+    return new, payload, losses, accs
+
+  schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, TIMELINE)
+
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
     state = _init_stacked(vanilla.init, key, data, num_clients, batch_size)
@@ -114,21 +180,16 @@ def parallel_sl(
     return c.select(active, update(party, grads, model_state, codec_state), party)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
-                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
+                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
 
     def step(carry, s):
       clients, server = carry
-      x, y, k_step, keys = c.step_inputs(state, data, key, s, num_clients=num_clients, local_steps=local_steps,
-                                         batch_size=batch_size)
+      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
+      keys = client_keys(state.key, state.round, s)
       active = inputs.active()[s]
       ups = executor(lambda *a: vanilla.client_forward(*a)[0], clients, x, y, keys)
-      h = jax.vmap(up_codec.decode)(ups.activations)
-      server, g_h, losses, accs = c.server_step_on_all(
-          model.server, server, h, y, active.astype(jnp.float32), jax.random.fold_in(k_step, 1),
-          loss=loss, optimizer=server_optimizer)
-      payload, codec_state = jax.vmap(down_codec.encode)(g_h, server.codec_state, c.codec_keys(k_step, num_clients))
-      server = server.replace(codec_state=c.where(active, codec_state, server.codec_state))
+      server, payload, losses, accs = server_step(server, ups, active.astype(jnp.float32), state.key, state.round, s)
       g_cut = jax.vmap(down_codec.decode)(payload)
       if sync_clients:
         grads, model_states, codec_states = executor(c.client_gradient(vanilla), clients, x, y, keys, g_cut)
@@ -143,26 +204,25 @@ def parallel_sl(
       return (clients, server), (losses, accs, active, up, down)
 
     if server_chunk is not None:
-      step = _chunked_step(state, data, key, inputs)
+      step = _chunked_step(state, data, inputs)
     (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
     metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating)
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
 
-  def _chunked_step(state: c.SimState, data: ClientData, key, inputs: c.RoundInputs):
-    """One step, `server_chunk` clients at a time (see the docstring)."""
+  def _chunked_step(state: c.SimState, data: ClientData, inputs: c.RoundInputs):
+    """One step, `server_chunk` clients at a time (see the docstring); the schedule's keys."""
     size, num_chunks = server_chunk, num_clients // server_chunk
     data_key = jax.random.wrap_key_data(state.key)
 
     def step(carry, s):
       clients, server = carry
-      k_step = jax.random.fold_in(key, s + 1)
-      keys_K = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
-      codec_keys_K = c.codec_keys(k_step, num_clients)
+      keys_K = client_keys(state.key, state.round, s)
+      codec_keys_K = downlink_keys(state.key, state.round, s)
       active_K = inputs.active()[s]
       weights_K = active_K.astype(jnp.float32)
       total = weights_K.sum()
-      k_server = jax.random.fold_in(k_step, 1)
+      k_server = server_keys(state.key, state.round, s)[0]
       data_step = state.round * local_steps + s
 
       def chunk(carry, j):
@@ -219,7 +279,7 @@ def parallel_sl(
     one = jax.tree.map(lambda a: a[client], state.clients)
     return vanilla.predict(protocol.SplitState(one, state.server, state.round), x)[0]
 
-  return c.Algorithm("parallel_sl", init, round_fn, predict, local_steps)
+  return c.Algorithm("parallel_sl", init, round_fn, predict, local_steps, schedule=schedule)
 
 
 def linear_head(num_classes: int) -> Stage:
@@ -304,21 +364,28 @@ def local_loss_sl(
 
   client_local_step = local_loss_client_step(model, aux_head, client_optimizer=client_optimizer, loss=loss,
                                              uplink=uplink)
+  client_keys, server_keys = c.lockstep_client_keys(num_clients), c.lockstep_server_keys(num_clients)
+
+  def server_step(server, ups, weights, run_key, round_, step):
+    """The server's side of one step: `(server, ups (K, ...), weights (K,), run_key, round_, step) ->
+    (server, losses (K,), accuracies (K,))`; one update, nothing goes down."""
+    server, _, losses, accs = c.server_step_on_all(
+        model.server, server, jax.vmap(up_codec.decode)(ups.activations), ups.labels, weights,
+        server_keys(run_key, round_, step)[0], loss=loss, optimizer=server_optimizer)
+    return server, losses, accs
+
+  schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, LOCAL_LOSS_TIMELINE)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
-                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
+                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
 
     def step(carry, s):
       clients, server = carry
-      x, y, k_step, keys = c.step_inputs(state, data, key, s, num_clients=num_clients, local_steps=local_steps,
-                                         batch_size=batch_size)
+      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
       active = inputs.active()[s]
-      updated, ups = executor(client_local_step, clients, x, y, keys)
-      server, _, losses, accs = c.server_step_on_all(
-          model.server, server, jax.vmap(up_codec.decode)(ups.activations), y, active.astype(jnp.float32),
-          jax.random.fold_in(k_step, 1),
-          loss=loss, optimizer=server_optimizer)
+      updated, ups = executor(client_local_step, clients, x, y, client_keys(state.key, state.round, s))
+      server, losses, accs = server_step(server, ups, active.astype(jnp.float32), state.key, state.round, s)
       clients = c.where(active, updated, clients)
       up = msgs.wire_size(c.first(ups)) * inputs.participating
       return (clients, server), (losses, accs, active, up, jnp.zeros_like(up))
@@ -333,5 +400,5 @@ def local_loss_sl(
     one = one.replace(params=one.params["client"], model_state=one.model_state["client"])
     return vanilla.predict(protocol.SplitState(one, state.server, state.round), x)[0]
 
-  return c.Algorithm("local_loss_sl", init, round_fn, predict, local_steps)
+  return c.Algorithm("local_loss_sl", init, round_fn, predict, local_steps, schedule=schedule)
 

@@ -13,11 +13,38 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
 from sljax.data.clients import ClientData
 from sljax.execution import Executor
 from sljax.split import SplitModel
+
+
+def turn_step_key(run_key, round_, client, step) -> jax.Array:
+  """The key of step `step` of client `client`'s turn in round `round_`; the protocol's `step`
+  splits it among the legs (vanilla: client, server; U-shaped: head, body, tail)."""
+  return jax.random.fold_in(jax.random.fold_in(c.round_key_of(run_key, round_), client + 1), step)
+
+
+def _sequential_timeline(costs, legs, p, steps, order):
+  """Sequential SL: clients take turns in index order; the one server serves the one active client.
+
+  A turn: download the relayed client half, `steps` vanilla steps (forward, smashed data up,
+  server step, cut gradient down, backward), upload the client half. Everyone else waits.
+  """
+  del order
+  server = costs.server_step_flops / legs.server_flops_per_s
+  step = legs.forward + legs.up(costs.smashed_bytes) + server + legs.down(costs.cut_gradient_bytes) + legs.backward
+  turn = legs.down(costs.client_weights_bytes) + steps * step + legs.up(costs.client_weights_bytes)
+  return float(turn[p].sum()), p.sum() * steps * server
+
+
+TIMELINE = c.Timeline(
+    _sequential_timeline,
+    lambda costs, s: (s * costs.smashed_bytes + costs.client_weights_bytes,
+                      s * costs.cut_gradient_bytes + costs.client_weights_bytes),
+    lambda costs, s: s * (costs.client_forward_flops + costs.client_backward_flops))
 
 
 def sequential_sl(
@@ -52,6 +79,22 @@ def sequential_sl(
   vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
                              uplink=uplink, downlink=downlink)
 
+  def client_keys(run_key, round_, step):
+    return jax.vmap(lambda k: jax.random.split(turn_step_key(run_key, round_, k, step), 2)[0])(
+        jnp.arange(num_clients))
+
+  def server_keys(run_key, round_, step):
+    return jax.vmap(lambda k: jax.random.split(turn_step_key(run_key, round_, k, step), 2)[1])(
+        jnp.arange(num_clients))
+
+  def server_step(server, message, key):
+    """The server's step in a client's turn: `(server, SmashedData, key) -> (server, CutGradient,
+    loss, accuracy)`, with `key` the client's entry of `server_keys`."""
+    new, down, metrics = vanilla.server_step(server, message, key)
+    return new, down, metrics["loss"], metrics["accuracy"]
+
+  schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, TIMELINE)
+
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
     k_model, k_run = jax.random.split(key)
@@ -59,35 +102,42 @@ def sequential_sl(
     return c.SimState(st.client, st.server, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
-                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
-    # all batches of the round up front: (S, K, B, ...)
-    xs, ys = jax.vmap(lambda s: c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size))(
-        jnp.arange(local_steps))
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
+                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    # all batches and keys of the round up front: (S, K, ...)
+    steps = jnp.arange(local_steps)
+    xs, ys = jax.vmap(lambda s: c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size))(steps)
+    client_keys_SxK = jax.vmap(lambda s: client_keys(state.key, state.round, s))(steps)
+    server_keys_SxK = jax.vmap(lambda s: server_keys(state.key, state.round, s))(steps)
 
     def turn(carry, k):
       def step(carry, s):
-        split_state = protocol.SplitState(*carry, jnp.zeros((), jnp.int32))
-        new, m = vanilla.step(split_state, (xs[s, k], ys[s, k]), jax.random.fold_in(jax.random.fold_in(key, k + 1), s))
+        client, server = carry
+        up, pending = vanilla.client_forward(client, xs[s, k], ys[s, k], client_keys_SxK[s, k])
+        new_server, down, loss_k, acc_k = server_step(server, up, server_keys_SxK[s, k])
+        new_client = vanilla.client_backward(client, pending, down)
         active = inputs.active()[s, k]
-        client, server = c.select(active, (new.client, new.server), carry)
-        return (client, server), (m["loss"], m["accuracy"], active, m["bytes_up"], m["bytes_down"])
+        client, server = c.select(active, (new_client, new_server), carry)
+        return (client, server), (loss_k, acc_k, active, msgs.wire_size(up), msgs.wire_size(down))
 
-      carry, out = jax.lax.scan(step, carry, jnp.arange(local_steps))
-      return carry, out
+      return jax.lax.scan(step, carry, steps)
 
     (client, server), (losses, accs, active, up, down) = jax.lax.scan(
-        turn, (state.clients, state.server), jnp.arange(num_clients))
-    # scan over clients gives (K, S): metrics want (S, K)
-    losses, accs, active, up, down = losses.T, accs.T, active.T, up.T, down.T
-    up = up * inputs.participating[None, :]
-    down = down * active
+        turn, (state.clients, state.server), order_of(state))
+    # scan over clients gives (K, S) in turn order: metrics want (S, K) in client order
+    back = jnp.argsort(order_of(state))
+    losses, accs, active = losses[back].T, accs[back].T, active[back].T
+    up = jnp.broadcast_to(jnp.asarray(up, jnp.int32), active.shape) * inputs.participating[None, :]
+    down = jnp.broadcast_to(jnp.asarray(down, jnp.int32), active.shape) * active
     relay = c.model_bytes(state.clients.params) * inputs.participating
     metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating, relay, relay)
     return state.replace(clients=client, server=server, round=state.round + 1), metrics
+
+  def order_of(state):
+    return schedule.order(state.key, state.round)
 
   def predict(state: c.SimState, x, client: int = 0):
     del client  # one client half, shared by all
     return vanilla.predict(protocol.SplitState(state.clients, state.server, state.round), x)[0]
 
-  return c.Algorithm("sequential_sl", init, round_fn, predict, local_steps, stacked=())
+  return c.Algorithm("sequential_sl", init, round_fn, predict, local_steps, stacked=(), schedule=schedule)

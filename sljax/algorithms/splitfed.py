@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sljax import messages as msgs
@@ -29,11 +30,55 @@ from sljax.execution import Executor, vmap
 from sljax.split import SplitModel
 
 
-def _average_clients(parties, weights, num_clients):
-  """FedAvg of params and model state (e.g. batch statistics); optimizer states stay local."""
-  avg = c.weighted_mean((parties.params, parties.model_state), weights)
-  params, model_state = c.broadcast(avg, num_clients)
-  return parties.replace(params=params, model_state=model_state)
+def _splitfed_v1_timeline(costs, legs, p, steps, order):
+  """SplitFed v1: each client alternates with its own server copy; the copies share the server,
+  which serves requests first come, first served (ties: lower client index). FedAvg of the client
+  halves at the end of the round (the server copies are averaged on the server, for free)."""
+  del order
+  server = costs.server_step_flops / legs.server_flops_per_s
+  up, down = legs.up(costs.smashed_bytes), legs.down(costs.cut_gradient_bytes)
+  arrive = np.where(p, legs.forward + up, np.inf)
+  left = np.where(p, steps, 0)
+  end = np.zeros_like(legs.forward)
+  server_free = 0.0
+  for _ in range(int(left.sum())):
+    k = int(np.argmin(arrive))  # the earliest request waiting (np.argmin takes the first of ties)
+    server_free = max(server_free, float(arrive[k])) + server
+    end[k] = server_free + down[k] + legs.backward[k]
+    left[k] -= 1
+    arrive[k] = end[k] + legs.forward[k] + up[k] if left[k] else np.inf
+  return c.fedavg_exchange(end, legs, p, costs.client_weights_bytes), p.sum() * steps * server
+
+
+def _splitfed_v2_timeline(costs, legs, p, steps, order):
+  """SplitFed v2: clients forward in parallel; at every step the one server takes their smashed
+  data one client at a time in the round's order, each client waiting for its turn and its cut
+  gradient. FedAvg of the client halves at the end of the round."""
+  server = costs.server_step_flops / legs.server_flops_per_s
+  up, down = legs.up(costs.smashed_bytes), legs.down(costs.cut_gradient_bytes)
+  end = np.zeros_like(legs.forward)
+  server_free = 0.0
+  for _ in range(steps):
+    arrive = end + legs.forward + up
+    for k in order:
+      if p[k]:
+        server_free = max(server_free, float(arrive[k])) + server
+        end[k] = server_free + down[k] + legs.backward[k]
+  return c.fedavg_exchange(end, legs, p, costs.client_weights_bytes), p.sum() * steps * server
+
+
+def _split_traffic(costs, s):
+  """Bytes of one participant's round: its steps' messages, and its client half's weights up and
+  back down for the average."""
+  return s * costs.smashed_bytes + costs.client_weights_bytes, s * costs.cut_gradient_bytes + costs.client_weights_bytes
+
+
+def _split_client_flops(costs, s):
+  return s * (costs.client_forward_flops + costs.client_backward_flops)
+
+
+TIMELINE_V1 = c.Timeline(_splitfed_v1_timeline, _split_traffic, _split_client_flops)
+TIMELINE_V2 = c.Timeline(_splitfed_v2_timeline, _split_traffic, _split_client_flops)
 
 
 def splitfed(
@@ -78,6 +123,49 @@ def splitfed(
   vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
                              uplink=uplink, downlink=downlink)
 
+  lockstep_keys = c.lockstep_client_keys(num_clients)
+  if version == 1:
+    # each client runs `vanilla.step` with its own server copy: its key split in two, as `step` splits it
+    def client_keys(run_key, round_, step):
+      return jax.vmap(lambda k: jax.random.split(k, 2)[0])(lockstep_keys(run_key, round_, step))
+
+    def server_keys(run_key, round_, step):
+      return jax.vmap(lambda k: jax.random.split(k, 2)[1])(lockstep_keys(run_key, round_, step))
+
+    order = c.index_order(num_clients)  # no order: each copy serves its own client
+  else:
+    client_keys = lockstep_keys
+
+    def server_keys(run_key, round_, step):
+      return jax.vmap(lambda k: jax.random.fold_in(k, 1))(lockstep_keys(run_key, round_, step))
+
+    def order(run_key, round_):
+      """The per-round order in which the one server half takes the clients."""
+      return jax.random.permutation(jax.random.fold_in(c.round_key_of(run_key, round_), local_steps + 1),
+                                    num_clients).astype(jnp.int32)
+
+  def server_step(server, message, key):
+    """The server's step for one client: `(server half, SmashedData, key) -> (server half,
+    CutGradient, loss, accuracy)`, with `key` the client's entry of `server_keys`. v1: `server` is
+    that client's server copy; v2 the one server half, as the clients before this one in the
+    round's order left it."""
+    new, down, metrics = vanilla.server_step(server, message, key)
+    return new, down, metrics["loss"], metrics["accuracy"]
+
+  def aggregate(weights, server, w):
+    """End of round: `(handed-in client weights {"params", "model_state"} stacked (K, ...), server,
+    w (K,)) -> (average client weights, server)`: FedAvg with weights `w` (sample counts of the
+    clients that finished the round). v1 also averages the server copies' params and model state
+    (optimizer states stay per copy); v2's one server half is left as it is."""
+    average = c.weighted_mean(weights, w)
+    if version == 1:
+      params, model_state = c.broadcast(c.weighted_mean((server.params, server.model_state), w), num_clients)
+      server = server.replace(params=params, model_state=model_state)
+    return average, server
+
+  timeline = TIMELINE_V1 if version == 1 else TIMELINE_V2
+  schedule = c.Schedule(client_keys, server_keys, order, server_step, aggregate, timeline)
+
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
     state = _init_stacked(vanilla.init, key, data, num_clients, batch_size)
@@ -85,60 +173,62 @@ def splitfed(
       state = state.replace(server=c.stack_party(state.server, num_clients))
     return state
 
-  def step_v1(clients, servers, x, y, keys, active):
-    def one(client, server, x, y, k):
-      new, metrics = vanilla.step(protocol.SplitState(client, server, jnp.zeros((), jnp.int32)), (x, y), k)
-      return new.client, new.server, metrics
+  def step_v1(clients, servers, x, y, keys, server_keys_K):
+    """Every client with its own server copy: forward, the copy's step, backward."""
+    def one(client, server, x, y, k_client, k_server):
+      up, pending = vanilla.client_forward(client, x, y, k_client)
+      server, down, loss_k, acc_k = server_step(server, up, k_server)
+      return vanilla.client_backward(client, pending, down), server, up, down, loss_k, acc_k
 
-    new_clients, new_servers, m = executor(one, clients, servers, x, y, keys)
-    bytes_per_client = (m["bytes_up"], m["bytes_down"])
-    return (c.where(active, new_clients, clients), c.where(active, new_servers, servers), m["loss"], m["accuracy"],
-            bytes_per_client)
+    return executor(one, clients, servers, x, y, keys, server_keys_K)
 
-  def step_v2(clients, server, x, y, keys, active, order):
+  def step_v2(clients, server, x, y, keys, server_keys_K, active, rank):
+    """Every client forwards; the one server half takes them in the round's order; backward."""
     ups = executor(lambda *a: vanilla.client_forward(*a)[0], clients, x, y, keys)
 
     def serve(server, k):
       message = jax.tree.map(lambda a: a[k], ups)
-      new, down, m = vanilla.server_step(server, message, jax.random.fold_in(keys[k], 1))
-      return c.select(active[k], new, server), (down.grad, m["loss"], m["accuracy"])
+      new, down, loss_k, acc_k = server_step(server, message, server_keys_K[k])
+      return c.select(active[k], new, server), (down, loss_k, acc_k)
 
-    server, (g_in_order, l_in_order, a_in_order) = jax.lax.scan(serve, server, order)
-    inverse = jnp.argsort(order)
-    g, losses, accs = jax.tree.map(lambda a: a[inverse], g_in_order), l_in_order[inverse], a_in_order[inverse]
-    bytes_per_client = (msgs.wire_size(c.first(ups)), msgs.wire_size(msgs.CutGradient(c.first(g))))
-    def backward(client, x, y, k, g):
+    server, (downs, losses, accs) = jax.lax.scan(serve, server, rank)
+    downs, losses, accs = jax.tree.map(lambda a: a[jnp.argsort(rank)], (downs, losses, accs))
+
+    def backward(client, x, y, k, down):
       _, pending = vanilla.client_forward(client, x, y, k)
-      return vanilla.client_backward(client, pending, msgs.CutGradient(g))
+      return vanilla.client_backward(client, pending, down)
 
-    updated = executor(backward, clients, x, y, keys, g)
-    return c.where(active, updated, clients), server, losses, accs, bytes_per_client
+    return executor(backward, clients, x, y, keys, downs), server, ups, downs, losses, accs
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    key, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
-                                local_steps=local_steps, participation=participation, drop_rate=drop_rate)
-    order = jax.random.permutation(jax.random.fold_in(key, local_steps + 1), num_clients)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
+                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+
+    rank = order(state.key, state.round)
 
     def step(carry, s):
       clients, server = carry
-      x, y, _, keys = c.step_inputs(state, data, key, s, num_clients=num_clients, local_steps=local_steps,
-                                    batch_size=batch_size)
+      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
+      keys, server_keys_K = client_keys(state.key, state.round, s), server_keys(state.key, state.round, s)
       active = inputs.active()[s]
       if version == 1:
-        clients, server, losses, accs, (up, down) = step_v1(clients, server, x, y, keys, active)
+        new_clients, new_server, ups, downs, losses, accs = step_v1(clients, server, x, y, keys, server_keys_K)
+        server = c.where(active, new_server, server)
       else:
-        clients, server, losses, accs, (up, down) = step_v2(clients, server, x, y, keys, active, order)
-      up, down = up * inputs.participating, down * active
+        new_clients, server, ups, downs, losses, accs = step_v2(clients, server, x, y, keys, server_keys_K, active,
+                                                                rank)
+      clients = c.where(active, new_clients, clients)
+      up = msgs.wire_size(c.first(ups)) * inputs.participating
+      down = msgs.wire_size(c.first(downs)) * active
       return (clients, server), (losses, accs, active, up, down)
 
     (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
     weights = data.count.astype(jnp.float32) * inputs.completed()
-    clients = _average_clients(clients, weights, num_clients)
-    one_client = jax.tree.map(lambda a: a[0], clients.params)
-    weight_bytes = c.model_bytes(one_client)
-    if version == 1:
-      server = _average_clients(server, weights, num_clients)
+    average, server = aggregate({"params": clients.params, "model_state": clients.model_state}, server, weights)
+    average = c.broadcast(average, num_clients)
+    clients = clients.replace(params=average["params"], model_state=average["model_state"])
+    weight_bytes = c.model_bytes(jax.tree.map(lambda a: a[0], clients.params))
     metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating,
                               weight_bytes * inputs.completed(), weight_bytes * inputs.participating)
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
@@ -149,4 +239,4 @@ def splitfed(
     return vanilla.predict(protocol.SplitState(one, server, state.round), x)[0]
 
   stacked = ("clients", "server") if version == 1 else ("clients",)
-  return c.Algorithm(f"splitfed_v{version}", init, round_fn, predict, local_steps, stacked)
+  return c.Algorithm(f"splitfed_v{version}", init, round_fn, predict, local_steps, stacked, schedule)
