@@ -35,11 +35,18 @@ the per-repeat ratios. Also reported:
                 waiting for the CPU or the GIL); and an empty gRPC call (Status) for scale.
 
 Requests and the ends of calls are recorded by a pass-through transport (two clock reads per call).
+
+Then, per algorithm, the server restart (`restarts`): one run of K = min(--ks) client threads
+against `sljax serve --checkpoint-dir ... --compilation-cache ...`, the server killed (SIGKILL)
+and started again every 10 commits of client 0: seconds from the new process's start until it
+listens, and until a client's first step after it is served (a `Commit` returns); the restarts
+with a warm compilation cache against the target of 5 s, one without the cache for scale.
 See README.md for how to read the numbers.
 
 Usage:
   .venv/bin/python experiments/benchmarks/deployment.py [--json] [--quick] [--ks 2,4] [--rounds 3]
       [--warmup-rounds 1] [--local-steps 10] [--repeats 6] [--algorithms parallel_sl,splitfed_v1]
+      [--restarts 3]
 """
 
 from __future__ import annotations
@@ -70,6 +77,9 @@ VARIANTS = ("grpc", "in_process", "simulation")
 MODEL, HIDDEN, LR, SEED = "mlp", (128, 128), 2e-3, 0  # `sljax serve`'s defaults, but for --hidden
 START_SECONDS = 300.0  # a server that is not up by then failed
 STATUS_CALLS = 50  # per gRPC run, timed one at a time after it
+STEPS_BETWEEN_KILLS = 10  # client 0's commits between two kills of the server (restart measurement)
+RESTART_RETRIES = 40  # of each call; the pauses are `sljax client`'s (0.1 s doubling, at most 5 s)
+RESTART_TARGET_SECONDS = 5.0
 
 
 class Config(NamedTuple):
@@ -194,7 +204,9 @@ def _run_clients(cfg: Config, setup: demo.DigitsSetup, transports: list) -> Run:
   return Run(end - start, [jax.device_get(results[k].half.params) for k in range(cfg.num_clients)], rtt, parts)
 
 
-def _start_server(cfg: Config, workdir: str, name: str) -> tuple[subprocess.Popen, int]:
+def _start_server(cfg: Config, workdir: str, name: str, *, port: int = 0,
+                  extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+  """`sljax serve` for `cfg` on `port` (0: a free one) with the `extra` flags, once it listens."""
   tokens = os.path.join(workdir, "tokens.txt")
   with open(tokens, "w") as f:
     f.writelines(f"{c} {t}\n" for c, t in _tokens(cfg.num_clients).items())
@@ -203,7 +215,7 @@ def _start_server(cfg: Config, workdir: str, name: str) -> tuple[subprocess.Pope
   cmd = [sys.executable, "-m", "sljax.cli", "serve", "--algorithm", cfg.algorithm, "--num-clients", str(s.num_clients),
          "--model", MODEL, "--hidden", ",".join(map(str, HIDDEN)), "--lr", str(LR), "--seed", str(SEED),
          "--rounds", str(s.rounds), "--local-steps", str(s.local_steps), "--batch-size", str(s.batch_size),
-         "--port", "0", "--port-file", port_file, "--token-file", tokens]
+         "--port", str(port), "--port-file", port_file, "--token-file", tokens, *extra]
   env = dict(os.environ)
   if jax.config.jax_compilation_cache_dir:  # the server shares this process's cache
     env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
@@ -212,7 +224,7 @@ def _start_server(cfg: Config, workdir: str, name: str) -> tuple[subprocess.Pope
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
   deadline = time.monotonic() + START_SECONDS
   while not os.path.exists(port_file) and process.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.05)
+    time.sleep(0.01)
   if not os.path.exists(port_file):
     process.kill()
     process.wait()
@@ -283,6 +295,102 @@ def simulation(cfg: Config, setup: demo.DigitsSetup):
     return Run(seconds, [jax.tree.map(lambda a, k=k: a[k], params) for k in range(cfg.num_clients)], [], {})
 
   return run
+
+
+class _Commits:
+  """A transport that passes calls through and notes when each successful `Commit` returned."""
+
+  def __init__(self, inner):
+    self.inner = inner
+    self.ends: list[float] = []
+
+  def call(self, method: str, request: bytes, *, timeout: float | None = None) -> bytes:
+    response = self.inner.call(method, request, timeout=timeout)
+    if method == "Commit":
+      self.ends.append(time.perf_counter())
+    return response
+
+  def close(self) -> None:
+    self.inner.close()
+
+
+def _wait_for(condition, what: str, errors: list) -> None:
+  deadline = time.monotonic() + START_SECONDS
+  while not condition():
+    if errors:
+      raise errors[0]
+    if time.monotonic() > deadline:
+      raise RuntimeError(f"restart: {what} did not happen within {START_SECONDS:.0f} s")
+    time.sleep(0.005)
+
+
+def restarts(algorithm: str, num_clients: int, setup: demo.DigitsSetup, workdir: str, *, warm: int,
+             cache: str) -> dict[str, Any]:
+  """A restarted `sljax serve`: seconds from starting it again to serving, and to the first step served.
+
+  One training run of `num_clients` client threads (`GrpcTransport`'s default backoff, as `sljax
+  client`'s, with more retries) against `sljax serve --checkpoint-dir ... --compilation-cache CACHE`.
+  Every `STEPS_BETWEEN_KILLS` commits of client 0 the server is killed (SIGKILL) and started again
+  on the same port: `first`, the first restart, with the cache as a fresh server left it; `warm`
+  times with the cache as restarted servers left it; then once with `--no-compilation-cache`
+  (`cold`). (A sequential SL server restored from a checkpoint holds arrays placed by orbax, and
+  its steps lower to other programs than a fresh server's, which its first restart compiles; the
+  concurrent servers hold NumPy state and hit the cache from the first restart.) Per restart, from
+  the moment the new process is started: `serving`, the port file is written (imports, checkpoint
+  restore, the steps compiled or loaded, listening); `first_step`, the first `Commit` of any
+  client returns (the clients' retries, with jittered exponential backoff, find the server back;
+  in parallel SL every client must be back).
+  """
+  plan = ["first"] + ["warm"] * warm + ["cold"]
+  cfg = Config(algorithm, num_clients, rounds=len(plan) + 1, warmup=1, local_steps=STEPS_BETWEEN_KILLS,
+               batch_size=32)
+  ckpt = os.path.join(workdir, f"restart-{algorithm}-{num_clients}-ckpt")
+  flags = ("--checkpoint-dir", ckpt, "--compilation-cache", cache)
+  name = f"restart-{algorithm}-{num_clients}"
+  process, port = _start_server(cfg, workdir, f"{name}-0", extra=flags)
+  links, threads, errors = [], [], []
+  measured: dict[str, dict[str, list[float]]] = {kind: {"serving_s": [], "first_step_s": []} for kind in set(plan)}
+  try:
+    links = [_Commits(T.GrpcTransport(f"127.0.0.1:{port}", token=t, retries=RESTART_RETRIES))
+             for t in _tokens(num_clients).values()]
+    data = _client_data(setup, num_clients)
+    sessions = [T.connect(link, setup.model, setup.sl, client=k, x=data[k][0], y=data[k][1])
+                for k, link in enumerate(links)]
+
+    def client(k):
+      try:
+        T.run(sessions[k])
+      except BaseException as e:  # noqa: BLE001 -- re-raised by _wait_for or below
+        errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(num_clients)]
+    for t in threads:
+      t.start()
+    for i, kind in enumerate(plan, 1):
+      _wait_for(lambda i=i: len(links[0].ends) >= i * STEPS_BETWEEN_KILLS, f"commit {i * STEPS_BETWEEN_KILLS}", errors)
+      process.kill()
+      process.wait()
+      start = time.perf_counter()
+      cache_flags = ("--no-compilation-cache",) if kind == "cold" else ("--compilation-cache", cache)
+      process, _ = _start_server(cfg, workdir, f"{name}-{i}", port=port, extra=(*flags[:2], *cache_flags))
+      serving = time.perf_counter() - start
+      _wait_for(lambda start=start: any(e > start for link in links for e in link.ends), "a step after the restart",
+                errors)
+      first = min(e for link in links for e in link.ends if e > start) - start
+      measured[kind]["serving_s"].append(serving)
+      measured[kind]["first_step_s"].append(first)
+    for t in threads:
+      t.join(START_SECONDS)
+    if errors:
+      raise errors[0]
+  finally:
+    for link in links:
+      link.close()
+    process.terminate()
+    process.wait(timeout=60)
+  warm_first = measured["warm"]["first_step_s"]
+  return {"algorithm": algorithm, "num_clients": num_clients, "steps_between_kills": STEPS_BETWEEN_KILLS,
+          **measured, "first_step_s_median": float(np.median(warm_first)) if warm_first else None}
 
 
 def _share_compilations(directory: str) -> None:
@@ -381,13 +489,29 @@ def _print_table(result: dict) -> None:
       status = f"{r['grpc_status_rtt_ms_median']:7.2f}" if v == "grpc" else ""
       print(f"{r['algorithm']:11} {r['num_clients']:2d} {v:10} {p['Forward']:7.2f} {p['Commit']:7.2f} "
             f"{p['Handover']:8.2f} {p['client']:7.2f} {sum(p.values()):7.2f} {status:>7}")
+  if result["restarts"]:
+    print()
+    print("server restart: `sljax serve --checkpoint-dir` killed (SIGKILL) and started again; seconds from the new "
+          "process's start to serving (port file) / to the first step served (a client's Commit returns). warm: "
+          "median [min, max] of the restarts after the first; 1st: the first restart; no cache: one with "
+          "--no-compilation-cache")
+    print(f"{'algorithm':11} {'K':>2} {'warm: serving':>13} {'first step':>10} {'[min, max]':>14} "
+          f"{'1st: serving':>12} {'first step':>10} {'no cache: serving':>17} {'first step':>10} {'target':>8}")
+    for r in result["restarts"]:
+      w, f, c = r["warm"], r["first"], r["cold"]
+      met = "met" if r["first_step_s_median"] <= RESTART_TARGET_SECONDS else "missed"
+      print(f"{r['algorithm']:11} {r['num_clients']:2d} {np.median(w['serving_s']):13.2f} "
+            f"{r['first_step_s_median']:10.2f} {_iqr([min(w['first_step_s']), max(w['first_step_s'])], '.2f'):>14} "
+            f"{f['serving_s'][0]:12.2f} {f['first_step_s'][0]:10.2f} "
+            f"{c['serving_s'][0]:17.2f} {c['first_step_s'][0]:10.2f} "
+            f"{f'<= {RESTART_TARGET_SECONDS:.0f} s':>8} {met}")
   print(f"total {result['seconds']:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-  parser.add_argument("--quick", action="store_true", help="K = 2 only, 3 repeats")
+  parser.add_argument("--quick", action="store_true", help="K = 2 only, 3 repeats, 2 warm restarts")
   parser.add_argument("--ks", default="2,4", help="numbers of clients, comma-separated")
   parser.add_argument("--algorithms", default=",".join(DEFAULT_ALGORITHMS), help="comma-separated subset of "
                       + ",".join(ALGORITHMS))
@@ -396,25 +520,35 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--local-steps", type=int, default=10, help="steps per round")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=6, help="runs of each variant per configuration")
+  parser.add_argument("--restarts", type=int, default=3,
+                      help="warm server restarts per algorithm (after a first one, and before one without the "
+                           "compilation cache); 0: no restart measurement")
   args = parser.parse_args(argv)
   ks = [2] if args.quick else [int(k) for k in args.ks.split(",") if k]
   repeats = 3 if args.quick else args.repeats
   algorithms = [a for a in args.algorithms.split(",") if a]
   if unknown := sorted(set(algorithms) - set(ALGORITHMS)):
     parser.error(f"--algorithms: expected names among {list(ALGORITHMS)}, got {unknown}")
+  restart_count = 2 if args.quick else args.restarts
   if min(ks) < 1 or args.rounds < 1 or args.warmup_rounds < 0 or args.local_steps < 1 or repeats < 1:
     parser.error("--ks, --rounds, --local-steps, --repeats: expected positive ints; --warmup-rounds: >= 0")
+  if restart_count < 0:
+    parser.error(f"--restarts: expected an int >= 0, got {restart_count}")
   start = time.perf_counter()
   env = environment()
   setup = demo.digits_setup(model=MODEL, hidden=HIDDEN, lr=LR)
-  rows = []
+  rows, restart_rows = [], []
   with tempfile.TemporaryDirectory() as workdir:
     _share_compilations(os.path.join(workdir, "jax-cache"))
+    cache = jax.config.jax_compilation_cache_dir  # the user's, if configured
     for algorithm in algorithms:
       for k in ks:
         cfg = Config(algorithm, k, args.rounds, args.warmup_rounds, args.local_steps, args.batch_size)
         rows.append(measure(cfg, setup, repeats=repeats, workdir=workdir))
-  result = {"benchmark": "deployment", "environment": env, "rows": rows, "seconds": time.perf_counter() - start}
+      if restart_count:
+        restart_rows.append(restarts(algorithm, min(ks), setup, workdir, warm=restart_count, cache=cache))
+  result = {"benchmark": "deployment", "environment": env, "rows": rows, "restarts": restart_rows,
+            "seconds": time.perf_counter() - start}
   return emit(result, as_json=args.json, print_table=_print_table)
 
 
