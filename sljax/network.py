@@ -6,8 +6,8 @@ downlink bandwidth, latency). A round is made of legs, each costing
     compute    flops / flops_per_s           flops: XLA's cost analysis of the real step functions
     transfer   8 * bytes / rate + latency    bytes: `messages.wire_size` of the real messages
 
-and the per-algorithm timelines below chain the legs exactly as the schedules in
-`sljax.algorithms` do: who waits for whom, where the barriers are. `round_time` returns, for one
+and each algorithm's timeline (`Schedule.timeline`, defined next to its round in `sljax.algorithms`)
+chains the legs as that round does: who waits for whom, where the barriers are. `round_time` returns, for one
 round, the wall time and, for every party, the time it computes, the time its link spends
 transmitting, and the time it waits (idle).
 
@@ -56,6 +56,7 @@ import optax
 from sljax import codecs as codec_lib
 from sljax import messages as msgs
 from sljax import protocol
+from sljax.algorithms import REGISTRY, Algorithm
 from sljax.algorithms.parallel import linear_head, local_loss_client_step
 from sljax.split import SplitModel, Stage
 
@@ -447,131 +448,16 @@ def _legs(costs: StepCosts, clients: DeviceProfile, server: DeviceProfile) -> _L
   )
 
 
-def _fedavg_exchange(ready: np.ndarray, legs: _Legs, p: np.ndarray, nbytes: int) -> float:
-  """The end-of-round FedAvg barrier: every participant uploads its weights when `ready`, the
-  server averages once all have arrived, and sends the average back. Returns the wall time."""
-  averaged = np.max((ready + legs.up(nbytes))[p])
-  return float(np.max((averaged + legs.down(nbytes))[p]))
+def _timelines() -> dict[str, Any]:
+  """The algorithms that have a timeline, by name: each algorithm defines its own, next to its round."""
+  return {name: entry.timeline for name, entry in REGISTRY.items() if entry.timeline is not None}
 
 
-def _sequential(costs, legs, p, steps, order):
-  """Sequential SL: clients take turns in index order; the one server serves the one active client.
-
-  A turn: download the relayed client half, `steps` vanilla steps (forward, smashed data up,
-  server step, cut gradient down, backward), upload the client half. Everyone else waits.
-  """
-  del order
-  server = costs.server_step_flops / legs.server_flops_per_s
-  step = legs.forward + legs.up(costs.smashed_bytes) + server + legs.down(costs.cut_gradient_bytes) + legs.backward
-  turn = legs.down(costs.client_weights_bytes) + steps * step + legs.up(costs.client_weights_bytes)
-  return float(turn[p].sum()), p.sum() * steps * server
-
-
-def _parallel(costs, legs, p, steps, order):
-  """Parallel SL: a barrier per step. Every client forwards and sends; the server waits for the
-  last arrival, runs one step on all the smashed data, sends every client its cut gradient; each
-  client's next step starts when its own backward is done."""
-  del order
-  server = costs.server_flops(int(p.sum())) / legs.server_flops_per_s
-  end = np.zeros_like(legs.forward)
-  server_free = 0.0
-  for _ in range(steps):
-    arrive = end + legs.forward + legs.up(costs.smashed_bytes)
-    server_free = max(server_free, float(arrive[p].max())) + server
-    end = np.where(p, server_free + legs.down(costs.cut_gradient_bytes) + legs.backward, end)
-  return max(server_free, float(end[p].max())), steps * server
-
-
-def _splitfed_v1(costs, legs, p, steps, order):
-  """SplitFed v1: each client alternates with its own server copy; the copies share the server,
-  which serves requests first come, first served (ties: lower client index). FedAvg of the client
-  halves at the end of the round (the server copies are averaged on the server, for free)."""
-  del order
-  server = costs.server_step_flops / legs.server_flops_per_s
-  up, down = legs.up(costs.smashed_bytes), legs.down(costs.cut_gradient_bytes)
-  arrive = np.where(p, legs.forward + up, np.inf)
-  left = np.where(p, steps, 0)
-  end = np.zeros_like(legs.forward)
-  server_free = 0.0
-  for _ in range(int(left.sum())):
-    k = int(np.argmin(arrive))  # the earliest request waiting (np.argmin takes the first of ties)
-    server_free = max(server_free, float(arrive[k])) + server
-    end[k] = server_free + down[k] + legs.backward[k]
-    left[k] -= 1
-    arrive[k] = end[k] + legs.forward[k] + up[k] if left[k] else np.inf
-  return _fedavg_exchange(end, legs, p, costs.client_weights_bytes), p.sum() * steps * server
-
-
-def _splitfed_v2(costs, legs, p, steps, order):
-  """SplitFed v2: clients forward in parallel; at every step the one server takes their smashed
-  data one client at a time in the round's order, each client waiting for its turn and its cut
-  gradient. FedAvg of the client halves at the end of the round."""
-  server = costs.server_step_flops / legs.server_flops_per_s
-  up, down = legs.up(costs.smashed_bytes), legs.down(costs.cut_gradient_bytes)
-  end = np.zeros_like(legs.forward)
-  server_free = 0.0
-  for _ in range(steps):
-    arrive = end + legs.forward + up
-    for k in order:
-      if p[k]:
-        server_free = max(server_free, float(arrive[k])) + server
-        end[k] = server_free + down[k] + legs.backward[k]
-  return _fedavg_exchange(end, legs, p, costs.client_weights_bytes), p.sum() * steps * server
-
-
-def _local_loss(costs, legs, p, steps, order):
-  """Local-loss SL: clients never wait. Each runs its local step, sends its smashed data and goes
-  on; the server makes one step per step index, once everyone's smashed data of that step has
-  arrived. The round ends when the server has made its last step."""
-  del order
-  server = costs.server_flops(int(p.sum())) / legs.server_flops_per_s
-  transmit = 8.0 * costs.smashed_bytes / legs.up_rate
-  server_free = 0.0
-  for s in range(steps):
-    arrive = (s + 1) * (legs.local_loss + transmit) + legs.latency
-    server_free = max(server_free, float(arrive[p].max())) + server
-  return max(server_free, float((steps * (legs.local_loss + transmit))[p].max())), steps * server
-
-
-def _fedavg(costs, legs, p, steps, order):
-  """FedAvg: `steps` local steps of the whole model, then the whole model up, averaged, and down."""
-  del order
-  return _fedavg_exchange(steps * legs.model_step, legs, p, costs.model_weights_bytes), 0.0
-
-
-# name -> (timeline, (bytes up, bytes down) per client per round, client flops per round)
-_ALGORITHMS: dict[str, tuple[Callable, Callable, Callable]] = {
-    "sequential_sl": (
-        _sequential,
-        lambda c, s: (s * c.smashed_bytes + c.client_weights_bytes, s * c.cut_gradient_bytes + c.client_weights_bytes),
-        lambda c, s: s * (c.client_forward_flops + c.client_backward_flops)),
-    "parallel_sl": (
-        _parallel,
-        lambda c, s: (s * c.smashed_bytes, s * c.cut_gradient_bytes),
-        lambda c, s: s * (c.client_forward_flops + c.client_backward_flops)),
-    "splitfed_v1": (
-        _splitfed_v1,
-        lambda c, s: (s * c.smashed_bytes + c.client_weights_bytes, s * c.cut_gradient_bytes + c.client_weights_bytes),
-        lambda c, s: s * (c.client_forward_flops + c.client_backward_flops)),
-    "splitfed_v2": (
-        _splitfed_v2,
-        lambda c, s: (s * c.smashed_bytes + c.client_weights_bytes, s * c.cut_gradient_bytes + c.client_weights_bytes),
-        lambda c, s: s * (c.client_forward_flops + c.client_backward_flops)),
-    "local_loss_sl": (
-        _local_loss,
-        lambda c, s: (s * c.smashed_bytes, 0),
-        lambda c, s: s * c.local_loss_step_flops),
-    "fedavg": (
-        _fedavg,
-        lambda c, s: (c.model_weights_bytes, c.model_weights_bytes),
-        lambda c, s: s * c.model_step_flops),
-}
-
-ALGORITHMS = tuple(_ALGORITHMS)
+ALGORITHMS = tuple(_timelines())
 
 
 def round_time(
-    algorithm: str,
+    algorithm: str | Algorithm,
     costs: StepCosts,
     *,
     clients: Sequence[DeviceProfile] | DeviceProfile,
@@ -583,7 +469,8 @@ def round_time(
   """Simulated time of one round of `algorithm`, and who waits how long.
 
   Args:
-    algorithm: one of `ALGORITHMS` (the `name` of the algorithm in `sljax.algorithms`).
+    algorithm: an `Algorithm` (its schedule's timeline), or the name of one in
+      `sljax.algorithms.REGISTRY` that has a timeline (`ALGORITHMS`).
     costs: the step's FLOPs and bytes (`step_costs`).
     clients: K client profiles (a list, or one profile of (K,) arrays from `stack`).
     server: the server's profile (scalar fields).
@@ -601,8 +488,14 @@ def round_time(
     >>> t.wall_s > 0 and 0 < t.server_idle_fraction < 1
     True
   """
-  if algorithm not in _ALGORITHMS:
-    raise ValueError(f"algorithm: expected one of {list(ALGORITHMS)}, got {algorithm!r}")
+  if isinstance(algorithm, Algorithm):
+    if algorithm.schedule is None or algorithm.schedule.timeline is None:
+      raise ValueError(f"algorithm: {algorithm.name} has no timeline on the simulated clock")
+    name, timeline = algorithm.name, algorithm.schedule.timeline
+  elif algorithm in _timelines():
+    name, timeline = algorithm, _timelines()[algorithm]
+  else:
+    raise ValueError(f"algorithm: expected an Algorithm or one of {list(ALGORITHMS)}, got {algorithm!r}")
   if not isinstance(costs, StepCosts):
     raise TypeError(f"costs: expected StepCosts (from step_costs), got {type(costs).__name__}")
   if not (isinstance(local_steps, int) and local_steps >= 1):
@@ -622,18 +515,17 @@ def round_time(
   if sorted(order.tolist()) != list(range(k)):
     raise ValueError(f"order: expected a permutation of the {k} clients, got {order.tolist()}")
 
-  timeline, traffic, client_flops = _ALGORITHMS[algorithm]
   legs = _legs(costs, fleet, server)
-  wall, server_busy = timeline(costs, legs, p, local_steps, order)
-  bytes_up, bytes_down = traffic(costs, local_steps)
+  wall, server_busy = timeline.run(costs, legs, p, local_steps, order)
+  bytes_up, bytes_down = timeline.traffic(costs, local_steps)
   bytes_up = np.where(p, bytes_up, 0).astype(np.int64)
   bytes_down = np.where(p, bytes_down, 0).astype(np.int64)
-  compute = np.where(p, client_flops(costs, local_steps) / fleet.flops_per_s + local_steps * fleet.delay_s, 0.0)
+  compute = np.where(p, timeline.client_flops(costs, local_steps) / fleet.flops_per_s + local_steps * fleet.delay_s, 0.0)
   comm = 8.0 * bytes_up / legs.up_rate + 8.0 * bytes_down / legs.down_rate
   idle = np.where(p, wall - compute - comm, 0.0)
   # Every participant's compute and transmission lie within the round, so idle >= 0 up to rounding.
-  assert (idle >= -1e-9 * max(wall, 1.0)).all() and math.isfinite(wall), (algorithm, idle, wall)
-  return RoundTiming(algorithm, float(wall), compute, comm, np.maximum(idle, 0.0), float(server_busy),
+  assert (idle >= -1e-9 * max(wall, 1.0)).all() and math.isfinite(wall), (name, idle, wall)
+  return RoundTiming(name, float(wall), compute, comm, np.maximum(idle, 0.0), float(server_busy),
                      float(wall - server_busy), p, bytes_up, bytes_down,
                      int(p.sum()) * local_steps * costs.batch_size)
 

@@ -182,7 +182,7 @@ def test_bad_round_arguments_name_the_argument():
   clients = [CLIENT_A, CLIENT_B]
   with pytest.raises(ValueError, match="slowdown: expected a factor >= 1, got 0.5"):
     CLIENT_A.straggling(slowdown=0.5)
-  with pytest.raises(ValueError, match="algorithm: expected one of .*'parallel_sl'.*got 'paralel'"):
+  with pytest.raises(ValueError, match="algorithm: expected an Algorithm or one of .*'parallel_sl'.*got 'paralel'"):
     N.round_time("paralel", COSTS, clients=clients, server=SERVER)
   with pytest.raises(ValueError, match="local_steps: expected a positive integer, got 0"):
     N.round_time("fedavg", COSTS, clients=clients, server=SERVER, local_steps=0)
@@ -275,6 +275,18 @@ def test_bytes_equal_the_algorithms_metrics(costs_8_16):
   np.testing.assert_array_equal(timing.bytes_up_per_client, metrics["bytes_up_per_client"])
   np.testing.assert_array_equal(timing.bytes_down_per_client, metrics["bytes_down_per_client"])
   assert timing.bytes_up_per_client[0] == steps * costs.smashed_bytes + costs.client_weights_bytes > 0
+  # the algorithm itself carries its timeline: the same round as by name
+  by_object = N.round_time(algo, costs, clients=[N.PHONE_LTE] * k, server=N.GPU_SERVER, local_steps=steps,
+                           participating=participating)
+  assert by_object.summary() == timing.summary()
+
+
+def test_the_clock_reads_the_algorithms_registry():
+  """Every algorithm with a timeline in the registry is on the clock, and only those."""
+  assert set(N.ALGORITHMS) == {name for name, entry in A.REGISTRY.items() if entry.timeline is not None}
+  with pytest.raises(ValueError, match="centralized has no timeline"):
+    algo = A.centralized_baseline(_model(), optimizer=optax.sgd(0.1), num_clients=2, batch_size=8)
+    N.round_time(algo, COSTS, clients=[CLIENT_A, CLIENT_B], server=SERVER)
 
 
 def test_compare_gives_one_row_per_algorithm(costs_8_16):

@@ -1,16 +1,52 @@
-"""Multi-client split-learning algorithms: pure `init` and `round` over a pytree state."""
+"""Multi-client split-learning algorithms: pure `init` and `round` over a pytree state.
 
-from sljax.algorithms._common import Algorithm, RoundInputs, SimState
+Each algorithm's module defines its `Schedule` once (keys, serving order, the server's step,
+aggregation, timeline on the simulated clock); the fused `round`, the network server and
+`sljax.network` are built from it. `REGISTRY` names every algorithm: adding one is its own
+module and one line here.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from sljax.algorithms import baselines, heterogeneous, parallel, sequential, splitfed as _splitfed
+from sljax.algorithms._common import Algorithm, RoundInputs, Schedule, SimState, Timeline
 from sljax.algorithms.baselines import centralized_baseline, fedavg
 from sljax.algorithms.heterogeneous import heterogeneous_parallel_sl
 from sljax.algorithms.parallel import linear_head, local_loss_client_step, local_loss_sl, parallel_sl
 from sljax.algorithms.sequential import sequential_sl
 from sljax.algorithms.splitfed import splitfed
 
+
+class Registered(NamedTuple):
+  """An algorithm in `REGISTRY`: its factory, the options that make it this algorithm (e.g.
+  `version=1`), and its timeline on the simulated clock (None: not simulated there)."""
+
+  factory: Callable[..., Algorithm]
+  options: dict[str, Any]
+  timeline: Timeline | None
+
+
+# name (as `Algorithm.name`) -> its factory and timeline
+REGISTRY: dict[str, Registered] = {
+    "sequential_sl": Registered(sequential_sl, {}, sequential.TIMELINE),
+    "parallel_sl": Registered(parallel_sl, {}, parallel.TIMELINE),
+    "splitfed_v1": Registered(splitfed, {"version": 1}, _splitfed.TIMELINE_V1),
+    "splitfed_v2": Registered(splitfed, {"version": 2}, _splitfed.TIMELINE_V2),
+    "local_loss_sl": Registered(local_loss_sl, {}, parallel.LOCAL_LOSS_TIMELINE),
+    "heterogeneous_parallel_sl": Registered(heterogeneous_parallel_sl, {}, None),
+    "fedavg": Registered(fedavg, {}, baselines.TIMELINE),
+    "centralized": Registered(centralized_baseline, {}, None),
+}
+
 __all__ = [
+    "REGISTRY",
     "Algorithm",
+    "Registered",
     "RoundInputs",
+    "Schedule",
     "SimState",
+    "Timeline",
     "centralized_baseline",
     "fedavg",
     "heterogeneous_parallel_sl",
