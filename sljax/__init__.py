@@ -25,6 +25,7 @@ from sljax.protocol import (
     vanilla,
 )
 from sljax.split import (
+    InputShapeError,
     SplitModel,
     Stage,
     cut,
@@ -42,6 +43,7 @@ __all__ = [
     "ArraySpec",
     "BodyOutput",
     "CutGradient",
+    "InputShapeError",
     "MessageError",
     "Metrics",
     "ModelWeights",

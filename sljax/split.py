@@ -13,6 +13,10 @@ training of the composed model.
 Stages come from Flax Linen modules, Flax NNX modules, plain functions, or by composing other
 stages. The Flax specifics (NNX `split`/`merge`, Linen `apply` with mutable collections) live in
 this module only, so drift in the Flax API touches one file.
+
+A stage made by `sequential` or `cut` has named layers: its params (and model state) are a tuple
+with one entry per layer, and `stage.layer_names`, `stage.get_layer(params, name)` and
+`stage.set_layer(params, name, value)` read and write them by name.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 from flax import linen, nnx
@@ -28,8 +34,38 @@ from flax import linen, nnx
 PyTree = Any
 
 
+class InputShapeError(ValueError):
+  """A stage was given an input of a shape it cannot take.
+
+  Raise it from a layer that knows the shape it takes (the layers of `sljax.models` do): the
+  protocols' `init` then reports it against the argument and the part of the model, e.g.
+  "x: the client half expects shape (B, features), got (2, 8, 8) float32".
+
+  Args:
+    expected: the shape the stage takes, in words, e.g. "(B, height, width, channels)".
+    got: the shape and dtype it was given, e.g. "(2, 64) float32".
+  """
+
+  def __init__(self, expected: str, got: str):
+    super().__init__(f"expected shape {expected}, got {got}")
+    self.expected = expected
+    self.got = got
+
+
+def describe(x: Any) -> str:
+  """Shape and dtype of an array (or a `jax.ShapeDtypeStruct`) as error messages write them: "(2, 64) float32"."""
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if shape is None or dtype is None:
+    return type(x).__name__
+  return f"{tuple(shape)} {np.dtype(dtype).name}"
+
+
 class Stage(NamedTuple):
-  """One part of a split model: pure `init` and `apply`.
+  """One part of a split model: pure `init` and `apply`, and optionally a name and named layers.
+
+  `name` is the stage's name as a layer of a stack (`sequential`, `cut`). `layers` are the named
+  stages of a stack, one per entry of its params tuple: read and write their params by name with
+  `get_layer` and `set_layer`.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -42,15 +78,113 @@ class Stage(NamedTuple):
 
   init: Callable[..., tuple[PyTree, PyTree]]
   apply: Callable[..., tuple[jax.Array, PyTree]]
+  name: str | None = None
+  layers: tuple[Stage, ...] = ()
+
+  @property
+  def layer_names(self) -> tuple[str, ...]:
+    """The names of the layers of a stack, in order: the params tuple has one entry per name."""
+    return tuple(layer.name for layer in self.layers)
+
+  def get_layer(self, params: PyTree, name: str) -> PyTree:
+    """The params (or model state) of the layer called `name`.
+
+    `name` is one of `layer_names`, or the name of a layer nested in one of them when exactly
+    one nested layer has it (e.g. a layer of the client half in `model.compose()`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, sljax
+      >>> model = sljax.cut(sljax.models.mlp(hidden=(32, 32)), 1)
+      >>> model.server.layer_names
+      ('hidden_1', 'output')
+      >>> params, _ = model.server.init(jax.random.key(0), jnp.ones((2, 32)))
+      >>> model.server.get_layer(params, "output")["kernel"].shape
+      (32, 10)
+    """
+    return _walk(self, params, self._path(name))
+
+  def set_layer(self, params: PyTree, name: str, value: PyTree) -> PyTree:
+    """New params (or model state) with the layer called `name` replaced by `value`.
+
+    Nothing is mutated. `value` must have the structure, shapes and dtypes of the params it
+    replaces (the optimizer state was built for them).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, sljax
+      >>> model = sljax.cut(sljax.models.mlp(hidden=(32,)), 1)
+      >>> params, _ = model.server.init(jax.random.key(0), jnp.ones((2, 32)))
+      >>> zeros = jax.tree.map(jnp.zeros_like, model.server.get_layer(params, "output"))
+      >>> params = model.server.set_layer(params, "output", zeros)
+      >>> float(jnp.abs(params[0]["kernel"]).sum())
+      0.0
+    """
+    path = self._path(name)
+    want, got = _signature(_walk(self, params, path)), _signature(value)
+    if want != got:
+      raise ValueError(f"value: expected params like those of layer {name!r}, {want}, got {got}")
+    return _replace_at(params, path, value)
+
+  def _path(self, name: str) -> tuple[int, ...]:
+    """Indices from the stage's params down to the layer `name`: the shallowest match, if unique."""
+    found = _layer_paths(self)
+    if not found:
+      raise ValueError(f"name: this stage has no named layers (stacks made by sequential or cut have), got {name!r}")
+    matches = [path for n, path in found if n == name]
+    if matches:
+      depth = min(len(p) for p in matches)
+      shallowest = [p for p in matches if len(p) == depth]
+      if len(shallowest) == 1:
+        return shallowest[0]
+      raise ValueError(f"name: {name!r} names {len(shallowest)} nested layers; use the name of the layer holding it")
+    raise ValueError(f"name: expected one of {tuple(n for n, _ in found)}, got {name!r}")
 
 
-def function_stage(apply: Callable[..., jax.Array], init: Callable[..., PyTree] | None = None) -> Stage:
+def _layer_paths(stage: Stage, prefix: tuple[int, ...] = ()) -> list[tuple[str, tuple[int, ...]]]:
+  """(name, path) of every named layer under `stage`, depth first, in order."""
+  out = []
+  for i, layer in enumerate(stage.layers):
+    out.append((layer.name, prefix + (i,)))
+    out.extend(_layer_paths(layer, prefix + (i,)))
+  return out
+
+
+def _walk(stage: Stage, params: PyTree, path: tuple[int, ...]) -> PyTree:
+  """The params at `path` under a stack's params, checked to hold one entry per layer at each step."""
+  for i in path:
+    if not isinstance(params, tuple) or len(params) != len(stage.layers):
+      if isinstance(params, dict):
+        got = f"a dict with keys {sorted(params)}"
+      elif isinstance(params, tuple):
+        got = f"a tuple of {len(params)}"
+      else:
+        got = describe(params)
+      raise ValueError(f"params: expected a tuple with one entry per layer of {stage.layer_names}, got {got}")
+    stage, params = stage.layers[i], params[i]
+  return params
+
+
+def _replace_at(params: PyTree, path: tuple[int, ...], value: PyTree) -> PyTree:
+  if not path:
+    return value
+  i = path[0]
+  return params[:i] + (_replace_at(params[i], path[1:], value),) + params[i + 1:]
+
+
+def _signature(tree: PyTree) -> str:
+  """The leaves of a pytree by path with their shapes and dtypes, for error messages."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return "{" + ", ".join(f"{jax.tree_util.keystr(path)}: {describe(leaf)}" for path, leaf in leaves) + "}"
+
+
+def function_stage(apply: Callable[..., jax.Array], init: Callable[..., PyTree] | None = None, *,
+                   name: str | None = None) -> Stage:
   """A stage from plain functions.
 
   Args:
     apply: `apply(params, x) -> y`, or `apply(x) -> y` when `init` is None (a stage without
       parameters, such as an activation or a reshape).
     init: `init(key, x) -> params`; None for a parameter-free stage.
+    name: its name as a layer of a stack (see `sequential`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -78,7 +212,7 @@ def function_stage(apply: Callable[..., jax.Array], init: Callable[..., PyTree] 
       del key, train
       return apply(params, x), model_state
 
-  return Stage(init_fn, apply_fn)
+  return Stage(init_fn, apply_fn, name)
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -88,7 +222,7 @@ def _accepts(fn: Callable, name: str) -> bool:
     return False
 
 
-def linen_stage(module: linen.Module, *, train_kwarg: str | None = "auto") -> Stage:
+def linen_stage(module: linen.Module, *, train_kwarg: str | None = "auto", name: str | None = None) -> Stage:
   """A stage from a Flax Linen module.
 
   The `params` collection is trained; every other collection (e.g. `batch_stats`) is model state,
@@ -99,6 +233,7 @@ def linen_stage(module: linen.Module, *, train_kwarg: str | None = "auto") -> St
     train_kwarg: name of the boolean keyword argument of `module.__call__` that switches training
       mode (`train=True` in training, False in inference), None if it has none, or "auto" to use
       `train` when `__call__` takes it.
+    name: its name as a layer of a stack (see `sequential`).
   """
   if train_kwarg == "auto":
     train_kwarg = "train" if _accepts(module.__call__, "train") else None
@@ -121,28 +256,59 @@ def linen_stage(module: linen.Module, *, train_kwarg: str | None = "auto") -> St
       return y, dict(new_state)
     return module.apply(variables, x, rngs=rngs, **kwargs(train)), model_state
 
-  return Stage(init, apply)
+  return Stage(init, apply, name)
 
 
-def nnx_stage(module: nnx.Module) -> Stage:
-  """A stage from a Flax NNX module (its current parameters become the initial parameters).
+def nnx_stage(module: nnx.Module | Callable[..., nnx.Module], *, name: str | None = None) -> Stage:
+  """A stage from a Flax NNX module constructor, or from a built NNX module.
 
-  The module is split once into a static graph, its `nnx.Param` variables (trained), its RNG
-  streams, and everything else (e.g. `nnx.BatchStat`, model state). `apply` merges a fresh copy,
-  so nothing is mutated. Every RNG stream is reseeded from the step key on each call and the module
-  is put in train or eval mode as asked. Params and model state are plain nested dicts.
+  Given a constructor (a callable taking `rngs: nnx.Rngs` and returning the module), `init(key, x)`
+  builds the module with `nnx.Rngs(key)`: the key decides the initial parameters, as for every
+  other kind of stage, so two init keys give two different models. Given a built module, its
+  current parameters are the initial parameters and `init` ignores its key (a seed sweep over init
+  keys would train the same model every time): use that form to start from parameters you made.
 
-  `init` ignores its key and input: an NNX module is built already initialised; build it with the
-  seed you want.
+  The module is split into a static graph, its `nnx.Param` variables (trained), its RNG streams,
+  and everything else (e.g. `nnx.BatchStat`, model state). `apply` merges a fresh copy, so nothing
+  is mutated. Every RNG stream is reseeded from the step key on each call and the module is put in
+  train or eval mode as asked. Params and model state are plain nested dicts.
+
+  A constructor is not a module, so `cut` and `split_model` would take it for a parameter-free
+  function: wrap it in `nnx_stage` there.
+
+  Args:
+    module: a constructor `module(rngs=nnx.Rngs(...)) -> nnx.Module`, e.g.
+      `lambda rngs: nnx.Linear(64, 32, rngs=rngs)` or `functools.partial(MyModule, 64, 32)`; or a
+      built `nnx.Module`.
+    name: its name as a layer of a stack (see `sequential`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> s = nnx_stage(lambda rngs: nnx.Linear(4, 3, rngs=rngs))
+    >>> a, _ = s.init(jax.random.key(0), jnp.ones((2, 4)))
+    >>> b, _ = s.init(jax.random.key(1), jnp.ones((2, 4)))
+    >>> bool(jnp.allclose(a["kernel"], b["kernel"]))
+    False
   """
-  graphdef, params, rng_state, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
-  params_template, rest_template = params, rest
+  if isinstance(module, nnx.Module):
+    make, built = None, module
+  elif callable(module):
+    make = module
+    # The structure without the arrays: nothing is initialised until `init` gets its key.
+    built = nnx.eval_shape(lambda: _construct(make, nnx.Rngs(0)))
+  else:
+    raise TypeError(f"module: expected a flax.nnx.Module or a constructor taking rngs, got {type(module).__name__}")
+  graphdef, params_template, rng_state, rest_template = nnx.split(built, nnx.Param, nnx.RngState, ...)
   # Every RNG stream the module holds (e.g. "dropout", or "default" for nnx.Rngs(0)) is reseeded.
   streams = sorted({v.tag for _, v in nnx.to_flat_state(rng_state) if isinstance(v, nnx.RngKey)})
 
   def init(key, x):
-    del key, x
-    return nnx.to_pure_dict(params_template), nnx.to_pure_dict(rest_template)
+    del x
+    if make is None:
+      return nnx.to_pure_dict(params_template), nnx.to_pure_dict(rest_template)
+    _, params, _, rest = nnx.split(_construct(make, nnx.Rngs(key)), nnx.Param, nnx.RngState, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
   def apply(params, model_state, x, *, key, train):
     # replace_by_pure_dict updates in place: fill fresh copies of the templates.
@@ -155,13 +321,25 @@ def nnx_stage(module: nnx.Module) -> Stage:
       m.train()
     else:
       m.eval()
+    # A constructed module's RNG state is only a shape until reseeded: without a step key it gets a
+    # fixed one (a built module keeps its own).
+    if key is None and make is not None:
+      key = jax.random.key(0)
     if streams and key is not None:
-      nnx.reseed(m, **{name: jax.random.fold_in(key, i) for i, name in enumerate(streams)})
+      nnx.reseed(m, **{stream: jax.random.fold_in(key, i) for i, stream in enumerate(streams)})
     y = m(x)
     _, _, _, new_rest = nnx.split(m, nnx.Param, nnx.RngState, ...)
     return y, nnx.to_pure_dict(new_rest)
 
-  return Stage(init, apply)
+  return Stage(init, apply, name)
+
+
+def _construct(make: Callable[..., Any], rngs: nnx.Rngs) -> nnx.Module:
+  module = make(rngs=rngs)
+  if not isinstance(module, nnx.Module):
+    raise TypeError(f"module: expected a constructor that returns a flax.nnx.Module, got one returning "
+                    f"{describe(module)}")
+  return module
 
 
 def as_stage(part: Any) -> Stage:
@@ -179,12 +357,24 @@ def as_stage(part: Any) -> Stage:
   )
 
 
-def sequential(*parts: Any) -> Stage:
-  """Composes parts into one stage; params and model state are tuples, one entry per part.
+def sequential(*parts: Any, name: str | None = None) -> Stage:
+  """Composes parts into one stack; params and model state are tuples, one entry per part.
 
-  The step key is split into one key per part, in order.
+  Each part is a layer of the stack, named by its own `name` or, if it has none, `layer_<i>` by its
+  position; `layer_names`, `get_layer` and `set_layer` of the stack use these names. The step key
+  is split into one key per part, in order.
+
+  Args:
+    *parts: Stages, Linen or NNX modules, or parameter-free functions, in order.
+    name: the stack's own name as a layer of a bigger stack.
+
+  Example:
+    >>> import jax, flax.linen as nn
+    >>> s = sequential(linen_stage(nn.Dense(8), name="embed"), jax.nn.relu, nn.Dense(2))
+    >>> s.layer_names
+    ('embed', 'layer_1', 'layer_2')
   """
-  stages = tuple(as_stage(p) for p in parts)
+  stages = _named(tuple(as_stage(p) for p in parts))
   if not stages:
     raise ValueError("parts: expected at least one part, got none")
 
@@ -205,7 +395,19 @@ def sequential(*parts: Any) -> Stage:
       new_states.append(s)
     return x, tuple(new_states)
 
-  return Stage(init, apply)
+  return Stage(init, apply, name, stages)
+
+
+def _named(stages: tuple[Stage, ...], start: int = 0) -> tuple[Stage, ...]:
+  """The stages, those without a name named `layer_<start + i>`; names must be distinct strings."""
+  named = tuple(s if s.name is not None else s._replace(name=f"layer_{start + i}") for i, s in enumerate(stages))
+  names = [s.name for s in named]
+  for n in names:
+    if not isinstance(n, str):
+      raise TypeError(f"name: expected a layer name (str), got {type(n).__name__}")
+    if names.count(n) > 1:
+      raise ValueError(f"layers: expected distinct layer names, got {tuple(names)} ({n!r} more than once)")
+  return named
 
 
 class SplitModel(NamedTuple):
@@ -220,6 +422,8 @@ class SplitModel(NamedTuple):
     >>> model = cut([nn.Dense(16), jax.nn.relu, nn.Dense(10)], 2)
     >>> model.is_u_shaped
     False
+    >>> model.client.layer_names, model.server.layer_names
+    (('layer_0', 'layer_1'), ('layer_2',))
   """
 
   client: Stage
@@ -234,9 +438,19 @@ class SplitModel(NamedTuple):
   def parts(self) -> tuple[Stage, ...]:
     return (self.client, self.server) + ((self.tail,) if self.tail is not None else ())
 
+  @property
+  def layer_names(self) -> tuple[str, ...]:
+    """The names of the layers of every part, in order (see `Stage.layer_names`)."""
+    return tuple(n for part in self.parts for n in part.layer_names)
+
   def compose(self) -> Stage:
-    """The whole model as one stage (for centralized training), with the same key split."""
-    return sequential(*self.parts)
+    """The whole model as one stage (for centralized training), with the same key split.
+
+    Its layers are the parts, named "client", "server" (and "tail"); `get_layer` on it also finds
+    the layers inside them: `model.compose().get_layer(central_params, "output")`.
+    """
+    roles = ("client", "server", "tail")
+    return sequential(*(part._replace(name=role) for part, role in zip(self.parts, roles)))
 
 
 def split_model(client: Any, server: Any, tail: Any = None) -> SplitModel:
@@ -249,6 +463,10 @@ def cut(layers: Sequence[Any], k: int, k2: int | None = None) -> SplitModel:
 
   The client holds `layers[:k]`; the server `layers[k:]` (or `layers[k:k2]`, with the client also
   holding the tail `layers[k2:]`). Moving the cut is changing `k`.
+
+  Every layer keeps its name across cuts: a Stage's own `name`, else `layer_<i>` by its index in
+  `layers`. Each part lists its own (`model.client.layer_names`) and reads and writes its params
+  by name (`model.client.get_layer(params, name)`).
 
   Args:
     layers: the layers in order: Stages, Linen or NNX modules, or parameter-free functions.
@@ -266,6 +484,7 @@ def cut(layers: Sequence[Any], k: int, k2: int | None = None) -> SplitModel:
     raise ValueError(f"layers: expected at least 2 layers to cut, got {n}")
   if not 1 <= k <= n - 1:
     raise ValueError(f"k: cut index must be in [1, {n - 1}] for a stack of {n} layers, got {k}")
+  layers = _named(tuple(as_stage(layer) for layer in layers))
   if k2 is None:
     return SplitModel(sequential(*layers[:k]), sequential(*layers[k:]))
   if not k < k2 <= n - 1:

@@ -1,4 +1,9 @@
-"""Layer stacks for the demo, the tests and the benchmarks (Flax Linen blocks)."""
+"""Layer stacks for the demo, the tests and the benchmarks (Flax Linen blocks).
+
+Every layer is named (`hidden_0`, `conv_0`, `output`, ...) and checks the rank of its input, so a
+model given inputs of the wrong rank fails at `init` with the shape it expects
+(`sljax.split.InputShapeError`) instead of deep inside Flax or the loss.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,19 @@ from collections.abc import Sequence
 import jax
 from flax import linen as nn
 
-from sljax.split import Stage, flatten, function_stage, linen_stage, sequential
+from sljax.split import InputShapeError, Stage, describe, flatten, function_stage, linen_stage, sequential
+
+_FEATURES = ("features",)
+
+
+def _expect_rank(x, dims: tuple[str, ...]) -> None:
+  """Raises InputShapeError unless `x` is a batch with one axis per name in `dims`."""
+  if x.ndim != len(dims) + 1:
+    raise InputShapeError(f"(B, {', '.join(dims)})", describe(x))
 
 
 class _DenseBlock(nn.Module):
-  """Dense -> [BatchNorm] -> ReLU -> [Dropout]."""
+  """Dense -> [BatchNorm] -> ReLU -> [Dropout], on (B, features)."""
 
   features: int
   dropout: float = 0.0
@@ -19,6 +32,7 @@ class _DenseBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    _expect_rank(x, _FEATURES)
     x = nn.Dense(self.features)(x)
     if self.batch_norm:
       x = nn.BatchNorm(use_running_average=not train)(x)
@@ -28,8 +42,16 @@ class _DenseBlock(nn.Module):
     return x
 
 
+class _Output(nn.Dense):
+  """The output layer: a Dense on (B, features) (its params are a Dense's: kernel, bias)."""
+
+  def __call__(self, inputs):
+    _expect_rank(inputs, _FEATURES)
+    return super().__call__(inputs)
+
+
 class _ConvBlock(nn.Module):
-  """Conv -> [BatchNorm] -> ReLU -> [max-pool 2] (2-D for images, 1-D for signals)."""
+  """Conv -> [BatchNorm] -> ReLU -> [max-pool 2] (2-D on (B, H, W, C) images, 1-D on (B, L, C) signals)."""
 
   features: int
   kernel: tuple[int, ...] = (3, 3)
@@ -38,6 +60,7 @@ class _ConvBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    _expect_rank(x, ("height", "width", "channels") if len(self.kernel) == 2 else ("length", "channels"))
     x = nn.Conv(self.features, self.kernel, padding="SAME")(x)
     if self.batch_norm:
       x = nn.BatchNorm(use_running_average=not train)(x)
@@ -50,31 +73,45 @@ class _ConvBlock(nn.Module):
 
 def mlp(*, hidden: Sequence[int] = (128, 128), num_classes: int = 10, dropout: float = 0.0,
         batch_norm: bool = False) -> list[Stage]:
-  """An MLP as a stack: one layer per hidden block, then the output layer.
+  """An MLP on (B, features) as a stack: one layer per hidden block, then the output layer.
 
   `cut(mlp(hidden=(128, 128)), 1)` is the digits model of the benchmarks: client 64->128 ReLU,
-  server 128->128 ReLU->10.
+  server 128->128 ReLU->10. The layers are named `hidden_0`, `hidden_1`, ..., `output`.
+
+  Example:
+    >>> import sljax
+    >>> model = sljax.cut(sljax.models.mlp(hidden=(128, 128)), 1)
+    >>> model.client.layer_names, model.server.layer_names
+    (('hidden_0',), ('hidden_1', 'output'))
   """
-  blocks = [linen_stage(_DenseBlock(h, dropout, batch_norm)) for h in hidden]
-  return blocks + [linen_stage(nn.Dense(num_classes))]
+  blocks = [linen_stage(_DenseBlock(h, dropout, batch_norm), name=f"hidden_{i}") for i, h in enumerate(hidden)]
+  return blocks + [linen_stage(_Output(num_classes), name="output")]
 
 
 def cnn(*, channels: Sequence[int] = (16, 32), hidden: int = 64, num_classes: int = 10,
         dropout: float = 0.0, batch_norm: bool = False) -> list[Stage]:
-  """A small 2-D CNN for (H, W, C) images: conv blocks (the last one pools), dense, output.
+  """A small 2-D CNN for (B, H, W, C) images: conv blocks (the last one pools), dense, output.
 
-  For 8x8 digits with the defaults: conv 16, conv 32 + pool -> 4x4x32, dense 64, dense 10.
+  For 8x8 digits with the defaults: conv 16, conv 32 + pool -> 4x4x32, dense 64, dense 10. The
+  layers are named `conv_0`, `conv_1`, ..., `hidden` (flatten, then dense), `output`.
   """
-  convs = [linen_stage(_ConvBlock(c, (3, 3), pool=i == len(channels) - 1, batch_norm=batch_norm))
+  convs = [linen_stage(_ConvBlock(c, (3, 3), pool=i == len(channels) - 1, batch_norm=batch_norm), name=f"conv_{i}")
            for i, c in enumerate(channels)]
-  return convs + [sequential(function_stage(flatten), linen_stage(_DenseBlock(hidden, dropout, batch_norm))),
-                  linen_stage(nn.Dense(num_classes))]
+  return convs + [_flat_hidden(_DenseBlock(hidden, dropout, batch_norm)),
+                  linen_stage(_Output(num_classes), name="output")]
 
 
 def cnn1d(*, channels: Sequence[int] = (32, 32), hidden: int = 64, num_classes: int = 10,
           kernel: int = 5) -> list[Stage]:
-  """A small 1-D CNN for (L, C) signals such as MNIST-1D: conv blocks with pooling, dense, output."""
-  convs = [linen_stage(_ConvBlock(c, (kernel,), pool=True)) for c in channels]
-  return convs + [sequential(function_stage(flatten), linen_stage(_DenseBlock(hidden))),
-                  linen_stage(nn.Dense(num_classes))]
+  """A small 1-D CNN for (B, L, C) signals such as MNIST-1D: conv blocks with pooling, dense, output.
+
+  The layers are named as in `cnn`.
+  """
+  convs = [linen_stage(_ConvBlock(c, (kernel,), pool=True), name=f"conv_{i}") for i, c in enumerate(channels)]
+  return convs + [_flat_hidden(_DenseBlock(hidden)), linen_stage(_Output(num_classes), name="output")]
+
+
+def _flat_hidden(block: nn.Module) -> Stage:
+  """The `hidden` layer of the CNNs: flatten, then a dense block (its params: (flatten's, dense's))."""
+  return sequential(function_stage(flatten, name="flatten"), linen_stage(block, name="dense"), name="hidden")
 
