@@ -26,6 +26,7 @@ model, dropout included.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -37,13 +38,17 @@ from flax import struct
 
 from sljax import codecs as codec_lib
 from sljax import messages as msgs
-from sljax.split import InputShapeError, SplitModel, describe
+from sljax.split import SplitModel
 
 PyTree = Any
 
 # Codec randomness (e.g. stochastic rounding) draws from fold_in(step key, CODEC_STREAM), so the
 # model parts see the same keys with and without a codec.
 CODEC_STREAM = 0x5C0DEC
+# Likewise the defense hooks: `client_loss` draws from fold_in(client key, CLIENT_LOSS_STREAM),
+# `cut_gradient_transform` from fold_in(server key, CUT_GRADIENT_STREAM).
+CLIENT_LOSS_STREAM = 0xC1105
+CUT_GRADIENT_STREAM = 0xC7D6AD
 
 
 class ArraySpec(NamedTuple):
@@ -171,6 +176,7 @@ class ClientPending:
   model_state: PyTree
   codec_state: PyTree = ()
   sent: PyTree = ()  # the uplink codec's payload: its backward needs the selection it made
+  metrics: dict = struct.field(default_factory=dict)  # the client's own: {"client_loss": term} with a client_loss
 
 
 @struct.dataclass
@@ -201,18 +207,107 @@ def apply_update(party: PartyState, grads: PyTree, optimizer: optax.GradientTran
   return party.replace(params=optax.apply_updates(party.params, updates), opt_state=opt_state, model_state=model_state)
 
 
-def _init_parties(model: SplitModel, key, x, client_optimizer, server_optimizer, *, loss) -> SplitState:
-  """Initialises every part on an example batch (see `_init_parts` for the checks).
+def _check_hook(name: str, fn: Any, signature: str) -> None:
+  if fn is not None and not callable(fn):
+    raise TypeError(f"{name}: expected a callable {signature} or None, got {type(fn).__name__}")
+
+
+def _takes_key(fn: Callable) -> bool:
+  """Whether a `client_loss` takes a key: a third positional parameter, or one named `key`."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):  # some builtins have no signature: called without a key
+    return False
+  positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+  return len(positional) >= 3 or any(p.name == "key" for p in params)
+
+
+def _client_term(client_loss: Callable, x, smashed, key) -> jax.Array:
+  """`client_loss` on (x, smashed), checked to be a float scalar at trace time."""
+  if _takes_key(client_loss):
+    term = client_loss(x, smashed, jax.random.fold_in(key, CLIENT_LOSS_STREAM))
+  else:
+    term = client_loss(x, smashed)
+  shape, dtype = getattr(term, "shape", None), getattr(term, "dtype", None)
+  if shape != () or not jnp.issubdtype(dtype, jnp.floating):
+    got = f"shape {shape} {dtype}" if shape is not None else type(term).__name__
+    raise ValueError(f"client_loss: expected a float scalar, got {got}")
+  return term
+
+
+def _feed_term_cotangent(vjp_fn, one, g_cut):
+  return vjp_fn((g_cut, one))
+
+
+def _client_vjp(stage, client_loss: Callable | None, params, model_state, x, key):
+  """The client's part under `jax.vjp`: (smashed, pullback, new model state, metrics).
+
+  With a `client_loss`, the vjp is over (smashed, term) and the pullback feeds it (g_cut, 1): the
+  client's gradient is pullback(g_cut) plus the term's gradient, in one backward pass. Wrapped in
+  a `Partial`, the pullback keeps its one-argument form and stays a pytree (it crosses `jit`).
+  """
+
+  def forward(p):
+    return stage.apply(p, model_state, x, key=key, train=True)
+
+  if client_loss is None:
+    smashed, pullback, new_state = jax.vjp(forward, params, has_aux=True)
+    return smashed, pullback, new_state, {}
+
+  def with_term(p):
+    smashed, new_state = forward(p)
+    return (smashed, _client_term(client_loss, x, smashed, key)), new_state
+
+  (smashed, term), vjp_fn, new_state = jax.vjp(with_term, params, has_aux=True)
+  pullback = jax.tree_util.Partial(_feed_term_cotangent, vjp_fn, jnp.ones_like(term))
+  return smashed, pullback, new_state, {"client_loss": term}
+
+
+def _transform_cut_gradient(transform: Callable, grad, labels, key):
+  """`cut_gradient_transform` on the cut gradient, checked to keep its shape and dtype."""
+  out = transform(grad, labels, jax.random.fold_in(key, CUT_GRADIENT_STREAM))
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), grad)
+  got = jax.tree.map(lambda a: (getattr(a, "shape", None), getattr(a, "dtype", None)), out)
+  if got != want:
+    raise ValueError(f"cut_gradient_transform: expected a gradient like its input {want}, got {got}")
+  return out
+
+
+def _fresh_encode(codec: codec_lib.Codec, value, key, stream: int):
+  """`value` through `codec` from a fresh state (inference keeps no codec state), its randomness
+  from fold_in(key, stream), key(0) if `key` is None."""
+  key = jax.random.key(0) if key is None else key
+  return codec.encode(value, codec.init(value), jax.random.fold_in(key, stream))[0]
+
+
+def _init_parties(model: SplitModel, key, x, client_optimizer, server_optimizer) -> SplitState:
+  """Initialises every part on an example batch, checking that consecutive parts fit.
 
   Runs as one jitted program (eager initialisation of a CNN takes seconds on a CPU).
   """
-  return jax.jit(lambda key, x: _init_parties_traced(model, key, x, client_optimizer, server_optimizer, loss))(
+  return jax.jit(lambda key, x: _init_parties_traced(model, key, x, client_optimizer, server_optimizer))(
       key, jnp.asarray(x)
   )
 
 
-def _init_parties_traced(model: SplitModel, key, x, client_optimizer, server_optimizer, loss) -> SplitState:
-  parts_vars = _init_parts(model, key, x, loss)
+def _init_parties_traced(model: SplitModel, key, x, client_optimizer, server_optimizer) -> SplitState:
+  keys = jax.random.split(key, len(model.parts))
+  parts_vars = []
+  h = x
+  names = ("client", "server", "tail")
+  for i, (part, k) in enumerate(zip(model.parts, keys)):
+    try:
+      p, s = part.init(k, h)
+      out, _ = part.apply(p, s, h, key=None, train=False)
+    except Exception as e:  # noqa: BLE001 -- re-raised with the shapes that did not fit
+      if i == 0:
+        raise ValueError(f"x: the client half cannot take input of shape {h.shape} {h.dtype}: {e}") from None
+      raise ValueError(
+          f"mismatched halves: the {names[i - 1]} part outputs shape {h.shape} {h.dtype}, "
+          f"which the {names[i]} part cannot take: {e}"
+      ) from None
+    parts_vars.append((p, s, ArraySpec.of(h)))
+    h = out
   (pc, sc, spec_c), (ps, ss, spec_s) = parts_vars[:2]
   if model.is_u_shaped:
     pt, st, _ = parts_vars[2]
@@ -222,70 +317,15 @@ def _init_parties_traced(model: SplitModel, key, x, client_optimizer, server_opt
   return SplitState(client, server, jnp.zeros((), jnp.int32))
 
 
-_ROLES = ("client", "server", "tail")
-
-
-def _init_parts(model: SplitModel, key, x, loss) -> list[tuple[PyTree, PyTree, ArraySpec]]:
-  """(params, model state, input spec) of every part, initialised on the example batch `x`.
-
-  The key is split into one key per part, as `SplitModel.compose()` splits it, so the split
-  protocols and `centralized` start from the same parameters. Checked here, at trace time, with
-  errors that name the argument and the shapes: `x` has a batch axis; each part takes what the
-  one before it outputs; the loss takes the last part's outputs with a batch of integer labels
-  and returns a scalar (a model given inputs of the wrong rank fails here, not deep in the loss).
-  """
-  if jnp.ndim(x) == 0:
-    raise ValueError(f"x: expected a batch of examples with a leading batch axis, got {describe(x)}")
-  keys = jax.random.split(key, len(model.parts))
-  parts_vars = []
-  h = x
-  for i, (part, k) in enumerate(zip(model.parts, keys)):
-    try:
-      p, s = part.init(k, h)
-      out, _ = part.apply(p, s, h, key=None, train=False)
-    except InputShapeError as e:
-      if i == 0 and e.got == describe(h):
-        raise ValueError(f"x: the {_ROLES[i]} half expects shape {e.expected}, got {e.got}") from None
-      if i > 0 and e.got == describe(h):
-        raise ValueError(f"mismatched halves: the {_ROLES[i - 1]} part outputs shape {e.got}, "
-                         f"but the {_ROLES[i]} part expects shape {e.expected}") from None
-      raise _part_error(i, h, e) from None  # from a layer inside the part: say what it got
-    except Exception as e:  # noqa: BLE001 -- re-raised with the shapes that did not fit
-      raise _part_error(i, h, e) from None
-    parts_vars.append((p, s, ArraySpec.of(h)))
-    h = out
-  _check_loss(loss, x, h)
-  return parts_vars
-
-
-def _part_error(i: int, h, e: Exception) -> ValueError:
-  if i == 0:
-    return ValueError(f"x: the client half cannot take input of shape {describe(h)}: {e}")
-  return ValueError(f"mismatched halves: the {_ROLES[i - 1]} part outputs shape {describe(h)}, "
-                    f"which the {_ROLES[i]} part cannot take: {e}")
-
-
-def _check_loss(loss: Callable, x, out) -> None:
-  """Raises a ValueError unless `loss(out, labels)` with (B,) integer labels is a scalar."""
-  batch = jnp.shape(x)[0]
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  outputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype), out)
-  try:
-    value = jax.eval_shape(loss, outputs, labels)
-  except Exception as e:  # noqa: BLE001 -- re-raised with the shapes the loss was given
-    want = f" (the default loss expects outputs of shape ({batch}, num_classes))" if loss is softmax_cross_entropy else ""
-    raise ValueError(f"x: the model maps input of shape {describe(x)} to outputs of shape {describe(out)}, "
-                     f"which the loss cannot take with labels of shape ({batch},) int32{want}: {e}") from None
-  if getattr(value, "shape", None) != ():
-    raise ValueError(f"loss: expected a scalar, got {describe(value)} for outputs of shape {describe(out)} "
-                     f"and labels of shape ({batch},) int32")
-
-
 class Vanilla(NamedTuple):
   """Vanilla split learning: pure legs and their fused composition. Built by `vanilla`.
 
+  Training legs: `client_forward`, `server_step`, `client_backward` (fused: `step`). Inference
+  legs: `client_infer`, `server_infer` (fused: `predict`).
+
   The last fields are the configuration it was built with (the codecs as used: identity when
-  none was given), for code that composes the legs differently, e.g. a multi-client server.
+  none was given; the defense hooks as given, None when none), for code that composes the legs
+  differently, e.g. a multi-client server.
   """
 
   init: Callable[..., SplitState]
@@ -294,12 +334,16 @@ class Vanilla(NamedTuple):
   client_backward: Callable[..., PartyState]
   step: Callable[..., tuple[SplitState, dict]]
   predict: Callable[..., tuple[jax.Array, dict]]
+  client_infer: Callable[..., msgs.SmashedData]
+  server_infer: Callable[..., msgs.Prediction]
   model: SplitModel
   client_optimizer: optax.GradientTransformation
   server_optimizer: optax.GradientTransformation
   loss: Callable[[jax.Array, jax.Array], jax.Array]
   uplink: codec_lib.Codec
   downlink: codec_lib.Codec
+  client_loss: Callable[..., jax.Array] | None = None
+  cut_gradient_transform: Callable[..., Any] | None = None
 
 
 def vanilla(
@@ -310,6 +354,8 @@ def vanilla(
     loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
     uplink: codec_lib.Codec | None = None,
     downlink: codec_lib.Codec | None = None,
+    client_loss: Callable[..., jax.Array] | None = None,
+    cut_gradient_transform: Callable[[Any, jax.Array, jax.Array], Any] | None = None,
 ) -> Vanilla:
   """Vanilla split learning: labels go up with the smashed data.
 
@@ -322,6 +368,16 @@ def vanilla(
       differentiates with respect to the decoded activations. None sends them as they are.
     downlink: codec applied by the server to the cut gradient; the client feeds the decoded
       gradient to its pullback. None sends it as it is.
+    client_loss: `client_loss(x, smashed) -> scalar`, or `(x, smashed, key)`, a term the client
+      adds to its own objective, e.g. a distance-correlation penalty (NoPeek). It sees the
+      smashed data before the uplink codec. The client's gradient becomes pullback(cut gradient)
+      plus the term's gradient wrt its params, taken in the same backward pass; the server never
+      sees the term. Reported as metrics["client_loss"] (in `ClientPending.metrics` on the legs).
+      Its key, when it takes one, is fold_in(client key, CLIENT_LOSS_STREAM).
+    cut_gradient_transform: `fn(grad, labels, key) -> grad` applied by the server to the cut
+      gradient after computing it and before the downlink codec, e.g. a label-protection
+      perturbation (max-norm, Marvell). Pure and jittable; it must keep the gradient's shape and
+      dtype. Its key is fold_in(server key, CUT_GRADIENT_STREAM).
 
   Stateful codecs (error feedback) size their state from the batch given to `init`: initialise
   with a batch of the training batch size. Error feedback keeps a residual per batch row; rows
@@ -344,14 +400,25 @@ def vanilla(
     >>> state, metrics = jax.jit(sl.step)(state, (x, y), jax.random.key(1))
     >>> int(metrics["bytes_up"]) > 4 * 16 * 4
     True
+
+    A penalty on the smashed data, and noise on the cut gradient the server sends:
+
+    >>> noisy = lambda g, labels, key: g + 1e-3 * jax.random.normal(key, g.shape, g.dtype)
+    >>> sl = vanilla(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1),
+    ...              client_loss=lambda x, h: 0.1 * jnp.mean(h**2), cut_gradient_transform=noisy)
+    >>> state, metrics = jax.jit(sl.step)(state, (x, y), jax.random.key(1))
+    >>> sorted(metrics)
+    ['accuracy', 'bytes_down', 'bytes_up', 'client_loss', 'loss']
   """
   if model.is_u_shaped:
     raise ValueError("model: vanilla split learning takes a two-part model; this one has a tail (use u_shaped)")
+  _check_hook("client_loss", client_loss, "(x, smashed[, key]) -> scalar")
+  _check_hook("cut_gradient_transform", cut_gradient_transform, "(grad, labels, key) -> grad")
   up_codec = uplink or codec_lib.identity()
   down_codec = downlink or codec_lib.identity()
 
   def init(key, x) -> SplitState:
-    state = _init_parties(model, key, x, client_optimizer, server_optimizer, loss=loss)
+    state = _init_parties(model, key, x, client_optimizer, server_optimizer)
     cut = jax.ShapeDtypeStruct((x.shape[0], *state.server.input_spec.shape), state.server.input_spec.dtype)
     return state.replace(client=state.client.replace(codec_state=up_codec.init(cut)),
                          server=state.server.replace(codec_state=down_codec.init(cut)))
@@ -359,13 +426,10 @@ def vanilla(
   def client_forward(client: PartyState, x, labels, key) -> tuple[msgs.SmashedData, ClientPending]:
     check_batch("x", x, client.input_spec)
     check_labels(labels, batch=x.shape[0])
-
-    def f(params):
-      return model.client.apply(params, client.model_state, x, key=key, train=True)
-
-    smashed, pullback, model_state = jax.vjp(f, client.params, has_aux=True)
+    smashed, pullback, model_state, metrics = _client_vjp(model.client, client_loss, client.params,
+                                                          client.model_state, x, key)
     payload, codec_state = up_codec.encode(smashed, client.codec_state, jax.random.fold_in(key, CODEC_STREAM))
-    return msgs.SmashedData(payload, labels), ClientPending(pullback, model_state, codec_state, payload)
+    return msgs.SmashedData(payload, labels), ClientPending(pullback, model_state, codec_state, payload, metrics)
 
   def server_step(server: PartyState, message: msgs.SmashedData, key) -> tuple[PartyState, msgs.CutGradient, dict]:
     activations = up_codec.decode(message.activations)
@@ -378,6 +442,8 @@ def vanilla(
     (value, (out, model_state)), (g_params, g_smashed) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
         server.params, activations
     )
+    if cut_gradient_transform is not None:
+      g_smashed = _transform_cut_gradient(cut_gradient_transform, g_smashed, message.labels, key)
     payload, codec_state = down_codec.encode(g_smashed, server.codec_state, jax.random.fold_in(key, CODEC_STREAM))
     metrics = {"loss": value, "accuracy": accuracy(out, message.labels)}
     server = apply_update(server, g_params, server_optimizer, model_state).replace(codec_state=codec_state)
@@ -393,32 +459,46 @@ def vanilla(
     up, pending = client_forward(state.client, x, labels, k_client)
     server, down, metrics = server_step(state.server, up, k_server)
     client = client_backward(state.client, pending, down)
-    metrics = Metrics(metrics, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
+    metrics = Metrics({**metrics, **pending.metrics},
+                      {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
     return SplitState(client, server, state.step + 1), metrics
 
-  def predict(state: SplitState, x, key=None) -> tuple[jax.Array, dict]:
-    """Collaborative inference: the smashed data goes up through the uplink codec, no labels.
+  def client_infer(client: PartyState, x, key=None) -> msgs.SmashedData:
+    """Inference, the client's leg: its half in eval mode, through the uplink codec, no labels.
 
-    The codec starts from a fresh state (no error feedback at inference); `key` drives its
-    randomness (a fixed key if None).
+    The codec starts from a fresh state (no error feedback at inference); its randomness is
+    fold_in(key, CODEC_STREAM), with key(0) if `key` is None.
     """
-    check_batch("x", x, state.client.input_spec)
-    smashed, _ = model.client.apply(state.client.params, state.client.model_state, x, key=None, train=False)
-    key = jax.random.key(0) if key is None else key
-    payload, _ = up_codec.encode(smashed, up_codec.init(smashed), jax.random.fold_in(key, CODEC_STREAM))
-    up = msgs.SmashedData(payload)
-    out, _ = model.server.apply(state.server.params, state.server.model_state, up_codec.decode(up.activations),
-                                key=None, train=False)
-    down = msgs.Prediction(out)
-    return out, Metrics({}, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
+    check_batch("x", x, client.input_spec)
+    smashed, _ = model.client.apply(client.params, client.model_state, x, key=None, train=False)
+    return msgs.SmashedData(_fresh_encode(up_codec, smashed, key, CODEC_STREAM))
 
-  return Vanilla(init, client_forward, server_step, client_backward, step, predict, model, client_optimizer,
-                 server_optimizer, loss, up_codec, down_codec)
+  def server_infer(server: PartyState, message: msgs.SmashedData) -> msgs.Prediction:
+    """Inference, the server's leg: its half in eval mode on the decoded smashed data."""
+    activations = up_codec.decode(message.activations)
+    check_batch("message.activations", activations, server.input_spec)
+    out, _ = model.server.apply(server.params, server.model_state, activations, key=None, train=False)
+    return msgs.Prediction(out)
+
+  def predict(state: SplitState, x, key=None) -> tuple[jax.Array, dict]:
+    """Collaborative inference: `client_infer` then `server_infer`; the outputs and the bytes."""
+    up = client_infer(state.client, x, key)
+    down = server_infer(state.server, up)
+    return down.logits, Metrics({}, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
+
+  return Vanilla(init=init, client_forward=client_forward, server_step=server_step, client_backward=client_backward,
+                 step=step, predict=predict, client_infer=client_infer, server_infer=server_infer, model=model,
+                 client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss, uplink=up_codec,
+                 downlink=down_codec, client_loss=client_loss, cut_gradient_transform=cut_gradient_transform)
 
 
 class UShaped(NamedTuple):
   """U-shaped split learning: pure legs and their fused composition. Built by `u_shaped`; the last
-  fields are its configuration, as in `Vanilla`."""
+  fields are its configuration, as in `Vanilla`.
+
+  Inference legs: `client_infer` (head), `server_infer` (body), `client_tail_infer` (tail);
+  fused: `predict`.
+  """
 
   init: Callable[..., SplitState]
   client_forward: Callable[..., tuple[msgs.SmashedData, ClientPending]]
@@ -428,12 +508,16 @@ class UShaped(NamedTuple):
   client_backward: Callable[..., PartyState]
   step: Callable[..., tuple[SplitState, dict]]
   predict: Callable[..., tuple[jax.Array, dict]]
+  client_infer: Callable[..., msgs.SmashedData]
+  server_infer: Callable[..., msgs.BodyOutput]
+  client_tail_infer: Callable[..., jax.Array]
   model: SplitModel
   client_optimizer: optax.GradientTransformation
   server_optimizer: optax.GradientTransformation
   loss: Callable[[jax.Array, jax.Array], jax.Array]
   uplink: codec_lib.Codec
   downlink: codec_lib.Codec
+  client_loss: Callable[..., jax.Array] | None = None
 
 
 def u_shaped(
@@ -444,6 +528,7 @@ def u_shaped(
     loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
     uplink: codec_lib.Codec | None = None,
     downlink: codec_lib.Codec | None = None,
+    client_loss: Callable[..., jax.Array] | None = None,
 ) -> UShaped:
   """U-shaped split learning: the labels and the loss stay on the client.
 
@@ -456,22 +541,30 @@ def u_shaped(
   server: {"body", "cut_grad"}). A gradient at an encoded activation is mapped back through that
   activation's codec (`sljax.codecs.cotangent`) by its sender, as in `vanilla`.
 
+  `client_loss(x, smashed[, key]) -> scalar` is a term the client adds to its objective on the
+  head's smashed data, as in `vanilla`; reported as metrics["client_loss"] (by `client_tail_step`).
+  A label-protecting `cut_gradient_transform` has no place here: the labels never leave the client.
+
   Example:
     >>> import flax.linen as nn, optax
     >>> model = cut([nn.Dense(16), nn.Dense(16), nn.Dense(10)], 1, 2)
-    >>> sl = u_shaped(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+    >>> sl = u_shaped(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1),
+    ...               client_loss=lambda x, h: 0.1 * jnp.mean(h**2))
     >>> x, y = jnp.ones((4, 8)), jnp.zeros((4,), jnp.int32)
     >>> state = sl.init(jax.random.key(0), x)
     >>> state, metrics = jax.jit(sl.step)(state, (x, y), jax.random.key(1))
+    >>> float(metrics["client_loss"]) >= 0
+    True
   """
   if not model.is_u_shaped:
     raise ValueError("model: U-shaped split learning takes a three-part model (cut(layers, k, k2))")
+  _check_hook("client_loss", client_loss, "(x, smashed[, key]) -> scalar")
 
   up_codec = uplink or codec_lib.identity()
   down_codec = downlink or codec_lib.identity()
 
   def init(key, x) -> SplitState:
-    state = _init_parties(model, key, x, client_optimizer, server_optimizer, loss=loss)
+    state = _init_parties(model, key, x, client_optimizer, server_optimizer)
     b = x.shape[0]
     cut = jax.ShapeDtypeStruct((b, *state.server.input_spec.shape), state.server.input_spec.dtype)
     body = jax.eval_shape(lambda p, s, h: model.server.apply(p, s, h, key=None, train=False)[0],
@@ -482,14 +575,11 @@ def u_shaped(
 
   def client_forward(client: PartyState, x, key) -> tuple[msgs.SmashedData, ClientPending]:
     check_batch("x", x, client.input_spec)
-
-    def f(params):
-      return model.client.apply(params, client.model_state["head"], x, key=key, train=True)
-
-    smashed, pullback, model_state = jax.vjp(f, client.params["head"], has_aux=True)
+    smashed, pullback, model_state, metrics = _client_vjp(model.client, client_loss, client.params["head"],
+                                                          client.model_state["head"], x, key)
     payload, codec_state = up_codec.encode(smashed, client.codec_state["smashed"],
                                            jax.random.fold_in(key, CODEC_STREAM))
-    return msgs.SmashedData(payload), ClientPending(pullback, model_state, codec_state, payload)
+    return msgs.SmashedData(payload), ClientPending(pullback, model_state, codec_state, payload, metrics)
 
   def server_forward(server: PartyState, message: msgs.SmashedData, key) -> tuple[msgs.BodyOutput, ServerPending]:
     activations = up_codec.decode(message.activations)
@@ -518,7 +608,7 @@ def u_shaped(
     (value, (out, tail_state)), (g_tail, g_body) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
         client.params["tail"], body
     )
-    metrics = {"loss": value, "accuracy": accuracy(out, labels)}
+    metrics = {"loss": value, "accuracy": accuracy(out, labels), **pending.metrics}
     payload, tail_codec = up_codec.encode(g_body, client.codec_state["tail_grad"],
                                           jax.random.fold_in(key, CODEC_STREAM))
     codec_state = {"smashed": pending.codec_state, "tail_grad": tail_codec}
@@ -554,23 +644,41 @@ def u_shaped(
     })
     return SplitState(client, server, state.step + 1), metrics
 
+  def client_infer(client: PartyState, x, key=None) -> msgs.SmashedData:
+    """Inference, the head's leg: in eval mode, through the uplink codec from a fresh state, its
+    randomness fold_in(key, CODEC_STREAM) (key(0) if None), as `Vanilla.client_infer`."""
+    check_batch("x", x, client.input_spec)
+    smashed, _ = model.client.apply(client.params["head"], client.model_state["head"], x, key=None, train=False)
+    return msgs.SmashedData(_fresh_encode(up_codec, smashed, key, CODEC_STREAM))
+
+  def server_infer(server: PartyState, message: msgs.SmashedData, key=None) -> msgs.BodyOutput:
+    """Inference, the body's leg: in eval mode on the decoded smashed data; its output through the
+    downlink codec from a fresh state, its randomness fold_in(key, CODEC_STREAM + 1) (key(0) if None)."""
+    activations = up_codec.decode(message.activations)
+    check_batch("message.activations", activations, server.input_spec)
+    body, _ = model.server.apply(server.params, server.model_state, activations, key=None, train=False)
+    return msgs.BodyOutput(_fresh_encode(down_codec, body, key, CODEC_STREAM + 1))
+
+  def client_tail_infer(client: PartyState, message: msgs.BodyOutput) -> jax.Array:
+    """Inference, the tail's leg: the outputs of the tail in eval mode on the decoded body output."""
+    body = down_codec.decode(message.activations)
+    out, _ = model.tail.apply(client.params["tail"], client.model_state["tail"], body, key=None, train=False)
+    return out
+
   def predict(state: SplitState, x, key=None) -> tuple[jax.Array, dict]:
-    """Collaborative inference through both codecs, from fresh codec states (see `vanilla`)."""
-    check_batch("x", x, state.client.input_spec)
-    c, s = state.client, state.server
-    key = jax.random.key(0) if key is None else key
-    smashed, _ = model.client.apply(c.params["head"], c.model_state["head"], x, key=None, train=False)
-    payload, _ = up_codec.encode(smashed, up_codec.init(smashed), jax.random.fold_in(key, CODEC_STREAM))
-    up = msgs.SmashedData(payload)
-    body, _ = model.server.apply(s.params, s.model_state, up_codec.decode(up.activations), key=None, train=False)
-    payload, _ = down_codec.encode(body, down_codec.init(body), jax.random.fold_in(key, CODEC_STREAM + 1))
-    down = msgs.BodyOutput(payload)
-    out, _ = model.tail.apply(c.params["tail"], c.model_state["tail"], down_codec.decode(down.activations), key=None,
-                              train=False)
+    """Collaborative inference through both codecs: `client_infer`, `server_infer`, then
+    `client_tail_infer`, each codec from a fresh state; the outputs and the bytes."""
+    up = client_infer(state.client, x, key)
+    down = server_infer(state.server, up, key)
+    out = client_tail_infer(state.client, down)
     return out, Metrics({}, {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
 
-  return UShaped(init, client_forward, server_forward, client_tail_step, server_backward, client_backward, step,
-                 predict, model, client_optimizer, server_optimizer, loss, up_codec, down_codec)
+  return UShaped(init=init, client_forward=client_forward, server_forward=server_forward,
+                 client_tail_step=client_tail_step, server_backward=server_backward, client_backward=client_backward,
+                 step=step, predict=predict, client_infer=client_infer, server_infer=server_infer,
+                 client_tail_infer=client_tail_infer, model=model, client_optimizer=client_optimizer,
+                 server_optimizer=server_optimizer, loss=loss, uplink=up_codec, downlink=down_codec,
+                 client_loss=client_loss)
 
 
 class Centralized(NamedTuple):
@@ -596,9 +704,7 @@ def centralized(
 
   @jax.jit
   def init(key, x) -> PartyState:
-    # The parts one by one, as `whole.init` would (same keys), with the checks of the split protocols.
-    parts_vars = _init_parts(model, key, x, loss)
-    params, model_state = tuple(p for p, _, _ in parts_vars), tuple(s for _, s, _ in parts_vars)
+    params, model_state = whole.init(key, x)
     return PartyState(params, model_state, optimizer.init(params), ArraySpec.of(x))
 
   def step(state: PartyState, batch, key) -> tuple[PartyState, dict]:

@@ -318,3 +318,38 @@ def test_codecs_on_both_u_shaped_links():
   out_p, _ = plain.predict(q_state, jnp.asarray(x[:BATCH]))  # same params: only the codecs differ
   assert not np.allclose(out_q, out_p) and np.allclose(out_q, out_p, atol=0.1)
   assert traffic["bytes_up"] < plain_metrics["bytes_up"]
+
+
+@pytest.mark.parametrize("u", [False, True], ids=["vanilla", "u_shaped"])
+def test_predict_is_its_inference_legs(u):
+  """`predict` is `client_infer`, `server_infer` (and U-shaped `client_tail_infer`), with messages
+  that survive bytes; each codec from a fresh state with the key fold_in(key, CODEC_STREAM[+1])."""
+  from sljax import codecs
+
+  x, _ = _data((64,))
+  model = sljax.cut(models.mlp(hidden=(32, 32)), *((1, 2) if u else (1,)))
+  q8 = codecs.quantize(bits=8)  # stochastic rounding: the codec keys matter
+  sl = (sljax.u_shaped if u else sljax.vanilla)(model, client_optimizer=optax.sgd(0.1),
+                                                server_optimizer=optax.sgd(0.1), uplink=q8, downlink=q8)
+  state = sl.init(jax.random.key(0), x[:BATCH])
+  xb, key = jnp.asarray(x[:BATCH]), jax.random.key(9)
+  through = lambda m: sljax.from_bytes(sljax.messages.spec_of(m), sljax.to_bytes(m))  # noqa: E731
+  c, s = state.client, state.server
+  head = (c.params["head"], c.model_state["head"]) if u else (c.params, c.model_state)
+  h, _ = model.client.apply(*head, xb, key=None, train=False)
+  up = q8.encode(h, q8.init(h), jax.random.fold_in(key, sljax.protocol.CODEC_STREAM))[0]
+  out, _ = model.server.apply(s.params, s.model_state, q8.decode(up), key=None, train=False)
+  if u:
+    body = q8.encode(out, q8.init(out), jax.random.fold_in(key, sljax.protocol.CODEC_STREAM + 1))[0]
+    out, _ = model.tail.apply(c.params["tail"], c.model_state["tail"], q8.decode(body), key=None, train=False)
+  for k in (key, None):
+    predicted, traffic = sl.predict(state, xb, k)
+    answer = sl.server_infer(s, through(sl.client_infer(c, xb, k)), *((k,) if u else ()))
+    legs = sl.client_tail_infer(c, through(answer)) if u else answer.logits
+    np.testing.assert_array_equal(predicted, legs)
+    if k is key:
+      np.testing.assert_array_equal(predicted, out)
+  assert traffic["bytes_up"] == len(sljax.to_bytes(sl.client_infer(c, xb)))
+  assert traffic["bytes_down"] == len(sljax.to_bytes(answer))
+  with pytest.raises(ValueError, match=r"message.activations: expected shape \(B, 32\) float32, got \(16, 31\)"):
+    sl.server_infer(s, sljax.SmashedData(q8.encode(h[:, :31], q8.init(h[:, :31]), key)[0]))
