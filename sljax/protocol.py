@@ -38,7 +38,7 @@ from flax import struct
 
 from sljax import codecs as codec_lib
 from sljax import messages as msgs
-from sljax.split import SplitModel
+from sljax.split import InputShapeError, SplitModel, describe
 
 PyTree = Any
 
@@ -280,34 +280,18 @@ def _fresh_encode(codec: codec_lib.Codec, value, key, stream: int):
   return codec.encode(value, codec.init(value), jax.random.fold_in(key, stream))[0]
 
 
-def _init_parties(model: SplitModel, key, x, client_optimizer, server_optimizer) -> SplitState:
-  """Initialises every part on an example batch, checking that consecutive parts fit.
+def _init_parties(model: SplitModel, key, x, client_optimizer, server_optimizer, *, loss) -> SplitState:
+  """Initialises every part on an example batch (see `_init_parts` for the checks).
 
   Runs as one jitted program (eager initialisation of a CNN takes seconds on a CPU).
   """
-  return jax.jit(lambda key, x: _init_parties_traced(model, key, x, client_optimizer, server_optimizer))(
+  return jax.jit(lambda key, x: _init_parties_traced(model, key, x, client_optimizer, server_optimizer, loss))(
       key, jnp.asarray(x)
   )
 
 
-def _init_parties_traced(model: SplitModel, key, x, client_optimizer, server_optimizer) -> SplitState:
-  keys = jax.random.split(key, len(model.parts))
-  parts_vars = []
-  h = x
-  names = ("client", "server", "tail")
-  for i, (part, k) in enumerate(zip(model.parts, keys)):
-    try:
-      p, s = part.init(k, h)
-      out, _ = part.apply(p, s, h, key=None, train=False)
-    except Exception as e:  # noqa: BLE001 -- re-raised with the shapes that did not fit
-      if i == 0:
-        raise ValueError(f"x: the client half cannot take input of shape {h.shape} {h.dtype}: {e}") from None
-      raise ValueError(
-          f"mismatched halves: the {names[i - 1]} part outputs shape {h.shape} {h.dtype}, "
-          f"which the {names[i]} part cannot take: {e}"
-      ) from None
-    parts_vars.append((p, s, ArraySpec.of(h)))
-    h = out
+def _init_parties_traced(model: SplitModel, key, x, client_optimizer, server_optimizer, loss) -> SplitState:
+  parts_vars = _init_parts(model, key, x, loss)
   (pc, sc, spec_c), (ps, ss, spec_s) = parts_vars[:2]
   if model.is_u_shaped:
     pt, st, _ = parts_vars[2]
@@ -315,6 +299,65 @@ def _init_parties_traced(model: SplitModel, key, x, client_optimizer, server_opt
   client = PartyState(pc, sc, client_optimizer.init(pc), spec_c)
   server = PartyState(ps, ss, server_optimizer.init(ps), spec_s)
   return SplitState(client, server, jnp.zeros((), jnp.int32))
+
+
+_ROLES = ("client", "server", "tail")
+
+
+def _init_parts(model: SplitModel, key, x, loss) -> list[tuple[PyTree, PyTree, ArraySpec]]:
+  """(params, model state, input spec) of every part, initialised on the example batch `x`.
+
+  The key is split into one key per part, as `SplitModel.compose()` splits it, so the split
+  protocols and `centralized` start from the same parameters. Checked here, at trace time, with
+  errors that name the argument and the shapes: `x` has a batch axis; each part takes what the
+  one before it outputs; the loss takes the last part's outputs with a batch of integer labels
+  and returns a scalar (a model given inputs of the wrong rank fails here, not deep in the loss).
+  """
+  if jnp.ndim(x) == 0:
+    raise ValueError(f"x: expected a batch of examples with a leading batch axis, got {describe(x)}")
+  keys = jax.random.split(key, len(model.parts))
+  parts_vars = []
+  h = x
+  for i, (part, k) in enumerate(zip(model.parts, keys)):
+    try:
+      p, s = part.init(k, h)
+      out, _ = part.apply(p, s, h, key=None, train=False)
+    except InputShapeError as e:
+      if i == 0 and e.got == describe(h):
+        raise ValueError(f"x: the {_ROLES[i]} half expects shape {e.expected}, got {e.got}") from None
+      if i > 0 and e.got == describe(h):
+        raise ValueError(f"mismatched halves: the {_ROLES[i - 1]} part outputs shape {e.got}, "
+                         f"but the {_ROLES[i]} part expects shape {e.expected}") from None
+      raise _part_error(i, h, e) from None  # from a layer inside the part: say what it got
+    except Exception as e:  # noqa: BLE001 -- re-raised with the shapes that did not fit
+      raise _part_error(i, h, e) from None
+    parts_vars.append((p, s, ArraySpec.of(h)))
+    h = out
+  _check_loss(loss, x, h)
+  return parts_vars
+
+
+def _part_error(i: int, h, e: Exception) -> ValueError:
+  if i == 0:
+    return ValueError(f"x: the client half cannot take input of shape {describe(h)}: {e}")
+  return ValueError(f"mismatched halves: the {_ROLES[i - 1]} part outputs shape {describe(h)}, "
+                    f"which the {_ROLES[i]} part cannot take: {e}")
+
+
+def _check_loss(loss: Callable, x, out) -> None:
+  """Raises a ValueError unless `loss(out, labels)` with (B,) integer labels is a scalar."""
+  batch = jnp.shape(x)[0]
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  outputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype), out)
+  try:
+    value = jax.eval_shape(loss, outputs, labels)
+  except Exception as e:  # noqa: BLE001 -- re-raised with the shapes the loss was given
+    want = f" (the default loss expects outputs of shape ({batch}, num_classes))" if loss is softmax_cross_entropy else ""
+    raise ValueError(f"x: the model maps input of shape {describe(x)} to outputs of shape {describe(out)}, "
+                     f"which the loss cannot take with labels of shape ({batch},) int32{want}: {e}") from None
+  if getattr(value, "shape", None) != ():
+    raise ValueError(f"loss: expected a scalar, got {describe(value)} for outputs of shape {describe(out)} "
+                     f"and labels of shape ({batch},) int32")
 
 
 class Vanilla(NamedTuple):
@@ -418,7 +461,7 @@ def vanilla(
   down_codec = downlink or codec_lib.identity()
 
   def init(key, x) -> SplitState:
-    state = _init_parties(model, key, x, client_optimizer, server_optimizer)
+    state = _init_parties(model, key, x, client_optimizer, server_optimizer, loss=loss)
     cut = jax.ShapeDtypeStruct((x.shape[0], *state.server.input_spec.shape), state.server.input_spec.dtype)
     return state.replace(client=state.client.replace(codec_state=up_codec.init(cut)),
                          server=state.server.replace(codec_state=down_codec.init(cut)))
@@ -564,7 +607,7 @@ def u_shaped(
   down_codec = downlink or codec_lib.identity()
 
   def init(key, x) -> SplitState:
-    state = _init_parties(model, key, x, client_optimizer, server_optimizer)
+    state = _init_parties(model, key, x, client_optimizer, server_optimizer, loss=loss)
     b = x.shape[0]
     cut = jax.ShapeDtypeStruct((b, *state.server.input_spec.shape), state.server.input_spec.dtype)
     body = jax.eval_shape(lambda p, s, h: model.server.apply(p, s, h, key=None, train=False)[0],
@@ -704,7 +747,9 @@ def centralized(
 
   @jax.jit
   def init(key, x) -> PartyState:
-    params, model_state = whole.init(key, x)
+    # The parts one by one, as `whole.init` would (same keys), with the checks of the split protocols.
+    parts_vars = _init_parts(model, key, x, loss)
+    params, model_state = tuple(p for p, _, _ in parts_vars), tuple(s for _, s, _ in parts_vars)
     return PartyState(params, model_state, optimizer.init(params), ArraySpec.of(x))
 
   def step(state: PartyState, batch, key) -> tuple[PartyState, dict]:
