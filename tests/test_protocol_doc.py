@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import sljax
 from sljax.transport import schedule as sched
 
 M = 0xFFFFFFFF  # arithmetic on uint32, wrapping
@@ -82,7 +83,11 @@ def test_key_operations_are_threefry_as_documented():
   # Section 5.3's step key and its split, composed from the same three operations.
   r, k, s = 2, 1, 5
   expected = split(fold_in(fold_in(fold_in(run_key, r), k + 1), s), 2)
-  assert [_key_data(x) for x in sched.step_keys(np.array(run_key, np.uint32), r, k, s)] == [list(x) for x in expected]
+  algo = sljax.algorithms.sequential_sl(sljax.cut(sljax.models.mlp(hidden=(8,)), 1), client_optimizer=optax.sgd(0.1),
+                                        server_optimizer=optax.sgd(0.1), num_clients=2, batch_size=4)
+  client_key, server_key = sched.leg_keys(algo)
+  got = [f(np.array(run_key, np.uint32), r, k, s) for f in (client_key, server_key)]
+  assert [_key_data(x) for x in got] == [list(x) for x in expected]
 
 
 @pytest.mark.parametrize("client, count, batch_size", [(1, 10, 4), (3, 7, 32), (0, 45, 32)])

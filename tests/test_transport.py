@@ -228,7 +228,7 @@ def test_client_dropping_after_forward_loses_that_step_and_the_next_client_proce
                              y=_client_data(setup, k)[1]) for k in TOKENS}
     s0 = sessions[0]
     half = T.fetch_half(s0, 0)
-    k_client, _ = sched.step_keys(s0.run_key, 0, 0, 0)
+    k_client = s0.client_key(s0.run_key, 0, 0, 0)
     rows = np.asarray(s0.rows(0))
     up, _ = s0.forward(half, s0.x[rows], s0.y[rows], k_client)
     transport_client.call(s0.transport, "Forward", {"client": 0, "round": 0, "step": 0, "message": msgs.to_bytes(up)})

@@ -75,6 +75,8 @@ class Session(NamedTuple):
       the body's output (train=False), jitted.
     tail_step, body_template: U-shaped: `sl.client_tail_step`, jitted, and the template of the
       BodyOutput message it accepts; None otherwise.
+    client_key: `client_key(run_key, round_, client, step) -> key` of the client's legs, from the
+      simulated algorithm's `Schedule` (vanilla legs; U-shaped keys are `sched.u_shaped_step_keys`).
   """
 
   transport: Transport
@@ -99,6 +101,7 @@ class Session(NamedTuple):
   finish: Callable[..., Any] | None = None
   tail_step: Callable[..., Any] | None = None
   body_template: msgs.BodyOutput | None = None
+  client_key: Callable[..., jax.Array] | None = None
 
 
 class Result(NamedTuple):
@@ -158,11 +161,13 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
   b = schedule.batch_size
   x_struct = jax.ShapeDtypeStruct((b, *spec.shape), spec.dtype)
   y_struct = jax.ShapeDtypeStruct((b,), jnp.int32)
-  u_legs = {}
+  legs = {}
+  if not u_shaped:
+    legs["client_key"] = sched.leg_keys(sched.algorithm(hello["algorithm"], sl, schedule))[0]
   if u_shaped:
     whole = jax.eval_shape(sl.init, jax.random.key(0), x_struct)  # codec states per row of a batch, as the server's
     _, body, _, down = sched.u_shaped_messages(sl, whole, x_struct, y_struct)
-    u_legs = {"tail_step": jax.jit(sl.client_tail_step), "body_template": body}
+    legs = {"tail_step": jax.jit(sl.client_tail_step), "body_template": body}
   else:
     up = jax.eval_shape(sl.client_forward, whole.client, x_struct, y_struct, jax.random.key(0))[0]
     down = jax.eval_shape(sl.server_step, whole.server, up, jax.random.key(0))[1]
@@ -178,7 +183,7 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
       down_template=down, timeout=timeout, algorithm=hello["algorithm"], lease_seconds=float(hello["lease_seconds"]),
       weights_template=msgs.spec_of(_weights_of(whole.client)),
       answer_template=functools.partial(jax.eval_shape, sched.inference_answer(model, sl), whole.server),
-      finish=jax.jit(functools.partial(_finish, model, sl)), **u_legs)
+      finish=jax.jit(functools.partial(_finish, model, sl)), **legs)
   _warm_up(session, whole.client)
   return session
 
@@ -224,13 +229,9 @@ def _weights_of(half: PartyState) -> msgs.ModelWeights:
 
 
 def _client_key(session: Session, round_: int, step: int) -> jax.Array:
-  """The key of this client's forward pass in step `step` of round `round_`, as in the simulation
-  (vanilla legs; U-shaped keys are `sched.u_shaped_step_keys`)."""
-  if session.algorithm == "sequential_sl":
-    return sched.step_keys(session.run_key, round_, session.client, step)[0]
-  return sched.concurrent_client_key(session.run_key, round_, session.client, step,
-                                     num_clients=session.schedule.num_clients,
-                                     splitfed=session.algorithm == "splitfed_v1")
+  """The key of this client's legs in step `step` of round `round_`, as in the simulation (vanilla
+  legs; U-shaped keys are `sched.u_shaped_step_keys`)."""
+  return session.client_key(session.run_key, round_, session.client, step)
 
 
 def _batch(session: Session, data_step: int) -> tuple[np.ndarray, np.ndarray]:

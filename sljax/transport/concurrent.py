@@ -219,9 +219,9 @@ class ConcurrentServer(ServiceBase):
       jax.block_until_ready((self._set_copy(s.server, 0, copy), self._set_weights(s.weights, 0, s.average),
                              self._average(s.weights, s.server, np.ones(self.schedule.num_clients, np.float32))))
     elif self._in_order:
-      jax.block_until_ready((self._in_order_step(s.server, 0, zeros, s.key, 0, 0), self._order(s.key, 0),
+      jax.block_until_ready((self._splitfed_step(s.server, 0, zeros, s.key, 0, 0), self._order(s.key, 0),
                              self._set_weights(s.weights, 0, s.average),
-                             self._average_clients(s.weights, np.ones(self.schedule.num_clients, np.float32))))
+                             self._average(s.weights, s.server, np.ones(self.schedule.num_clients, np.float32))))
     else:
       pending = _Pending(0, 0, {})
       weights = np.zeros(self.schedule.num_clients, np.float32)
@@ -243,61 +243,27 @@ class ConcurrentServer(ServiceBase):
     return self.algorithm == "splitfed_v2"
 
   def _build_steps(self, model: SplitModel, sl: Vanilla) -> None:
-    """The server's jitted computations, the simulation's lines for one round step."""
-    num_clients = self.schedule.num_clients
+    """The server's jitted computations: the simulated algorithm's own server step, order and
+    aggregation (its `Schedule`), with nothing derived again here."""
+    del model
+    algo = sched.algorithm(self.algorithm, sl, self.schedule)
+    schedule = algo.schedule
+    _, server_key = sched.leg_keys(algo)
 
-    def step_key(run_key, round_, step):
-      return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(run_key), round_), step + 1)
-
-    def parallel(server, ups, weights, run_key, round_, step):
-      """`parallel_sl`'s server side of one step, for the clients of weight > 0."""
-      k_step = step_key(run_key, round_, step)
-      h = jax.vmap(sl.uplink.decode)(ups.activations)
-      new, g_h, losses, accs = c.server_step_on_all(
-          model.server, server, h, ups.labels, weights, jax.random.fold_in(k_step, 1), loss=sl.loss,
-          optimizer=sl.server_optimizer)
-      payload, codec_state = jax.vmap(sl.downlink.encode)(g_h, server.codec_state, c.codec_keys(k_step, num_clients))
-      new = new.replace(codec_state=c.where(weights > 0, codec_state, server.codec_state))
-      return new, payload, losses, accs
-
-    def splitfed(servers, client, message, run_key, round_, step):
-      """`splitfed(version=1)`'s server side of one step of one client, with its server copy."""
-      k_step = step_key(run_key, round_, step)
-      keys = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
-      _, k_server = jax.random.split(keys[client], 2)
-      copy = jax.tree.map(lambda a: a[client], servers)
-      new, down, metrics = sl.server_step(copy, message, k_server)
-      return new, down, metrics["loss"], metrics["accuracy"]
-
-    def in_order(server, client, message, run_key, round_, step):
-      """`splitfed(version=2)`'s server step for one client: its key is the client's, folded with 1."""
-      k_step = step_key(run_key, round_, step)
-      keys = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)
-      new, down, metrics = sl.server_step(server, message, jax.random.fold_in(keys[client], 1))
-      return new, down, metrics["loss"], metrics["accuracy"]
-
-    def order(run_key, round_):
-      """SplitFed v2's order of clients in round `round_`, as the simulation draws it."""
-      key = jax.random.fold_in(jax.random.wrap_key_data(run_key), round_)
-      return jax.random.permutation(jax.random.fold_in(key, self.schedule.local_steps + 1), num_clients)
+    def serve_one(server, client, message, run_key, round_, step):
+      """SplitFed's server step for one client (v1: on its server copy, `server` stacked)."""
+      half = jax.tree.map(lambda a: a[client], server) if self._copies else server
+      return schedule.server_step(half, message, server_key(run_key, round_, client, step))
 
     def set_copy(servers, client, copy):
       return jax.tree.map(lambda a, one: a.at[client].set(one), servers, copy)
 
-    def average(weights_K, servers, w_K):
-      """FedAvg of the handed-in client weights and of the server copies (optimizer states stay)."""
-      avg = c.weighted_mean(weights_K, w_K)
-      server_avg = c.broadcast(c.weighted_mean((servers.params, servers.model_state), w_K), num_clients)
-      return avg, servers.replace(params=server_avg[0], model_state=server_avg[1])
-
-    self._parallel_step = jax.jit(parallel)
-    self._splitfed_step = jax.jit(splitfed)
+    self._parallel_step = jax.jit(schedule.server_step)
+    self._splitfed_step = jax.jit(serve_one)
     self._set_copy = jax.jit(set_copy)
     self._set_weights = jax.jit(set_copy)
-    self._average = jax.jit(average)
-    self._average_clients = jax.jit(c.weighted_mean)
-    self._in_order_step = jax.jit(in_order)
-    self._order = jax.jit(order)
+    self._average = jax.jit(schedule.aggregate) if schedule.aggregate is not None else None
+    self._order = jax.jit(schedule.order)
 
   # ---- position, leases, checkpoints -------------------------------------------------------------
 
@@ -508,11 +474,9 @@ class ConcurrentServer(ServiceBase):
     """SplitFed: every client in the round handed in its weights or is gone: FedAvg, next round."""
     s = self.state
     w = (s.samples * s.handed).astype(np.float32)
-    if w.sum() > 0 and self._copies:
+    if w.sum() > 0:  # the algorithm's aggregation (v1 averages the server copies too, v2 leaves its one half)
       average, server = self._average(s.weights, s.server, w)
       self.state = s.replace(average=jax.device_get(average), server=server)
-    elif w.sum() > 0:  # v2: one server half, nothing to average on the server
-      self.state = s.replace(average=jax.device_get(self._average_clients(s.weights, w)))
     else:  # nobody finished the round: keep the last average rather than average nothing
       logger.warning("round %d: no client handed in its weights; the averages stay as they were", int(s.round))
     self._staged = {}
@@ -617,7 +581,7 @@ class ConcurrentServer(ServiceBase):
     if int(s.step) != step or self._serving() != client:
       raise TransportError(grpc.StatusCode.ABORTED, f"Forward: step {step} of round {round_} does not serve client "
                                                     f"{client} yet; forward it again. {self._where(client)}")
-    server, down, loss, acc = self._in_order_step(s.server, client, message, s.key, round_, step)
+    server, down, loss, acc = self._splitfed_step(s.server, client, message, s.key, round_, step)
     self._staged[client] = (round_, step, server)
     return wire.encode({"message": msgs.to_bytes(down), "loss": float(loss), "accuracy": float(acc)})
 

@@ -1,9 +1,10 @@
 """What server and clients must agree on to reproduce the simulation (`sljax.algorithms`) exactly.
 
-The schedule (clients, rounds, steps per turn, batch size), the step keys, each client's data
-order, the client half as it travels, the shapes of the U-shaped step's messages and what the
-server answers to `Predict`. Each function here mirrors one line of the simulation
-and is tested against it, so a run over the network can be compared with the simulation.
+The run's schedule (clients, rounds, steps per turn, batch size) and the simulated algorithm it
+runs (`algorithm`), whose own `Schedule` gives the step keys, the serving order, the server's step
+and the aggregation: nothing here derives them again. Also each client's data order, the client
+half as it travels, the shapes of the U-shaped step's messages and what the server answers to
+`Predict`, each tested against the simulation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sljax import messages as msgs
+from sljax.algorithms import REGISTRY, Algorithm
+from sljax.algorithms import _common as algorithms_common
+from sljax.algorithms.sequential import turn_step_key
 from sljax.data.clients import ClientData, client_batches
 from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, SplitState, UShaped, Vanilla
 from sljax.split import SplitModel
@@ -48,30 +52,33 @@ def split_run_key(key: jax.Array) -> tuple[jax.Array, np.ndarray]:
   return k_model, np.asarray(jax.random.key_data(k_run))
 
 
-def _step_key(run_key: jax.Array, round_, client, step) -> jax.Array:
-  key = jax.random.fold_in(jax.random.wrap_key_data(run_key), round_)
-  return jax.random.fold_in(jax.random.fold_in(key, client + 1), step)
+def algorithm(name: str, sl: Vanilla, schedule: Schedule) -> Algorithm:
+  """The simulation's algorithm `name` (from `sljax.algorithms.REGISTRY`) for the protocol `sl` and
+  this run's schedule: server and clients follow its `Schedule` (keys, order, server step,
+  aggregation), so a run over the network is the simulation's run."""
+  if name not in REGISTRY:
+    raise ValueError(f"algorithm: expected one of {sorted(REGISTRY)}, got {name!r}")
+  entry = REGISTRY[name]
+  return entry.factory(sl.model, client_optimizer=sl.client_optimizer, server_optimizer=sl.server_optimizer,
+                       loss=sl.loss, uplink=sl.uplink, downlink=sl.downlink, num_clients=schedule.num_clients,
+                       batch_size=schedule.batch_size, local_steps=schedule.local_steps, **entry.options)
 
 
-@jax.jit
-def step_keys(run_key: jax.Array, round_: jax.Array, client: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(client key, server key) of one step, as in `sequential_sl`.
-
-  `sequential_sl` draws step `s` of client `k` in round `r` from
-  `fold_in(fold_in(fold_in(wrap_key_data(run_key), r), k + 1), s)`, and `vanilla.step` splits
-  that key in two: the client's forward pass takes the first, the server step the second.
-  """
-  k_client, k_server = jax.random.split(_step_key(run_key, round_, client, step), 2)
-  return k_client, k_server
+def leg_keys(algo: Algorithm) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+  """`(client_key, server_key)`, each `(run_key, round_, client, step) -> key` and jitted: the keys
+  of a client's legs and of the server's step serving it, read from the algorithm's schedule."""
+  return (jax.jit(functools.partial(algorithms_common.client_key, algo.schedule)),
+          jax.jit(functools.partial(algorithms_common.server_key, algo.schedule)))
 
 
 @jax.jit
 def u_shaped_step_keys(run_key: jax.Array, round_: jax.Array, client: jax.Array,
                        step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(head key, body key, tail key) of one U-shaped step: the key of `step_keys`, split in three
-  as `u_shaped(...).step` splits its key. The client's head and tail take the first and the last,
-  the server's body the second."""
-  k_head, k_body, k_tail = jax.random.split(_step_key(run_key, round_, client, step), 3)
+  """(head key, body key, tail key) of one step of a U-shaped client's turn: the turn's step key
+  (`sljax.algorithms.sequential.turn_step_key`, as sequential split learning draws it) split in
+  three as `u_shaped(...).step` splits its key. The client's head and tail take the first and the
+  last, the server's body the second."""
+  k_head, k_body, k_tail = jax.random.split(turn_step_key(run_key, round_, client, step), 3)
   return k_head, k_body, k_tail
 
 
@@ -104,20 +111,6 @@ def inference_answer(model: SplitModel, sl: Vanilla | UShaped) -> Callable[[Part
     return msgs.BodyOutput(sl.downlink.encode(out, sl.downlink.init(out), key)[0])
 
   return answer
-
-
-@functools.partial(jax.jit, static_argnames=("num_clients", "splitfed"))
-def concurrent_client_key(run_key: jax.Array, round_, client, step, *, num_clients: int, splitfed: bool) -> jax.Array:
-  """The key of client `client`'s forward pass in step `step` of round `round_`, as in `parallel_sl`
-  and `splitfed(version=1)`.
-
-  Both draw step s of round r from `k_step = fold_in(fold_in(wrap_key_data(run_key), r), s + 1)`
-  and give client k the key `split(fold_in(k_step, 0), num_clients)[k]`; parallel SL's forward
-  pass takes it as it is, SplitFed v1's `vanilla.step` splits it in two and takes the first.
-  """
-  k_step = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(run_key), round_), step + 1)
-  key = jax.random.split(jax.random.fold_in(k_step, 0), num_clients)[client]
-  return jax.random.split(key, 2)[0] if splitfed else key
 
 
 def row_order(*, client: int, count: int, batch_size: int, run_key) -> Callable[[int], jax.Array]:

@@ -155,7 +155,9 @@ class ServiceBase:
       return initial
     restored = simulation.restore(self._manager, initial, latest)
     self._version = latest
-    return jax.tree.map(lambda new, like: np.asarray(new) if isinstance(like, np.ndarray) else new, restored, initial)
+    # host arrays, as a fresh server's state is: orbax restores sharded arrays, whose steps would lower
+    # to other programs than the fresh server's and miss the persistent compilation cache
+    return jax.tree.map(np.asarray, restored)
 
   def _save_state(self) -> None:
     if self._manager is not None:
@@ -371,7 +373,9 @@ class SplitServer(ServiceBase):
     else:
       self._smashed_template = jax.eval_shape(sl.client_forward, init.client, x_struct, y_struct,
                                               jax.random.key(0))[0]
-      self._server_step = jax.jit(sl.server_step)
+      algo = sched.algorithm("sequential_sl", sl, schedule)  # the simulation's keys and server step
+      self._server_step = jax.jit(algo.schedule.server_step)
+      _, self._server_key = sched.leg_keys(algo)
     self._half_template = msgs.spec_of(sched.to_message(init.client))
     self._configure_inference(model, sl)
 
@@ -394,7 +398,7 @@ class SplitServer(ServiceBase):
       jax.block_until_ready(self._server_backward(self.state.server, pending, zeros(self._tail_grad_template)))
     else:
       jax.block_until_ready(self._server_step(self.state.server, zeros(self._smashed_template),
-                                              sched.step_keys(self.state.key, 0, 0, 0)[1]))
+                                              self._server_key(self.state.key, 0, 0, 0)))
 
   algorithm = "sequential_sl"
 
@@ -550,11 +554,10 @@ class SplitServer(ServiceBase):
       body, pending = self._server_forward(self.state.server, message, k_body)
       self._staged = _Staged(round_, client, step, None, pending)
       return wire.encode({"message": msgs.to_bytes(jax.device_get(body)), "loss": 0.0, "accuracy": 0.0})
-    _, k_server = sched.step_keys(self.state.key, round_, client, step)
-    server, down, metrics = self._server_step(self.state.server, message, k_server)
+    server, down, loss, acc = self._server_step(self.state.server, message,
+                                                self._server_key(self.state.key, round_, client, step))
     self._staged = _Staged(round_, client, step, server)
-    return wire.encode({"message": msgs.to_bytes(down), "loss": float(metrics["loss"]),
-                        "accuracy": float(metrics["accuracy"])})
+    return wire.encode({"message": msgs.to_bytes(down), "loss": float(loss), "accuracy": float(acc)})
 
   def _backward(self, client: int, req: dict) -> bytes:
     """U-shaped: the tail gradient of the staged step in, the cut gradient out; stages the update."""
