@@ -352,7 +352,8 @@ def _check_loss(loss: Callable, x, out) -> None:
   try:
     value = jax.eval_shape(loss, outputs, labels)
   except Exception as e:  # noqa: BLE001 -- re-raised with the shapes the loss was given
-    want = f" (the default loss expects outputs of shape ({batch}, num_classes))" if loss is softmax_cross_entropy else ""
+    default = loss is softmax_cross_entropy
+    want = f" (the default loss expects outputs of shape ({batch}, num_classes))" if default else ""
     raise ValueError(f"x: the model maps input of shape {describe(x)} to outputs of shape {describe(out)}, "
                      f"which the loss cannot take with labels of shape ({batch},) int32{want}: {e}") from None
   if getattr(value, "shape", None) != ():

@@ -123,7 +123,8 @@ def test_wrong_input_rank_fails_at_init(layers, cuts, x, match, trainer):
 
 
 def test_halves_of_different_ranks():
-  model = sljax.split_model(sljax.sequential(*models.cnn(channels=(4,))[:1]), sljax.sequential(*models.mlp(hidden=(8,))))
+  conv, mlp = models.cnn(channels=(4,))[:1], models.mlp(hidden=(8,))
+  model = sljax.split_model(sljax.sequential(*conv), sljax.sequential(*mlp))
   with pytest.raises(ValueError, match=r"^mismatched halves: the client part outputs shape \(2, 4, 4, 4\) float32, "
                                        r"but the server part expects shape \(B, features\)"):
     _trainers(model)["split"].init(jax.random.key(0), jnp.ones((2, 8, 8, 1)))

@@ -180,7 +180,8 @@ def test_set_layer_checks_shapes():
 
 def test_layer_names_must_be_distinct():
   a = sljax.linen_stage(nn.Dense(4), name="a")
-  with pytest.raises(ValueError, match=r"^layers: expected distinct layer names, got \('a', 'a'\) \('a' more than once\)$"):
+  with pytest.raises(ValueError,
+                     match=r"^layers: expected distinct layer names, got \('a', 'a'\) \('a' more than once\)$"):
     sljax.cut([a, a], 1)
   with pytest.raises(ValueError, match=r"^layers: expected distinct layer names, got \('a', 'layer_1', 'a'\)"):
     sljax.sequential(a, jax.nn.relu, a)
