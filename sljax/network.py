@@ -329,8 +329,7 @@ def step_costs(
       client_backward_flops=flops(sl.client_backward, state.client, pending, down),
       server_step_flops=server_1x,
       server_update_flops=max(0.0, 2 * server_1x - server_2x),
-      local_loss_step_flops=_local_loss_step_flops(model, aux_head, state.client, smashed, x, y, key,
-                                                   optimizer=optimizer, loss=loss, uplink=uplink),
+      local_loss_step_flops=_local_loss_step_flops(sl, aux_head, state.client, smashed, x, y, key),
       model_step_flops=flops(central.step, whole, (x, y), key),
       smashed_bytes=msgs.wire_size(up),
       cut_gradient_bytes=msgs.wire_size(down),
@@ -339,13 +338,13 @@ def step_costs(
   )
 
 
-def _local_loss_step_flops(model, aux_head, client, smashed, x, y, key, *, optimizer, loss, uplink) -> float:
+def _local_loss_step_flops(sl, aux_head, client, smashed, x, y, key) -> float:
   """FLOPs of local-loss SL's client step, the very function `algorithms.local_loss_sl` runs."""
   aux_params, aux_state = jax.eval_shape(aux_head.init, key, smashed)
   params = {"client": client.params, "aux": aux_params}
   party = client.replace(params=params, model_state={"client": client.model_state, "aux": aux_state},
-                         opt_state=jax.eval_shape(optimizer.init, params))
-  step = local_loss_client_step(model, aux_head, client_optimizer=optimizer, loss=loss, uplink=uplink)
+                         opt_state=jax.eval_shape(sl.client_optimizer.init, params))
+  step = local_loss_client_step(sl, aux_head)
   return flops(step, party, x, y, key)
 
 

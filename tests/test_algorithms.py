@@ -1,5 +1,8 @@
 """Multi-client algorithms against their references; executors, sharding, drops, resume."""
 
+import dataclasses
+import doctest
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,19 @@ def _model():
   return sljax.cut(sljax.models.mlp(hidden=(16, 16)), 1)
 
 
+def _sl(model=None, **codecs):
+  """The vanilla protocol the split algorithms take: `_model()` (or `model`), OPT on both halves."""
+  return sljax.vanilla(_model() if model is None else model, client_optimizer=OPT, server_optimizer=OPT, **codecs)
+
+
+def _central():
+  return sljax.centralized(_model(), optimizer=OPT)
+
+
+def _config(num_clients, **kw):
+  return A.ScheduleConfig(num_clients=num_clients, batch_size=B, **kw)
+
+
 def _vanilla_reference(data, key, steps):
   """Vanilla split learning on client 0's batches, in the algorithms' data order."""
   k_model, k_run = jax.random.split(key)
@@ -58,14 +74,11 @@ def _first(tree):
 
 
 ONE_CLIENT = {
-    "parallel": lambda: A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=1, batch_size=B),
-    "splitfed_v1": lambda: A.splitfed(_model(), version=1, client_optimizer=OPT, server_optimizer=OPT, num_clients=1,
-                                      batch_size=B),
-    "splitfed_v2": lambda: A.splitfed(_model(), version=2, client_optimizer=OPT, server_optimizer=OPT, num_clients=1,
-                                      batch_size=B),
-    "sequential": lambda: A.sequential_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=1,
-                                          batch_size=B),
-    "centralized": lambda: A.centralized_baseline(_model(), optimizer=OPT, num_clients=1, batch_size=B),
+    "parallel": lambda: A.parallel_sl(_sl(), _config(1)),
+    "splitfed_v1": lambda: A.splitfed(_sl(), _config(1), version=1),
+    "splitfed_v2": lambda: A.splitfed(_sl(), _config(1), version=2),
+    "sequential": lambda: A.sequential_sl(_sl(), _config(1)),
+    "centralized": lambda: A.centralized_baseline(_central(), _config(1)),
 }
 
 
@@ -95,9 +108,8 @@ def test_one_client_equals_vanilla_split_learning(name):
 def test_parallel_sl_with_tied_clients_equals_centralized_on_the_pooled_batch():
   k = 4
   data = _data(k)
-  par = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=k, batch_size=B,
-                      sync_clients=True, local_steps=2)
-  cen = A.centralized_baseline(_model(), optimizer=OPT, num_clients=k, batch_size=B, local_steps=2)
+  par = A.parallel_sl(_sl(), _config(k, local_steps=2), sync_clients=True)
+  cen = A.centralized_baseline(_central(), _config(k, local_steps=2))
   p_state, p_hist = _rounds(par, data, rounds=4)
   c_state, c_hist = _rounds(cen, data, rounds=4)
   for i in range(k):
@@ -109,7 +121,7 @@ def test_parallel_sl_with_tied_clients_equals_centralized_on_the_pooled_batch():
 def test_parallel_sl_without_sync_lets_clients_diverge():
   """The test above can fail: without synchronisation, tied clients drift apart."""
   data = _data(4)
-  par = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B)
+  par = A.parallel_sl(_sl(), _config(4))
   state, _ = _rounds(par, data, rounds=2)
   w = state.clients.params[0]["Dense_0"]["kernel"]
   assert not np.allclose(w[0], w[1])
@@ -125,11 +137,9 @@ def test_executors_agree(algo_name):
   # the un-jitted loop runs op by op: check it once, on the algorithm that uses the executor most
   for ex in EXECUTORS if algo_name == "parallel" else EXECUTORS[:3]:
     if algo_name == "parallel":
-      algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B,
-                           executor=ex, local_steps=2)
+      algo = A.parallel_sl(_sl(), _config(4, executor=ex, local_steps=2))
     else:
-      algo = A.splitfed(_model(), version=int(algo_name[-1]), client_optimizer=OPT, server_optimizer=OPT,
-                        num_clients=4, batch_size=B, executor=ex, local_steps=2)
+      algo = A.splitfed(_sl(), _config(4, executor=ex, local_steps=2), version=int(algo_name[-1]))
     state = algo.init(jax.random.key(1), data)
     round_fn = jax.jit(algo.round) if ex.jit else algo.round
     state, metrics = round_fn(state, data)
@@ -151,9 +161,7 @@ def test_loop_executor_names_the_failing_client():
 def test_sharded_over_four_devices_equals_single_device():
   assert jax.device_count() >= 4, "tests/conftest.py asks XLA for 4 CPU devices"
   data = _data(8)
-  for algo in [A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=8, batch_size=B),
-               A.splitfed(_model(), version=1, client_optimizer=OPT, server_optimizer=OPT, num_clients=8,
-                          batch_size=B)]:
+  for algo in [A.parallel_sl(_sl(), _config(8)), A.splitfed(_sl(), _config(8), version=1)]:
     state = algo.init(jax.random.key(2), data)
     single, _ = simulation.run(algo, state, data, rounds=2, donate=False)  # state is sharded below
     mesh = execution.client_mesh(jax.devices()[:4])
@@ -169,10 +177,9 @@ def test_a_dropped_client_step_is_discarded_exactly(version):
   k = 3
   data = _data(k)
   if version is None:
-    algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=k, batch_size=B)
+    algo = A.parallel_sl(_sl(), _config(k))
   else:
-    algo = A.splitfed(_model(), version=version, client_optimizer=OPT, server_optimizer=OPT, num_clients=k,
-                      batch_size=B)
+    algo = A.splitfed(_sl(), _config(k), version=version)
   state = algo.init(jax.random.key(3), data)
   everyone = jnp.ones((k,), bool)
   no_drops = jnp.zeros((1, k), bool)
@@ -195,8 +202,7 @@ def test_a_dropped_client_step_is_discarded_exactly(version):
 def test_no_recompilation_after_the_first_round_with_uneven_clients():
   data = _data(4, uneven=True)
   assert len(set(np.asarray(data.count).tolist())) > 1
-  algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B,
-                       participation=0.5, drop_rate=0.2)
+  algo = A.parallel_sl(_sl(), _config(4, participation=0.5, drop_rate=0.2))
 
   @jax.jit
   @chex.assert_max_traces(n=1)
@@ -214,8 +220,7 @@ def test_no_recompilation_after_the_first_round_with_uneven_clients():
 
 def test_resume_is_bit_identical_and_metrics_reproduce(tmp_path):
   data = _data(4, uneven=True)
-  algo = A.splitfed(_model(), version=2, client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B,
-                    participation=0.75, drop_rate=0.1, local_steps=2)
+  algo = A.splitfed(_sl(), _config(4, participation=0.75, drop_rate=0.1, local_steps=2), version=2)
   state = algo.init(jax.random.key(4), data)
   full, full_history = simulation.run(algo, state, data, rounds=6, donate=False)
   again, again_history = simulation.run(algo, state, data, rounds=6, donate=False)
@@ -235,8 +240,7 @@ def test_resume_is_bit_identical_and_metrics_reproduce(tmp_path):
 
 def test_local_loss_and_fedavg_train_and_account_bytes():
   data = _data(4)
-  ll = A.local_loss_sl(_model(), aux_head=A.linear_head(10), client_optimizer=OPT, server_optimizer=OPT,
-                       num_clients=4, batch_size=B, local_steps=2)
+  ll = A.local_loss_sl(_sl(), _config(4, local_steps=2), aux_head=A.linear_head(10))
   state, hist = _rounds(ll, data, rounds=8)
   assert float(hist[-1]["loss"]) < float(hist[0]["loss"])
   initial = ll.init(jax.random.key(0), data)
@@ -246,7 +250,7 @@ def test_local_loss_and_fedavg_train_and_account_bytes():
   assert int(hist[0]["bytes_down"]) == 0  # nothing comes back
   up = sljax.wire_size(sljax.SmashedData(jnp.zeros((B, 16)), jnp.zeros((B,), jnp.int32)))
   assert int(hist[0]["bytes_up"]) == 4 * 2 * up
-  fa = A.fedavg(_model(), optimizer=OPT, num_clients=4, batch_size=B, local_steps=2)
+  fa = A.fedavg(_central(), _config(4, local_steps=2))
   state, hist = _rounds(fa, data, rounds=4)
   for i in range(1, 4):  # averaged and broadcast: every client holds the same model
     chex.assert_trees_all_close(_first(state.clients.params), jax.tree.map(lambda a: a[i], state.clients.params))
@@ -254,16 +258,67 @@ def test_local_loss_and_fedavg_train_and_account_bytes():
 
 
 def test_bad_client_data():
-  algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B)
+  algo = A.parallel_sl(_sl(), _config(4))
   state = algo.init(jax.random.key(0), _data(4))
   with pytest.raises(ValueError, match=r"data.x \(per client\): expected shape \(B, 12\) float32, got \(\d+, 13\) float32"):
     algo.round(state, _data(4, features=13))
   with pytest.raises(ValueError, match="data: expected 4 clients"):
     algo.round(state, _data(3))
   with pytest.raises(ValueError, match=r"participation: expected a fraction in \(0, 1\], got 0"):
-    A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B, participation=0)
+    A.parallel_sl(_sl(), _config(4, participation=0))
   with pytest.raises(ValueError, match="version: expected 1 or 2, got 3"):
-    A.splitfed(_model(), version=3, client_optimizer=OPT, server_optimizer=OPT, num_clients=4, batch_size=B)
+    A.splitfed(_sl(), _config(4), version=3)
+
+
+def test_schedule_config_checks_itself_and_algorithms_check_their_protocol():
+  config = _config(np.int64(4), local_steps=2)
+  assert config == _config(4, local_steps=2) and hash(config) == hash(_config(4, local_steps=2))
+  assert type(config.num_clients) is int and config.participation == 1.0 and config.executor.name == "vmap"
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.num_clients = 5
+  with pytest.raises(ValueError, match="num_clients: expected a positive int, got 0"):
+    _config(0)
+  with pytest.raises(ValueError, match="batch_size: expected a positive int, got 8.0"):
+    A.ScheduleConfig(num_clients=2, batch_size=8.0)
+  with pytest.raises(ValueError, match="local_steps: expected a positive int, got True"):
+    _config(2, local_steps=True)
+  with pytest.raises(ValueError, match=r"drop_rate: expected a fraction in \[0, 1\], got 1.5"):
+    _config(2, drop_rate=1.5)
+  with pytest.raises(ValueError, match=r"participation: expected a fraction in \(0, 1\], got '1'"):
+    _config(2, participation="1")
+  with pytest.raises(TypeError, match="executor: expected a sljax.execution.Executor .*, got function"):
+    _config(2, executor=jax.vmap)
+  with pytest.raises(TypeError, match=r"sl: parallel_sl expected a Vanilla protocol \(from sljax.vanilla\(model, "
+                                      r"...\)\), got Centralized"):
+    A.parallel_sl(_central(), config)
+  with pytest.raises(TypeError, match="central: fedavg expected a Centralized protocol .*, got Vanilla"):
+    A.fedavg(_sl(), config)
+  with pytest.raises(TypeError, match="config: expected a sljax.algorithms.ScheduleConfig, got dict"):
+    A.sequential_sl(_sl(), {"num_clients": 4, "batch_size": B})
+  # a defense hook that the algorithm's own steps would not apply is refused, not ignored
+  noisy = _sl()._replace(cut_gradient_transform=lambda g, labels, key: g)
+  with pytest.raises(ValueError, match="sl.cut_gradient_transform: parallel_sl does not apply it"):
+    A.parallel_sl(noisy, config)
+  with pytest.raises(ValueError, match="sl.client_loss: local_loss_sl does not apply it"):
+    A.local_loss_sl(_sl()._replace(client_loss=lambda x, h: 0.0), config, aux_head=A.linear_head(10))
+  with pytest.raises(ValueError, match=r"cuts: expected one cut per client \(config.num_clients=4\), got 2 cuts"):
+    A.heterogeneous_parallel_sl(sljax.models.mlp(hidden=(16,)), config, cuts=[1, 1], client_optimizer=OPT,
+                                server_optimizer=OPT)
+  # the registry builds these algorithms from a protocol and a config alone
+  for name in ("sequential_sl", "parallel_sl", "splitfed_v1", "splitfed_v2", "fedavg", "centralized"):
+    protocol = _central() if name in ("fedavg", "centralized") else _sl()
+    entry = A.REGISTRY[name]
+    assert entry.factory(protocol, config, **entry.options).name == name
+
+
+def test_docstring_examples_run():
+  for fn in (A.ScheduleConfig, A.parallel_sl, A.splitfed, A.sequential_sl, A.local_loss_sl, A.fedavg,
+             A.centralized_baseline, A.heterogeneous_parallel_sl):
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    globs = {"jax": jax, "jnp": jnp, **{name: getattr(A, name) for name in A.__all__}}
+    for test in doctest.DocTestFinder().find(fn, globs=globs):
+      runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0, fn.__name__
 
 
 @pytest.mark.parametrize("with_codecs", [False, True], ids=["plain", "codecs"])
@@ -271,10 +326,9 @@ def test_heterogeneous_cuts_with_one_cut_equal_parallel_sl(with_codecs):
   data = _data(4)
   layers = sljax.models.mlp(hidden=(16, 16))
   codecs = dict(uplink=sljax.codecs.random_k(fraction=0.5), downlink=sljax.codecs.quantize(bits=8)) if with_codecs else {}
-  het = A.heterogeneous_parallel_sl(layers, cuts=[1, 1, 1, 1], client_optimizer=OPT, server_optimizer=OPT,
-                                    batch_size=B, local_steps=2, **codecs)
-  par = A.parallel_sl(sljax.cut(layers, 1), client_optimizer=OPT, server_optimizer=OPT, num_clients=4,
-                      batch_size=B, local_steps=2, **codecs)
+  het = A.heterogeneous_parallel_sl(layers, _config(4, local_steps=2), cuts=[1, 1, 1, 1], client_optimizer=OPT,
+                                    server_optimizer=OPT, **codecs)
+  par = A.parallel_sl(_sl(sljax.cut(layers, 1), **codecs), _config(4, local_steps=2))
   h_state = het.init(jax.random.key(5), data)
   p_state = par.init(jax.random.key(5), data)
   body = h_state.server.params["body"]
@@ -295,8 +349,8 @@ def test_heterogeneous_cuts_with_one_cut_equal_parallel_sl(with_codecs):
 def test_heterogeneous_cuts_train_with_a_shared_body():
   data = _data(4)
   layers = sljax.models.mlp(hidden=(16, 24))
-  het = A.heterogeneous_parallel_sl(layers, cuts=[2, 1, 2, 1], client_optimizer=OPT, server_optimizer=OPT,
-                                    batch_size=B, local_steps=2)
+  het = A.heterogeneous_parallel_sl(layers, _config(4, local_steps=2), cuts=[2, 1, 2, 1], client_optimizer=OPT,
+                                    server_optimizer=OPT)
   state = het.init(jax.random.key(0), data)
   shallow, deep = state.clients
   assert len(shallow.params) == 1 and len(deep.params) == 2  # client 1 and 3 hold one layer, 0 and 2 two
@@ -314,7 +368,7 @@ def test_heterogeneous_cuts_train_with_a_shared_body():
   out = het.predict(state, jnp.asarray(data.x[1, :5]), client=1)
   assert out.shape == (5, 10)
   with pytest.raises(ValueError, match=r"cuts\[1\]: cut index must be in \[1, 2\] for a stack of 3 layers, got 3"):
-    A.heterogeneous_parallel_sl(layers, cuts=[1, 3], client_optimizer=OPT, server_optimizer=OPT, batch_size=B)
+    A.heterogeneous_parallel_sl(layers, _config(2), cuts=[1, 3], client_optimizer=OPT, server_optimizer=OPT)
 
 
 def test_parallel_sl_with_the_server_in_client_chunks_equals_the_whole_step():
@@ -326,8 +380,7 @@ def test_parallel_sl_with_the_server_in_client_chunks_equals_the_whole_step():
   codecs = dict(uplink=sljax.codecs.random_k(fraction=0.5), downlink=sljax.codecs.quantize(bits=8))
   results = {}
   for chunk in (None, 2, 8):
-    algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=8, batch_size=B,
-                         local_steps=3, server_chunk=chunk, **codecs)
+    algo = A.parallel_sl(_sl(**codecs), _config(8, local_steps=3), server_chunk=chunk)
     state = algo.init(jax.random.key(2), data)
     jitted = jax.jit(algo.round, donate_argnums=0)
     history = []
@@ -343,7 +396,6 @@ def test_parallel_sl_with_the_server_in_client_chunks_equals_the_whole_step():
     chex.assert_trees_all_close(history, reference_history, atol=2e-5, rtol=1e-5)
   assert int(reference_history[1]["completed_steps"][3]) == 1 and int(reference_history[1]["completed_steps"][2]) == 0
   with pytest.raises(ValueError, match=r"server_chunk: expected a positive int that divides num_clients=8, got 3"):
-    A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=8, batch_size=B, server_chunk=3)
+    A.parallel_sl(_sl(), _config(8), server_chunk=3)
   with pytest.raises(ValueError, match="server_chunk: not available with sync_clients=True"):
-    A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=8, batch_size=B, server_chunk=2,
-                  sync_clients=True)
+    A.parallel_sl(_sl(), _config(8), server_chunk=2, sync_clients=True)

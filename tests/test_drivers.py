@@ -53,7 +53,8 @@ def _model():
 def _parallel(num_clients=4):
   x, y = _xy(96)
   data = D.stack_clients(x, y, D.iid(y, num_clients=num_clients, seed=0))
-  algo = A.parallel_sl(_model(), client_optimizer=OPT, server_optimizer=OPT, num_clients=num_clients, batch_size=B)
+  sl = sljax.vanilla(_model(), client_optimizer=OPT, server_optimizer=OPT)
+  algo = A.parallel_sl(sl, A.ScheduleConfig(num_clients=num_clients, batch_size=B))
   return algo, data
 
 

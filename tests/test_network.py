@@ -265,8 +265,8 @@ def test_bytes_equal_the_algorithms_metrics(costs_8_16):
   x = rng.normal(size=(48, FEATURES)).astype(np.float32)
   y = (np.arange(48) % 10).astype(np.int32)
   data = D.stack_clients(x, y, D.iid(y, num_clients=k, seed=0))
-  algo = A.splitfed(_model(), version=1, client_optimizer=opt, server_optimizer=opt, num_clients=k,
-                    batch_size=costs.batch_size, local_steps=steps, uplink=uplink)
+  algo = A.splitfed(sljax.vanilla(_model(), client_optimizer=opt, server_optimizer=opt, uplink=uplink),
+                    A.ScheduleConfig(num_clients=k, batch_size=costs.batch_size, local_steps=steps), version=1)
   participating = np.array([True, False])
   inputs = A.RoundInputs(participating, np.zeros((steps, k), bool))
   _, metrics = jax.jit(algo.round)(algo.init(jax.random.key(0), data), data, inputs)
@@ -285,7 +285,8 @@ def test_the_clock_reads_the_algorithms_registry():
   """Every algorithm with a timeline in the registry is on the clock, and only those."""
   assert set(N.ALGORITHMS) == {name for name, entry in A.REGISTRY.items() if entry.timeline is not None}
   with pytest.raises(ValueError, match="centralized has no timeline"):
-    algo = A.centralized_baseline(_model(), optimizer=optax.sgd(0.1), num_clients=2, batch_size=8)
+    algo = A.centralized_baseline(sljax.centralized(_model(), optimizer=optax.sgd(0.1)),
+                                  A.ScheduleConfig(num_clients=2, batch_size=8))
     N.round_time(algo, COSTS, clients=[CLIENT_A, CLIENT_B], server=SERVER)
 
 

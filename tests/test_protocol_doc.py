@@ -83,8 +83,9 @@ def test_key_operations_are_threefry_as_documented():
   # Section 5.3's step key and its split, composed from the same three operations.
   r, k, s = 2, 1, 5
   expected = split(fold_in(fold_in(fold_in(run_key, r), k + 1), s), 2)
-  algo = sljax.algorithms.sequential_sl(sljax.cut(sljax.models.mlp(hidden=(8,)), 1), client_optimizer=optax.sgd(0.1),
-                                        server_optimizer=optax.sgd(0.1), num_clients=2, batch_size=4)
+  sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(8,)), 1), client_optimizer=optax.sgd(0.1),
+                     server_optimizer=optax.sgd(0.1))
+  algo = sljax.algorithms.sequential_sl(sl, sljax.algorithms.ScheduleConfig(num_clients=2, batch_size=4))
   client_key, server_key = sched.leg_keys(algo)
   got = [f(np.array(run_key, np.uint32), r, k, s) for f in (client_key, server_key)]
   assert [_key_data(x) for x in got] == [list(x) for x in expected]

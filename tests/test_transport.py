@@ -29,7 +29,7 @@ import sljax
 from sljax import messages as msgs
 from sljax import simulation
 from sljax import transport as T
-from sljax.algorithms import RoundInputs, sequential_sl
+from sljax.algorithms import RoundInputs, ScheduleConfig, sequential_sl
 from sljax.transport import client as transport_client
 from sljax.transport import demo, wire
 from sljax.transport import schedule as sched
@@ -67,8 +67,9 @@ def _server(setup, schedule=SCHEDULE, **kw):
 def _simulate(setup, schedule=SCHEDULE, inputs=None):
   """The fused in-process simulation of the same run (one jitted program per round)."""
   opt = optax.adam(LR)
-  algo = sequential_sl(setup.model, client_optimizer=opt, server_optimizer=opt, num_clients=schedule.num_clients,
-                       batch_size=schedule.batch_size, local_steps=schedule.local_steps)
+  algo = sequential_sl(sljax.vanilla(setup.model, client_optimizer=opt, server_optimizer=opt),
+                       ScheduleConfig(num_clients=schedule.num_clients, batch_size=schedule.batch_size,
+                                      local_steps=schedule.local_steps))
   data = sljax.data.stack_clients(setup.dataset.x_train, setup.dataset.y_train, _parts(setup))
   state = algo.init(jax.random.key(SEED), data)
   round_fn = jax.jit(algo.round)

@@ -27,7 +27,7 @@ import pytest
 import sljax
 from sljax import messages as msgs
 from sljax import transport as T
-from sljax.algorithms import RoundInputs, parallel_sl, splitfed
+from sljax.algorithms import RoundInputs, ScheduleConfig, parallel_sl, splitfed
 from sljax.transport import client as transport_client
 from sljax.transport import demo, wire
 from transport_helpers import Clock, CrashesAfterCommit, KillAfter, assert_bitwise, client_data, run_in_threads
@@ -64,10 +64,10 @@ def _server(setup, algorithm, **kw):
 def _simulate(setup, algorithm, inputs=()):
   """The fused simulation of the same run; `inputs[r]` overrides round r's participation and drops."""
   opt = optax.adam(LR)
-  kw = dict(client_optimizer=opt, server_optimizer=opt, num_clients=SCHEDULE.num_clients,
-            batch_size=SCHEDULE.batch_size, local_steps=SCHEDULE.local_steps)
-  algo = parallel_sl(setup.model, **kw) if algorithm == "parallel_sl" else splitfed(
-      setup.model, version=int(algorithm[-1]), **kw)
+  sl = sljax.vanilla(setup.model, client_optimizer=opt, server_optimizer=opt)
+  config = ScheduleConfig(num_clients=SCHEDULE.num_clients, batch_size=SCHEDULE.batch_size,
+                          local_steps=SCHEDULE.local_steps)
+  algo = parallel_sl(sl, config) if algorithm == "parallel_sl" else splitfed(sl, config, version=int(algorithm[-1]))
   data = sljax.data.stack_clients(setup.dataset.x_train, setup.dataset.y_train, _parts(setup))
   state = algo.init(jax.random.key(SEED), data)
   round_fn = jax.jit(algo.round)
@@ -117,12 +117,10 @@ def test_in_process_run_equals_the_simulation(setup, in_process):
   x, y = _client_data(setup, 0)
   session = T.connect(T.InProcessTransport(server.handle, token=TOKENS[0]), setup.model, setup.sl, client=0, x=x, y=y)
   logits = T.predict(session, results[0].half, setup.dataset.x_test)
-  expected = jax.jit(lambda s, x: sljax.algorithms.parallel_sl(
-      setup.model, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR), num_clients=2,
-      batch_size=16).predict(s, x) if algorithm == "parallel_sl" else splitfed(
-      setup.model, version=int(algorithm[-1]), client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR),
-      num_clients=2,
-      batch_size=16).predict(s, x))(sim, setup.dataset.x_test)
+  sl = sljax.vanilla(setup.model, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR))
+  config = ScheduleConfig(num_clients=2, batch_size=16)
+  algo = parallel_sl(sl, config) if algorithm == "parallel_sl" else splitfed(sl, config, version=int(algorithm[-1]))
+  expected = jax.jit(algo.predict)(sim, setup.dataset.x_test)
   np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
 

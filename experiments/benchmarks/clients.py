@@ -135,13 +135,14 @@ def _server_chunk(executor_name: str, k: int) -> int | None:
 
 
 def algorithm(name: str, k: int, executor_name: str = "vmap") -> sljax.algorithms.Algorithm:
-  common = {"num_clients": k, "batch_size": BATCH, "local_steps": local_steps(k)}
+  config = sljax.algorithms.ScheduleConfig(num_clients=k, batch_size=BATCH, local_steps=local_steps(k),
+                                           executor=executor(executor_name, k))
   if name == "centralized":
-    return sljax.algorithms.centralized_baseline(model(), optimizer=optax.adam(LR), **common)
-  halves = {"client_optimizer": optax.adam(LR), "server_optimizer": optax.adam(LR), "executor": executor(executor_name, k)}
+    return sljax.algorithms.centralized_baseline(sljax.centralized(model(), optimizer=optax.adam(LR)), config)
+  sl = sljax.vanilla(model(), client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR))
   if name == "parallel_sl":
-    return sljax.algorithms.parallel_sl(model(), **halves, **common, server_chunk=_server_chunk(executor_name, k))
-  return sljax.algorithms.splitfed(model(), version=1, **halves, **common)
+    return sljax.algorithms.parallel_sl(sl, config, server_chunk=_server_chunk(executor_name, k))
+  return sljax.algorithms.splitfed(sl, config, version=1)
 
 
 def _round_run(algo: sljax.algorithms.Algorithm, data: sljax.data.ClientData) -> Run:

@@ -68,7 +68,7 @@ from common import compare, emit, environment, quartiles, round_order
 
 import sljax
 from sljax import transport as T
-from sljax.algorithms import parallel_sl, splitfed
+from sljax.algorithms import ScheduleConfig, parallel_sl, splitfed
 from sljax.transport import demo, wire
 
 ALGORITHMS = ("parallel_sl", "splitfed_v1", "splitfed_v2")
@@ -266,10 +266,10 @@ def in_process_run(cfg: Config, setup: demo.DigitsSetup) -> Run:
 def simulation(cfg: Config, setup: demo.DigitsSetup):
   """`run() -> Run` of the fused simulation, its round compiled and the warm-up rounds run beforehand."""
   opt = optax.adam(LR)
-  kw = {"client_optimizer": opt, "server_optimizer": opt, "num_clients": cfg.num_clients,
-        "batch_size": cfg.batch_size, "local_steps": cfg.local_steps}
-  algo = (parallel_sl(setup.model, **kw) if cfg.algorithm == "parallel_sl"
-          else splitfed(setup.model, version=int(cfg.algorithm[-1]), **kw))
+  sl = sljax.vanilla(setup.model, client_optimizer=opt, server_optimizer=opt)
+  config = ScheduleConfig(num_clients=cfg.num_clients, batch_size=cfg.batch_size, local_steps=cfg.local_steps)
+  algo = (parallel_sl(sl, config) if cfg.algorithm == "parallel_sl"
+          else splitfed(sl, config, version=int(cfg.algorithm[-1])))
   x, y = setup.dataset.x_train, setup.dataset.y_train
   data = sljax.data.stack_clients(x, y, sljax.data.iid(y, num_clients=cfg.num_clients, seed=0))
   round_fn = jax.jit(algo.round)

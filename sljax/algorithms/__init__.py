@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from sljax.algorithms import baselines, heterogeneous, parallel, sequential, splitfed as _splitfed
-from sljax.algorithms._common import Algorithm, RoundInputs, Schedule, SimState, Timeline
+from sljax.algorithms._common import Algorithm, RoundInputs, Schedule, ScheduleConfig, SimState, Timeline
 from sljax.algorithms.baselines import centralized_baseline, fedavg
 from sljax.algorithms.heterogeneous import heterogeneous_parallel_sl
 from sljax.algorithms.parallel import linear_head, local_loss_client_step, local_loss_sl, parallel_sl
@@ -20,7 +20,12 @@ from sljax.algorithms.splitfed import splitfed
 
 class Registered(NamedTuple):
   """An algorithm in `REGISTRY`: its factory, the options that make it this algorithm (e.g.
-  `version=1`), and its timeline on the simulated clock (None: not simulated there)."""
+  `version=1`), and its timeline on the simulated clock (None: not simulated there).
+
+  `factory(protocol, config, **options)` builds it: `protocol` is what the factory takes first
+  (a `sljax.vanilla(...)`, a `sljax.centralized(...)`, or for heterogeneous parallel SL the layer
+  stack, which also needs `cuts` and its optimizers), `config` a `ScheduleConfig`.
+  """
 
   factory: Callable[..., Algorithm]
   options: dict[str, Any]
@@ -45,6 +50,7 @@ __all__ = [
     "Registered",
     "RoundInputs",
     "Schedule",
+    "ScheduleConfig",
     "SimState",
     "Timeline",
     "centralized_baseline",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,7 +16,8 @@ from flax import struct
 from sljax import codecs
 from sljax import messages as msgs
 from sljax.data.clients import ClientData, client_batches
-from sljax.protocol import ArraySpec, PartyState, apply_update, check_batch, softmax_cross_entropy
+from sljax.execution import Executor, vmap
+from sljax.protocol import ArraySpec, Centralized, PartyState, Vanilla, apply_update, check_batch, softmax_cross_entropy
 
 PyTree = Any
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
@@ -198,30 +201,83 @@ def sample_inputs(key, num_clients: int, *, local_steps: int, participation: flo
   return RoundInputs(participating, dropped)
 
 
-def check_schedule(*, participation: float, drop_rate: float) -> None:
-  """Checks the participation fraction and the drop rate every algorithm takes."""
-  check_fraction("participation", participation, allow_zero=False)
-  check_fraction("drop_rate", drop_rate, allow_zero=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+  """How a multi-client algorithm runs its rounds; checked once, when built. Frozen and hashable.
+
+  Attributes:
+    num_clients: K, the clients on the data's leading axis.
+    batch_size: each client's batch in a step.
+    local_steps: steps per round.
+    participation: the fraction of the clients that take part in a round: exactly
+      `max(1, round(participation * K))` of them, drawn per round.
+    drop_rate: the probability that a participant drops in a step, after its forward pass.
+    executor: how the client axis runs (`sljax.execution`); sequential split learning runs one
+      client at a time and does not use it.
+
+  Example:
+    >>> config = ScheduleConfig(num_clients=8, batch_size=32, local_steps=2, participation=0.5)
+    >>> config.executor.name
+    'vmap'
+  """
+
+  num_clients: int
+  batch_size: int
+  local_steps: int = 1
+  participation: float = 1.0
+  drop_rate: float = 0.0
+  executor: Executor = vmap()
+
+  def __post_init__(self):
+    for name in ("num_clients", "batch_size", "local_steps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+      object.__setattr__(self, name, int(value))  # numpy ints hash and compare as Python ints
+    check_fraction("participation", self.participation, allow_zero=False)
+    check_fraction("drop_rate", self.drop_rate, allow_zero=True)
+    if not isinstance(self.executor, Executor):
+      raise TypeError(f"executor: expected a sljax.execution.Executor (e.g. sljax.execution.vmap()), got "
+                      f"{type(self.executor).__name__}")
 
 
-def begin_round(state: SimState, data: ClientData, inputs: RoundInputs | None, *, spec: ArraySpec, num_clients: int,
-                local_steps: int, participation: float, drop_rate: float) -> tuple[jax.Array, RoundInputs]:
+def check_protocol(sl, kind: type, algorithm: str, *, name: str = "sl") -> None:
+  """Raises a TypeError unless `sl` (the argument `name`) is the protocol object `algorithm` takes
+  (`Vanilla`, `Centralized`)."""
+  if not isinstance(sl, kind):
+    factory = {Vanilla: "sljax.vanilla", Centralized: "sljax.centralized"}.get(kind, kind.__name__)
+    raise TypeError(f"{name}: {algorithm} expected a {kind.__name__} protocol (from {factory}(model, ...)), got "
+                    f"{type(sl).__name__}")
+
+
+def check_config(config) -> ScheduleConfig:
+  """Raises a TypeError unless `config` is a `ScheduleConfig`; returns it."""
+  if not isinstance(config, ScheduleConfig):
+    raise TypeError(f"config: expected a sljax.algorithms.ScheduleConfig, got {type(config).__name__}")
+  return config
+
+
+def begin_round(state: SimState, data: ClientData, inputs: RoundInputs | None, *, spec: ArraySpec,
+                config: ScheduleConfig) -> tuple[jax.Array, RoundInputs]:
   """Checks the data, derives the round key and, unless given, samples who takes part."""
+  num_clients, local_steps = config.num_clients, config.local_steps
   check_data(data, spec, num_clients)
   key = round_key(state)
-  if inputs is None and participation == 1.0 and drop_rate == 0.0:
+  if inputs is None and config.participation == 1.0 and config.drop_rate == 0.0:
     # what sampling would give, as constants: XLA then drops the masking work
     inputs = RoundInputs(jnp.ones((num_clients,), bool), jnp.zeros((local_steps, num_clients), bool))
   if inputs is None:
     inputs = sample_inputs(jax.random.fold_in(key, 0), num_clients, local_steps=local_steps,
-                           participation=participation, drop_rate=drop_rate)
+                           participation=config.participation, drop_rate=config.drop_rate)
   return key, inputs
 
 
 def check_fraction(name: str, value: float, *, allow_zero: bool) -> None:
+  interval = "[0, 1]" if allow_zero else "(0, 1]"
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{name}: expected a fraction in {interval}, got {value!r}")
   lo_ok = value >= 0 if allow_zero else value > 0
   if not (lo_ok and value <= 1):
-    interval = "[0, 1]" if allow_zero else "(0, 1]"
     raise ValueError(f"{name}: expected a fraction in {interval}, got {value}")
 
 

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from sljax import protocol
 from sljax.algorithms import _common as c
 from sljax.data.clients import ClientData
-from sljax.execution import Executor, vmap
-from sljax.split import SplitModel
 
 
 def _fedavg_timeline(costs, legs, p, steps, order):
@@ -29,18 +26,7 @@ TIMELINE = c.Timeline(
     lambda costs, s: s * costs.model_step_flops)
 
 
-def fedavg(
-    model: SplitModel,
-    *,
-    optimizer: optax.GradientTransformation,
-    num_clients: int,
-    batch_size: int,
-    local_steps: int = 1,
-    loss: c.Loss = c.DEFAULT_LOSS,
-    executor: Executor = vmap(),
-    participation: float = 1.0,
-    drop_rate: float = 0.0,
-) -> c.Algorithm:
+def fedavg(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorithm:
   """FedAvg: every client trains the whole model locally; the server averages the models.
 
   Who updates what, per round: each participating client runs `local_steps` steps of the whole
@@ -48,9 +34,19 @@ def fedavg(
   server averages the params (and model state) weighted by sample counts and sends the average
   to every client. A dropped step is discarded. Traffic: the whole model, up and down, per
   participant per round. `SimState.server` is unused (None).
+
+  Each client's step is `central`'s (`sljax.centralized(model, optimizer=...)`: the whole model,
+  its optimizer and loss); the schedule comes from `config`.
+
+  Example:
+    >>> import optax, sljax
+    >>> central = sljax.centralized(sljax.cut(sljax.models.mlp(), 1), optimizer=optax.adam(1e-3))
+    >>> algo = fedavg(central, sljax.algorithms.ScheduleConfig(num_clients=4, batch_size=32))
   """
-  c.check_schedule(participation=participation, drop_rate=drop_rate)
-  central = protocol.centralized(model, optimizer=optimizer, loss=loss)
+  c.check_protocol(central, protocol.Centralized, "fedavg", name="central")
+  config = c.check_config(config)
+  num_clients, batch_size, local_steps, executor = (config.num_clients, config.batch_size, config.local_steps,
+                                                    config.executor)
 
   client_keys = c.lockstep_client_keys(num_clients)
 
@@ -69,8 +65,7 @@ def fedavg(
     return c.SimState(c.stack_party(party, num_clients), None, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
-                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
     def step(clients, s):
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
@@ -96,21 +91,22 @@ def fedavg(
   return c.Algorithm("fedavg", init, round_fn, predict, local_steps, schedule=schedule)
 
 
-def centralized_baseline(
-    model: SplitModel,
-    *,
-    optimizer: optax.GradientTransformation,
-    num_clients: int,
-    batch_size: int,
-    local_steps: int = 1,
-    loss: c.Loss = c.DEFAULT_LOSS,
-) -> c.Algorithm:
+def centralized_baseline(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorithm:
   """Centralized training on the same data: each step takes every client's batch as one K*B batch.
 
   The data the split algorithms see in a round, pooled in one place; no traffic. The state holds
-  the whole model in `SimState.server`.
+  the whole model in `SimState.server`. Its step is `central`'s (`sljax.centralized(...)`); of
+  `config` it takes the clients, the batch size and the steps per round (everyone takes part,
+  nobody drops, and there is no client axis to execute).
+
+  Example:
+    >>> import optax, sljax
+    >>> central = sljax.centralized(sljax.cut(sljax.models.mlp(), 1), optimizer=optax.adam(1e-3))
+    >>> algo = centralized_baseline(central, sljax.algorithms.ScheduleConfig(num_clients=4, batch_size=32))
   """
-  central = protocol.centralized(model, optimizer=optimizer, loss=loss)
+  c.check_protocol(central, protocol.Centralized, "centralized_baseline", name="central")
+  config = c.check_config(config)
+  num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
 
   def server_keys(run_key, round_, step):
     return jnp.broadcast_to(c.step_key(run_key, round_, step), (num_clients,))

@@ -24,22 +24,17 @@ from sljax import protocol
 from sljax.algorithms import _common as c
 from sljax.algorithms.parallel import TIMELINE
 from sljax.data.clients import ClientData
-from sljax.execution import Executor, vmap
 from sljax.split import cut, sequential
 
 
 def heterogeneous_parallel_sl(
     layers: Sequence[Any],
+    config: c.ScheduleConfig,
     *,
     cuts: Sequence[int],
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation,
-    batch_size: int,
-    local_steps: int = 1,
     loss: c.Loss = c.DEFAULT_LOSS,
-    executor: Executor = vmap(),
-    participation: float = 1.0,
-    drop_rate: float = 0.0,
     uplink: codecs.Codec | None = None,
     downlink: codecs.Codec | None = None,
 ) -> c.Algorithm:
@@ -60,14 +55,27 @@ def heterogeneous_parallel_sl(
   `uplink`/`downlink` are codecs on the smashed data and the cut gradients, as in `parallel_sl`:
   each client keeps its uplink codec state, the server one downlink codec state per client
   (`SimState.server.codec_state`, a tuple with one client-stacked state per group).
+
+  There is no one protocol object here (one cut per group), so the optimizers, the loss and the
+  codecs are arguments; the schedule comes from `config`, whose `num_clients` is `len(cuts)`.
+
+  Example:
+    >>> import optax, sljax
+    >>> algo = heterogeneous_parallel_sl(sljax.models.mlp(hidden=(16, 16)),
+    ...                                  sljax.algorithms.ScheduleConfig(num_clients=3, batch_size=8),
+    ...                                  cuts=[1, 2, 1], client_optimizer=optax.adam(1e-3),
+    ...                                  server_optimizer=optax.adam(1e-3))
   """
+  config = c.check_config(config)
   cuts = [int(k) for k in cuts]
   n = len(layers)
   for i, k in enumerate(cuts):
     if not 1 <= k <= n - 1:
       raise ValueError(f"cuts[{i}]: cut index must be in [1, {n - 1}] for a stack of {n} layers, got {k}")
-  c.check_schedule(participation=participation, drop_rate=drop_rate)
-  num_clients = len(cuts)
+  num_clients, batch_size, local_steps, executor = (config.num_clients, config.batch_size, config.local_steps,
+                                                    config.executor)
+  if len(cuts) != num_clients:
+    raise ValueError(f"cuts: expected one cut per client (config.num_clients={num_clients}), got {len(cuts)} cuts")
   levels = sorted(set(cuts))
   deepest = levels[-1]
   groups = [np.flatnonzero(np.asarray(cuts) == k) for k in levels]
@@ -158,8 +166,7 @@ def heterogeneous_parallel_sl(
   schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, TIMELINE)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    _, inputs = c.begin_round(state, data, inputs, spec=state.clients[0].input_spec, num_clients=num_clients,
-                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients[0].input_spec, config=config)
     active_all = inputs.active()
     inverse = np.argsort(order)  # group order back to client order
 

@@ -13,15 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from sljax import codecs
 from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
 from sljax.data.clients import ClientData, client_batches
-from sljax.execution import Executor, vmap
-from sljax.split import SplitModel, Stage
+from sljax.split import Stage
 
 
 def _parallel_timeline(costs, legs, p, steps, order):
@@ -65,6 +62,13 @@ LOCAL_LOSS_TIMELINE = c.Timeline(
     lambda costs, s: s * costs.local_loss_step_flops)
 
 
+def _no_hook(sl: protocol.Vanilla, hook: str, algorithm: str) -> None:
+  """Raises a ValueError when `sl` has the defense hook `hook`, which `algorithm` would not apply."""
+  if getattr(sl, hook) is not None:
+    raise ValueError(f"sl.{hook}: {algorithm} does not apply it (its steps are its own), expected None, got "
+                     f"{getattr(sl, hook)!r}")
+
+
 def _init_stacked(vanilla_init, key, data: ClientData, num_clients: int, batch_size: int) -> c.SimState:
   k_model, k_run = jax.random.split(key)
   st = vanilla_init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
@@ -73,23 +77,18 @@ def _init_stacked(vanilla_init, key, data: ClientData, num_clients: int, batch_s
 
 
 def parallel_sl(
-    model: SplitModel,
+    sl: protocol.Vanilla,
+    config: c.ScheduleConfig,
     *,
-    client_optimizer: optax.GradientTransformation,
-    server_optimizer: optax.GradientTransformation,
-    num_clients: int,
-    batch_size: int,
-    local_steps: int = 1,
-    loss: c.Loss = c.DEFAULT_LOSS,
-    executor: Executor = vmap(),
-    participation: float = 1.0,
-    drop_rate: float = 0.0,
     sync_clients: bool = False,
-    uplink: codecs.Codec | None = None,
-    downlink: codecs.Codec | None = None,
     server_chunk: int | None = None,
 ) -> c.Algorithm:
   """Parallel split learning: every client at once, one server, one server update per step.
+
+  The model, the optimizers, the loss, the codecs and the client's `client_loss` come from the
+  protocol `sl` (`sljax.vanilla(...)`); clients, batches, steps, participation, drops and the
+  executor from `config`. The server's step here is its own (one update on all clients), so `sl`
+  must not have a `cut_gradient_transform`.
 
   Who updates what, per step (a round is `local_steps` steps):
     1. Every participating client k runs its own half on its batch (under `jax.vjp`) and sends
@@ -102,11 +101,11 @@ def parallel_sl(
        first averaged over the clients that completed the step, so client halves that start
        tied stay tied (the synchronised client layers of Jeon & Kim); the run then equals
        centralized training with batch K*B.
-  A client that drops after its forward (`drop_rate`, or `RoundInputs.dropped`) has its step
-  discarded: its smashed data gets weight 0 on the server and its state is left as it was. A
-  client that does not participate in the round (`participation`) does nothing.
-  `uplink`/`downlink` are codecs on the smashed data and the cut gradients; each client keeps
-  its uplink codec state, and the server one downlink codec state per client.
+  A client that drops after its forward (`config.drop_rate`, or `RoundInputs.dropped`) has its
+  step discarded: its smashed data gets weight 0 on the server and its state is left as it was.
+  A client that does not participate in the round (`config.participation`) does nothing.
+  `sl.uplink`/`sl.downlink` are codecs on the smashed data and the cut gradients; each client
+  keeps its uplink codec state, and the server one downlink codec state per client.
 
   Memory: by default a step holds every client's activations, the server's activations for all
   K*B rows and their gradients at once. `server_chunk=C` (C divides K) runs each step C clients
@@ -117,19 +116,24 @@ def parallel_sl(
   donate_argnums=0)`, as `sljax.simulation.run` does) plus one chunk's temporaries. The result
   equals the unchunked step's (up to float summation order) for server halves without batch
   statistics or dropout; with batch statistics they are a chunk's, with dropout the server draws
-  its masks per chunk (`fold_in(key, chunk)`). `executor` is not used then: each chunk is
-  vmapped. Not with `sync_clients`.
+  its masks per chunk (`fold_in(key, chunk)`). `config.executor` is not used then: each chunk
+  is vmapped. Not with `sync_clients`.
 
   Example:
     >>> import optax, sljax
     >>> ds = sljax.data.load_digits(image=False)
     >>> data = sljax.data.stack_clients(ds.x_train, ds.y_train, sljax.data.iid(ds.y_train, num_clients=4, seed=0))
-    >>> algo = parallel_sl(sljax.cut(sljax.models.mlp(), 1), client_optimizer=optax.adam(1e-3),
-    ...                    server_optimizer=optax.adam(1e-3), num_clients=4, batch_size=32)
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(), 1), client_optimizer=optax.adam(1e-3),
+    ...                    server_optimizer=optax.adam(1e-3))
+    >>> algo = parallel_sl(sl, ScheduleConfig(num_clients=4, batch_size=32))
     >>> state = algo.init(jax.random.key(0), data)
     >>> state, metrics = jax.jit(algo.round)(state, data)
   """
-  c.check_schedule(participation=participation, drop_rate=drop_rate)
+  c.check_protocol(sl, protocol.Vanilla, "parallel_sl")
+  config = c.check_config(config)
+  _no_hook(sl, "cut_gradient_transform", "parallel_sl")
+  num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
+  model, loss, executor = sl.model, sl.loss, config.executor
   if server_chunk is not None:
     if isinstance(server_chunk, bool) or not isinstance(server_chunk, int) or server_chunk < 1 or (
         num_clients % server_chunk):
@@ -138,9 +142,7 @@ def parallel_sl(
     if sync_clients:
       raise ValueError("server_chunk: not available with sync_clients=True (the client gradients are averaged "
                        "over all clients before any update)")
-  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
-                             uplink=uplink, downlink=downlink)
-  up_codec, down_codec = uplink or codecs.identity(), downlink or codecs.identity()
+  up_codec, down_codec = sl.uplink, sl.downlink
 
   client_keys, server_keys = c.lockstep_client_keys(num_clients), c.lockstep_server_keys(num_clients)
 
@@ -158,7 +160,7 @@ def parallel_sl(
     h = jax.vmap(up_codec.decode)(ups.activations)
     new, g_h, losses, accs = c.server_step_on_all(
         model.server, server, h, ups.labels, weights, server_keys(run_key, round_, step)[0], loss=loss,
-        optimizer=server_optimizer)
+        optimizer=sl.server_optimizer)
     payload, codec_state = jax.vmap(down_codec.encode)(g_h, server.codec_state,
                                                        downlink_keys(run_key, round_, step))
     new = new.replace(codec_state=c.where(weights > 0, codec_state, server.codec_state))
@@ -168,31 +170,30 @@ def parallel_sl(
 
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
-    state = _init_stacked(vanilla.init, key, data, num_clients, batch_size)
+    state = _init_stacked(sl.init, key, data, num_clients, batch_size)
     server = state.server.replace(codec_state=c.broadcast(state.server.codec_state, num_clients))
     return state.replace(server=server)
 
   def update(party, grads, model_state, codec_state):
-    return c.apply_update(party, grads, client_optimizer, model_state).replace(codec_state=codec_state)
+    return c.apply_update(party, grads, sl.client_optimizer, model_state).replace(codec_state=codec_state)
 
   def backward_and_update(party, x, y, key, g_cut, active):
-    grads, model_state, codec_state = c.client_gradient(vanilla)(party, x, y, key, g_cut)
+    grads, model_state, codec_state = c.client_gradient(sl)(party, x, y, key, g_cut)
     return c.select(active, update(party, grads, model_state, codec_state), party)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
-                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
     def step(carry, s):
       clients, server = carry
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
       keys = client_keys(state.key, state.round, s)
       active = inputs.active()[s]
-      ups = executor(lambda *a: vanilla.client_forward(*a)[0], clients, x, y, keys)
+      ups = executor(lambda *a: sl.client_forward(*a)[0], clients, x, y, keys)
       server, payload, losses, accs = server_step(server, ups, active.astype(jnp.float32), state.key, state.round, s)
       g_cut = jax.vmap(down_codec.decode)(payload)
       if sync_clients:
-        grads, model_states, codec_states = executor(c.client_gradient(vanilla), clients, x, y, keys, g_cut)
+        grads, model_states, codec_states = executor(c.client_gradient(sl), clients, x, y, keys, g_cut)
         grads = c.broadcast(c.weighted_mean(grads, active.astype(jnp.float32)), num_clients)
         updated = executor(update, clients, grads, model_states, codec_states)
         clients = c.where(active, updated, clients)
@@ -232,7 +233,7 @@ def parallel_sl(
         part, codec_part = take(clients), take(server_codec)
         keys, active, weights = take(keys_K), take(active_K), take(weights_K)
         x, y, _ = client_batches(take(data), data_step, batch_size=batch_size, key=data_key, first_client=start)
-        ups = jax.vmap(lambda *a: vanilla.client_forward(*a)[0])(part, x, y, keys)
+        ups = jax.vmap(lambda *a: sl.client_forward(*a)[0])(part, x, y, keys)
         h = jax.vmap(up_codec.decode)(ups.activations)
 
         def objective(params, h):
@@ -268,7 +269,7 @@ def parallel_sl(
       sizes = {}  # the messages' wire bytes, static: filled in when `chunk` is traced
       (clients, server_codec, model_state, g_sum), (losses, accs) = jax.lax.scan(
           chunk, (clients, server.codec_state, server.model_state, zeros), jnp.arange(num_chunks))
-      updated = c.apply_update(server, g_sum, server_optimizer, model_state)
+      updated = c.apply_update(server, g_sum, sl.server_optimizer, model_state)
       server = c.select(total > 0, updated, server).replace(codec_state=server_codec)
       up, down = sizes["up"] * inputs.participating, sizes["down"] * active_K
       return (clients, server), (losses.reshape(num_clients), accs.reshape(num_clients), active_K, up, down)
@@ -277,7 +278,7 @@ def parallel_sl(
 
   def predict(state: c.SimState, x, client: int = 0):
     one = jax.tree.map(lambda a: a[client], state.clients)
-    return vanilla.predict(protocol.SplitState(one, state.server, state.round), x)[0]
+    return sl.predict(protocol.SplitState(one, state.server, state.round), x)[0]
 
   return c.Algorithm("parallel_sl", init, round_fn, predict, local_steps, schedule=schedule)
 
@@ -291,14 +292,15 @@ def linear_head(num_classes: int) -> Stage:
   return sequential(function_stage(flatten), linen_stage(nn.Dense(num_classes)))
 
 
-def local_loss_client_step(model: SplitModel, aux_head: Stage, *, client_optimizer: optax.GradientTransformation,
-                           loss: c.Loss = c.DEFAULT_LOSS, uplink: codecs.Codec | None = None):
+def local_loss_client_step(sl: protocol.Vanilla, aux_head: Stage):
   """A local-loss client's whole step: `(client, x, y, key) -> (client, SmashedData)`.
 
-  The client half and the auxiliary head learn from the head's loss; the smashed data goes up
-  detached (and encoded with `uplink`), labels with it.
+  The client half (`sl.model.client`) and the auxiliary head learn from the head's loss
+  (`sl.loss`) with `sl.client_optimizer`; the smashed data goes up detached (and encoded with
+  `sl.uplink`), labels with it.
   """
-  up_codec = uplink or codecs.identity()
+  c.check_protocol(sl, protocol.Vanilla, "local_loss_client_step")
+  model, loss, client_optimizer, up_codec = sl.model, sl.loss, sl.client_optimizer, sl.uplink
 
   def step(client, x, y, key):
     protocol.check_batch("x", x, client.input_spec)
@@ -317,21 +319,7 @@ def local_loss_client_step(model: SplitModel, aux_head: Stage, *, client_optimiz
   return step
 
 
-def local_loss_sl(
-    model: SplitModel,
-    *,
-    aux_head: Stage,
-    client_optimizer: optax.GradientTransformation,
-    server_optimizer: optax.GradientTransformation,
-    num_clients: int,
-    batch_size: int,
-    local_steps: int = 1,
-    loss: c.Loss = c.DEFAULT_LOSS,
-    executor: Executor = vmap(),
-    participation: float = 1.0,
-    drop_rate: float = 0.0,
-    uplink: codecs.Codec | None = None,
-) -> c.Algorithm:
+def local_loss_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, aux_head: Stage) -> c.Algorithm:
   """Local-loss split learning: clients learn from an auxiliary head; no gradient comes back.
 
   Who updates what, per step:
@@ -343,27 +331,38 @@ def local_loss_sl(
        params and optimizer state from the weighted mean of the clients' losses.
   Nothing goes down, so downlink bytes are zero. A client that drops after its forward keeps
   its state from before the step, and the server ignores its smashed data. Client params and
-  model state are `{"client": ..., "aux": ...}`. `uplink` is a codec on the smashed data.
+  model state are `{"client": ..., "aux": ...}`.
+
+  The model, the optimizers, the loss and the uplink codec on the smashed data come from the
+  protocol `sl` (`sljax.vanilla(...)`; nothing goes down, so its downlink is unused, and its
+  defense hooks have no place here: `sl` must have none); the schedule from `config`.
+
+  Example:
+    >>> import optax, sljax
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(), 1), client_optimizer=optax.adam(1e-3),
+    ...                    server_optimizer=optax.adam(1e-3))
+    >>> algo = local_loss_sl(sl, ScheduleConfig(num_clients=4, batch_size=32), aux_head=linear_head(10))
   """
-  c.check_schedule(participation=participation, drop_rate=drop_rate)
-  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
-                             uplink=uplink)
-  up_codec = uplink or codecs.identity()
+  c.check_protocol(sl, protocol.Vanilla, "local_loss_sl")
+  config = c.check_config(config)
+  for hook in ("client_loss", "cut_gradient_transform"):
+    _no_hook(sl, hook, "local_loss_sl")
+  num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
+  model, loss, executor, up_codec = sl.model, sl.loss, config.executor, sl.uplink
 
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
     k_model, k_aux, k_run = jax.random.split(key, 3)
-    st = vanilla.init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
+    st = sl.init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
     h, _ = model.client.apply(st.client.params, st.client.model_state, data.x[0, :1], key=None, train=False)
     aux_params, aux_state = aux_head.init(k_aux, h)
     params = {"client": st.client.params, "aux": aux_params}
     model_state = {"client": st.client.model_state, "aux": aux_state}
-    client = st.client.replace(params=params, model_state=model_state, opt_state=client_optimizer.init(params))
+    client = st.client.replace(params=params, model_state=model_state, opt_state=sl.client_optimizer.init(params))
     return c.SimState(c.stack_party(client, num_clients), st.server, jnp.zeros((), jnp.int32),
                       jax.random.key_data(k_run))
 
-  client_local_step = local_loss_client_step(model, aux_head, client_optimizer=client_optimizer, loss=loss,
-                                             uplink=uplink)
+  client_local_step = local_loss_client_step(sl, aux_head)
   client_keys, server_keys = c.lockstep_client_keys(num_clients), c.lockstep_server_keys(num_clients)
 
   def server_step(server, ups, weights, run_key, round_, step):
@@ -371,14 +370,13 @@ def local_loss_sl(
     (server, losses (K,), accuracies (K,))`; one update, nothing goes down."""
     server, _, losses, accs = c.server_step_on_all(
         model.server, server, jax.vmap(up_codec.decode)(ups.activations), ups.labels, weights,
-        server_keys(run_key, round_, step)[0], loss=loss, optimizer=server_optimizer)
+        server_keys(run_key, round_, step)[0], loss=loss, optimizer=sl.server_optimizer)
     return server, losses, accs
 
   schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, LOCAL_LOSS_TIMELINE)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
-                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
     def step(carry, s):
       clients, server = carry
@@ -398,7 +396,7 @@ def local_loss_sl(
   def predict(state: c.SimState, x, client: int = 0):
     one = jax.tree.map(lambda a: a[client], state.clients)
     one = one.replace(params=one.params["client"], model_state=one.model_state["client"])
-    return vanilla.predict(protocol.SplitState(one, state.server, state.round), x)[0]
+    return sl.predict(protocol.SplitState(one, state.server, state.round), x)[0]
 
   return c.Algorithm("local_loss_sl", init, round_fn, predict, local_steps, schedule=schedule)
 

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
 from sljax.data.clients import ClientData
-from sljax.execution import Executor
-from sljax.split import SplitModel
 
 
 def turn_step_key(run_key, round_, client, step) -> jax.Array:
@@ -47,21 +44,7 @@ TIMELINE = c.Timeline(
     lambda costs, s: s * (costs.client_forward_flops + costs.client_backward_flops))
 
 
-def sequential_sl(
-    model: SplitModel,
-    *,
-    client_optimizer: optax.GradientTransformation,
-    server_optimizer: optax.GradientTransformation,
-    num_clients: int,
-    batch_size: int,
-    local_steps: int = 1,
-    loss: c.Loss = c.DEFAULT_LOSS,
-    executor: Executor | None = None,
-    participation: float = 1.0,
-    drop_rate: float = 0.0,
-    uplink=None,
-    downlink=None,
-) -> c.Algorithm:
+def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm:
   """Sequential split learning: one client at a time, the client half relayed between clients.
 
   Who updates what, per round: clients 0, 1, ..., K-1 take turns (`lax.scan` over clients). In
@@ -71,13 +54,18 @@ def sequential_sl(
   client half. A client that does not participate is skipped; a step from which a client drops
   is discarded on both sides. Traffic adds the client half's weights, handed on once per turn.
 
-  `executor` is accepted for a uniform signature and ignored: the clients run one at a time.
-  `uplink`/`downlink` are codecs on the smashed data and the cut gradient (see `vanilla`).
+  Each step is `sl`'s (`sljax.vanilla(...)`): its model, optimizers, loss, codecs and defense
+  hooks. `config.executor` is ignored: the clients run one at a time.
+
+  Example:
+    >>> import optax, sljax
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(), 1), client_optimizer=optax.adam(1e-3),
+    ...                    server_optimizer=optax.adam(1e-3))
+    >>> algo = sequential_sl(sl, sljax.algorithms.ScheduleConfig(num_clients=4, batch_size=32))
   """
-  del executor
-  c.check_schedule(participation=participation, drop_rate=drop_rate)
-  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
-                             uplink=uplink, downlink=downlink)
+  c.check_protocol(sl, protocol.Vanilla, "sequential_sl")
+  config = c.check_config(config)
+  num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
 
   def client_keys(run_key, round_, step):
     return jax.vmap(lambda k: jax.random.split(turn_step_key(run_key, round_, k, step), 2)[0])(
@@ -90,7 +78,7 @@ def sequential_sl(
   def server_step(server, message, key):
     """The server's step in a client's turn: `(server, SmashedData, key) -> (server, CutGradient,
     loss, accuracy)`, with `key` the client's entry of `server_keys`."""
-    new, down, metrics = vanilla.server_step(server, message, key)
+    new, down, metrics = sl.server_step(server, message, key)
     return new, down, metrics["loss"], metrics["accuracy"]
 
   schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, TIMELINE)
@@ -98,12 +86,11 @@ def sequential_sl(
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
     k_model, k_run = jax.random.split(key)
-    st = vanilla.init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
+    st = sl.init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
     return c.SimState(st.client, st.server, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
-                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
     # all batches and keys of the round up front: (S, K, ...)
     steps = jnp.arange(local_steps)
     xs, ys = jax.vmap(lambda s: c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size))(steps)
@@ -113,9 +100,9 @@ def sequential_sl(
     def turn(carry, k):
       def step(carry, s):
         client, server = carry
-        up, pending = vanilla.client_forward(client, xs[s, k], ys[s, k], client_keys_SxK[s, k])
+        up, pending = sl.client_forward(client, xs[s, k], ys[s, k], client_keys_SxK[s, k])
         new_server, down, loss_k, acc_k = server_step(server, up, server_keys_SxK[s, k])
-        new_client = vanilla.client_backward(client, pending, down)
+        new_client = sl.client_backward(client, pending, down)
         active = inputs.active()[s, k]
         client, server = c.select(active, (new_client, new_server), carry)
         return (client, server), (loss_k, acc_k, active, msgs.wire_size(up), msgs.wire_size(down))
@@ -138,6 +125,6 @@ def sequential_sl(
 
   def predict(state: c.SimState, x, client: int = 0):
     del client  # one client half, shared by all
-    return vanilla.predict(protocol.SplitState(state.clients, state.server, state.round), x)[0]
+    return sl.predict(protocol.SplitState(state.clients, state.server, state.round), x)[0]
 
   return c.Algorithm("sequential_sl", init, round_fn, predict, local_steps, stacked=(), schedule=schedule)

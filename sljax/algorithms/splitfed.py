@@ -19,15 +19,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
 from sljax.algorithms.parallel import _init_stacked
 from sljax.data.clients import ClientData
-from sljax.execution import Executor, vmap
-from sljax.split import SplitModel
 
 
 def _splitfed_v1_timeline(costs, legs, p, steps, order):
@@ -81,22 +78,7 @@ TIMELINE_V1 = c.Timeline(_splitfed_v1_timeline, _split_traffic, _split_client_fl
 TIMELINE_V2 = c.Timeline(_splitfed_v2_timeline, _split_traffic, _split_client_flops)
 
 
-def splitfed(
-    model: SplitModel,
-    *,
-    version: int,
-    client_optimizer: optax.GradientTransformation,
-    server_optimizer: optax.GradientTransformation,
-    num_clients: int,
-    batch_size: int,
-    local_steps: int = 1,
-    loss: c.Loss = c.DEFAULT_LOSS,
-    executor: Executor = vmap(),
-    participation: float = 1.0,
-    drop_rate: float = 0.0,
-    uplink=None,
-    downlink=None,
-) -> c.Algorithm:
+def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) -> c.Algorithm:
   """SplitFed v1 (`version=1`) or v2 (`version=2`).
 
   Who updates what:
@@ -114,14 +96,22 @@ def splitfed(
   the server skips its update; (v1) its server copy keeps its state. It is then gone for the
   round and, like a non-participant, left out of the average; every client receives the averages.
   Traffic per round adds the client half's weights, up and down, for each participant.
-  `uplink`/`downlink` are codecs on the smashed data and the cut gradient (see `vanilla`); each
-  client keeps its own codec state.
+  Each client's legs and the server's step are `sl`'s (`sljax.vanilla(...)`): its model,
+  optimizers, loss, codecs (on the smashed data and the cut gradient; each client keeps its own
+  codec state) and defense hooks. The schedule comes from `config`.
+
+  Example:
+    >>> import optax, sljax
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(), 1), client_optimizer=optax.adam(1e-3),
+    ...                    server_optimizer=optax.adam(1e-3))
+    >>> algo = splitfed(sl, sljax.algorithms.ScheduleConfig(num_clients=4, batch_size=32), version=2)
   """
   if version not in (1, 2):
     raise ValueError(f"version: expected 1 or 2, got {version}")
-  c.check_schedule(participation=participation, drop_rate=drop_rate)
-  vanilla = protocol.vanilla(model, client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss,
-                             uplink=uplink, downlink=downlink)
+  c.check_protocol(sl, protocol.Vanilla, f"splitfed_v{version}")
+  config = c.check_config(config)
+  num_clients, batch_size, local_steps, executor = (config.num_clients, config.batch_size, config.local_steps,
+                                                    config.executor)
 
   lockstep_keys = c.lockstep_client_keys(num_clients)
   if version == 1:
@@ -149,7 +139,7 @@ def splitfed(
     CutGradient, loss, accuracy)`, with `key` the client's entry of `server_keys`. v1: `server` is
     that client's server copy; v2 the one server half, as the clients before this one in the
     round's order left it."""
-    new, down, metrics = vanilla.server_step(server, message, key)
+    new, down, metrics = sl.server_step(server, message, key)
     return new, down, metrics["loss"], metrics["accuracy"]
 
   def aggregate(weights, server, w):
@@ -168,7 +158,7 @@ def splitfed(
 
   def init(key, data: ClientData) -> c.SimState:
     c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
-    state = _init_stacked(vanilla.init, key, data, num_clients, batch_size)
+    state = _init_stacked(sl.init, key, data, num_clients, batch_size)
     if version == 1:
       state = state.replace(server=c.stack_party(state.server, num_clients))
     return state
@@ -176,15 +166,15 @@ def splitfed(
   def step_v1(clients, servers, x, y, keys, server_keys_K):
     """Every client with its own server copy: forward, the copy's step, backward."""
     def one(client, server, x, y, k_client, k_server):
-      up, pending = vanilla.client_forward(client, x, y, k_client)
+      up, pending = sl.client_forward(client, x, y, k_client)
       server, down, loss_k, acc_k = server_step(server, up, k_server)
-      return vanilla.client_backward(client, pending, down), server, up, down, loss_k, acc_k
+      return sl.client_backward(client, pending, down), server, up, down, loss_k, acc_k
 
     return executor(one, clients, servers, x, y, keys, server_keys_K)
 
   def step_v2(clients, server, x, y, keys, server_keys_K, active, rank):
     """Every client forwards; the one server half takes them in the round's order; backward."""
-    ups = executor(lambda *a: vanilla.client_forward(*a)[0], clients, x, y, keys)
+    ups = executor(lambda *a: sl.client_forward(*a)[0], clients, x, y, keys)
 
     def serve(server, k):
       message = jax.tree.map(lambda a: a[k], ups)
@@ -195,14 +185,13 @@ def splitfed(
     downs, losses, accs = jax.tree.map(lambda a: a[jnp.argsort(rank)], (downs, losses, accs))
 
     def backward(client, x, y, k, down):
-      _, pending = vanilla.client_forward(client, x, y, k)
-      return vanilla.client_backward(client, pending, down)
+      _, pending = sl.client_forward(client, x, y, k)
+      return sl.client_backward(client, pending, down)
 
     return executor(backward, clients, x, y, keys, downs), server, ups, downs, losses, accs
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
-    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, num_clients=num_clients,
-                              local_steps=local_steps, participation=participation, drop_rate=drop_rate)
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
     rank = order(state.key, state.round)
 
@@ -236,7 +225,7 @@ def splitfed(
   def predict(state: c.SimState, x, client: int = 0):
     one = jax.tree.map(lambda a: a[client], state.clients)
     server = jax.tree.map(lambda a: a[client], state.server) if version == 1 else state.server
-    return vanilla.predict(protocol.SplitState(one, server, state.round), x)[0]
+    return sl.predict(protocol.SplitState(one, server, state.round), x)[0]
 
   stacked = ("clients", "server") if version == 1 else ("clients",)
   return c.Algorithm(f"splitfed_v{version}", init, round_fn, predict, local_steps, stacked, schedule)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sljax import messages as msgs
-from sljax.algorithms import REGISTRY, Algorithm
+from sljax.algorithms import REGISTRY, Algorithm, ScheduleConfig
 from sljax.algorithms import _common as algorithms_common
 from sljax.algorithms.sequential import turn_step_key
 from sljax.data.clients import ClientData, client_batches
@@ -59,9 +59,9 @@ def algorithm(name: str, sl: Vanilla, schedule: Schedule) -> Algorithm:
   if name not in REGISTRY:
     raise ValueError(f"algorithm: expected one of {sorted(REGISTRY)}, got {name!r}")
   entry = REGISTRY[name]
-  return entry.factory(sl.model, client_optimizer=sl.client_optimizer, server_optimizer=sl.server_optimizer,
-                       loss=sl.loss, uplink=sl.uplink, downlink=sl.downlink, num_clients=schedule.num_clients,
-                       batch_size=schedule.batch_size, local_steps=schedule.local_steps, **entry.options)
+  config = ScheduleConfig(num_clients=schedule.num_clients, batch_size=schedule.batch_size,
+                          local_steps=schedule.local_steps)
+  return entry.factory(sl, config, **entry.options)
 
 
 def leg_keys(algo: Algorithm) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
