@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from sljax.algorithms import baselines, heterogeneous, parallel, sequential, splitfed as _splitfed
-from sljax.algorithms._common import Algorithm, RoundInputs, Schedule, ScheduleConfig, SimState, Timeline
+from sljax.algorithms._common import (Algorithm, RoundInputs, RoundMetrics, Schedule, ScheduleConfig, SimState,
+                                     Timeline, Traffic)
 from sljax.algorithms.baselines import centralized_baseline, fedavg
 from sljax.algorithms.heterogeneous import heterogeneous_parallel_sl
 from sljax.algorithms.parallel import linear_head, local_loss_client_step, local_loss_sl, parallel_sl
@@ -49,10 +50,12 @@ __all__ = [
     "Algorithm",
     "Registered",
     "RoundInputs",
+    "RoundMetrics",
     "Schedule",
     "ScheduleConfig",
     "SimState",
     "Timeline",
+    "Traffic",
     "centralized_baseline",
     "fedavg",
     "heterogeneous_parallel_sl",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.experimental import multihost_utils
 
 from sljax import codecs
 from sljax import messages as msgs
@@ -113,6 +114,7 @@ class Algorithm(NamedTuple):
   - `init(key, data) -> SimState`
   - `round(state, data, inputs=None) -> (state, metrics)`: one round, a pure function to jit.
     `inputs` (a `RoundInputs`) overrides the participation and drops sampled from the round key.
+    `metrics` is a `RoundMetrics`: arrays, and the exact int64 bytes computed on the host.
   - `predict(state, x, client=0) -> outputs`: inference with client `client`'s half.
   - `schedule`: its `Schedule` (keys, order, server step, aggregation, timeline), which `round`
     itself is built from.
@@ -363,22 +365,137 @@ def client_gradient(vanilla):
   return backward
 
 
-def round_metrics(losses_SxK, accs_SxK, active_SxK, up_SxK, down_SxK, participating_K, extra_up_K=0, extra_down_K=0):
-  """Per-round metrics from per-step, per-client values (S steps, K clients)."""
+@jax.tree_util.register_pytree_node_class
+class Traffic:
+  """The messages of a round (or of a step) in each direction: how many, and the bytes of each.
+
+  `up` and `down` are tuples of `(size, count)`: `size` the exact wire bytes of one message (a
+  Python int, `messages.wire_size` at trace time), `count` how many such messages each client
+  sends or receives (an int32 array: (K,), or (S, K) out of a `lax.scan` over the steps). The
+  sizes are the pytree's static structure and the counts its leaves, so a jitted round returns
+  small counts and the bytes, count x size, are computed on the host as int64 (`RoundMetrics`):
+  never inside the program, where int32 would wrap past 2**31 bytes.
+
+  Example:
+    >>> t = Traffic(up=[(1000, jnp.array([1, 0]))], down=[(10, jnp.array([1, 1]))])
+    >>> (t + t).bytes("up", (2,)).tolist()
+    [2000, 0]
+  """
+
+  def __init__(self, up=(), down=()):
+    self.up = tuple((int(size), jnp.asarray(count, jnp.int32)) for size, count in up)
+    self.down = tuple((int(size), jnp.asarray(count, jnp.int32)) for size, count in down)
+
+  def __add__(self, other: Traffic) -> Traffic:
+    return _traffic(self.up + other.up, self.down + other.down)
+
+  def sum(self, axis: int = 0) -> Traffic:
+    """The counts summed over `axis` (e.g. over the steps of a round)."""
+    return jax.tree.map(lambda a: a.sum(axis, dtype=jnp.int32), self)
+
+  def bytes(self, direction: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The exact bytes of `direction` ("up" or "down") per client, an int64 array of the counts'
+    `shape`, on the host: the counts must be concrete (the round has returned)."""
+    total = np.zeros(shape, np.int64)
+    for size, count in getattr(self, direction):
+      if isinstance(count, jax.core.Tracer):
+        raise TypeError(f"bytes_{direction}: expected concrete message counts, got a traced one: the byte counts are "
+                        "exact int64 on the host; read them from the metrics a round returns, outside jit")
+      total = total + _host(count).astype(np.int64) * np.int64(size)
+    return total
+
+  def __repr__(self) -> str:
+    return f"Traffic(up={list(self.up)}, down={list(self.down)})"
+
+  def tree_flatten(self):
+    counts = ([count for _, count in self.up], [count for _, count in self.down])
+    return counts, (tuple(size for size, _ in self.up), tuple(size for size, _ in self.down))
+
+  @classmethod
+  def tree_unflatten(cls, sizes, counts):
+    return _traffic(zip(sizes[0], counts[0]), zip(sizes[1], counts[1]))
+
+
+def _traffic(up, down) -> Traffic:
+  """A `Traffic` holding `up` and `down` as they are (pytree operations give leaves of any type)."""
+  traffic = object.__new__(Traffic)
+  traffic.up, traffic.down = tuple(up), tuple(down)
+  return traffic
+
+
+def _host(value) -> np.ndarray:
+  """A host copy of an array, gathered from the other hosts when its client axis is sharded there."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+  return np.asarray(value)
+
+
+# The byte metrics every round reports, computed on the host from its `Traffic`.
+BYTE_METRICS = ("bytes_up_per_client", "bytes_down_per_client", "bytes_up", "bytes_down")
+
+
+@jax.tree_util.register_pytree_node_class
+class RoundMetrics(Mapping):
+  """A round's metrics, the one convention of every algorithm; read it like a dict.
+
+  `loss`, `accuracy` (means over the steps completed), `participating` (K,) and
+  `completed_steps` (K,) are arrays out of the jitted round. `bytes_up_per_client` and
+  `bytes_down_per_client` (K,) and their totals `bytes_up` and `bytes_down` are exact int64,
+  computed on the host when read, from the round's `Traffic` (message counts, arrays, times
+  static message sizes): exact however far a round passes 2**31 bytes. They are computed from
+  concrete counts only: read them from what a (jitted) round returns, not inside a trace.
+
+  As a pytree its leaves are the arrays and the message counts, so `jax.device_get`,
+  `jax.tree.map` and a `lax.scan` over rounds carry it whole.
+  """
+
+  def __init__(self, arrays: Mapping[str, Any], traffic: Traffic):
+    self._arrays = dict(arrays)
+    self.traffic = traffic
+
+  def __getitem__(self, name: str) -> Any:
+    if name in self._arrays:
+      return self._arrays[name]
+    if name in BYTE_METRICS:
+      direction = "up" if name.startswith("bytes_up") else "down"
+      per_client = self.traffic.bytes(direction, np.shape(self._arrays["participating"]))
+      return per_client if name.endswith("per_client") else per_client.sum(-1)
+    raise KeyError(name)
+
+  def __iter__(self) -> Iterator[str]:
+    names = list(self._arrays)
+    at = names.index("accuracy") + 1 if "accuracy" in names else len(names)
+    return iter([*names[:at], *BYTE_METRICS, *names[at:]])
+
+  def __len__(self) -> int:
+    return len(self._arrays) + len(BYTE_METRICS)
+
+  def __repr__(self) -> str:
+    return f"RoundMetrics({self._arrays}, {self.traffic})"
+
+  def tree_flatten(self):
+    return (self._arrays, self.traffic), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(*children)
+
+
+def round_metrics(losses_SxK, accs_SxK, active_SxK, traffic: Traffic, participating_K) -> RoundMetrics:
+  """Per-round metrics from per-step, per-client values (S steps, K clients) and the round's
+  `traffic` (counts per client, (K,): sum a per-step `Traffic` over the steps first)."""
+  if not isinstance(traffic, Traffic):
+    raise TypeError(f"traffic: expected a Traffic (message counts per client and static sizes), got "
+                    f"{type(traffic).__name__}")
   w = active_SxK.astype(jnp.float32)
   n = jnp.maximum(w.sum(), 1.0)
-  bytes_up = (up_SxK.sum(0) + extra_up_K).astype(jnp.int32)
-  bytes_down = (down_SxK.sum(0) + extra_down_K).astype(jnp.int32)
-  return {
+  return RoundMetrics({
       "loss": (losses_SxK * w).sum() / n,
       "accuracy": (accs_SxK * w).sum() / n,
-      "bytes_up_per_client": bytes_up,
-      "bytes_down_per_client": bytes_down,
-      "bytes_up": bytes_up.sum(),
-      "bytes_down": bytes_down.sum(),
       "participating": participating_K,
       "completed_steps": active_SxK.sum(0).astype(jnp.int32),
-  }
+  }, traffic)
 
 
 DEFAULT_LOSS = softmax_cross_entropy

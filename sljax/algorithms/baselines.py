@@ -72,17 +72,17 @@ def fedavg(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorit
       active = inputs.active()[s]
       updated, m = executor(lambda p, x, y, k: central.step(p, (x, y), k), clients, x, y,
                             client_keys(state.key, state.round, s))
-      zeros = jnp.zeros((num_clients,), jnp.int32)
-      return c.where(active, updated, clients), (m["loss"], m["accuracy"], active, zeros, zeros)
+      return c.where(active, updated, clients), (m["loss"], m["accuracy"], active)
 
-    clients, (losses, accs, active, up, down) = jax.lax.scan(step, state.clients, jnp.arange(local_steps))
+    clients, (losses, accs, active) = jax.lax.scan(step, state.clients, jnp.arange(local_steps))
     weights = data.count.astype(jnp.float32) * inputs.completed()
     average, _ = aggregate({"params": clients.params, "model_state": clients.model_state}, None, weights)
     average = c.broadcast(average, num_clients)
     clients = clients.replace(params=average["params"], model_state=average["model_state"])
+    # the whole model up from those that finished, and the average down to every participant
     weight_bytes = c.model_bytes(jax.tree.map(lambda a: a[0], clients.params))
-    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating,
-                              weight_bytes * inputs.completed(), weight_bytes * inputs.participating)
+    traffic = c.Traffic(up=[(weight_bytes, inputs.completed())], down=[(weight_bytes, inputs.participating)])
+    metrics = c.round_metrics(losses, accs, active, traffic, inputs.participating)
     return state.replace(clients=clients, round=state.round + 1), metrics
 
   def predict(state: c.SimState, x, client: int = 0):
@@ -130,9 +130,8 @@ def centralized_baseline(central: protocol.Centralized, config: c.ScheduleConfig
 
     server, (losses, accs) = jax.lax.scan(step, state.server, jnp.arange(local_steps))
     ones = jnp.ones((local_steps, num_clients))
-    zeros = jnp.zeros((local_steps, num_clients), jnp.int32)
-    metrics = c.round_metrics(losses[:, None] * ones, accs[:, None] * ones, ones > 0, zeros, zeros,
-                              jnp.ones((num_clients,), bool))
+    metrics = c.round_metrics(losses[:, None] * ones, accs[:, None] * ones, ones > 0, c.Traffic(),
+                              jnp.ones((num_clients,), bool))  # no traffic: the data is in one place
     return state.replace(server=server, round=state.round + 1), metrics
 
   def predict(state: c.SimState, x, client: int = 0):

@@ -80,6 +80,7 @@ def heterogeneous_parallel_sl(
   deepest = levels[-1]
   groups = [np.flatnonzero(np.asarray(cuts) == k) for k in levels]
   order = np.concatenate(groups)  # client ids, group by group
+  members = [np.isin(np.arange(num_clients), g) for g in groups]  # (K,) masks, in client order
   # one vanilla protocol per group: its client half, and as "server" the bridge then the body
   protocols = [protocol.vanilla(cut(layers, k), client_optimizer=client_optimizer,
                                 server_optimizer=server_optimizer, loss=loss, uplink=uplink, downlink=downlink)
@@ -179,21 +180,21 @@ def heterogeneous_parallel_sl(
       w = active_all[s][order].astype(jnp.float32)
       server, payloads, losses, accs = server_step(server, ups, w, state.key, state.round, s)
       new_clients, up, down = [], [], []
-      for p, party, g, payload, u in zip(protocols, clients, groups, payloads, ups):
+      for p, party, g, member, payload, u in zip(protocols, clients, groups, members, payloads, ups):
         g_cut = jax.vmap(down_codec.decode)(payload)
         grads, model_states, client_codec = executor(c.client_gradient(p), party, x[g], y[g], keys[g], g_cut)
         updated = executor(lambda pt, gr, ms, cs: c.apply_update(pt, gr, client_optimizer, ms).replace(codec_state=cs),
                            party, grads, model_states, client_codec)
         new_clients.append(c.where(active_all[s][g], updated, party))
-        up.append(jnp.full((len(g),), msgs.wire_size(c.first(u))))
-        down.append(jnp.full((len(g),), msgs.wire_size(msgs.CutGradient(c.first(payload)))))
-      up = jnp.concatenate(up)[inverse] * inputs.participating
-      down = jnp.concatenate(down)[inverse] * active_all[s]
-      return (tuple(new_clients), server), (losses[inverse], accs[inverse], active_all[s], up, down)
+        # the group's messages have the group's sizes: counted for its members only
+        up.append((msgs.wire_size(c.first(u)), inputs.participating & member))
+        down.append((msgs.wire_size(msgs.CutGradient(c.first(payload))), active_all[s] & member))
+      traffic = c.Traffic(up=up, down=down)
+      return (tuple(new_clients), server), (losses[inverse], accs[inverse], active_all[s], traffic)
 
-    (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
+    (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
-    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating)
+    metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
 
   def predict(state: c.SimState, x, client: int = 0):

@@ -69,6 +69,12 @@ def _no_hook(sl: protocol.Vanilla, hook: str, algorithm: str) -> None:
                      f"{getattr(sl, hook)!r}")
 
 
+def _traffic(up_size: int, down_size: int, participating_K, active_K) -> c.Traffic:
+  """A step's messages: smashed data up from every participant, a cut gradient down to every
+  client whose step completes."""
+  return c.Traffic(up=[(up_size, participating_K)], down=[(down_size, active_K)])
+
+
 def _init_stacked(vanilla_init, key, data: ClientData, num_clients: int, batch_size: int) -> c.SimState:
   k_model, k_run = jax.random.split(key)
   st = vanilla_init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
@@ -200,15 +206,15 @@ def parallel_sl(
       else:
         # one pass per client: backward, update, keep or discard (no K-wide gradient temporaries)
         clients = executor(backward_and_update, clients, x, y, keys, g_cut, active)
-      up = msgs.wire_size(c.first(ups)) * inputs.participating
-      down = msgs.wire_size(msgs.CutGradient(c.first(payload))) * active
-      return (clients, server), (losses, accs, active, up, down)
+      traffic = _traffic(msgs.wire_size(c.first(ups)), msgs.wire_size(msgs.CutGradient(c.first(payload))),
+                         inputs.participating, active)
+      return (clients, server), (losses, accs, active, traffic)
 
     if server_chunk is not None:
       step = _chunked_step(state, data, inputs)
-    (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
+    (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
-    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating)
+    metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
 
   def _chunked_step(state: c.SimState, data: ClientData, inputs: c.RoundInputs):
@@ -271,8 +277,8 @@ def parallel_sl(
           chunk, (clients, server.codec_state, server.model_state, zeros), jnp.arange(num_chunks))
       updated = c.apply_update(server, g_sum, sl.server_optimizer, model_state)
       server = c.select(total > 0, updated, server).replace(codec_state=server_codec)
-      up, down = sizes["up"] * inputs.participating, sizes["down"] * active_K
-      return (clients, server), (losses.reshape(num_clients), accs.reshape(num_clients), active_K, up, down)
+      traffic = _traffic(sizes["up"], sizes["down"], inputs.participating, active_K)
+      return (clients, server), (losses.reshape(num_clients), accs.reshape(num_clients), active_K, traffic)
 
     return step
 
@@ -385,12 +391,12 @@ def local_loss_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, aux_head: S
       updated, ups = executor(client_local_step, clients, x, y, client_keys(state.key, state.round, s))
       server, losses, accs = server_step(server, ups, active.astype(jnp.float32), state.key, state.round, s)
       clients = c.where(active, updated, clients)
-      up = msgs.wire_size(c.first(ups)) * inputs.participating
-      return (clients, server), (losses, accs, active, up, jnp.zeros_like(up))
+      traffic = c.Traffic(up=[(msgs.wire_size(c.first(ups)), inputs.participating)])  # nothing comes down
+      return (clients, server), (losses, accs, active, traffic)
 
-    (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
+    (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
-    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating)
+    metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
 
   def predict(state: c.SimState, x, client: int = 0):

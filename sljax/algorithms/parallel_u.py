@@ -235,13 +235,14 @@ def u_shaped_parallel_sl(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Al
       tail_grads, losses, accs = executor(client_tail_grad, clients, x, y, keys, bodies)
       server, cut_grads = server_backward(server, pending, tail_grads, active.astype(jnp.float32))
       clients = executor(client_backward, clients, x, y, keys, bodies, cut_grads, active)
-      up = msgs.wire_size(c.first(ups)) * started[s] + msgs.wire_size(c.first(tail_grads)) * active
-      down = (msgs.wire_size(c.first(bodies)) + msgs.wire_size(c.first(cut_grads))) * active
-      return (clients, server), (losses, accs, active, up, down)
+      size = lambda messages: msgs.wire_size(c.first(messages))  # noqa: E731
+      traffic = c.Traffic(up=[(size(ups), started[s]), (size(tail_grads), active)],
+                          down=[(size(bodies), active), (size(cut_grads), active)])
+      return (clients, server), (losses, accs, active, traffic)
 
-    (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
+    (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
-    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating)
+    metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
 
   def predict(state: c.SimState, x, client: int = 0):

@@ -105,19 +105,20 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
         new_client = sl.client_backward(client, pending, down)
         active = inputs.active()[s, k]
         client, server = c.select(active, (new_client, new_server), carry)
-        return (client, server), (loss_k, acc_k, active, msgs.wire_size(up), msgs.wire_size(down))
+        traffic = c.Traffic(up=[(msgs.wire_size(up), inputs.participating[k])], down=[(msgs.wire_size(down), active)])
+        return (client, server), (loss_k, acc_k, active, traffic)
 
       return jax.lax.scan(step, carry, steps)
 
-    (client, server), (losses, accs, active, up, down) = jax.lax.scan(
+    (client, server), (losses, accs, active, traffic) = jax.lax.scan(
         turn, (state.clients, state.server), order_of(state))
     # scan over clients gives (K, S) in turn order: metrics want (S, K) in client order
     back = jnp.argsort(order_of(state))
-    losses, accs, active = losses[back].T, accs[back].T, active[back].T
-    up = jnp.broadcast_to(jnp.asarray(up, jnp.int32), active.shape) * inputs.participating[None, :]
-    down = jnp.broadcast_to(jnp.asarray(down, jnp.int32), active.shape) * active
-    relay = c.model_bytes(state.clients.params) * inputs.participating
-    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating, relay, relay)
+    losses, accs, active, traffic = jax.tree.map(lambda a: a[back].T, (losses, accs, active, traffic))
+    # each participant's turn also receives the client half and hands it on
+    relay = c.model_bytes(state.clients.params)
+    traffic = traffic.sum(0) + c.Traffic(up=[(relay, inputs.participating)], down=[(relay, inputs.participating)])
+    metrics = c.round_metrics(losses, accs, active, traffic, inputs.participating)
     return state.replace(clients=client, server=server, round=state.round + 1), metrics
 
   def order_of(state):

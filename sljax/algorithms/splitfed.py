@@ -207,19 +207,21 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) ->
         new_clients, server, ups, downs, losses, accs = step_v2(clients, server, x, y, keys, server_keys_K, active,
                                                                 rank)
       clients = c.where(active, new_clients, clients)
-      up = msgs.wire_size(c.first(ups)) * inputs.participating
-      down = msgs.wire_size(c.first(downs)) * active
-      return (clients, server), (losses, accs, active, up, down)
+      traffic = c.Traffic(up=[(msgs.wire_size(c.first(ups)), inputs.participating)],
+                          down=[(msgs.wire_size(c.first(downs)), active)])
+      return (clients, server), (losses, accs, active, traffic)
 
-    (clients, server), (losses, accs, active, up, down) = jax.lax.scan(
+    (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
     weights = data.count.astype(jnp.float32) * inputs.completed()
     average, server = aggregate({"params": clients.params, "model_state": clients.model_state}, server, weights)
     average = c.broadcast(average, num_clients)
     clients = clients.replace(params=average["params"], model_state=average["model_state"])
+    # the client halves up for the average from those that finished, and the average down to every participant
     weight_bytes = c.model_bytes(jax.tree.map(lambda a: a[0], clients.params))
-    metrics = c.round_metrics(losses, accs, active, up, down, inputs.participating,
-                              weight_bytes * inputs.completed(), weight_bytes * inputs.participating)
+    traffic = traffic.sum(0) + c.Traffic(up=[(weight_bytes, inputs.completed())],
+                                         down=[(weight_bytes, inputs.participating)])
+    metrics = c.round_metrics(losses, accs, active, traffic, inputs.participating)
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
 
   def predict(state: c.SimState, x, client: int = 0):
