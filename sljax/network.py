@@ -223,6 +223,15 @@ class StepCosts(NamedTuple):
     cut_gradient_bytes: `CutGradient` of one batch.
     client_weights_bytes: `ModelWeights` of the client half (SplitFed averaging, sequential relay).
     model_weights_bytes: `ModelWeights` of the whole model (FedAvg).
+    server_forward_flops: U-shaped: `u_shaped.server_forward`, the body under `jax.vjp` on one
+      batch (a part of `server_step_flops`, which is then the body's forward and backward).
+    tail_step_flops: U-shaped: `u_shaped.client_tail_step`, the tail's forward and backward.
+    body_output_bytes: U-shaped: `BodyOutput` of one batch.
+    tail_gradient_bytes: U-shaped: `TailGradient` of one batch.
+
+  From a three-part (U-shaped) model, `step_costs` times `u_shaped`'s legs: the client's forward
+  and backward are the head's (the backward updates head and tail), the smashed data carries no
+  labels, and the last four fields are filled in (0 for a two-part model).
   """
 
   batch_size: int
@@ -236,6 +245,10 @@ class StepCosts(NamedTuple):
   cut_gradient_bytes: int
   client_weights_bytes: int
   model_weights_bytes: int
+  server_forward_flops: float = 0.0
+  tail_step_flops: float = 0.0
+  body_output_bytes: int = 0
+  tail_gradient_bytes: int = 0
 
   def server_flops(self, num_batches: int) -> float:
     """FLOPs of one server step on `num_batches` clients' batches at once (one update)."""
@@ -273,9 +286,11 @@ def step_costs(
   Compiles each leg on shapes alone (nothing is initialised or run): `vanilla.client_forward`,
   `client_backward` and `server_step`, the server step again at twice the batch (to split off its
   batch-independent update), local-loss SL's client step, and the whole model's step for FedAvg.
+  A three-part model's legs are `u_shaped`'s (see `StepCosts`); local-loss SL, which takes a
+  two-part model, then costs 0.
 
   Args:
-    model: a two-part `SplitModel`.
+    model: a two-part `SplitModel`, or a three-part one (U-shaped split learning).
     example_x: inputs with a leading batch axis; only their per-example shape and dtype are used.
     batch_size: the per-client batch size.
     optimizer: the optimizer of every party (it changes the update's FLOPs); Adam by default.
@@ -284,7 +299,8 @@ def step_costs(
     uplink: the codec on the smashed data, as given to the algorithm: the bytes are the encoded
       message's, and the client's forward includes the encoding (local-loss SL's client step
       does not count it).
-    downlink: the codec on the cut gradient, likewise.
+    downlink: the codec on the cut gradient, likewise. (U-shaped: `uplink` on the smashed data
+      and the tail gradient, `downlink` on the body output and the cut gradient, as `u_shaped`.)
 
   Example:
     >>> import sljax
@@ -293,15 +309,11 @@ def step_costs(
     >>> costs.server_step_flops > 0 and costs.smashed_bytes > 8 * 16 * 4
     True
   """
-  if model.is_u_shaped:
-    raise ValueError("model: step_costs takes a two-part model; this one has a tail")
   if not (isinstance(batch_size, int) and batch_size >= 1):
     raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
   if getattr(example_x, "ndim", 0) < 1:
     raise ValueError(f"example_x: expected an array with a leading batch axis, got {type(example_x).__name__}")
   optimizer = optax.adam(1e-3) if optimizer is None else optimizer
-  sl = protocol.vanilla(model, client_optimizer=optimizer, server_optimizer=optimizer, loss=loss, uplink=uplink,
-                        downlink=downlink)
   central = protocol.centralized(model, optimizer=optimizer, loss=loss)
   key = jax.random.key(0)
   dtype = jax.dtypes.canonicalize_dtype(example_x.dtype)  # float64 inputs become float32 unless x64 is on
@@ -311,8 +323,18 @@ def step_costs(
 
   x, y = batch(batch_size)
   x1 = jnp.zeros((1, *example_x.shape[1:]), dtype)
-  state = jax.eval_shape(sl.init, key, x1)
   whole = jax.eval_shape(central.init, key, x1)
+  if model.is_u_shaped:
+    sl = protocol.u_shaped(model, client_optimizer=optimizer, server_optimizer=optimizer, loss=loss, uplink=uplink,
+                           downlink=downlink)
+    state = jax.eval_shape(sl.init, key, x1)
+    return StepCosts(batch_size=batch_size, **_u_shaped_legs(sl, state, batch, batch_size, key),
+                     local_loss_step_flops=0.0, model_step_flops=flops(central.step, whole, (x, y), key),
+                     client_weights_bytes=msgs.wire_size(msgs.ModelWeights(state.client.params)),
+                     model_weights_bytes=msgs.wire_size(msgs.ModelWeights(whole.params)))
+  sl = protocol.vanilla(model, client_optimizer=optimizer, server_optimizer=optimizer, loss=loss, uplink=uplink,
+                        downlink=downlink)
+  state = jax.eval_shape(sl.init, key, x1)
   up, pending = jax.eval_shape(sl.client_forward, state.client, x, y, key)
   _, down, _ = jax.eval_shape(sl.server_step, state.server, up, key)
   smashed = jax.ShapeDtypeStruct((batch_size, *state.server.input_spec.shape), state.server.input_spec.dtype)
@@ -336,6 +358,38 @@ def step_costs(
       client_weights_bytes=msgs.wire_size(msgs.ModelWeights(state.client.params)),
       model_weights_bytes=msgs.wire_size(msgs.ModelWeights(whole.params)),
   )
+
+
+def _u_shaped_legs(sl: protocol.UShaped, state, batch, batch_size: int, key) -> dict[str, Any]:
+  """The `StepCosts` fields of U-shaped split learning's legs, from `u_shaped`'s very functions."""
+
+  def legs(state, x, y, key):  # one step's messages, and what each party keeps between its legs
+    up, head = sl.client_forward(state.client, x, key)
+    body, server_pending = sl.server_forward(state.server, up, key)
+    tail_grad, tail, _ = sl.client_tail_step(state.client, head, body, y, key)
+    _, down = sl.server_backward(state.server, server_pending, tail_grad)
+    return up, head, body, tail_grad, tail, down
+
+  def server_step(server, up, tail_grad, key):  # the body's two legs on one batch
+    return sl.server_backward(server, sl.server_forward(server, up, key)[1], tail_grad)
+
+  x, y = batch(batch_size)
+  up, head, body, tail_grad, tail, down = jax.eval_shape(legs, state, x, y, key)
+  up_2x, _, _, tail_grad_2x, _, _ = jax.eval_shape(legs, state, *batch(2 * batch_size), key)
+  server_1x = flops(server_step, state.server, up, tail_grad, key)
+  server_2x = flops(server_step, state.server, up_2x, tail_grad_2x, key)
+  return {
+      "client_forward_flops": flops(sl.client_forward, state.client, x, key),
+      "client_backward_flops": flops(sl.client_backward, state.client, tail, down),
+      "server_step_flops": server_1x,
+      "server_update_flops": max(0.0, 2 * server_1x - server_2x),
+      "server_forward_flops": flops(sl.server_forward, state.server, up, key),
+      "tail_step_flops": flops(sl.client_tail_step, state.client, head, body, y, key),
+      "smashed_bytes": msgs.wire_size(up),
+      "cut_gradient_bytes": msgs.wire_size(down),
+      "body_output_bytes": msgs.wire_size(body),
+      "tail_gradient_bytes": msgs.wire_size(tail_grad),
+  }
 
 
 def _local_loss_step_flops(sl, aux_head, client, smashed, x, y, key) -> float:
@@ -418,6 +472,7 @@ class _Legs(NamedTuple):
 
   forward: np.ndarray       # delay + client forward
   backward: np.ndarray
+  tail: np.ndarray          # U-shaped: the client's tail step
   local_loss: np.ndarray    # delay + local-loss client step
   model_step: np.ndarray    # delay + FedAvg local step
   up_rate: np.ndarray       # bits/s, client -> server
@@ -438,6 +493,7 @@ def _legs(costs: StepCosts, clients: DeviceProfile, server: DeviceProfile) -> _L
   return _Legs(
       forward=d + costs.client_forward_flops / f,
       backward=costs.client_backward_flops / f,
+      tail=costs.tail_step_flops / f,
       local_loss=d + costs.local_loss_step_flops / f,
       model_step=d + costs.model_step_flops / f,
       up_rate=np.minimum(clients.uplink_bps, server.downlink_bps),

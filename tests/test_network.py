@@ -43,6 +43,9 @@ HAND_COMPUTED = {
     "sequential_sl": (25.8, (3, 6), (5.5, 8.5), (17.3, 11.3), 2.0),
     # Arrivals 2.1 and 4.1; one server step on both batches 4.1 -> 6.1; A done 8.7, B done 10.7.
     "parallel_sl": (10.7, (3, 6), (1.5, 2.5), (6.2, 2.2), 2.0),
+    # These costs have no tail, body output nor tail gradient: parallel SL with an empty round trip (0.2 s of
+    # latency) between the body's forward (free) and its backward, 4.3 -> 6.3; A done 8.9, B done 10.9.
+    "parallel_sl_u": (10.9, (3, 6), (1.5, 2.5), (6.4, 2.4), 2.0),
     # A served 2.1 -> 3.1, done 5.7, weights up by 7.8; B served 4.1 -> 5.1, done 9.7, weights up by 13.8;
     # average down by 15.9.
     "splitfed_v1": (15.9, (3, 6), (5.5, 8.5), (7.4, 1.4), 2.0),

@@ -9,12 +9,13 @@ module and one line here.
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from sljax.algorithms import baselines, heterogeneous, parallel, sequential, splitfed as _splitfed
+from sljax.algorithms import baselines, heterogeneous, parallel, parallel_u, sequential, splitfed as _splitfed
 from sljax.algorithms._common import (Algorithm, RoundInputs, RoundMetrics, Schedule, ScheduleConfig, SimState,
                                      Timeline, Traffic)
 from sljax.algorithms.baselines import centralized_baseline, fedavg
 from sljax.algorithms.heterogeneous import heterogeneous_parallel_sl
 from sljax.algorithms.parallel import linear_head, local_loss_client_step, local_loss_sl, parallel_sl
+from sljax.algorithms.parallel_u import u_shaped_parallel_sl
 from sljax.algorithms.sequential import sequential_sl
 from sljax.algorithms.splitfed import splitfed
 
@@ -24,8 +25,9 @@ class Registered(NamedTuple):
   `version=1`), and its timeline on the simulated clock (None: not simulated there).
 
   `factory(protocol, config, **options)` builds it: `protocol` is what the factory takes first
-  (a `sljax.vanilla(...)`, a `sljax.centralized(...)`, or for heterogeneous parallel SL the layer
-  stack, which also needs `cuts` and its optimizers), `config` a `ScheduleConfig`.
+  (a `sljax.vanilla(...)`, a `sljax.u_shaped(...)` for "parallel_sl_u", a `sljax.centralized(...)`,
+  or for heterogeneous parallel SL the layer stack, which also needs `cuts` and its optimizers),
+  `config` a `ScheduleConfig`.
   """
 
   factory: Callable[..., Algorithm]
@@ -37,6 +39,7 @@ class Registered(NamedTuple):
 REGISTRY: dict[str, Registered] = {
     "sequential_sl": Registered(sequential_sl, {}, sequential.TIMELINE),
     "parallel_sl": Registered(parallel_sl, {}, parallel.TIMELINE),
+    "parallel_sl_u": Registered(u_shaped_parallel_sl, {}, parallel_u.TIMELINE),
     "splitfed_v1": Registered(splitfed, {"version": 1}, _splitfed.TIMELINE_V1),
     "splitfed_v2": Registered(splitfed, {"version": 2}, _splitfed.TIMELINE_V2),
     "local_loss_sl": Registered(local_loss_sl, {}, parallel.LOCAL_LOSS_TIMELINE),
@@ -65,4 +68,5 @@ __all__ = [
     "parallel_sl",
     "sequential_sl",
     "splitfed",
+    "u_shaped_parallel_sl",
 ]
