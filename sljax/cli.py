@@ -139,7 +139,7 @@ def _transport_setup(args):
 
 def serve(args) -> int:
   """`sljax serve`: the server of sequential split learning (vanilla with --num-clients 1; U-shaped with
-  --u-shaped), parallel split learning or SplitFed v1 (`--algorithm`) over gRPC."""
+  --u-shaped), or an algorithm whose clients train at once (`--algorithm`), over gRPC."""
   import signal
   import threading
 
@@ -260,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--checkpoint-dir", help="checkpoint here; resume from here after a restart")
   p.add_argument("--checkpoint-every", type=int, default=20, help="commits between checkpoints")
   p.add_argument("--rounds", type=int, default=10)
-  p.add_argument("--algorithm", choices=("sequential_sl", "parallel_sl", "splitfed_v1", "splitfed_v2"),
-                 default="sequential_sl",
-                 help="sequential: clients take turns; parallel SL and SplitFed v1/v2: all clients at once")
+  from sljax.transport.concurrent import ALGORITHMS  # noqa: PLC0415 -- gRPC is imported only where needed
+
+  p.add_argument("--algorithm", choices=("sequential_sl", *ALGORITHMS), default="sequential_sl",
+                 help="sequential: clients take turns; the others (parallel SL, local-loss SL, SplitFed v1/v2): "
+                      "all clients at once")
   p.add_argument("--local-steps", type=int, default=20, help="steps per turn (sequential) or per round")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--seed", type=int, default=0, help="the run key: model init, data order, step keys")

@@ -1,5 +1,6 @@
-"""Parallel split learning and SplitFed v1 over the network (`sljax.transport.ConcurrentServer`):
-all clients at once against one server. Over gRPC (client processes or threads) the run equals the
+"""Every algorithm whose clients train at once, over the network (`sljax.transport.ConcurrentServer`,
+one parametrization per algorithm in `transport.ALGORITHMS`: parallel SL, local-loss SL, SplitFed v1
+and v2): all clients at once against one server. Over gRPC (client processes or threads) the run equals the
 in-process run bit for bit, and the fused simulation (`parallel_sl`, `splitfed(version=1|2)`) within
 1e-5; a client that drops after its forward loses exactly that step while the others go on, as
 `RoundInputs.dropped` says in simulation; requests out of place get their status and change nothing.
@@ -27,9 +28,10 @@ import pytest
 import sljax
 from sljax import messages as msgs
 from sljax import transport as T
-from sljax.algorithms import RoundInputs, ScheduleConfig, parallel_sl, splitfed
+from sljax.algorithms import RoundInputs
 from sljax.transport import client as transport_client
 from sljax.transport import demo, wire
+from sljax.transport import schedule as sched
 from transport_helpers import Clock, CrashesAfterCommit, KillAfter, assert_bitwise, client_data, run_in_threads
 
 HIDDEN = (32,)
@@ -61,13 +63,15 @@ def _server(setup, algorithm, **kw):
                             tokens={t: k for k, t in TOKENS.items()}, **kw)
 
 
+def _algorithm(setup, algorithm):
+  """The registry's algorithm (`sljax.algorithms.REGISTRY`), built for this schedule."""
+  sl = sljax.vanilla(setup.model, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR))
+  return sched.algorithm(algorithm, sl, SCHEDULE, sljax.ArraySpec.of(setup.dataset.x_train))
+
+
 def _simulate(setup, algorithm, inputs=()):
   """The fused simulation of the same run; `inputs[r]` overrides round r's participation and drops."""
-  opt = optax.adam(LR)
-  sl = sljax.vanilla(setup.model, client_optimizer=opt, server_optimizer=opt)
-  config = ScheduleConfig(num_clients=SCHEDULE.num_clients, batch_size=SCHEDULE.batch_size,
-                          local_steps=SCHEDULE.local_steps)
-  algo = parallel_sl(sl, config) if algorithm == "parallel_sl" else splitfed(sl, config, version=int(algorithm[-1]))
+  algo = _algorithm(setup, algorithm)
   data = sljax.data.stack_clients(setup.dataset.x_train, setup.dataset.y_train, _parts(setup))
   state = algo.init(jax.random.key(SEED), data)
   round_fn = jax.jit(algo.round)
@@ -90,7 +94,7 @@ def _client(state, k):
   return jax.tree.map(lambda a: a[k], state.clients.params)
 
 
-@pytest.fixture(scope="module", params=["parallel_sl", "splitfed_v1", "splitfed_v2"])
+@pytest.fixture(scope="module", params=T.ALGORITHMS)  # every algorithm that runs over the network
 def in_process(request, setup):
   """The reference: the run over InProcessTransport, clients in threads."""
   server = _server(setup, request.param)
@@ -109,7 +113,7 @@ def test_in_process_run_equals_the_simulation(setup, in_process):
     chex.assert_trees_all_close(result.half.opt_state, jax.tree.map(lambda a: a[k], sim.clients.opt_state),
                                 atol=1e-5, rtol=0)
   chex.assert_trees_all_close(server.state.server.params, sim.server.params, atol=1e-5, rtol=0)
-  if algorithm != "parallel_sl":  # FedAvg at the end of each round: every client holds the average
+  if server.coordinator.averages:  # FedAvg at the end of each round: every client holds the average
     assert_bitwise(results[0].half.params, results[1].half.params)
   else:
     assert not np.allclose(jax.tree.leaves(results[0].half.params)[0], jax.tree.leaves(results[1].half.params)[0])
@@ -117,10 +121,7 @@ def test_in_process_run_equals_the_simulation(setup, in_process):
   x, y = _client_data(setup, 0)
   session = T.connect(T.InProcessTransport(server.handle, token=TOKENS[0]), setup.model, setup.sl, client=0, x=x, y=y)
   logits = T.predict(session, results[0].half, setup.dataset.x_test)
-  sl = sljax.vanilla(setup.model, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR))
-  config = ScheduleConfig(num_clients=2, batch_size=16)
-  algo = parallel_sl(sl, config) if algorithm == "parallel_sl" else splitfed(sl, config, version=int(algorithm[-1]))
-  expected = jax.jit(algo.predict)(sim, setup.dataset.x_test)
+  expected = jax.jit(_algorithm(setup, algorithm).predict)(sim, setup.dataset.x_test)
   np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
 
@@ -235,7 +236,7 @@ class _DiesAfterForward:
     return response
 
 
-@pytest.mark.parametrize("algorithm", ["parallel_sl", "splitfed_v1", "splitfed_v2"])
+@pytest.mark.parametrize("algorithm", T.ALGORITHMS)
 def test_client_dropping_after_forward_loses_that_step_and_the_others_go_on(setup, algorithm):
   clock = Clock()
   server = _server(setup, algorithm, clock=clock)
@@ -296,9 +297,9 @@ def test_requests_out_of_place_get_their_status_and_change_nothing(setup):
         ("Commit", _request("Commit"), code.ABORTED, "not staged"),
         ("Handover", _request("Handover", round=3), code.FAILED_PRECONDITION, r"round 3 is not in \[0, 2\]"),
         ("Handover", _request("Handover", op="put", steps=3, message=weights), code.FAILED_PRECONDITION,
-         "averages nothing" if algorithm == "parallel_sl" else "after 3 committed steps"),
+         "after 3 committed steps" if server.coordinator.averages else "averages nothing"),
     ]
-    if algorithm != "parallel_sl":
+    if server.coordinator.averages:
       nan = jax.tree.map(lambda a: np.full_like(a, np.nan), average)
       cases += [
           ("Handover", _request("Handover", op="put", steps=3, message=msgs.to_bytes(msgs.ModelWeights(nan))),

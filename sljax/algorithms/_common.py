@@ -98,6 +98,10 @@ class Schedule(NamedTuple):
     aggregate: the end-of-round aggregation (FedAvg of client halves, of server copies), None if
       nothing is averaged.
     timeline: the round on the simulated clock.
+    client_step: the client's whole step where it is not the protocol's legs (local-loss SL:
+      `(client, x, y, key) -> (client, SmashedData)`, its own update before it sends); None else.
+    client_half: `(client party) -> the protocol's client half` where the client holds more
+      (local-loss SL: its auxiliary head), for inference; None: the party is the half.
   """
 
   client_keys: Callable[..., jax.Array]
@@ -106,6 +110,8 @@ class Schedule(NamedTuple):
   server_step: Callable[..., Any] | None
   aggregate: Callable[..., Any] | None
   timeline: Timeline | None
+  client_step: Callable[..., Any] | None = None
+  client_half: Callable[..., Any] | None = None
 
 
 class Algorithm(NamedTuple):
@@ -115,10 +121,14 @@ class Algorithm(NamedTuple):
   - `round(state, data, inputs=None) -> (state, metrics)`: one round, a pure function to jit.
     `inputs` (a `RoundInputs`) overrides the participation and drops sampled from the round key.
     `metrics` is a `RoundMetrics`: arrays, and the exact int64 bytes computed on the host.
-  - `predict(state, x, client=0) -> outputs`: inference with client `client`'s half.
+  - `predict(state, x, client=0) -> logits`: inference with client `client`'s half, an array
+    (B, ...) of the model's outputs (`client` may be traced, except where the halves differ in shape).
   - `schedule`: its `Schedule` (keys, order, server step, aggregation, timeline), which `round`
     itself is built from.
-  `stacked` names the fields of `SimState` that carry a leading client axis.
+  `stacked` names the fields of `SimState` that carry a leading client axis. `shared_model` says
+  that every client ends a round with the same model (averaged or relayed halves: SplitFed,
+  FedAvg, sequential SL, centralized), so `sljax.evaluate` tests one model; otherwise each client
+  keeps its own half and is tested with it.
   """
 
   name: str
@@ -128,6 +138,7 @@ class Algorithm(NamedTuple):
   local_steps: int
   stacked: tuple[str, ...] = ("clients",)
   schedule: Schedule | None = None
+  shared_model: bool = False
 
 
 def round_key(state: SimState) -> jax.Array:

@@ -286,7 +286,7 @@ def parallel_sl(
     one = jax.tree.map(lambda a: a[client], state.clients)
     return sl.predict(protocol.SplitState(one, state.server, state.round), x)[0]
 
-  return c.Algorithm("parallel_sl", init, round_fn, predict, local_steps, schedule=schedule)
+  return c.Algorithm("parallel_sl", init, round_fn, predict, local_steps, schedule=schedule, shared_model=False)
 
 
 def linear_head(num_classes: int) -> Stage:
@@ -379,7 +379,12 @@ def local_loss_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, aux_head: S
         server_keys(run_key, round_, step)[0], loss=loss, optimizer=sl.server_optimizer)
     return server, losses, accs
 
-  schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, LOCAL_LOSS_TIMELINE)
+  def client_half(party):
+    """The client half without the auxiliary head (what inference runs)."""
+    return party.replace(params=party.params["client"], model_state=party.model_state["client"])
+
+  schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, LOCAL_LOSS_TIMELINE,
+                        client_step=client_local_step, client_half=client_half)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
@@ -404,5 +409,5 @@ def local_loss_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, aux_head: S
     one = one.replace(params=one.params["client"], model_state=one.model_state["client"])
     return sl.predict(protocol.SplitState(one, state.server, state.round), x)[0]
 
-  return c.Algorithm("local_loss_sl", init, round_fn, predict, local_steps, schedule=schedule)
+  return c.Algorithm("local_loss_sl", init, round_fn, predict, local_steps, schedule=schedule, shared_model=False)
 

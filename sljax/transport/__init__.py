@@ -4,7 +4,9 @@ A client reaches the server through a transport, `call(method, request, *, timeo
 on bytes. `InProcessTransport` hands the bytes to the server's handler in the same process;
 `GrpcTransport` carries them over gRPC (TLS, tokens or client certificates, retries). The servers
 (`SplitServer` for sequential SL, clients taking turns, with vanilla or U-shaped legs;
-`ConcurrentServer` for parallel SL and SplitFed v1 and v2, all clients at once) and the client driver
+`ConcurrentServer` for the algorithms in `ALGORITHMS`, all clients at once: parallel SL, local-loss
+SL, SplitFed v1 and v2, each a shell around a pure coordinator of `sljax.transport.coordinators`)
+and the client driver
 (`connect`, `run`, `predict`, which follows the algorithm the handshake names) do not know which
 transport they use, so a run over gRPC is tested against the same run in process, bit for bit,
 and against the fused simulation (`sljax.algorithms`). The wire protocol is specified in docs/protocol.md.

@@ -22,7 +22,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import grpc
@@ -77,6 +77,8 @@ class Session(NamedTuple):
       BodyOutput message it accepts; None otherwise.
     client_key: `client_key(run_key, round_, client, step) -> key` of the client's legs, from the
       simulated algorithm's `Schedule` (vanilla legs; U-shaped keys are `sched.u_shaped_step_keys`).
+    local_step, client_half: local-loss SL: the client's own step `(half, x, y, key) -> (half,
+      SmashedData)`, jitted, and the client half without the auxiliary head (from its `Schedule`).
   """
 
   transport: Transport
@@ -102,6 +104,8 @@ class Session(NamedTuple):
   tail_step: Callable[..., Any] | None = None
   body_template: msgs.BodyOutput | None = None
   client_key: Callable[..., jax.Array] | None = None
+  local_step: Callable[..., Any] | None = None
+  client_half: Callable[..., Any] | None = None
 
 
 class Result(NamedTuple):
@@ -122,7 +126,7 @@ def _call(session: Session, method: str, fields: dict, *, extra_seconds: float =
 
 
 def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, client: int, x, y,
-            timeout: float = 60.0) -> Session:
+            timeout: float = 60.0, options: Mapping[str, Any] | None = None) -> Session:
   """Handshakes with the server and compiles this client's legs.
 
   Args:
@@ -133,6 +137,7 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
     client: this client's id (its credentials must be that client's).
     x, y: this client's training data, (N, *input shape) and (N,) integer labels.
     timeout: seconds per call.
+    options: the algorithm's own options, the same as the server's (local-loss SL: `aux_head`).
 
   Raises:
     TransportError: UNAUTHENTICATED, PERMISSION_DENIED, or FAILED_PRECONDITION when the server's
@@ -162,8 +167,15 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
   x_struct = jax.ShapeDtypeStruct((b, *spec.shape), spec.dtype)
   y_struct = jax.ShapeDtypeStruct((b,), jnp.int32)
   legs = {}
+  half_struct = None  # the client's party, where it is not the protocol's client half
   if not u_shaped:
-    legs["client_key"] = sched.leg_keys(sched.algorithm(hello["algorithm"], sl, schedule))[0]
+    algo = sched.algorithm(hello["algorithm"], sl, schedule, spec, **(options or {}))
+    legs["client_key"] = sched.leg_keys(algo)[0]
+    if algo.schedule.client_step is not None:  # its own step (local-loss SL), and its half with more in it
+      legs["local_step"] = jax.jit(algo.schedule.client_step)
+      legs["client_half"] = algo.schedule.client_half
+      sim = jax.eval_shape(algo.init, jax.random.key(0), sched.stand_in_data(schedule, spec))
+      half_struct = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), sim.clients)
   if u_shaped:
     whole = jax.eval_shape(sl.init, jax.random.key(0), x_struct)  # codec states per row of a batch, as the server's
     _, body, _, down = sched.u_shaped_messages(sl, whole, x_struct, y_struct)
@@ -171,26 +183,31 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
   else:
     up = jax.eval_shape(sl.client_forward, whole.client, x_struct, y_struct, jax.random.key(0))[0]
     down = jax.eval_shape(sl.server_step, whole.server, up, jax.random.key(0))[1]
-  out = jax.eval_shape(lambda state, x: sl.predict(state, x)[0], whole, jax.ShapeDtypeStruct((1, *spec.shape),
-                                                                                                 spec.dtype))
+  half_struct = whole.client if half_struct is None else half_struct
+  x1 = jax.ShapeDtypeStruct((1, *spec.shape), spec.dtype)
+  out = jax.eval_shape(lambda x: sl.predict(sl.init(jax.random.key(0), x), x)[0], x1)
   session = Session(
       transport=transport, client=client, schedule=schedule, run_key=run_key, x=x, y=y,
       rows=sched.row_order(client=client, count=len(x), batch_size=b, run_key=run_key),
       forward=jax.jit(sl.client_forward), backward=jax.jit(sl.client_backward),
-      infer=jax.jit(functools.partial(_infer, model, sl)),
+      infer=jax.jit(functools.partial(_infer, model, sl, legs.get("client_half"))),
       input_spec=whole.client.input_spec, output_spec=ArraySpec.of(out),
-      half_template=msgs.spec_of(sched.to_message(whole.client)),
+      half_template=msgs.spec_of(sched.to_message(half_struct)),
       down_template=down, timeout=timeout, algorithm=hello["algorithm"], lease_seconds=float(hello["lease_seconds"]),
-      weights_template=msgs.spec_of(_weights_of(whole.client)),
-      answer_template=functools.partial(jax.eval_shape, sched.inference_answer(model, sl), whole.server),
+      weights_template=msgs.spec_of(_weights_of(half_struct)),
+      answer_template=functools.partial(jax.eval_shape, sched.inference_answer(model, sl),
+                                        jax.eval_shape(sl.init, jax.random.key(0), x1).server),
       finish=jax.jit(functools.partial(_finish, model, sl)), **legs)
-  _warm_up(session, whole.client)
+  _warm_up(session, half_struct)
   return session
 
 
-def _infer(model: SplitModel, sl: Vanilla | UShaped, half: PartyState, x) -> Any:
+def _infer(model: SplitModel, sl: Vanilla | UShaped, client_half: Callable | None, half: PartyState, x) -> Any:
   """The client half (U-shaped: the head) in eval mode, through the uplink codec from a fresh state,
-  as `Vanilla.predict` and `UShaped.predict`."""
+  as `Vanilla.predict` and `UShaped.predict`; `client_half` takes the half out of a party that holds
+  more (local-loss SL's auxiliary head)."""
+  if client_half is not None:
+    half = client_half(half)
   params, model_state = half.params, half.model_state
   if isinstance(sl, UShaped):
     params, model_state = params["head"], model_state["head"]
@@ -214,6 +231,9 @@ def _warm_up(session: Session, half_struct: PartyState) -> None:
   half = jax.tree.map(zeros, half_struct)
   x, y = _batch(session, 0)
   down = jax.tree.map(zeros, session.down_template)
+  if session.local_step is not None:
+    jax.block_until_ready(session.local_step(half, x, y, _client_key(session, 0, 0)))
+    return
   if session.tail_step is None:
     _, pending = session.forward(half, x, y, _client_key(session, 0, 0))
   else:
@@ -288,12 +308,17 @@ def train_step(session: Session, half: PartyState, round_: int, step: int) -> tu
   x, y = _batch(session, sched.data_step(session.schedule, round_, step))
   if session.tail_step is not None:
     return _train_step_u_shaped(session, half, round_, step, x, y)
-  up, pending = session.forward(half, x, y, _client_key(session, round_, step))
-  up_bytes = msgs.to_bytes(up)
   wait = 0.0 if session.algorithm in SEQUENTIAL else session.lease_seconds + 1.0  # held for the others
-  response = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes}, extra_seconds=wait)
-  down = wire.read_message(session.down_template, response["message"], what="Forward response")
-  new_half = session.backward(half, pending, down)
+  if session.local_step is not None:  # local-loss SL: its own update first; nothing comes back
+    new_half, up = session.local_step(half, x, y, _client_key(session, round_, step))
+    up_bytes = msgs.to_bytes(up)
+    response = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes}, extra_seconds=wait)
+  else:
+    up, pending = session.forward(half, x, y, _client_key(session, round_, step))
+    up_bytes = msgs.to_bytes(up)
+    response = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes}, extra_seconds=wait)
+    down = wire.read_message(session.down_template, response["message"], what="Forward response")
+    new_half = session.backward(half, pending, down)
   position = _call(session, "Commit", {"round": round_, "step": step}, extra_seconds=wait)
   metrics = {"round": round_, "client": session.client, "step": step, "loss": response["loss"],
              "accuracy": response["accuracy"], "bytes_up": len(up_bytes), "bytes_down": len(response["message"])}

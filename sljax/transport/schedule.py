@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sljax import messages as msgs
-from sljax.algorithms import REGISTRY, Algorithm, ScheduleConfig
+from sljax.algorithms import REGISTRY, Algorithm, ScheduleConfig, linear_head, local_loss_sl
 from sljax.algorithms import _common as algorithms_common
 from sljax.algorithms.sequential import turn_step_key
 from sljax.data.clients import ClientData, client_batches
@@ -52,16 +52,30 @@ def split_run_key(key: jax.Array) -> tuple[jax.Array, np.ndarray]:
   return k_model, np.asarray(jax.random.key_data(k_run))
 
 
-def algorithm(name: str, sl: Vanilla, schedule: Schedule) -> Algorithm:
-  """The simulation's algorithm `name` (from `sljax.algorithms.REGISTRY`) for the protocol `sl` and
-  this run's schedule: server and clients follow its `Schedule` (keys, order, server step,
-  aggregation), so a run over the network is the simulation's run."""
+def algorithm(name: str, sl: Vanilla, schedule: Schedule, input_spec: ArraySpec, **options) -> Algorithm:
+  """The simulation's algorithm `name` (from `sljax.algorithms.REGISTRY`) for the protocol `sl`,
+  this run's schedule and inputs like `input_spec`: server and clients follow its `Schedule`
+  (keys, order, server step, aggregation), so a run over the network is the simulation's run.
+  `options` are the algorithm's own (local-loss SL: `aux_head`, by default a linear head onto as
+  many outputs as the model has)."""
   if name not in REGISTRY:
     raise ValueError(f"algorithm: expected one of {sorted(REGISTRY)}, got {name!r}")
   entry = REGISTRY[name]
   config = ScheduleConfig(num_clients=schedule.num_clients, batch_size=schedule.batch_size,
                           local_steps=schedule.local_steps)
-  return entry.factory(sl, config, **entry.options)
+  if entry.factory is local_loss_sl and "aux_head" not in options:
+    x = jax.ShapeDtypeStruct((1, *input_spec.shape), input_spec.dtype)
+    outputs = jax.eval_shape(lambda x: sl.predict(sl.init(jax.random.key(0), x), x)[0], x)
+    options = {**options, "aux_head": linear_head(outputs.shape[-1])}
+  return entry.factory(sl, config, **entry.options, **options)
+
+
+def stand_in_data(schedule: Schedule, input_spec: ArraySpec) -> ClientData:
+  """Zeros shaped like the clients' data (one batch each): what an algorithm's `init` needs to
+  build the state a server starts from (it reads shapes, not values)."""
+  k, b = schedule.num_clients, schedule.batch_size
+  return ClientData(jnp.zeros((k, b, *input_spec.shape), input_spec.dtype), jnp.zeros((k, b), jnp.int32),
+                    jnp.full((k,), b, jnp.int32))
 
 
 def leg_keys(algo: Algorithm) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:

@@ -373,7 +373,7 @@ class SplitServer(ServiceBase):
     else:
       self._smashed_template = jax.eval_shape(sl.client_forward, init.client, x_struct, y_struct,
                                               jax.random.key(0))[0]
-      algo = sched.algorithm("sequential_sl", sl, schedule)  # the simulation's keys and server step
+      algo = sched.algorithm("sequential_sl", sl, schedule, input_spec)  # the simulation's keys and server step
       self._server_step = jax.jit(algo.schedule.server_step)
       _, self._server_key = sched.leg_keys(algo)
     self._half_template = msgs.spec_of(sched.to_message(init.client))
