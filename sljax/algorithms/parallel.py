@@ -405,8 +405,7 @@ def local_loss_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, aux_head: S
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
 
   def predict(state: c.SimState, x, client: int = 0):
-    one = jax.tree.map(lambda a: a[client], state.clients)
-    one = one.replace(params=one.params["client"], model_state=one.model_state["client"])
+    one = client_half(jax.tree.map(lambda a: a[client], state.clients))
     return sl.predict(protocol.SplitState(one, state.server, state.round), x)[0]
 
   return c.Algorithm("local_loss_sl", init, round_fn, predict, local_steps, schedule=schedule, shared_model=False)
