@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from sljax.algorithms import Algorithm, SimState
 from sljax.data.clients import ClientData
 from sljax.execution import replicate, shard_clients
-from sljax.training import reuse_program
+from sljax.training import algorithm_evaluator, reuse_program
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +47,16 @@ def _fetch(value):
   return np.asarray(jax.device_get(value))
 
 
+# The round's training metrics, renamed in records to say what they are: means over the round's
+# training batches, measured during the steps (test figures come from `test=`).
+_TRAIN_NAMES = {"loss": "train_batch_loss", "accuracy": "train_batch_accuracy"}
+
+
 def _record(metrics: dict, round_number: int) -> dict:
   out = {"round": round_number}
   for name, value in metrics.items():
     value = _fetch(value)
-    out[name] = value.item() if value.ndim == 0 else value.tolist()
+    out[_TRAIN_NAMES.get(name, name)] = value.item() if value.ndim == 0 else value.tolist()
   return out
 
 
@@ -97,6 +104,16 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
       f.write(json.dumps(r) + "\n")
 
 
+def _tester(algorithm: Algorithm, state: SimState, test, *, jit: bool) -> Callable[[SimState], dict]:
+  """`run`'s `test` checked and placed once: the function of the state that tests it (`sljax.evaluate`)."""
+  if isinstance(test, ClientData):
+    return algorithm_evaluator(algorithm, state, test, names=("test", "test"), jit=jit)
+  if not isinstance(test, (tuple, list)) or len(test) != 2:
+    raise ValueError(f"test: expected a test set (x, y) or per-client data (a sljax.data.ClientData), got "
+                     f"{type(test).__name__}{f' of length {len(test)}' if isinstance(test, (tuple, list)) else ''}")
+  return algorithm_evaluator(algorithm, state, *test, names=("test[0]", "test[1]"), jit=jit)
+
+
 def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """An orbax manager for simulation states (one checkpoint per saved round)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
@@ -116,12 +133,13 @@ def run(
     data: ClientData,
     *,
     rounds: int,
+    test: ClientData | tuple[Any, Any] | None = None,
+    eval_every: int = 1,
     jit: bool = True,
     metrics_path: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     evaluate: Callable[[SimState], dict] | None = None,
-    evaluate_every: int = 0,
     progress: bool = False,
     donate: bool = True,
 ) -> tuple[SimState, list[dict]]:
@@ -132,11 +150,22 @@ def run(
     state: the initial state (`algorithm.init`); replaced by the latest checkpoint if there is one.
     data: the clients' data (`sljax.data.stack_clients`), placed as the state is (see `shard`).
     rounds: the total number of rounds (not the number still to run).
+    test: held-out data, tested every `eval_every` rounds and after the last, as `sljax.evaluate`
+      does (softmax cross-entropy for the loss): a test set `(x, y)`, or per-client data (a
+      `ClientData`, e.g. `sljax.data.stack_clients` of a held-out split). Where the clients share
+      one model (`algorithm.shared_model`: SplitFed, FedAvg, sequential SL, centralized), that model
+      on all the samples: `test_accuracy`, `test_loss`. Where each client keeps its own half
+      (parallel, local-loss, heterogeneous, U-shaped parallel SL), each half on its client's own
+      rows (or on the whole test set `(x, y)`): `test_accuracy_per_client`, `test_accuracy_mean`,
+      `test_accuracy_std`, `test_loss_mean`, `test_loss_per_client`. Checked once, before the first
+      round (the error names `test` and the shapes); one compiled program for all the rounds.
+    eval_every: test (and call `evaluate`) after every `eval_every`-th round and after the last.
     jit: compile each round into one program. Pass False with the `loop` executor to debug.
-    metrics_path: append one JSON line per round (loss, accuracy, bytes up/down per client and in
-      total, participation). On resume, lines after the restored round are dropped.
+    metrics_path: append one JSON line per round (its record, see below). On resume, lines after
+      the restored round are dropped.
     checkpoint_dir: save the whole state every `checkpoint_every` rounds and at the end.
-    evaluate: `evaluate(state) -> dict` merged into the round's record every `evaluate_every` rounds.
+    evaluate: `evaluate(state) -> dict` merged into the records of the rounds that are tested
+      (e.g. other metrics, or `sljax.evaluate` with another loss or batch size).
     progress: show a progress bar over rounds.
     donate: let each jitted round write the new state over the old one
       (`jax.jit(round, donate_argnums=0)`), so that a round holds one state instead of two. The
@@ -144,22 +173,42 @@ def run(
       it to `run` again raises a ValueError saying so. Pass False to keep using it (e.g. to start
       another run from the same state).
 
-  Records hold the round's metrics as Python numbers, plus `bytes_up_cumulative` and
-  `bytes_down_cumulative`: the bytes of rounds 1 to this one, summed on the host as Python ints
-  (exact past 2**31). A resumed run continues them from the metrics file's record of the restored
-  round; without one, its records leave them out.
+  Records hold the round's number and metrics as Python numbers: `train_batch_loss` and
+  `train_batch_accuracy` (the round's `loss` and `accuracy`: means over its training batches,
+  measured during the steps), the bytes up and down (per client and in total), participation and
+  completed steps; plus `bytes_up_cumulative` and `bytes_down_cumulative`: the bytes of rounds 1 to
+  this one, summed on the host as Python ints (exact past 2**31). A resumed run continues them
+  from the metrics file's record of the restored round; without one, its records leave them out.
+  The records of tested rounds add the test figures above.
+
+  Example:
+    >>> import optax, numpy as np, jax, sljax
+    >>> x = np.random.default_rng(0).normal(size=(80, 12)).astype(np.float32)
+    >>> y = np.argmax(x[:, :10], 1).astype(np.int32)
+    >>> train = sljax.data.stack_clients(x[:64], y[:64], sljax.data.iid(y[:64], num_clients=4, seed=0))
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(16,)), 1), client_optimizer=optax.sgd(0.1),
+    ...                    server_optimizer=optax.sgd(0.1))
+    >>> algo = sljax.algorithms.splitfed(sl, sljax.algorithms.ScheduleConfig(num_clients=4, batch_size=8),
+    ...                                    version=1)
+    >>> _, records = run(algo, algo.init(jax.random.key(0), train), train, rounds=3, test=(x[64:], y[64:]),
+    ...                  eval_every=2)
+    >>> ["test_accuracy" in r for r in records]  # rounds 2 and 3 (the last)
+    [False, True, True]
 
   Calling `run` again with the same `algorithm` and shapes reuses the compiled round.
 
   Returns:
     The final state and the records of the rounds run in this call.
   """
+  if isinstance(eval_every, bool) or not isinstance(eval_every, numbers.Integral) or eval_every < 1:
+    raise ValueError(f"eval_every: expected a positive int (test every that many rounds), got {eval_every!r}")
   manager = checkpoint_manager(checkpoint_dir) if checkpoint_dir is not None else None
   if manager is not None and manager.latest_step() is not None:
     state = restore(manager, state)
     logger.info("resumed from round %d", int(state.round))
   else:
     _check_live(state)
+  test_fn = None if test is None else _tester(algorithm, state, test, jit=jit)
   start = int(state.round)
   cumulative = _cumulative_before(metrics_path, start)
   if metrics_path is not None:
@@ -180,10 +229,14 @@ def run(
           if name in cumulative and name in record:
             cumulative[name] += int(record[name])  # a Python int: exact however large the total grows
             record[f"{name}_cumulative"] = cumulative[name]
-        if evaluate is not None and evaluate_every and (r + 1) % evaluate_every == 0:
-          record.update(evaluate(state))
+        if (r + 1) % eval_every == 0 or r + 1 == rounds:
+          if test_fn is not None:
+            record.update(test_fn(state))
+          if evaluate is not None:
+            record.update(evaluate(state))
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if "train_batch_loss" in record:
+          bar.set_postfix(loss=f"{record['train_batch_loss']:.4f}")
         if metrics_path is not None:
           with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -2,20 +2,28 @@
 
 The logic lives in the protocol's pure `step`; this module only shuffles, batches and loops. One
 epoch is one jitted program (`lax.scan` over its steps), so Python dispatch never sits on the hot
-path; the same driver trains `vanilla`, `u_shaped` and `centralized` trainers.
+path; the same driver trains `vanilla`, `u_shaped` and `centralized` trainers. `evaluate` also
+tests the models of a multi-client algorithm (`sljax.algorithms`), as `simulation.run` does.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import numbers
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
+
+from sljax.algorithms import Algorithm
+from sljax.algorithms._common import _host
+from sljax.data.clients import ClientData
+from sljax.protocol import ArraySpec, PartyState, softmax_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -160,14 +168,59 @@ def fit(
   return state, history
 
 
-def evaluate(trainer: Any, state: Any, x: Any, y: Any, *, batch_size: int = 1024) -> dict[str, float]:
-  """Accuracy and inference traffic of collaborative inference (client forward, then server).
+def evaluate(trainer: Any, state: Any, x: Any, y: Any = None, *, batch_size: int = 1024,
+             loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy) -> dict[str, Any]:
+  """Test figures of a trained model, as a dict: a trainer's (one client, one server) or an algorithm's.
 
-  Every sample counts: the last batch may be smaller (one more compile, for its shape). Calling
-  `evaluate` again with the same `trainer` and shapes reuses the compiled programs.
+  - `evaluate(sl, split_state, x, y)`, for a trainer (`vanilla`, `u_shaped`, `centralized`):
+    collaborative inference (client forward, then server) in batches of `batch_size`, every sample
+    counted (the last batch may be smaller: one more compile, for its shape). Returns `accuracy`
+    and the inference traffic `bytes_up`, `bytes_down`.
+  - `evaluate(algorithm, sim_state, x, y)` or `evaluate(algorithm, sim_state, test_clients)`, for
+    a multi-client algorithm (`sljax.algorithms`), with a test set `x`, `y` or per-client test data
+    (a `ClientData`, e.g. `sljax.data.stack_clients` of a held-out split). Where every client ends a
+    round with the same model (`algorithm.shared_model`: SplitFed, FedAvg, sequential SL,
+    centralized), that model on all the test samples: `test_accuracy` and `test_loss` (the mean
+    `loss` per sample). Where each client keeps its own half (parallel, local-loss, heterogeneous
+    and U-shaped parallel SL), each client's half on its own test data (row k of `test_clients`),
+    or on the whole test set `x`, `y`: `test_accuracy_per_client` (a list), `test_accuracy_mean`,
+    `test_accuracy_std` (over the clients, unweighted), `test_loss_mean` and
+    `test_loss_per_client`. `simulation.run(..., test=...)` writes these same figures into its
+    records. One jitted program per shape (`algorithm.predict` `vmap`ped over the clients,
+    batches of about `batch_size` samples in all under a `lax.scan`), compiled once.
+
+  Calling `evaluate` again with the same trainer or algorithm and shapes reuses the compiled programs.
+
+  Args:
+    trainer: a trainer (with `predict(state, x) -> (outputs, traffic)`) or an `Algorithm`.
+    state: its state (`SplitState`, `PartyState`; a `SimState` for an algorithm).
+    x: test features (N, *input shape), or for an algorithm a `ClientData` (then `y` is None).
+    y: integer labels (N,).
+    batch_size: the samples that go through the model at once (split among the clients when each
+      client's half is tested).
+    loss: for an algorithm, the per-batch mean loss that `test_loss` reports; softmax cross-entropy
+      unless given (a trainer reports no loss).
+
+  Example:
+    >>> import optax, numpy as np, jax, sljax
+    >>> x = np.random.default_rng(0).normal(size=(64, 12)).astype(np.float32)
+    >>> y = np.argmax(x[:, :10], 1).astype(np.int32)
+    >>> clients = sljax.data.stack_clients(x, y, sljax.data.iid(y, num_clients=4, seed=0))
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(16,)), 1), client_optimizer=optax.sgd(0.1),
+    ...                    server_optimizer=optax.sgd(0.1))
+    >>> algo = sljax.algorithms.parallel_sl(sl, sljax.algorithms.ScheduleConfig(num_clients=4, batch_size=8))
+    >>> state = algo.init(jax.random.key(0), clients)
+    >>> sorted(sljax.evaluate(algo, state, clients))  # each client's half on its own rows
+    ['test_accuracy_mean', 'test_accuracy_per_client', 'test_accuracy_std', 'test_loss_mean', 'test_loss_per_client']
+    >>> len(sljax.evaluate(algo, state, x, y)["test_accuracy_per_client"])  # every half on one test set
+    4
   """
+  if isinstance(trainer, Algorithm):
+    return algorithm_evaluator(trainer, state, x, y, batch_size=batch_size, loss=loss)(state)
   predict_fn = trainer.predict  # held for as long as the program runs (see reuse_program)
   predict = reuse_program(predict_fn, ("predict",), jax.jit)
+  if y is None:
+    raise ValueError("y: expected one label per sample of x, got None")
   x, y = np.asarray(x), np.asarray(y)
   _check_labels(x, y)
   correct, bytes_up, bytes_down = 0, 0, 0
@@ -177,3 +230,159 @@ def evaluate(trainer: Any, state: Any, x: Any, y: Any, *, batch_size: int = 1024
     bytes_up += int(traffic["bytes_up"])
     bytes_down += int(traffic["bytes_down"])
   return {"accuracy": correct / len(x), "bytes_up": bytes_up, "bytes_down": bytes_down}
+
+
+def algorithm_evaluator(algorithm: Algorithm, state: Any, x: Any, y: Any = None, *, batch_size: int = 1024,
+                        loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+                        names: tuple[str, str] = ("x", "y"), jit: bool = True) -> Callable[[Any], dict[str, Any]]:
+  """`evaluate(algorithm, ·, x, y)` as a function of the state: the test data checked and placed once.
+
+  `simulation.run` calls it once per run and the function it returns every few rounds. `state`
+  gives the shapes it checks against (the clients, the model's input); `names` are the arguments'
+  names in the errors (e.g. `("test[0]", "test[1]")`). See `evaluate` for the figures.
+
+  Raises:
+    ValueError: naming the argument, the expected and the given shape, when the features do not fit
+      the model's input, the labels do not fit the features, or per-client data has another number
+      of clients than the state.
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+    raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+  per_client = not algorithm.shared_model
+  num_clients = _num_clients(algorithm, state)
+  if per_client and num_clients is None:
+    raise ValueError(f"algorithm: expected a schedule or a stacked client axis to test each client's half, got "
+                     f"neither in {algorithm.name!r} (set shared_model=True if its clients share one model)")
+  test = _test_data(x, y, names=names, spec=_input_spec(state), num_clients=num_clients if per_client else None)
+  layout = "clients" if isinstance(x, ClientData) else "global"
+  slots = test.x.shape[0] if layout == "clients" else (num_clients if per_client else 1)
+  n = test.x.shape[1] if layout == "clients" else test.x.shape[0]
+  batch = max(1, min(n, int(batch_size) // slots))
+  options = ("evaluate", per_client, layout, batch, num_clients if per_client else None, loss)
+  predict = algorithm.predict  # held for as long as the program runs (see reuse_program)
+  build = functools.partial(_evaluation_program, per_client=per_client, layout=layout, batch=batch,
+                            num_clients=num_clients, loss=loss)
+  program = reuse_program(predict, options, lambda f: jax.jit(build(f))) if jit else build(predict)
+  count = np.asarray(test.count, np.float64) if layout == "clients" else np.full((slots,), n, np.float64)
+
+  def evaluate_state(state) -> dict[str, Any]:
+    correct, losses = program(state, test.x, test.y, test.count)
+    correct, losses = _host(correct).astype(np.float64), _host(losses).astype(np.float64)
+    if not per_client:
+      return {"test_accuracy": float(correct.sum() / count.sum()), "test_loss": float(losses.sum() / count.sum())}
+    accuracy, mean_loss = correct / count, losses / count
+    return {"test_accuracy_mean": float(accuracy.mean()), "test_accuracy_std": float(accuracy.std()),
+            "test_loss_mean": float(mean_loss.mean()), "test_accuracy_per_client": accuracy.tolist(),
+            "test_loss_per_client": mean_loss.tolist()}
+
+  return evaluate_state
+
+
+class _TestData(NamedTuple):
+  x: jax.Array  # (K, N, ...) per-client rows, or (N, ...) one test set
+  y: jax.Array  # (K, N) or (N,)
+  count: jax.Array | None  # (K,) real rows of each client; None for one test set
+
+
+def _num_clients(algorithm: Algorithm, state: Any) -> int | None:
+  """The state's number of clients K: the length of its schedule's client keys, else of its first
+  stacked field."""
+  if algorithm.schedule is not None:
+    return int(jax.eval_shape(algorithm.schedule.client_keys, state.key, 0, 0).shape[0])
+  if algorithm.stacked:
+    return int(jax.tree.leaves(getattr(state, algorithm.stacked[0]))[0].shape[0])
+  return None
+
+
+def _input_spec(state: Any) -> ArraySpec | None:
+  """The model's input: the spec of the first party in the state (the clients come before the
+  server; the centralized baseline's whole model is its server). None if the state holds no party."""
+  for node in jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, PartyState)):
+    if isinstance(node, PartyState):
+      return node.input_spec
+  return None
+
+
+def _describe(shape, dtype) -> str:
+  return f"{tuple(shape)} {np.dtype(dtype).name}"
+
+
+def _test_data(x, y, *, names: tuple[str, str], spec: ArraySpec | None, num_clients: int | None) -> _TestData:
+  """Checks test data on the host, before anything is traced, and puts it on the device."""
+  name_x, name_y = names
+  if isinstance(x, ClientData):
+    if y is not None:
+      raise ValueError(f"{name_y}: expected None with per-client data (its labels are {name_x}.y), got "
+                       f"{type(y).__name__}")
+    k = x.x.shape[0] if x.x.ndim else None
+    if num_clients is not None and k != num_clients:
+      raise ValueError(f"{name_x}: expected per-client data of {num_clients} clients (the state's), got {k} "
+                       f"(x of shape {_describe(x.x.shape, x.x.dtype)})")
+    lead = f"({num_clients if num_clients is not None else 'K'}, N"
+    if spec is not None and (tuple(x.x.shape[2:]) != spec.shape or x.x.ndim != len(spec.shape) + 2
+                             or np.dtype(x.x.dtype).name != spec.dtype):
+      raise ValueError(f"{name_x}.x: expected shape {spec.describe().replace('(B', lead)} (the model's input per "
+                       f"client), got {_describe(x.x.shape, x.x.dtype)}")
+    if tuple(x.y.shape) != tuple(x.x.shape[:2]) or not jnp.issubdtype(x.y.dtype, jnp.integer):
+      raise ValueError(f"{name_x}.y: expected integer labels of shape {tuple(x.x.shape[:2])}, one per row of "
+                       f"{name_x}.x, got {_describe(x.y.shape, x.y.dtype)}")
+    if tuple(x.count.shape) != tuple(x.x.shape[:1]):
+      raise ValueError(f"{name_x}.count: expected shape {tuple(x.x.shape[:1])}, one count per client, got "
+                       f"{tuple(x.count.shape)}")
+    return _TestData(jnp.asarray(x.x), jnp.asarray(x.y), jnp.asarray(x.count))
+  if y is None:
+    raise ValueError(f"{name_y}: expected one integer label per sample of {name_x}, got None")
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  if spec is not None and (tuple(x.shape[1:]) != spec.shape or x.ndim != len(spec.shape) + 1
+                           or np.dtype(x.dtype).name != spec.dtype):
+    raise ValueError(f"{name_x}: expected shape {spec.describe().replace('(B', '(N')} (the model's input), got "
+                     f"{_describe(x.shape, x.dtype)}")
+  if x.ndim == 0 or x.shape[0] == 0:
+    raise ValueError(f"{name_x}: expected at least one sample along a leading axis, got shape {tuple(x.shape)}")
+  if tuple(y.shape) != tuple(x.shape[:1]) or not jnp.issubdtype(y.dtype, jnp.integer):
+    raise ValueError(f"{name_y}: expected {x.shape[0]} integer labels, one per sample of {name_x}, got "
+                     f"{_describe(y.shape, y.dtype)}")
+  return _TestData(x, y, None)
+
+
+def _evaluation_program(predict: Callable, *, per_client: bool, layout: str, batch: int, num_clients: int | None,
+                        loss: Callable) -> Callable:
+  """`(state, x, y, count) -> (correct (C,), loss sums (C,))`: the hits and the summed per-sample
+  losses of each test slot C (a client's rows, or the one test set), through `predict`."""
+
+  def scores(state, client, x_N, y_N, n):
+    """One client's half (`client`) on one set of rows, `n` of them real, in a scan over batches."""
+    steps = -(-x_N.shape[0] // batch)
+    pad = steps * batch - x_N.shape[0]
+    x_SxB = jnp.pad(x_N, [(0, pad)] + [(0, 0)] * (x_N.ndim - 1)).reshape(steps, batch, *x_N.shape[1:])
+    y_SxB = jnp.pad(y_N, (0, pad)).reshape(steps, batch)
+    real_SxB = (jnp.arange(steps * batch) < n).reshape(steps, batch)
+
+    def body(totals, inputs):
+      x_B, y_B, real_B = inputs
+      out_B = predict(state, x_B, client=client)
+      losses_B = jax.vmap(lambda o, t: loss(o[None], t[None]))(out_B, y_B).astype(jnp.float32)
+      hits = jnp.sum((jnp.argmax(out_B, -1) == y_B) & real_B, dtype=jnp.int32)
+      return (totals[0] + hits, totals[1] + jnp.sum(jnp.where(real_B, losses_B, 0.0))), None
+
+    totals, _ = jax.lax.scan(body, (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)), (x_SxB, y_SxB, real_SxB))
+    return totals
+
+  def program(state, x, y, count):
+    if not per_client:  # one model: client 0's half stands for all
+      if layout == "global":
+        return jax.tree.map(lambda a: a[None], scores(state, 0, x, y, x.shape[0]))
+      return jax.vmap(lambda x_N, y_N, n: scores(state, 0, x_N, y_N, n))(x, y, count)
+    data_axis = 0 if layout == "clients" else None
+    n = count if layout == "clients" else x.shape[0]
+    count_axis = 0 if layout == "clients" else None
+    one = lambda k, x_N, y_N, n: scores(state, k, x_N, y_N, n)  # noqa: E731
+    try:
+      return jax.vmap(one, in_axes=(0, data_axis, data_axis, count_axis))(jnp.arange(num_clients), x, y, n)
+    except (jax.errors.TracerIntegerConversionError, jax.errors.ConcretizationTypeError):
+      # this algorithm's predict takes a concrete client (its halves differ in shape): one call each
+      pick = (lambda a, k: a[k]) if layout == "clients" else (lambda a, k: a)
+      outs = [one(k, pick(x, k), pick(y, k), pick(n, k)) for k in range(num_clients)]
+      return tuple(jnp.stack(parts) for parts in zip(*outs))
+
+  return program

@@ -26,4 +26,4 @@ state, data = simulation.shard(algo, state, data, mesh)
 state, history = simulation.run(algo, state, data, rounds=2)
 leaves = [np.asarray(multihost_utils.process_allgather(leaf, tiled=True)) for leaf in jax.tree.leaves(state)]
 if process_id == 0:
-  np.savez(out_path, *leaves, loss=np.asarray([h["loss"] for h in history]))
+  np.savez(out_path, *leaves, loss=np.asarray([h["train_batch_loss"] for h in history]))

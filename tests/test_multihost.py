@@ -36,6 +36,6 @@ def test_two_processes_equal_one(tmp_path):
   algo, state, data = make()
   state, history = simulation.run(algo, state, data, rounds=2)
   got = np.load(out)
-  np.testing.assert_allclose(got["loss"], [h["loss"] for h in history], rtol=1e-6)
+  np.testing.assert_allclose(got["loss"], [h["train_batch_loss"] for h in history], rtol=1e-6)
   for i, leaf in enumerate(jax.tree.leaves(state)):
     np.testing.assert_allclose(got[f"arr_{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6)

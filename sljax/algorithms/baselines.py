@@ -88,7 +88,7 @@ def fedavg(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorit
   def predict(state: c.SimState, x, client: int = 0):
     return central.predict(jax.tree.map(lambda a: a[client], state.clients), x)[0]
 
-  return c.Algorithm("fedavg", init, round_fn, predict, local_steps, schedule=schedule)
+  return c.Algorithm("fedavg", init, round_fn, predict, local_steps, schedule=schedule, shared_model=True)
 
 
 def centralized_baseline(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorithm:
@@ -138,4 +138,5 @@ def centralized_baseline(central: protocol.Centralized, config: c.ScheduleConfig
     del client
     return central.predict(state.server, x)[0]
 
-  return c.Algorithm("centralized", init, round_fn, predict, local_steps, stacked=(), schedule=schedule)
+  return c.Algorithm("centralized", init, round_fn, predict, local_steps, stacked=(), schedule=schedule,
+                     shared_model=True)

@@ -209,5 +209,6 @@ def heterogeneous_parallel_sl(
       h, _ = bridges[gi].apply(params["bridges"][gi], model_state["bridges"][gi], h, key=None, train=False)
     return body.apply(params["body"], model_state["body"], h, key=None, train=False)[0]
 
-  return c.Algorithm("heterogeneous_parallel_sl", init, round_fn, predict, local_steps, schedule=schedule)
+  return c.Algorithm("heterogeneous_parallel_sl", init, round_fn, predict, local_steps, schedule=schedule,
+                     shared_model=False)
 

@@ -249,4 +249,4 @@ def u_shaped_parallel_sl(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Al
     one = jax.tree.map(lambda a: a[client], state.clients)
     return sl.predict(protocol.SplitState(one, state.server, state.round), x)[0]  # fresh codec states
 
-  return c.Algorithm("parallel_sl_u", init, round_fn, predict, local_steps, schedule=schedule)
+  return c.Algorithm("parallel_sl_u", init, round_fn, predict, local_steps, schedule=schedule, shared_model=False)

@@ -230,4 +230,5 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) ->
     return sl.predict(protocol.SplitState(one, server, state.round), x)[0]
 
   stacked = ("clients", "server") if version == 1 else ("clients",)
-  return c.Algorithm(f"splitfed_v{version}", init, round_fn, predict, local_steps, stacked, schedule)
+  return c.Algorithm(f"splitfed_v{version}", init, round_fn, predict, local_steps, stacked, schedule,
+                     shared_model=True)
