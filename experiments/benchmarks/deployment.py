@@ -68,10 +68,10 @@ from common import compare, emit, environment, quartiles, round_order
 
 import sljax
 from sljax import transport as T
-from sljax.algorithms import ScheduleConfig, parallel_sl, splitfed
+from sljax.transport import schedule as sched
 from sljax.transport import demo, wire
 
-ALGORITHMS = ("parallel_sl", "splitfed_v1", "splitfed_v2")
+ALGORITHMS = T.ALGORITHMS  # every algorithm that runs over the network
 DEFAULT_ALGORITHMS = ("parallel_sl", "splitfed_v1")
 VARIANTS = ("grpc", "in_process", "simulation")
 MODEL, HIDDEN, LR, SEED = "mlp", (128, 128), 2e-3, 0  # `sljax serve`'s defaults, but for --hidden
@@ -267,9 +267,7 @@ def simulation(cfg: Config, setup: demo.DigitsSetup):
   """`run() -> Run` of the fused simulation, its round compiled and the warm-up rounds run beforehand."""
   opt = optax.adam(LR)
   sl = sljax.vanilla(setup.model, client_optimizer=opt, server_optimizer=opt)
-  config = ScheduleConfig(num_clients=cfg.num_clients, batch_size=cfg.batch_size, local_steps=cfg.local_steps)
-  algo = (parallel_sl(sl, config) if cfg.algorithm == "parallel_sl"
-          else splitfed(sl, config, version=int(cfg.algorithm[-1])))
+  algo = sched.algorithm(cfg.algorithm, sl, cfg.schedule, sljax.ArraySpec.of(setup.dataset.x_train))  # the registry's
   x, y = setup.dataset.x_train, setup.dataset.y_train
   data = sljax.data.stack_clients(x, y, sljax.data.iid(y, num_clients=cfg.num_clients, seed=0))
   round_fn = jax.jit(algo.round)

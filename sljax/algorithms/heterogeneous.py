@@ -200,10 +200,7 @@ def heterogeneous_parallel_sl(
   def predict(state: c.SimState, x, client: int = 0):
     gi = levels.index(cuts[client])
     party = jax.tree.map(lambda a: a[int(np.flatnonzero(groups[gi] == client)[0])], state.clients[gi])
-    h, _ = client_stages[gi].apply(party.params, party.model_state, x, key=None, train=False)
-    # through the uplink codec from a fresh state, as `Vanilla.predict`
-    payload, _ = up_codec.encode(h, up_codec.init(h), jax.random.fold_in(jax.random.key(0), protocol.CODEC_STREAM))
-    h = up_codec.decode(payload)
+    h = up_codec.decode(protocols[gi].client_infer(party, x).activations)  # the group's inference leg
     params, model_state = state.server.params, state.server.model_state
     if bridges[gi] is not None:
       h, _ = bridges[gi].apply(params["bridges"][gi], model_state["bridges"][gi], h, key=None, train=False)

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 
 from sljax import messages as msgs
 from sljax import simulation
-from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, UShaped, Vanilla
+from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
 from sljax.transport import wire
@@ -190,39 +190,33 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
       transport=transport, client=client, schedule=schedule, run_key=run_key, x=x, y=y,
       rows=sched.row_order(client=client, count=len(x), batch_size=b, run_key=run_key),
       forward=jax.jit(sl.client_forward), backward=jax.jit(sl.client_backward),
-      infer=jax.jit(functools.partial(_infer, model, sl, legs.get("client_half"))),
+      infer=jax.jit(functools.partial(_infer, sl, legs.get("client_half"))),
       input_spec=whole.client.input_spec, output_spec=ArraySpec.of(out),
       half_template=msgs.spec_of(sched.to_message(half_struct)),
       down_template=down, timeout=timeout, algorithm=hello["algorithm"], lease_seconds=float(hello["lease_seconds"]),
       weights_template=msgs.spec_of(_weights_of(half_struct)),
       answer_template=functools.partial(jax.eval_shape, sched.inference_answer(model, sl),
                                         jax.eval_shape(sl.init, jax.random.key(0), x1).server),
-      finish=jax.jit(functools.partial(_finish, model, sl)), **legs)
+      finish=jax.jit(functools.partial(_finish, sl)), **legs)
   _warm_up(session, half_struct)
   return session
 
 
-def _infer(model: SplitModel, sl: Vanilla | UShaped, client_half: Callable | None, half: PartyState, x) -> Any:
-  """The client half (U-shaped: the head) in eval mode, through the uplink codec from a fresh state,
-  as `Vanilla.predict` and `UShaped.predict`; `client_half` takes the half out of a party that holds
-  more (local-loss SL's auxiliary head)."""
+def _infer(sl: Vanilla | UShaped, client_half: Callable | None, half: PartyState, x) -> Any:
+  """The client's inference leg (`sl.client_infer`: its half, U-shaped its head, in eval mode,
+  through the uplink codec from a fresh state); `client_half` takes the half out of a party that
+  holds more (local-loss SL's auxiliary head). Returns the uplink payload."""
   if client_half is not None:
     half = client_half(half)
-  params, model_state = half.params, half.model_state
-  if isinstance(sl, UShaped):
-    params, model_state = params["head"], model_state["head"]
-  smashed = model.client.apply(params, model_state, x, key=None, train=False)[0]
-  key = jax.random.fold_in(jax.random.key(0), CODEC_STREAM)
-  return sl.uplink.encode(smashed, sl.uplink.init(smashed), key)[0]
+  return sl.client_infer(half, x).activations
 
 
-def _finish(model: SplitModel, sl: Vanilla | UShaped, half: PartyState, answer: Any) -> Any:
-  """The outputs of a `Predict` answer: its logits; U-shaped, the tail (eval mode) on the body's
-  output through the downlink codec, as `UShaped.predict`."""
+def _finish(sl: Vanilla | UShaped, half: PartyState, answer: Any) -> Any:
+  """The outputs of a `Predict` answer: its logits; U-shaped, the tail's leg (`client_tail_infer`)
+  on the body's output, as `UShaped.predict`."""
   if not isinstance(sl, UShaped):
     return answer.logits
-  body = sl.downlink.decode(answer.activations)
-  return model.tail.apply(half.params["tail"], half.model_state["tail"], body, key=None, train=False)[0]
+  return sl.client_tail_infer(half, answer)
 
 
 def _warm_up(session: Session, half_struct: PartyState) -> None:

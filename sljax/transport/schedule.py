@@ -22,7 +22,7 @@ from sljax.algorithms import REGISTRY, Algorithm, ScheduleConfig, linear_head, l
 from sljax.algorithms import _common as algorithms_common
 from sljax.algorithms.sequential import turn_step_key
 from sljax.data.clients import ClientData, client_batches
-from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, SplitState, UShaped, Vanilla
+from sljax.protocol import ArraySpec, PartyState, SplitState, UShaped, Vanilla
 from sljax.split import SplitModel
 
 
@@ -111,18 +111,13 @@ def u_shaped_messages(sl: UShaped, state: SplitState, x, labels) -> tuple[msgs.S
 
 
 def inference_answer(model: SplitModel, sl: Vanilla | UShaped) -> Callable[[PartyState, Any], Any]:
-  """`answer(server half, uplink payload) -> message`: the server's side of `Predict`, in eval mode.
+  """`answer(server half, uplink payload) -> message`: the server's side of `Predict`, the
+  protocol's own inference leg (`sl.server_infer`): vanilla, a `Prediction`; U-shaped, a
+  `BodyOutput` through the downlink codec from a fresh state, as `UShaped.predict`."""
+  del model
 
-  Vanilla: `Prediction(server half's output)`, as `Vanilla.predict`. U-shaped: `BodyOutput(the
-  body's output through the downlink codec from a fresh state, key fold_in(key(0), CODEC_STREAM +
-  1))`, as `UShaped.predict`; the client's tail does the rest.
-  """
   def answer(party: PartyState, payload) -> Any:
-    out = model.server.apply(party.params, party.model_state, sl.uplink.decode(payload), key=None, train=False)[0]
-    if not isinstance(sl, UShaped):
-      return msgs.Prediction(out)
-    key = jax.random.fold_in(jax.random.key(0), CODEC_STREAM + 1)
-    return msgs.BodyOutput(sl.downlink.encode(out, sl.downlink.init(out), key)[0])
+    return sl.server_infer(party, msgs.SmashedData(payload))
 
   return answer
 
