@@ -1,6 +1,6 @@
 """sljax: split learning for JAX."""
 
-from sljax import algorithms, codecs, data, execution, models, network, simulation
+from sljax import algorithms, codecs, data, execution, merges, models, network, simulation
 from sljax.messages import (
     BodyOutput,
     CutGradient,
@@ -28,14 +28,17 @@ from sljax.split import (
     InputShapeError,
     SplitModel,
     Stage,
+    VerticalModel,
     cut,
     function_stage,
     linen_stage,
     nnx_stage,
     sequential,
     split_model,
+    vertical_model,
 )
 from sljax.training import evaluate, fit
+from sljax.vertical import VerticalState, vertical_sl
 
 __version__ = "0.1.0"
 
@@ -54,6 +57,8 @@ __all__ = [
     "SplitState",
     "Stage",
     "TailGradient",
+    "VerticalModel",
+    "VerticalState",
     "accuracy",
     "algorithms",
     "centralized",
@@ -66,6 +71,7 @@ __all__ = [
     "from_bytes",
     "function_stage",
     "linen_stage",
+    "merges",
     "models",
     "network",
     "nnx_stage",
@@ -76,5 +82,7 @@ __all__ = [
     "to_bytes",
     "u_shaped",
     "vanilla",
+    "vertical_model",
+    "vertical_sl",
     "wire_size",
 ]

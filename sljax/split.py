@@ -495,3 +495,215 @@ def cut(layers: Sequence[Any], k: int, k2: int | None = None) -> SplitModel:
 def flatten(x: jax.Array) -> jax.Array:
   """Flattens all but the leading (batch) axis."""
   return jnp.reshape(x, (x.shape[0], -1))
+
+
+# Several bottoms joined by a merge: the model side of vertical split learning.
+
+
+class Merge(NamedTuple):
+  """How the label party joins the bottoms' outputs (the smashed data) into the top's input.
+
+  A stage on a tuple of arrays, one per bottom (`init(key, hs)`, `apply(params, model_state, hs,
+  *, key, train)`), with `check(hs, names)`, which raises a ValueError naming the party and the
+  shapes when the outputs cannot be merged. `VerticalModel` calls `check` at trace time before
+  every `init` and `apply` of the merge. Made by the factories in `sljax.merges`; `vertical_model`
+  also takes a `Stage` or a function of the tuple, unchecked.
+  """
+
+  init: Callable[..., tuple[PyTree, PyTree]]
+  apply: Callable[..., tuple[jax.Array, PyTree]]
+  name: str
+  check: Callable[[Sequence[Any], Sequence[str]], None]
+
+
+def _no_check(hs, names) -> None:
+  del hs, names
+
+
+def as_merge(merge: Any) -> Merge:
+  """Turns a Merge, a Stage on the tuple of bottom outputs, or a function of it into a Merge."""
+  if isinstance(merge, Merge):
+    return merge
+  if isinstance(merge, Stage) or callable(merge):
+    stage = as_stage(merge)
+    return Merge(stage.init, stage.apply, stage.name or "merge", _no_check)
+  raise TypeError(f"merge: expected a Merge (sljax.merges), a Stage or a function of the tuple of bottom outputs, "
+                  f"got {type(merge).__name__}")
+
+
+# Layer names of `VerticalModel.compose()` other than the parties'.
+_LABEL, _MERGE, _TOP = "label", "merge", "top"
+
+
+class VerticalModel(NamedTuple):
+  """Several bottoms, one per party, joined by a merge and a top: vertical split learning's model.
+
+  Party p runs `bottoms[p]` on its own feature columns `xs[p]`; the label party merges the
+  bottoms' outputs (`merge`) and runs `top` on the result. `names` are the parties' names (error
+  messages and `compose()`'s layers use them). `label_party`, if set, names the bottom the label
+  party holds itself (features of its own): its smashed data never crosses the network.
+
+  `init(key, xs)` and `apply(params, model_state, xs, *, key, train)` are those of a `Stage` on the
+  tuple of per-party inputs. Params and model state are tuples with one entry per party, in
+  order, then the label party's `(merge, top)`.
+
+  Keys: the key is split into P + 1 keys, `jax.random.split(key, P + 1)`: bottom p takes key p,
+  the label party the last, which it splits in two (merge, then top) as `sequential` does. The
+  split legs (`sljax.vertical_sl`) split a step key the same way, so split training equals
+  centralized training of `compose()`, dropout included.
+
+  Built by `vertical_model`.
+  """
+
+  bottoms: tuple[Stage, ...]
+  merge: Merge
+  top: Stage
+  names: tuple[str, ...]
+  label_party: str | None = None
+
+  @property
+  def num_parties(self) -> int:
+    return len(self.bottoms)
+
+  @property
+  def label_stage(self) -> Stage:
+    """What the label party runs on the tuple of smashed data: the merge, then the top.
+
+    A stack with layers "merge" and "top": its params are `(merge_params, top_params)`.
+    """
+    names, merge = self.names, self.merge
+
+    def init(key, hs):
+      merge.check(hs, names)
+      return merge.init(key, hs)
+
+    def apply(params, model_state, hs, *, key, train):
+      merge.check(hs, names)
+      return merge.apply(params, model_state, hs, key=key, train=train)
+
+    return sequential(Stage(init, apply, _MERGE), self.top._replace(name=_TOP), name=_LABEL)
+
+  def check_inputs(self, xs: Any) -> tuple:
+    """`xs` as a tuple, checked to hold one batch per party, all with the same number of examples."""
+    n = self.num_parties
+    if not isinstance(xs, (tuple, list)):
+      raise ValueError(f"xs: expected a tuple of {n} inputs, one per party {self.names}, got {describe(xs)}")
+    if len(xs) != n:
+      raise ValueError(f"xs: expected a tuple of {n} inputs, one per party {self.names}, got {len(xs)} inputs")
+    for i, x in enumerate(xs):
+      if jnp.ndim(x) == 0:
+        raise ValueError(f"xs[{i}]: party {self.names[i]!r} expects a batch with a leading batch axis, "
+                         f"got {describe(x)}")
+    batch = jnp.shape(xs[0])[0]
+    for i, x in enumerate(xs[1:], 1):
+      if jnp.shape(x)[0] != batch:
+        raise ValueError(f"xs[{i}]: every party holds the same examples in the same order; party "
+                         f"{self.names[i]!r} has {describe(x)}, party {self.names[0]!r} {describe(xs[0])}")
+    return tuple(xs)
+
+  def init(self, key, xs) -> tuple[tuple, tuple]:
+    """Params and model state of every part, on an example batch per party (checked, see `check_inputs`)."""
+    xs = self.check_inputs(xs)
+    keys = jax.random.split(key, self.num_parties + 1)
+    params, states, hs = [], [], []
+    for i, (bottom, k, x) in enumerate(zip(self.bottoms, keys[:-1], xs, strict=True)):
+      try:
+        p, s = bottom.init(k, x)
+        h, _ = bottom.apply(p, s, x, key=None, train=False)
+      except InputShapeError as e:
+        raise ValueError(f"xs[{i}]: the bottom of party {self.names[i]!r} expects shape {e.expected}, got {e.got}") from None
+      except Exception as e:  # noqa: BLE001 -- re-raised naming the party and its input
+        raise ValueError(f"xs[{i}]: the bottom of party {self.names[i]!r} cannot take input of shape {describe(x)}: "
+                         f"{e}") from None
+      params.append(p)
+      states.append(s)
+      hs.append(h)
+    label = self.label_stage
+    hs = tuple(hs)
+    # The merge's errors name the parties (Merge.check); the top's are said against the merge's output.
+    k_merge, k_top = jax.random.split(keys[-1], 2)  # as `sequential` splits the label stage's key
+    merge_stage, top = label.layers
+    p_merge, s_merge = merge_stage.init(k_merge, hs)
+    merged, _ = merge_stage.apply(p_merge, s_merge, hs, key=None, train=False)
+    try:
+      p_top, s_top = top.init(k_top, merged)
+    except InputShapeError as e:
+      raise ValueError(f"mismatched parts: the merge ({self.merge.name}) outputs shape {describe(merged)}, but the "
+                       f"top expects shape {e.expected}") from None
+    except Exception as e:  # noqa: BLE001 -- re-raised with the shape the top was given
+      raise ValueError(f"mismatched parts: the merge ({self.merge.name}) outputs shape {describe(merged)}, which "
+                       f"the top cannot take: {e}") from None
+    return tuple(params) + ((p_merge, p_top),), tuple(states) + ((s_merge, s_top),)
+
+  def apply(self, params, model_state, xs, *, key, train) -> tuple[jax.Array, tuple]:
+    """The whole model on the tuple of per-party inputs: the bottoms, the merge, the top."""
+    xs = self.check_inputs(xs)
+    n = self.num_parties
+    keys = [None] * (n + 1) if key is None else jax.random.split(key, n + 1)
+    hs, states = [], []
+    for bottom, p, s, x, k in zip(self.bottoms, params[:n], model_state[:n], xs, keys[:n], strict=True):
+      h, s = bottom.apply(p, s, x, key=k, train=train)
+      hs.append(h)
+      states.append(s)
+    out, label_state = self.label_stage.apply(params[n], model_state[n], tuple(hs), key=keys[n], train=train)
+    return out, tuple(states) + (label_state,)
+
+  def compose(self) -> Stage:
+    """The whole model as one stage on the tuple of per-party inputs (centralized training), same key split.
+
+    Its layers are the parties, by name, then "label" (holding "merge" and "top"); `get_layer`
+    finds the layers inside them too: `model.compose().get_layer(params, "merge")`.
+    """
+    layers = tuple(b._replace(name=n) for b, n in zip(self.bottoms, self.names, strict=True)) + (self.label_stage,)
+    return Stage(self.init, self.apply, None, layers)
+
+
+def vertical_model(bottoms: Sequence[Any], merge: Any, top: Any, *, names: Sequence[str] | None = None,
+                   label_party: str | None = None) -> VerticalModel:
+  """A model with one bottom per party, joined by a merge and a top (vertical split learning).
+
+  Args:
+    bottoms: one per party, in order: Stages (e.g. `cut(layers, k).client` or `sequential(...)`),
+      Linen or NNX modules, or functions. Party p's bottom takes its own columns `xs[p]`.
+    merge: how the label party joins the bottoms' outputs: `sljax.merges.concat()`, `sum()`,
+      `mean()`, `attention()`, or a Stage/function of the tuple of outputs (unchecked). A learned
+      merge's params live with the top, on the label party.
+    top: what the label party runs on the merged outputs, up to the model's outputs.
+    names: the parties' names, distinct strings other than "label", "merge" and "top";
+      `party_<p>` by default.
+    label_party: the name of the bottom the label party holds itself, if it holds features of its
+      own; None if it holds only the labels.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, sljax
+    >>> model = sljax.vertical_model([nn.Dense(8), nn.Dense(4)], sljax.merges.concat(), nn.Dense(10),
+    ...                              names=["bank", "shop"])
+    >>> xs = (jnp.ones((2, 5)), jnp.ones((2, 3)))
+    >>> params, state = model.init(jax.random.key(0), xs)
+    >>> model.apply(params, state, xs, key=None, train=False)[0].shape
+    (2, 10)
+    >>> model.compose().get_layer(params, "top")["kernel"].shape
+    (12, 10)
+  """
+  # A Stage is a tuple too: a single stage is not a list of bottoms.
+  if isinstance(bottoms, (Stage, Merge)) or not isinstance(bottoms, Sequence):
+    raise TypeError(f"bottoms: expected a list with one bottom per party, got {type(bottoms).__name__}")
+  if not bottoms:
+    raise ValueError("bottoms: expected at least one bottom, got none")
+  stages = tuple(as_stage(b) for b in bottoms)
+  if names is None:
+    names = tuple(f"party_{i}" for i in range(len(stages)))
+  else:
+    names = tuple(names)
+    if len(names) != len(stages):
+      raise ValueError(f"names: expected one name per bottom ({len(stages)}), got {len(names)}: {names}")
+    for n in names:
+      if not isinstance(n, str):
+        raise TypeError(f"names: expected party names (str), got {type(n).__name__}")
+      if n in (_LABEL, _MERGE, _TOP):
+        raise ValueError(f"names: {n!r} names a part of the label party; expected other names, got {names}")
+      if names.count(n) > 1:
+        raise ValueError(f"names: expected distinct party names, got {names} ({n!r} more than once)")
+  if label_party is not None and label_party not in names:
+    raise ValueError(f"label_party: expected None or one of the parties {names}, got {label_party!r}")
+  return VerticalModel(stages, as_merge(merge), as_stage(top), names, label_party)
