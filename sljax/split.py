@@ -17,6 +17,10 @@ this module only, so drift in the Flax API touches one file.
 A stage made by `sequential` or `cut` has named layers: its params (and model state) are a tuple
 with one entry per layer, and `stage.layer_names`, `stage.get_layer(params, name)` and
 `stage.set_layer(params, name, value)` read and write them by name.
+
+For vertical split learning, `vertical_model` joins several bottoms, one per party, with a `Merge`
+(`sljax.merges`) and a top: a `VerticalModel`, whose `init` and `apply` take a tuple of per-party
+inputs and whose `compose()` is the whole model as one stage.
 """
 
 from __future__ import annotations
