@@ -615,7 +615,8 @@ class VerticalModel(NamedTuple):
         p, s = bottom.init(k, x)
         h, _ = bottom.apply(p, s, x, key=None, train=False)
       except InputShapeError as e:
-        raise ValueError(f"xs[{i}]: the bottom of party {self.names[i]!r} expects shape {e.expected}, got {e.got}") from None
+        raise ValueError(f"xs[{i}]: the bottom of party {self.names[i]!r} expects shape {e.expected}, "
+                         f"got {e.got}") from None
       except Exception as e:  # noqa: BLE001 -- re-raised naming the party and its input
         raise ValueError(f"xs[{i}]: the bottom of party {self.names[i]!r} cannot take input of shape {describe(x)}: "
                          f"{e}") from None
