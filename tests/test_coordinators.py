@@ -38,7 +38,7 @@ def _coordinator(setup, algorithm):
   smashed = jax.eval_shape(sl.client_forward, init.client, x_struct, y_struct, jax.random.key(0))[0]
   first = jax.tree.map(lambda a: a[0], sim.clients)
   c = coord.COORDINATORS[algorithm](algo, schedule=SCHEDULE, lease_seconds=1.0, smashed_template=smashed,
-                                    weights_template=msgs.spec_of(coord._weights_of(first)), max_message_bytes=1 << 26)
+                                    weights_template=msgs.spec_of(coord.weights_of(first)), max_message_bytes=1 << 26)
   s = c.start(c.initial(sim)).replace(samples=np.array([10, 30], np.int32))
   return c, s, init
 
@@ -125,7 +125,7 @@ def test_copies_serve_at_once_and_average_at_the_end_of_the_round(setup):
       s, reply = c.on_commit(s, k, 0, step)
       assert isinstance(reply, coord.Reply)
   assert s.volatile.must_save  # a client's last step of the round is made durable at once
-  half = msgs.to_bytes(coord._weights_of(init.client))
+  half = msgs.to_bytes(coord.weights_of(init.client))
   s, reply = c.on_put(s, 0, 0, SCHEDULE.local_steps, half)
   assert int(s.durable.round) == 0 and c.waited_for(s, 1)  # client 0 waits for client 1's weights
   s, get = c.on_get(s, 0, 1, 5.0, b"")

@@ -39,6 +39,7 @@ from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
 from sljax.transport import wire
+from sljax.transport.coordinators import weights_of
 from sljax.transport.wire import Transport, TransportError
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
       input_spec=whole.client.input_spec, output_spec=ArraySpec.of(out),
       half_template=msgs.spec_of(sched.to_message(half_struct)),
       down_template=down, timeout=timeout, algorithm=hello["algorithm"], lease_seconds=float(hello["lease_seconds"]),
-      weights_template=msgs.spec_of(_weights_of(half_struct)),
+      weights_template=msgs.spec_of(weights_of(half_struct)),
       answer_template=functools.partial(jax.eval_shape, sched.inference_answer(model, sl),
                                         jax.eval_shape(sl.init, jax.random.key(0), x1).server),
       finish=jax.jit(functools.partial(_finish, sl)), **legs)
@@ -235,11 +236,6 @@ def _warm_up(session: Session, half_struct: PartyState) -> None:
     _, head = session.forward(half, x, k_head)
     _, pending, _ = session.tail_step(half, head, jax.tree.map(zeros, session.body_template), y, k_tail)
   jax.block_until_ready(session.backward(half, pending, down))
-
-
-def _weights_of(half: PartyState) -> msgs.ModelWeights:
-  """What a SplitFed client hands in for averaging: its params and model state."""
-  return msgs.ModelWeights({"params": half.params, "model_state": half.model_state})
 
 
 def _client_key(session: Session, round_: int, step: int) -> jax.Array:
@@ -526,7 +522,7 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
     if completed and session.algorithm in _AVERAGED:
       try:
         _call(session, "Handover", {"round": round_, "op": "put", "steps": schedule.local_steps, "wait": 0.0,
-                                    "message": msgs.to_bytes(_weights_of(half))})
+                                    "message": msgs.to_bytes(weights_of(half))})
       except TransportError as e:  # dropped between its last commit and the handover: out of the average
         if e.code != _FAILED:
           raise

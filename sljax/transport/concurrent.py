@@ -129,7 +129,7 @@ class ConcurrentServer(ServiceBase):
     smashed = jax.eval_shape(sl.client_forward, halves.client, x_struct, y_struct, jax.random.key(0))[0]
     self.coordinator = coord.COORDINATORS[algorithm](
         algo, schedule=self.schedule, lease_seconds=self.lease_seconds, smashed_template=smashed,
-        weights_template=msgs.spec_of(coord._weights_of(first)), max_message_bytes=self.max_message_bytes)
+        weights_template=msgs.spec_of(coord.weights_of(first)), max_message_bytes=self.max_message_bytes)
     self._configure_inference(model, sl)
 
     self._last_seen: dict[int, float] = {}

@@ -164,7 +164,7 @@ def _i32(x) -> np.ndarray:
   return np.array(x, np.int32)
 
 
-def _weights_of(party: PartyState) -> msgs.ModelWeights:
+def weights_of(party: PartyState) -> msgs.ModelWeights:
   """What a SplitFed client hands in for averaging: its params and model state."""
   return msgs.ModelWeights({"params": party.params, "model_state": party.model_state})
 
@@ -203,7 +203,7 @@ class Coordinator:
     """The state before any round: the server's part of the simulated algorithm's `init` (its
     `SimState`), so the server starts where the simulation does."""
     k = self.num_clients
-    one = _weights_of(jax.tree.map(lambda a: a[0], sim.clients)).params
+    one = weights_of(jax.tree.map(lambda a: a[0], sim.clients)).params
     weights = c.stack_party(one, k) if self.averages else ()
     average = one if self.averages else ()  # before any round, the "average" is the initial client half
     state = ConcurrentState(
