@@ -1,7 +1,6 @@
 """The drivers (`fit`, `evaluate`, `simulation.run`): no recompilation across calls, donated states, dropped
 samples, exact byte totals."""
 
-import contextlib
 import json
 import logging
 
@@ -17,27 +16,10 @@ from sljax import algorithms as A
 from sljax import data as D
 from sljax import simulation
 from sljax.protocol import Metrics
+from compile_helpers import count_compiles
 
 B = 8
 OPT = optax.sgd(0.1)
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-@contextlib.contextmanager
-def _count_compiles():
-  """Collects one entry per XLA compilation made inside the block."""
-  events = []
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == COMPILE_EVENT:
-      events.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield events
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _xy(n, *, features=12, seed=0):
@@ -67,7 +49,7 @@ def test_fit_and_evaluate_again_neither_trace_nor_compile():
   state = sl.init(jax.random.key(0), x[:1])
   first, first_history = sljax.fit(sl, state, x, y, key=jax.random.key(1), epochs=2, batch_size=B)
   first_eval = sljax.evaluate(sl, first, x, y, batch_size=32)
-  with _count_compiles() as compiles:
+  with count_compiles() as compiles:
     again, again_history = sljax.fit(sl, state, x, y, key=jax.random.key(1), epochs=2, batch_size=B)
     again_eval = sljax.evaluate(sl, again, x, y, batch_size=32)
   assert compiles == []
@@ -82,7 +64,7 @@ def test_run_again_neither_traces_nor_compiles():
   histories = []
   for i in range(2):  # a cell that starts a run from a fresh state, run twice
     state = algo.init(jax.random.key(0), data)
-    with _count_compiles() as compiles:
+    with count_compiles() as compiles:
       _, history = simulation.run(algo, state, data, rounds=2)
     assert i == 0 or compiles == []
     histories.append(history)

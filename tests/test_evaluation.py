@@ -1,7 +1,6 @@
 """Evaluation of every algorithm (`sljax.evaluate`, `simulation.run(test=...)`): equal to accuracy computed by hand
 with `algo.predict`, per client where each client keeps its own half; `eval_every`; no recompilation; bad test data."""
 
-import contextlib
 import doctest
 
 import chex
@@ -15,11 +14,11 @@ import sljax
 from sljax import algorithms as A
 from sljax import data as D
 from sljax import simulation, training
+from compile_helpers import count_compiles
 
 K = 4
 B = 8
 OPT = optax.adam(1e-2)
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def _xy(n, *, features=12, seed=0):
@@ -61,23 +60,6 @@ ALGORITHMS = {  # every algorithm in the registry, small
                                                   _config()),
 }
 SHARED = {"sequential_sl", "splitfed_v1", "splitfed_v2", "fedavg", "centralized"}
-
-
-@contextlib.contextmanager
-def _count_compiles():
-  """Collects one entry per XLA compilation made inside the block."""
-  events = []
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == COMPILE_EVENT:
-      events.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield events
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _by_hand(algo, state, x, y, client=0):
@@ -191,7 +173,7 @@ def test_evaluation_compiles_once_across_rounds_and_calls():
   x, y = _xy(24, seed=1)
   for i in range(2):  # a notebook cell run twice
     state = algo.init(jax.random.key(0), train)
-    with _count_compiles() as compiles:
+    with count_compiles() as compiles:
       state, records = simulation.run(algo, state, train, rounds=3, test=held_out)
       figures = sljax.evaluate(algo, state, held_out)
     assert i == 0 or compiles == []
@@ -199,7 +181,7 @@ def test_evaluation_compiles_once_across_rounds_and_calls():
   # a test set of another shape is another program (one more trace); evaluated again, it compiles nothing more
   chex.clear_trace_counter()
   sljax.evaluate(algo, state, x, y)
-  with _count_compiles() as compiles:
+  with count_compiles() as compiles:
     sljax.evaluate(algo, state, x, y)
   assert compiles == []
 

@@ -27,12 +27,15 @@ class Registered(NamedTuple):
   `factory(protocol, config, **options)` builds it: `protocol` is what the factory takes first
   (a `sljax.vanilla(...)`, a `sljax.u_shaped(...)` for "parallel_sl_u", a `sljax.centralized(...)`,
   or for heterogeneous parallel SL the layer stack, which also needs `cuts` and its optimizers),
-  `config` a `ScheduleConfig`.
+  `config` a `ScheduleConfig`. `defaults(protocol, input_spec) -> options`, where given, fills in
+  the options a run may leave out (local-loss SL: its auxiliary head), so that every party that
+  builds the algorithm for a run (`sljax.transport.schedule.algorithm`) builds the same one.
   """
 
   factory: Callable[..., Algorithm]
   options: dict[str, Any]
   timeline: Timeline | None
+  defaults: Callable[..., dict[str, Any]] | None = None
 
 
 # name (as `Algorithm.name`) -> its factory and timeline
@@ -42,7 +45,7 @@ REGISTRY: dict[str, Registered] = {
     "parallel_sl_u": Registered(u_shaped_parallel_sl, {}, parallel_u.TIMELINE),
     "splitfed_v1": Registered(splitfed, {"version": 1}, _splitfed.TIMELINE_V1),
     "splitfed_v2": Registered(splitfed, {"version": 2}, _splitfed.TIMELINE_V2),
-    "local_loss_sl": Registered(local_loss_sl, {}, parallel.LOCAL_LOSS_TIMELINE),
+    "local_loss_sl": Registered(local_loss_sl, {}, parallel.LOCAL_LOSS_TIMELINE, parallel.local_loss_defaults),
     "heterogeneous_parallel_sl": Registered(heterogeneous_parallel_sl, {}, None),
     "fedavg": Registered(fedavg, {}, baselines.TIMELINE),
     "centralized": Registered(centralized_baseline, {}, None),

@@ -90,7 +90,8 @@ class Schedule(NamedTuple):
     client_keys: `(run_key, round_, step) -> (K,) keys`: the key of each client's legs in a step
       (the client's forward pass, and its backward).
     server_keys: `(run_key, round_, step) -> (K,) keys`: the key of the server's step that serves
-      client k (one server step on all clients reads entry 0: all entries are equal then).
+      client k (one server step on all clients reads entry 0; U-shaped parallel SL gives each
+      client's downlink codec its own entry).
     order: `(run_key, round_) -> (K,) int32`: the order in which the server serves the clients
       within a step (or, in sequential split learning, the order of the turns).
     server_step: the server's step on the clients present, with the keys above; its signature is

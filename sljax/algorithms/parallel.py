@@ -298,6 +298,14 @@ def linear_head(num_classes: int) -> Stage:
   return sequential(function_stage(flatten), linen_stage(nn.Dense(num_classes)))
 
 
+def local_loss_defaults(sl: protocol.Vanilla, input_spec: protocol.ArraySpec) -> dict:
+  """Local-loss SL's default options for inputs like `input_spec`: `aux_head`, a linear head onto
+  as many outputs as the model has (`linear_head`)."""
+  x = jax.ShapeDtypeStruct((1, *input_spec.shape), input_spec.dtype)
+  outputs = jax.eval_shape(lambda x: sl.predict(sl.init(jax.random.key(0), x), x)[0], x)
+  return {"aux_head": linear_head(outputs.shape[-1])}
+
+
 def local_loss_client_step(sl: protocol.Vanilla, aux_head: Stage):
   """A local-loss client's whole step: `(client, x, y, key) -> (client, SmashedData)`.
 

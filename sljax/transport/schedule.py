@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sljax import messages as msgs
-from sljax.algorithms import REGISTRY, Algorithm, ScheduleConfig, linear_head, local_loss_sl
+from sljax.algorithms import REGISTRY, Algorithm, ScheduleConfig
 from sljax.algorithms import _common as algorithms_common
 from sljax.algorithms.sequential import turn_step_key
 from sljax.data.clients import ClientData, client_batches
@@ -56,18 +56,15 @@ def algorithm(name: str, sl: Vanilla, schedule: Schedule, input_spec: ArraySpec,
   """The simulation's algorithm `name` (from `sljax.algorithms.REGISTRY`) for the protocol `sl`,
   this run's schedule and inputs like `input_spec`: server and clients follow its `Schedule`
   (keys, order, server step, aggregation), so a run over the network is the simulation's run.
-  `options` are the algorithm's own (local-loss SL: `aux_head`, by default a linear head onto as
-  many outputs as the model has)."""
+  `options` are the algorithm's own; those left out take the registry entry's `defaults`
+  (local-loss SL: `aux_head`, a linear head onto as many outputs as the model has)."""
   if name not in REGISTRY:
     raise ValueError(f"algorithm: expected one of {sorted(REGISTRY)}, got {name!r}")
   entry = REGISTRY[name]
   config = ScheduleConfig(num_clients=schedule.num_clients, batch_size=schedule.batch_size,
                           local_steps=schedule.local_steps)
-  if entry.factory is local_loss_sl and "aux_head" not in options:
-    x = jax.ShapeDtypeStruct((1, *input_spec.shape), input_spec.dtype)
-    outputs = jax.eval_shape(lambda x: sl.predict(sl.init(jax.random.key(0), x), x)[0], x)
-    options = {**options, "aux_head": linear_head(outputs.shape[-1])}
-  return entry.factory(sl, config, **entry.options, **options)
+  defaults = {} if entry.defaults is None else entry.defaults(sl, input_spec)
+  return entry.factory(sl, config, **entry.options, **{**defaults, **options})
 
 
 def stand_in_data(schedule: Schedule, input_spec: ArraySpec) -> ClientData:
