@@ -113,6 +113,7 @@ def fit(
     batch_size: int,
     progress: bool = False,
     description: str = "training",
+    transcript: Any = None,
 ) -> tuple[Any, list[dict[str, float]]]:
   """Trains for `epochs` shuffled epochs and returns the state and per-epoch metrics.
 
@@ -132,6 +133,11 @@ def fit(
     batch_size: samples per step.
     progress: show a progress bar.
     description: the progress bar's label.
+    transcript: None (the default: nothing recorded, nothing changes), or a path or a
+      `sljax.privacy.transcript.Recorder` to record every message of the run into (round = epoch,
+      step = step in the epoch, client 0), with notes on the configuration and the training figures.
+      The recorded epoch is one jitted program too, compiled once per call; a path's recorder is
+      closed at the end, a given recorder is left open.
 
   Returns:
     The final state and, per epoch, the mean loss and accuracy, the total bytes up and down
@@ -147,11 +153,17 @@ def fit(
                 n, n // batch_size, batch_size, dropped)
   step = trainer.step  # held for as long as the program runs (see reuse_program)
   epoch_fn = reuse_program(step, ("epoch", batch_size), lambda f: make_epoch(f, batch_size=batch_size))
+  recording = None
+  if transcript is not None:
+    from sljax.privacy.transcript import FitRecording  # noqa: PLC0415 -- only when recording
+
+    recording = FitRecording(trainer, transcript, batch_size=batch_size, state=state)
+    epoch_fn = recording.epoch
   history = []
   with tqdm(range(epochs), desc=description, disable=not progress, leave=False) as bar:
     for e in bar:
       state, metrics = epoch_fn(state, x, y, jax.random.fold_in(key, e))
-      metrics = jax.device_get(metrics)
+      metrics = recording.write(e, metrics) if recording is not None else jax.device_get(metrics)
       steps = len(metrics["loss"])
       record = {
           "epoch": e + 1,
@@ -165,6 +177,8 @@ def fit(
       history.append(record)
       bar.set_postfix(loss=f"{record['loss']:.4f}")
       logger.debug("epoch %d: %s", e + 1, record)
+  if recording is not None:
+    recording.finish(history)
   return state, history
 
 

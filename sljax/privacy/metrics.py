@@ -67,3 +67,114 @@ def distance_correlation(x: Any, z: Any) -> jax.Array:
   ratio = jnp.maximum(ratio, 0.0)
   positive = ratio > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, ratio, 1.0)), 0.0)
+
+
+def _check_pair(name_a: str, a, name_b: str, b) -> tuple[jax.Array, jax.Array]:
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  if a.shape != b.shape or a.ndim < 2:
+    raise ValueError(f"{name_a}, {name_b}: expected two batches of the same shape (B, ...), got {a.shape} and {b.shape}")
+  return a, b
+
+
+def mse(inputs: Any, reconstructions: Any) -> jax.Array:
+  """Per-example mean squared error, shape (B,)."""
+  a, b = _check_pair("inputs", inputs, "reconstructions", reconstructions)
+  return jnp.mean(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
+
+
+def psnr(inputs: Any, reconstructions: Any, *, data_range: float = 1.0) -> jax.Array:
+  """Per-example peak signal-to-noise ratio in dB, shape (B,) (`dm_pix.psnr`, values over `data_range`)."""
+  import dm_pix  # noqa: PLC0415 -- the `privacy` extra
+
+  a, b = _check_pair("inputs", inputs, "reconstructions", reconstructions)
+  return dm_pix.psnr(a / data_range, b / data_range)
+
+
+def _as_images(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) as is, (B, H, W) with a channel axis; anything else is refused."""
+  if x.ndim == 3:
+    return x[..., None]
+  if x.ndim == 4:
+    return x
+  raise ValueError(f"inputs: SSIM takes images (B, H, W) or (B, H, W, C), got shape {x.shape}")
+
+
+def ssim(inputs: Any, reconstructions: Any, *, data_range: float = 1.0, filter_size: int | None = None) -> jax.Array:
+  """Per-example structural similarity, shape (B,) (`dm_pix.ssim`, Wang et al. 2004).
+
+  Args:
+    inputs, reconstructions: images (B, H, W) or (B, H, W, C).
+    data_range: the range of the pixel values (`max_val` of dm_pix, for values in [0, data_range]).
+    filter_size: the Gaussian window; by default 11, or the image's smaller side if that is smaller
+      (digits are 8x8: window 7, the odd size that fits), with sigma 1.5 as in the paper.
+  """
+  import dm_pix  # noqa: PLC0415 -- the `privacy` extra
+
+  a, b = _check_pair("inputs", inputs, "reconstructions", reconstructions)
+  a, b = _as_images(a), _as_images(b)
+  if filter_size is None:
+    side = min(a.shape[1], a.shape[2])
+    filter_size = min(11, side if side % 2 else side - 1)
+  return dm_pix.ssim(a, b, max_val=data_range, filter_size=filter_size)
+
+
+def reconstruction_metrics(inputs: Any, reconstructions: Any, *, data_range: float | None = None) -> dict[str, float]:
+  """Mean MSE, PSNR (dB) and, for images, SSIM of reconstructions against the true inputs.
+
+  Args:
+    inputs: (B, ...) the true inputs.
+    reconstructions: (B, ...) an attack's reconstructions, same shape.
+    data_range: the range of the values, for PSNR and SSIM; by default that of `inputs` (max - min).
+      Both arrays are shifted by `inputs.min()` first, so images in [0, data_range] stay as they are.
+
+  Returns:
+    {"mse": ..., "psnr": ..., "ssim": ...}; "ssim" only for inputs of rank 3 or 4 (images).
+  """
+  a, b = _check_pair("inputs", inputs, "reconstructions", reconstructions)
+  low = a.min()
+  if data_range is None:
+    data_range = float(a.max() - low) or 1.0
+  out = {"mse": float(jnp.mean(mse(a, b))), "psnr": float(jnp.mean(psnr(a - low, b - low, data_range=data_range)))}
+  if a.ndim in (3, 4):
+    out["ssim"] = float(jnp.mean(ssim(a - low, b - low, data_range=data_range)))
+  return out
+
+
+def leak_auc(labels: Any, scores: Any) -> float:
+  """The ROC AUC of per-example attack scores against the true binary labels (`roc_auc_score`).
+
+  1 means the scores rank every positive above every negative; 0.5 is chance; 0 is a perfect
+  ranking the wrong way round (as leaky as 1). NaN when the batch holds one class only.
+
+  Raises:
+    ValueError: if `labels` is not a vector of 0/1 of the length of `scores`.
+  """
+  from sklearn.metrics import roc_auc_score  # noqa: PLC0415 -- slow to import
+
+  labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+  if labels.ndim != 1 or scores.shape != labels.shape:
+    raise ValueError(f"labels, scores: expected two vectors of the same length, got shapes {labels.shape} and "
+                     f"{scores.shape}")
+  if not np.isin(labels, (0, 1)).all():
+    raise ValueError(f"labels: expected binary labels 0/1, got values {sorted(set(np.unique(labels).tolist()))[:5]}")
+  if labels.min() == labels.max():
+    return float("nan")
+  return float(roc_auc_score(labels, scores))
+
+
+def leak_auc_summary(aucs: Sequence[float], *, percentile: float = 95.0) -> dict[str, float]:
+  """Summary of per-batch AUCs over a run: the mean AUC and the `percentile` of |AUC - 0.5|.
+
+  Li et al. (ICLR 2022) report the 95th percentile of the leak over a run's batches: a defense
+  must hold on nearly every batch, not on average. Batches with one class (NaN) are left out.
+
+  Returns:
+    {"auc_mean": ..., "leak_p95": ... (named after `percentile`), "batches": batches counted}.
+  """
+  aucs = np.asarray(aucs, np.float64)
+  aucs = aucs[~np.isnan(aucs)]
+  name = f"leak_p{percentile:g}"
+  if aucs.size == 0:
+    return {"auc_mean": float("nan"), name: float("nan"), "batches": 0}
+  return {"auc_mean": float(aucs.mean()), name: float(np.percentile(np.abs(aucs - 0.5), percentile)),
+          "batches": int(aucs.size)}
