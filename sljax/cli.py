@@ -224,6 +224,49 @@ def client(args) -> int:
   return 0
 
 
+def _profile_data(model: str, seed: int):
+  """The demo data a model of `sljax profile-cuts` takes: digits (flat or 8x8 images) or MNIST-1D."""
+  if model == "mlp":
+    return data.load_digits(seed=seed, image=False)
+  if model in ("cnn1d", "ds_cnn1d"):
+    return data.make_mnist1d(seed=seed, num_samples=1000)
+  return data.load_digits(seed=seed, image=True)
+
+
+def profile_cuts(args) -> int:
+  """`sljax profile-cuts`: the cut table of a demo model (sljax.analysis), and the best cut."""
+  from sljax import analysis
+
+  ds = _profile_data(args.model, args.seed)
+  opt = {"adam": optax.adam, "sgd": optax.sgd}[args.optimizer](args.lr)
+  cuts = None if not args.cuts else [int(c) if c.isdigit() else c for c in args.cuts.split(",")]
+  try:
+    table = analysis.profile_cuts(
+        getattr(models, args.model)(), example_x=ds.x_train[:1], batch_size=args.batch_size, client_optimizer=opt,
+        cuts=cuts, budget=args.budget, memory_options=tuple(o for o in args.memory_options.split(",") if o),
+        privacy_sample=ds.x_test[:args.privacy_sample] if args.privacy_sample else None,
+        client_profile=None if args.device == "none" else args.device, algorithm=args.algorithm,
+        num_clients=args.num_clients, key=jax.random.key(args.seed))
+  except ValueError as e:
+    print(f"sljax profile-cuts: {e}", file=sys.stderr)
+    return 2
+  best, no_fit = None, None
+  try:
+    best = analysis.best_cut(table, minimize=args.minimize, client_memory=args.budget)
+  except analysis.NoCutFits as e:
+    no_fit = str(e)
+  if args.plot:
+    analysis.plot_cuts(table, title=f"{args.model}, batch {args.batch_size}").savefig(args.plot, dpi=110)
+  if args.json:
+    print(json.dumps({"model": args.model, **table.to_dict(), "minimize": args.minimize,
+                      "best": None if best is None else best.to_dict(), "no_fit": no_fit}))
+  else:
+    print(table)
+    within = f" within {args.budget}" if args.budget else ""
+    print(no_fit or f"best cut for the least {args.minimize}{within}: {best.cut} (after {best.layer!r})")
+  return 1 if no_fit else 0
+
+
 def _add_setup_args(p) -> None:
   """The demo's model and schedule: server and clients must give the same values."""
   p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
@@ -290,6 +333,27 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--json", action="store_true", help="print one JSON line instead of a sentence")
   _add_cache_args(p)
   p.set_defaults(run=client)
+
+  p = sub.add_parser("profile-cuts", help="profile every cut of a demo model: FLOPs, memory, bytes, dCor, time")
+  p.add_argument("--model", choices=("mlp", "cnn", "cnn1d", "resnet", "vit", "ds_cnn1d"), default="cnn")
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--budget", help="the client's memory: mcu-256KB, mcu-512KB, phone-2GB or a size such as 1.5MB")
+  p.add_argument("--minimize", default="bytes_up",
+                 help="bytes_up, bytes_down, bytes, client_flops, client_memory, dcor or time (see sljax.analysis)")
+  p.add_argument("--cuts", help="comma-separated cut indices or layer names (default: every cut point)")
+  p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--memory-options", default="remat,bf16,small_batch",
+                 help="memory options to compile and measure, comma-separated (empty for none)")
+  p.add_argument("--privacy-sample", type=int, default=256, help="test images for the dCor proxy (0 skips it)")
+  p.add_argument("--device", default="phone_lte", help="client profile for the simulated round time "
+                                                       "(sljax.network.PRESETS), or none")
+  p.add_argument("--algorithm", default="sequential_sl", help="algorithm of the simulated round")
+  p.add_argument("--num-clients", type=int, default=1)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--plot", help="save the plot (one panel per quantity against the cut) to this file")
+  p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+  p.set_defaults(run=profile_cuts)
 
   args = parser.parse_args(argv)
   if args.command in ("serve", "client"):
