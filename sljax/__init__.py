@@ -1,6 +1,6 @@
 """sljax: split learning for JAX."""
 
-from sljax import algorithms, codecs, data, execution, merges, models, network, simulation
+from sljax import algorithms, analysis, codecs, data, execution, merges, models, network, simulation
 from sljax.messages import (
     BodyOutput,
     CutGradient,
@@ -61,6 +61,7 @@ __all__ = [
     "VerticalState",
     "accuracy",
     "algorithms",
+    "analysis",
     "centralized",
     "codecs",
     "cut",
