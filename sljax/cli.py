@@ -146,8 +146,9 @@ def serve(args) -> int:
   from sljax import transport
   from sljax.transport import demo as demo_setup
 
-  if args.u_shaped and args.algorithm != "sequential_sl":
-    raise SystemExit(f"--u-shaped: runs with --algorithm sequential_sl only, got {args.algorithm}")
+  if args.u_shaped and args.algorithm not in ("sequential_sl", "parallel_sl_u"):
+    raise SystemExit(f"--u-shaped: runs with --algorithm sequential_sl or parallel_sl_u, got {args.algorithm}")
+  args.u_shaped = args.u_shaped or args.algorithm == "parallel_sl_u"  # U-shaped legs, whatever the flag says
   setup = _transport_setup(args)
   tokens = None
   if args.token_file:
@@ -276,7 +277,8 @@ def _add_setup_args(p) -> None:
   p.add_argument("--data-seed", type=int, default=0, help="train/test split of digits")
   p.add_argument("--num-clients", type=int, default=1)
   p.add_argument("--u-shaped", action="store_true",
-                 help="U-shaped split learning (sequential): the model cut in three, labels stay with the clients")
+                 help="U-shaped split learning (sequential, or parallel: --algorithm parallel_sl_u): the model cut in "
+                      "three, labels stay with the clients")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Every algorithm whose clients train at once, over the network (`sljax.transport.ConcurrentServer`,
-one parametrization per algorithm in `transport.ALGORITHMS`: parallel SL, local-loss SL, SplitFed v1
-and v2): all clients at once against one server. Over gRPC (client processes or threads) the run equals the
+one parametrization per algorithm in `transport.ALGORITHMS`: parallel SL (vanilla and U-shaped),
+local-loss SL, SplitFed v1 and v2): all clients at once against one server. Over gRPC (client processes or threads) the run equals the
 in-process run bit for bit, and the fused simulation (`parallel_sl`, `splitfed(version=1|2)`) within
 1e-5; a client that drops after its forward loses exactly that step while the others go on, as
 `RoundInputs.dropped` says in simulation; requests out of place get their status and change nothing.
@@ -48,6 +48,19 @@ def setup():
   return demo.digits_setup(model="mlp", hidden=HIDDEN, dropout=DROPOUT, lr=LR)
 
 
+U_SHAPED = ("parallel_sl_u",)
+
+
+def _for(setup, algorithm):
+  """The set-up an algorithm runs: U-shaped ones the demo MLP cut in three (64 -> 32 | -> 32 | -> 10),
+  as `sljax serve --u-shaped` cuts it, with `u_shaped` legs."""
+  if algorithm not in U_SHAPED:
+    return setup
+  model = sljax.cut(sljax.models.mlp(hidden=HIDDEN + HIDDEN, dropout=DROPOUT), 1, 2)
+  return setup._replace(model=model, sl=sljax.u_shaped(model, client_optimizer=optax.adam(LR),
+                                                       server_optimizer=optax.adam(LR)))
+
+
 def _parts(setup):
   return sljax.data.iid(setup.dataset.y_train, num_clients=SCHEDULE.num_clients, seed=0)
 
@@ -58,6 +71,7 @@ def _client_data(setup, k):
 
 def _server(setup, algorithm, **kw):
   kw = {"lease_seconds": 60.0, **kw}
+  setup = _for(setup, algorithm)
   return T.ConcurrentServer(setup.model, setup.sl, algorithm=algorithm, schedule=SCHEDULE,
                             input_spec=sljax.ArraySpec.of(setup.dataset.x_train), key=jax.random.key(SEED),
                             tokens={t: k for k, t in TOKENS.items()}, **kw)
@@ -65,7 +79,8 @@ def _server(setup, algorithm, **kw):
 
 def _algorithm(setup, algorithm):
   """The registry's algorithm (`sljax.algorithms.REGISTRY`), built for this schedule."""
-  sl = sljax.vanilla(setup.model, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR))
+  protocol = sljax.u_shaped if algorithm in U_SHAPED else sljax.vanilla
+  sl = protocol(_for(setup, algorithm).model, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR))
   return sched.algorithm(algorithm, sl, SCHEDULE, sljax.ArraySpec.of(setup.dataset.x_train))
 
 
@@ -80,8 +95,9 @@ def _simulate(setup, algorithm, inputs=()):
   return state
 
 
-def _run_clients(setup, transports, errors_ok=()):
+def _run_clients(setup, transports, algorithm, errors_ok=()):
   """`connect` and `run` for every client in its own thread; returns their results."""
+  setup = _for(setup, algorithm)
 
   def work(k):
     x, y = _client_data(setup, k)
@@ -98,7 +114,8 @@ def _client(state, k):
 def in_process(request, setup):
   """The reference: the run over InProcessTransport, clients in threads."""
   server = _server(setup, request.param)
-  results = _run_clients(setup, {k: T.InProcessTransport(server.handle, token=t) for k, t in TOKENS.items()})
+  results = _run_clients(setup, {k: T.InProcessTransport(server.handle, token=t) for k, t in TOKENS.items()},
+                         request.param)
   return request.param, server, results
 
 
@@ -119,6 +136,7 @@ def test_in_process_run_equals_the_simulation(setup, in_process):
     assert not np.allclose(jax.tree.leaves(results[0].half.params)[0], jax.tree.leaves(results[1].half.params)[0])
   # Collaborative inference over the same connection, with the client's half and its server half.
   x, y = _client_data(setup, 0)
+  setup = _for(setup, algorithm)
   session = T.connect(T.InProcessTransport(server.handle, token=TOKENS[0]), setup.model, setup.sl, client=0, x=x, y=y)
   logits = T.predict(session, results[0].half, setup.dataset.x_test)
   expected = jax.jit(_algorithm(setup, algorithm).predict)(sim, setup.dataset.x_test)
@@ -126,7 +144,8 @@ def test_in_process_run_equals_the_simulation(setup, in_process):
 
 
 def _cli(*args):
-  return [sys.executable, "-m", "sljax.cli", *args, "--hidden", ",".join(map(str, HIDDEN)), "--lr", str(LR),
+  hidden = HIDDEN + HIDDEN if "--u-shaped" in args or "parallel_sl_u" in args else HIDDEN  # as `_for` cuts it
+  return [sys.executable, "-m", "sljax.cli", *args, "--hidden", ",".join(map(str, hidden)), "--lr", str(LR),
           "--dropout", str(DROPOUT), "--num-clients", str(SCHEDULE.num_clients)]
 
 
@@ -169,8 +188,9 @@ def test_grpc_server_and_two_client_processes_equal_in_process_bitwise(setup, in
   server, port, tokens = _start_server(tmp_path, algorithm, 0, "server", checkpoint_every=1)
   clients = []
   try:
+    u_shaped = ["--u-shaped"] if algorithm in U_SHAPED else []
     clients = [subprocess.Popen(_cli("client", "--target", f"127.0.0.1:{port}", "--client-id", str(k), "--token-file",
-                                     tokens, "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     tokens, "--json", *u_shaped), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for k in TOKENS]
     outputs = [c.communicate(timeout=TIMEOUT) for c in clients]
   finally:
@@ -198,7 +218,7 @@ def test_server_killed_mid_round_resumes_exactly(setup, in_process, tmp_path, ca
     transports = {k: KillAfter(T.GrpcTransport(f"127.0.0.1:{port}", token=t, retries=400, backoff=0.05,
                                                 max_backoff=0.25, deadline=30), shared) for k, t in TOKENS.items()}
     outcome = {}
-    clients = threading.Thread(target=lambda: outcome.update(_run_clients(setup, transports)))
+    clients = threading.Thread(target=lambda: outcome.update(_run_clients(setup, transports, algorithm)))
     clients.start()
     assert shared["killed"].wait(TIMEOUT) and first.returncode == -signal.SIGKILL
     second, _, _ = _start_server(tmp_path, algorithm, port, "second", checkpoint_every=2)
@@ -243,7 +263,8 @@ def test_client_dropping_after_forward_loses_that_step_and_the_others_go_on(setu
   dying = _DiesAfterForward(T.InProcessTransport(server.handle, token=TOKENS[1]), 0, 1)
   transports = {0: T.InProcessTransport(server.handle, token=TOKENS[0]), 1: dying}
   done = {}
-  runner = threading.Thread(target=lambda: done.update(_run_clients(setup, transports, errors_ok=(SystemExit,))))
+  runner = threading.Thread(target=lambda: done.update(_run_clients(setup, transports, algorithm,
+                                                                     errors_ok=(SystemExit,))))
   runner.start()
   assert dying.dead.wait(TIMEOUT)
   time.sleep(0.5)
@@ -322,6 +343,7 @@ def test_client_restarted_from_its_checkpoint_ends_as_the_uninterrupted_run(setu
   checkpoint at the step the server waits for: the run ends bit for bit as the uninterrupted one."""
   algorithm, reference, expected = in_process
   server = _server(setup, algorithm)
+  setup = _for(setup, algorithm)
   first = CrashesAfterCommit(T.InProcessTransport(server.handle, token=TOKENS[1]), 0, 1)
   done, errors = {}, []
 

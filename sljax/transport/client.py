@@ -4,7 +4,7 @@ A client holds its own data (numpy arrays) and its client half: during its turn 
 all the time in parallel SL and SplitFed v1 and v2 (the algorithm the server names in its handshake;
 `run` follows it). Per step it runs the very legs of the simulation: `client_forward` on its
 batch, `Forward` to the server, `client_backward` on the cut gradient, then `Commit`. In U-shaped
-split learning (`sljax.u_shaped`, algorithm "sequential_sl_u") the labels never leave the client:
+split learning (`sljax.u_shaped`, algorithms "sequential_sl_u" and "parallel_sl_u") the labels never leave the client:
 `Forward` answers with the body's output, the client runs its tail and the loss
 (`client_tail_step`), sends the tail gradient (`Backward`), and applies the cut gradient it gets. It keeps the
 state it had at the server's last checkpoint (`durable`) until a newer one is durable, so when the
@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 
 from sljax import messages as msgs
 from sljax import simulation
+from sljax.algorithms import parallel_u
 from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 _FAILED = grpc.StatusCode.FAILED_PRECONDITION
 # The algorithms where clients take turns (the server is a `SplitServer`).
 SEQUENTIAL = ("sequential_sl", "sequential_sl_u")
+U_SHAPED = ("sequential_sl_u", "parallel_sl_u")
 # The algorithms where clients hand in their weights for an average at the end of each round.
 _AVERAGED = ("splitfed_v1", "splitfed_v2")
 
@@ -80,6 +82,9 @@ class Session(NamedTuple):
       simulated algorithm's `Schedule` (vanilla legs; U-shaped keys are `sched.u_shaped_step_keys`).
     local_step, client_half: local-loss SL: the client's own step `(half, x, y, key) -> (half,
       SmashedData)`, jitted, and the client half without the auxiliary head (from its `Schedule`).
+    u_keys: U-shaped: `u_keys(run_key, round_, client, step) -> (head key, body key, tail key)`:
+      sequential, `sched.u_shaped_step_keys`; parallel, the schedule's client key split in three
+      (`sljax.algorithms.parallel_u.u_step_keys`).
   """
 
   transport: Transport
@@ -107,6 +112,7 @@ class Session(NamedTuple):
   client_key: Callable[..., jax.Array] | None = None
   local_step: Callable[..., Any] | None = None
   client_half: Callable[..., Any] | None = None
+  u_keys: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] | None = None
 
 
 class Result(NamedTuple):
@@ -159,7 +165,7 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
       "protocol": msgs.PROTOCOL_VERSION, "client": client, "cut_shape": list(cut.shape), "cut_dtype": cut.dtype,
       **codec_fields, "samples": len(x)}, timeout=timeout)
   u_shaped = isinstance(sl, UShaped)
-  if u_shaped != (hello["algorithm"] == "sequential_sl_u"):
+  if u_shaped != (hello["algorithm"] in U_SHAPED):
     raise TransportError(_FAILED, f"algorithm: the server runs {hello['algorithm']!r}, this client's legs are "
                                   f"{'U-shaped' if u_shaped else 'vanilla'}")
   schedule = sched.Schedule(hello["num_clients"], hello["rounds"], hello["local_steps"], hello["batch_size"])
@@ -169,9 +175,13 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
   y_struct = jax.ShapeDtypeStruct((b,), jnp.int32)
   legs = {}
   half_struct = None  # the client's party, where it is not the protocol's client half
-  if not u_shaped:
+  if hello["algorithm"] == "sequential_sl_u":  # served by SplitServer, keys as sequential SL draws them
+    legs["u_keys"] = sched.u_shaped_step_keys
+  else:
     algo = sched.algorithm(hello["algorithm"], sl, schedule, spec, **(options or {}))
     legs["client_key"] = sched.leg_keys(algo)[0]
+    if u_shaped:
+      legs["u_keys"] = jax.jit(functools.partial(_u_keys, legs["client_key"]))
     if algo.schedule.client_step is not None:  # its own step (local-loss SL), and its half with more in it
       legs["local_step"] = jax.jit(algo.schedule.client_step)
       legs["client_half"] = algo.schedule.client_half
@@ -180,7 +190,7 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
   if u_shaped:
     whole = jax.eval_shape(sl.init, jax.random.key(0), x_struct)  # codec states per row of a batch, as the server's
     _, body, _, down = sched.u_shaped_messages(sl, whole, x_struct, y_struct)
-    legs = {"tail_step": jax.jit(sl.client_tail_step), "body_template": body}
+    legs.update(tail_step=jax.jit(sl.client_tail_step), body_template=body)
   else:
     up = jax.eval_shape(sl.client_forward, whole.client, x_struct, y_struct, jax.random.key(0))[0]
     down = jax.eval_shape(sl.server_step, whole.server, up, jax.random.key(0))[1]
@@ -232,10 +242,15 @@ def _warm_up(session: Session, half_struct: PartyState) -> None:
   if session.tail_step is None:
     _, pending = session.forward(half, x, y, _client_key(session, 0, 0))
   else:
-    k_head, _, k_tail = sched.u_shaped_step_keys(session.run_key, 0, session.client, 0)
+    k_head, _, k_tail = session.u_keys(session.run_key, 0, session.client, 0)
     _, head = session.forward(half, x, k_head)
     _, pending, _ = session.tail_step(half, head, jax.tree.map(zeros, session.body_template), y, k_tail)
   jax.block_until_ready(session.backward(half, pending, down))
+
+
+def _u_keys(client_key: Callable[..., jax.Array], run_key, round_, client, step):
+  """U-shaped parallel SL's (head, body, tail) keys: the schedule's client key split in three."""
+  return parallel_u.u_step_keys(client_key(run_key, round_, client, step))
 
 
 def _client_key(session: Session, round_: int, step: int) -> jax.Array:
@@ -317,17 +332,18 @@ def train_step(session: Session, half: PartyState, round_: int, step: int) -> tu
 
 def _train_step_u_shaped(session: Session, half: PartyState, round_: int, step: int, x, y):
   """`train_step` of U-shaped split learning: the labels and the loss stay here."""
-  k_head, _, k_tail = sched.u_shaped_step_keys(session.run_key, round_, session.client, step)
+  k_head, _, k_tail = session.u_keys(session.run_key, round_, session.client, step)
+  wait = 0.0 if session.algorithm in SEQUENTIAL else session.lease_seconds + 1.0  # held for the others
   up, head = session.forward(half, x, k_head)
   up_bytes = msgs.to_bytes(up)
-  forward = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes})
+  forward = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes}, extra_seconds=wait)
   body = wire.read_message(session.body_template, forward["message"], what="Forward response")
   tail_grad, pending, metrics = session.tail_step(half, head, body, y, k_tail)
   tail_bytes = msgs.to_bytes(tail_grad)
-  backward = _call(session, "Backward", {"round": round_, "step": step, "message": tail_bytes})
+  backward = _call(session, "Backward", {"round": round_, "step": step, "message": tail_bytes}, extra_seconds=wait)
   down = wire.read_message(session.down_template, backward["message"], what="Backward response")
   new_half = session.backward(half, pending, down)
-  position = _call(session, "Commit", {"round": round_, "step": step})
+  position = _call(session, "Commit", {"round": round_, "step": step}, extra_seconds=wait)
   metrics = {"round": round_, "client": session.client, "step": step, "loss": float(metrics["loss"]),
              "accuracy": float(metrics["accuracy"]), "bytes_up": len(up_bytes) + len(tail_bytes),
              "bytes_down": len(forward["message"]) + len(backward["message"])}

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sljax import messages as msgs
-from sljax.protocol import ArraySpec, PartyState, Vanilla
+from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import coordinators as coord
 from sljax.transport import schedule as sched
@@ -70,9 +70,10 @@ class ConcurrentServer(ServiceBase):
 
   Args:
     model: the split model.
-    sl: `sljax.vanilla(model, ...)`, the same as the clients'; its optimizers, loss and codecs are
-      the algorithm's.
-    algorithm: "parallel_sl", "local_loss_sl", "splitfed_v1" or "splitfed_v2" (`ALGORITHMS`).
+    sl: `sljax.vanilla(model, ...)` (`sljax.u_shaped(model, ...)` for "parallel_sl_u"), the same as
+      the clients'; its optimizers, loss and codecs are the algorithm's.
+    algorithm: "parallel_sl", "parallel_sl_u", "local_loss_sl", "splitfed_v1" or "splitfed_v2"
+      (`ALGORITHMS`).
     schedule: clients, rounds, steps per round (`local_steps`), batch size.
     input_spec, key, tokens, certificate_names, checkpoint_dir, checkpoint_every,
     lease_seconds, max_message_bytes, max_predict_batch, clock: as for `SplitServer`.
@@ -91,7 +92,7 @@ class ConcurrentServer(ServiceBase):
   def __init__(
       self,
       model: SplitModel,
-      sl: Vanilla,
+      sl: Vanilla | UShaped,
       *,
       algorithm: str,
       schedule: sched.Schedule,
@@ -126,10 +127,15 @@ class ConcurrentServer(ServiceBase):
     y_struct = jax.ShapeDtypeStruct((b,), jnp.int32)
     halves = jax.eval_shape(sl.init, jax.random.key(0), x_struct)
     self.input_spec, self.cut_spec = halves.client.input_spec, halves.server.input_spec
-    smashed = jax.eval_shape(sl.client_forward, halves.client, x_struct, y_struct, jax.random.key(0))[0]
+    tail = None
+    if isinstance(sl, UShaped):
+      smashed, _, tail, _ = sched.u_shaped_messages(sl, halves, x_struct, y_struct)
+    else:
+      smashed = jax.eval_shape(sl.client_forward, halves.client, x_struct, y_struct, jax.random.key(0))[0]
     self.coordinator = coord.COORDINATORS[algorithm](
         algo, schedule=self.schedule, lease_seconds=self.lease_seconds, smashed_template=smashed,
-        weights_template=msgs.spec_of(coord.weights_of(first)), max_message_bytes=self.max_message_bytes)
+        weights_template=msgs.spec_of(coord.weights_of(first)), max_message_bytes=self.max_message_bytes,
+        tail_template=tail)
     self._configure_inference(model, sl)
 
     self._last_seen: dict[int, float] = {}
@@ -230,3 +236,7 @@ class ConcurrentServer(ServiceBase):
 
   def _commit(self, client: int, req: dict) -> bytes:
     return wire.encode(self._run(client, lambda s: self.coordinator.on_commit(s, client, req["round"], req["step"])))
+
+  def _backward(self, client: int, req: dict) -> bytes:
+    return wire.encode(self._run(client, lambda s: self.coordinator.on_backward(
+        s, client, req["round"], req["step"], req["message"])))

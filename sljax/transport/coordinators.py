@@ -17,7 +17,8 @@ come from the simulated algorithm's `Schedule` (`sljax.algorithms`); a coordinat
 order of calls each way of serving needs:
 
 - `Lockstep` (parallel SL): a barrier per step: one server step on every client's smashed data,
-  then every client's commit before the update is applied. `LocalLoss` (local-loss SL): the same
+  then every client's commit before the update is applied. `LockstepU` (U-shaped parallel SL):
+  the same barriers around the server's two legs (body forward, body backward and update). `LocalLoss` (local-loss SL): the same
   barriers, and nothing comes back.
 - `Copies` (SplitFed v1): a server copy per client, no barrier within a round; FedAvg at the end.
 - `InOrder` (SplitFed v2): one server half serving the clients in the round's drawn order; FedAvg
@@ -177,15 +178,17 @@ class Coordinator:
       server's step, keys, order and averaging.
     schedule: the run's schedule (clients, rounds, local steps, batch size).
     lease_seconds: how long a call may wait for other clients.
-    smashed_template, weights_template: templates of the Forward and Handover put messages.
+    smashed_template, weights_template: templates of the Forward and Handover put messages;
+    tail_template: U-shaped, of the Backward message (a TailGradient).
     max_message_bytes: the largest message accepted.
   """
 
   averages = False  # clients hand in their weights at the end of each round
 
   def __init__(self, algo: Algorithm, *, schedule: sched.Schedule, lease_seconds: float, smashed_template,
-               weights_template, max_message_bytes: int):
+               weights_template, max_message_bytes: int, tail_template=None):
     self.algo = algo
+    self.tail_template = tail_template
     self.schedule = schedule
     self.lease_seconds = lease_seconds
     self.smashed_template = smashed_template
@@ -308,6 +311,12 @@ class Coordinator:
 
   def on_commit(self, s: CoordinatorState, client: int, round_: int, step: int):
     raise NotImplementedError
+
+  def on_backward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
+    """U-shaped only: the tail gradient of the client's step in, its cut gradient out."""
+    del s, client, round_, step, message
+    raise TransportError(grpc.StatusCode.UNIMPLEMENTED,
+                         f"Backward: this server runs {self.algo.name}; only U-shaped split learning has a Backward")
 
   def on_get(self, s: CoordinatorState, client: int, round_: int, wait: float, initial_half: bytes):
     """Handover get. Round 0: the initial client half. Round r > 0: waits for round r to begin;
@@ -481,6 +490,179 @@ class LocalLoss(Lockstep):
   def _down_bytes(self, p: Pending, client: int) -> bytes:
     del p, client
     return b""
+
+
+class PendingU(NamedTuple):
+  """LockstepU: the step under way (not checkpointed: a restart discards it)."""
+
+  round: int
+  step: int
+  smashed: Mapping[int, msgs.SmashedData]
+  # Filled in once every client in the round has forwarded (the body's forward on all of them):
+  forwarded: np.ndarray | None = None
+  bodies: Any = None  # the BodyOutput payloads (K, ...), on the host
+  body_pending: Any = None  # the server's ServerPending (the body's pullback): never sent
+  tails: Mapping[int, msgs.TailGradient] = {}
+  # Filled in once every client that forwarded has sent its tail gradient (or is gone):
+  backed: np.ndarray | None = None
+  server: PartyState | None = None
+  cuts: Any = None  # the CutGradient payloads (K, ...), on the host
+
+
+class LockstepU(Coordinator):
+  """U-shaped parallel SL: the barriers of parallel SL around the server's two legs.
+
+  Step s of round r: each `Forward(r, s)` (smashed data, no labels) is held until every client
+  still in the round has forwarded; then the body runs once on all of it (the schedule's
+  `ServerLegs.forward`) and each client gets its own body output. Each `Backward(r, s)` (the
+  gradient of the client's own loss at the body's output) is held until every client that
+  forwarded has sent one; then the body's backward and ONE update run (`ServerLegs.backward`,
+  weight 1 per client that sent its tail gradient) and each client gets its cut gradient. Each
+  `Commit(r, s)` is held until every client that got a cut gradient has committed; a client that
+  did not has its step discarded: the backward is recomputed with weight 0 for it, as the
+  simulation discards a dropped client's step. The loss stays on the clients: the server reports
+  0 for it.
+  """
+
+  def _build(self) -> None:
+    legs = self.algo.schedule.server_step
+    self._forward = jax.jit(legs.forward)
+    self._backward = jax.jit(legs.backward)
+
+  def _stack(self, messages: Mapping[int, Any], template) -> Any:
+    zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), template)
+    return jax.tree.map(lambda *a: np.stack(a), *[messages.get(k, zeros) for k in range(self.num_clients)])
+
+  def warm_up(self, s: CoordinatorState) -> None:
+    d = s.durable
+    bodies, pending = self._forward(d.server, self._stack({}, self.smashed_template), d.key, 0, 0)
+    del bodies
+    weights = np.zeros(self.num_clients, np.float32)
+    jax.block_until_ready(self._backward(d.server, pending, self._stack({}, self.tail_template), weights))
+
+  def waited_for(self, s: CoordinatorState, client: int) -> bool:
+    p = s.volatile.pending
+    if p is None:
+      return False
+    if p.forwarded is None:
+      return client not in p.smashed
+    if p.backed is None:
+      return bool(p.forwarded[client]) and client not in p.tails
+    return bool(p.backed[client]) and client not in s.volatile.committed
+
+  def advance(self, s: CoordinatorState) -> CoordinatorState:
+    p = s.volatile.pending
+    if self.done(s) or p is None:
+      return s
+    gone, every = s.durable.gone, range(self.num_clients)
+    if p.forwarded is None:
+      if all(gone[k] or k in p.smashed for k in every):
+        return self.advance(self._body_forward(s, p))
+    elif p.backed is None:
+      if all(gone[k] or k in p.tails for k in np.flatnonzero(p.forwarded)):
+        return self._body_backward(s, p)
+    elif all(gone[k] or k in s.volatile.committed for k in np.flatnonzero(p.backed)):
+      return self._apply(s, p)
+    return s
+
+  def _body_forward(self, s: CoordinatorState, p: PendingU) -> CoordinatorState:
+    """Every client in the round has forwarded step `p.step`: the body on all of it."""
+    forwarded = np.array([k in p.smashed for k in range(self.num_clients)])
+    d = s.durable
+    bodies, pending = self._forward(d.server, self._stack(p.smashed, self.smashed_template), d.key, p.round, p.step)
+    return s.set(pending=p._replace(forwarded=forwarded, bodies=jax.device_get(bodies.activations), body_pending=pending))
+
+  def _body_backward(self, s: CoordinatorState, p: PendingU, weights: np.ndarray | None = None) -> CoordinatorState:
+    """Every client that forwarded has sent its tail gradient or is gone: the body's backward."""
+    backed = np.array([k in p.tails for k in range(self.num_clients)]) if weights is None else weights
+    server, cuts = self._backward(s.durable.server, p.body_pending, self._stack(p.tails, self.tail_template),
+                                  backed.astype(np.float32))
+    p = p._replace(server=server, cuts=jax.device_get(cuts.grad))
+    if weights is None:
+      p = p._replace(backed=backed)
+    return s.set(pending=p, committed=frozenset() if weights is None else s.volatile.committed)
+
+  def _apply(self, s: CoordinatorState, p: PendingU) -> CoordinatorState:
+    """Every client that got a cut gradient has committed or is gone: the step becomes state."""
+    committed = np.array([k in s.volatile.committed for k in range(self.num_clients)])
+    if not np.array_equal(committed, p.backed):  # someone dropped after its backward: discard its part
+      p = self._body_backward(s, p, committed).volatile.pending
+    steps = self.schedule.local_steps
+    upto = np.where(committed, p.round * steps + p.step + 1, s.durable.upto).astype(np.int32)
+    s = s.replace(server=p.server, step=_i32(p.step + 1), upto=upto).set(pending=None, committed=frozenset())
+    s = self.count_commit(s)
+    return self.next_round(s) if p.step + 1 == steps else s
+
+  def _current(self, s: CoordinatorState, round_: int, step: int) -> PendingU | None:
+    p = s.volatile.pending
+    return p if p is not None and (p.round, p.step) == (round_, step) else None
+
+  def on_forward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
+    self.check_next(s, "Forward", client, round_, step)
+    smashed = self.read_smashed(message)
+    p = self._current(s, round_, step) or PendingU(round_, step, {})
+    if p.forwarded is None:
+      s = self.advance(s.set(pending=p._replace(smashed={**p.smashed, client: smashed})))  # a retry replaces it
+
+    def computed(s):
+      p = self._current(s, round_, step)
+      return p is None or p.forwarded is not None
+
+    def answer(s):
+      p = self._current(s, round_, step)
+      if p is None or p.forwarded is None or not p.forwarded[client]:
+        raise TransportError(grpc.StatusCode.ABORTED, f"Forward: step {step} of round {round_} went on without "
+                                                      f"client {client}; {self.where(s, client)}")
+      body = msgs.BodyOutput(jax.tree.map(lambda a: a[client], p.bodies))
+      return s, Reply({"message": msgs.to_bytes(body), "loss": 0.0, "accuracy": 0.0})
+
+    return s, Wait(computed, answer, self.lease_seconds + 1.0)
+
+  def on_backward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
+    self.check_next(s, "Backward", client, round_, step)
+    p = self._current(s, round_, step)
+    if p is None or p.forwarded is None or not p.forwarded[client]:
+      raise self.not_staged(s, "Backward", client, round_, step)
+    tail = wire.read_message(self.tail_template, message, what="Backward", max_bytes=self.max_message_bytes)
+    if p.backed is None:
+      s = self.advance(s.set(pending=p._replace(tails={**p.tails, client: tail})))  # a retry replaces it
+
+    def computed(s):
+      p = self._current(s, round_, step)
+      return p is None or p.backed is not None
+
+    def answer(s):
+      p = self._current(s, round_, step)
+      if p is None or p.backed is None or not p.backed[client]:
+        raise TransportError(grpc.StatusCode.ABORTED, f"Backward: step {step} of round {round_} went on without "
+                                                      f"client {client}; {self.where(s, client)}")
+      return s, Reply({"message": msgs.to_bytes(msgs.CutGradient(jax.tree.map(lambda a: a[client], p.cuts)))})
+
+    return s, Wait(computed, answer, self.lease_seconds + 1.0)
+
+  def on_commit(self, s: CoordinatorState, client: int, round_: int, step: int):
+    if self.committed_before(s, client, round_, step):
+      return s, Reply(POSITION)  # a retry of a commit that went through
+    self.check_next(s, "Commit", client, round_, step)
+    p = self._current(s, round_, step)
+    if p is None or p.backed is None or not p.backed[client]:
+      raise self.not_staged(s, "Commit", client, round_, step)
+    s = self.advance(s.set(committed=s.volatile.committed | {client}))
+
+    def answer(s):
+      if not self.committed_before(s, client, round_, step):
+        raise TransportError(_FAILED, f"Commit: step {step} of round {round_} was discarded; {self.where(s, client)}")
+      return s, Reply(POSITION)
+
+    return s, Wait(lambda s: self.committed_before(s, client, round_, step) or bool(s.durable.gone[client]), answer,
+                   self.lease_seconds + 1.0)
+
+  def staged_dict(self, s: CoordinatorState) -> dict:
+    out = super().staged_dict(s)
+    p = s.volatile.pending
+    if p is not None and p.server is not None:
+      out["pending"] = {"position": [p.round, p.step], "server": serialization.to_state_dict(p.server)}
+    return out
 
 
 class _Averaging(Coordinator):
@@ -674,6 +856,7 @@ class InOrder(_Averaging):
 COORDINATORS: dict[str, type[Coordinator]] = {
     "parallel_sl": Lockstep,
     "local_loss_sl": LocalLoss,
+    "parallel_sl_u": LockstepU,
     "splitfed_v1": Copies,
     "splitfed_v2": InOrder,
 }
