@@ -8,11 +8,12 @@ model given inputs of the wrong rank fails at `init` with the shape it expects
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 from flax import linen as nn
 
-from sljax.split import InputShapeError, Stage, describe, flatten, function_stage, linen_stage, sequential
+from sljax.split import InputShapeError, Stage, cut, describe, flatten, function_stage, linen_stage, sequential
 
 _FEATURES = ("features",)
 
@@ -115,3 +116,25 @@ def _flat_hidden(block: nn.Module) -> Stage:
   """The `hidden` layer of the CNNs: flatten, then a dense block (its params: (flatten's, dense's))."""
   return sequential(function_stage(flatten, name="flatten"), linen_stage(block, name="dense"), name="hidden")
 
+
+
+class CutPoint(NamedTuple):
+  """A place to cut a stack: `cut(layers, index)` puts the layers up to and including `name` on the client."""
+
+  index: int
+  name: str
+
+
+def cut_points(layers: Sequence[Any]) -> list[CutPoint]:
+  """The valid cuts of a stack of layers: `(index, name)` for index 1 .. len(layers) - 1.
+
+  `name` is the last layer on the client at that cut ("cut after `name`"): a layer's own name,
+  else `layer_<i>`, as `cut` names them.
+
+  Example:
+    >>> import sljax
+    >>> sljax.models.cut_points(sljax.models.mlp(hidden=(32, 32)))
+    [CutPoint(index=1, name='hidden_0'), CutPoint(index=2, name='hidden_1')]
+  """
+  names = cut(layers, 1).layer_names  # `cut` names the layers (and refuses a stack too short to cut)
+  return [CutPoint(k, names[k - 1]) for k in range(1, len(names))]
