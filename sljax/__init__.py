@@ -1,6 +1,6 @@
 """sljax: split learning for JAX."""
 
-from sljax import algorithms, analysis, codecs, data, execution, merges, models, network, simulation
+from sljax import algorithms, analysis, codecs, data, execution, merges, models, network, privacy, simulation
 from sljax.messages import (
     BodyOutput,
     CutGradient,
@@ -76,6 +76,7 @@ __all__ = [
     "models",
     "network",
     "nnx_stage",
+    "privacy",
     "sequential",
     "simulation",
     "softmax_cross_entropy",

@@ -13,7 +13,7 @@ import logging
 import numbers
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -26,6 +26,9 @@ from sljax.algorithms import Algorithm, SimState
 from sljax.data.clients import ClientData
 from sljax.execution import replicate, shard_clients
 from sljax.training import algorithm_evaluator, reuse_program
+
+if TYPE_CHECKING:
+  from sljax.privacy.accounting import Accountant
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,7 @@ def run(
     evaluate: Callable[[SimState], dict] | None = None,
     progress: bool = False,
     donate: bool = True,
+    accountant: Accountant | None = None,
 ) -> tuple[SimState, list[dict]]:
   """Runs rounds until `state.round == rounds`, resuming from `checkpoint_dir` if it has a checkpoint.
 
@@ -172,6 +176,12 @@ def run(
       `state` passed in is then consumed: its arrays are deleted by the first round, and passing
       it to `run` again raises a ValueError saying so. Pass False to keep using it (e.g. to start
       another run from the same state).
+    accountant: a `sljax.privacy.accounting.Accountant` for a run whose uplink adds noise: every
+      record then carries `dp_epsilon` and `dp_delta`, the budget spent per example after that
+      round (a pure function of the round number, so a resumed run continues it). With its
+      `target_epsilon`, the run stops after the last round within the target (that round is tested
+      and checkpointed as the last), and a ValueError is raised before any round if the target is
+      already spent at the start.
 
   Records hold the round's number and metrics as Python numbers: `train_batch_loss` and
   `train_batch_accuracy` (the round's `loss` and `accuracy`: means over its training batches,
@@ -210,6 +220,17 @@ def run(
     _check_live(state)
   test_fn = None if test is None else _tester(algorithm, state, test, jit=jit)
   start = int(state.round)
+  stop = rounds
+  if accountant is not None:
+    from sljax.privacy.accounting import Accountant  # noqa: PLC0415 -- dp-accounting is the `privacy` extra
+
+    if not isinstance(accountant, Accountant):
+      raise TypeError(f"accountant: expected a sljax.privacy.accounting.Accountant, got {type(accountant).__name__}")
+    accountant.check_run(algorithm.local_steps)
+    stop = accountant.last_round(start, rounds)
+    if stop < rounds:
+      logger.info("stopping after round %d of %d: the next would exceed target_epsilon=%s", stop, rounds,
+                  accountant.target_epsilon)
   cumulative = _cumulative_before(metrics_path, start)
   if metrics_path is not None:
     _write_jsonl(metrics_path, [r for r in _read_jsonl(metrics_path) if r["round"] <= start])
@@ -221,7 +242,7 @@ def run(
     round_fn = round_
   history = []
   try:
-    with tqdm(range(start, rounds), desc=algorithm.name, disable=not progress, leave=False) as bar:
+    with tqdm(range(start, stop), desc=algorithm.name, disable=not progress, leave=False) as bar:
       for r in bar:
         state, metrics = round_fn(state, data)
         record = _record(metrics, r + 1)
@@ -229,7 +250,9 @@ def run(
           if name in cumulative and name in record:
             cumulative[name] += int(record[name])  # a Python int: exact however large the total grows
             record[f"{name}_cumulative"] = cumulative[name]
-        if (r + 1) % eval_every == 0 or r + 1 == rounds:
+        if accountant is not None:
+          record.update(accountant.record(r + 1))
+        if (r + 1) % eval_every == 0 or r + 1 == stop:
           if test_fn is not None:
             record.update(test_fn(state))
           if evaluate is not None:
@@ -240,7 +263,7 @@ def run(
         if metrics_path is not None:
           with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if manager is not None and ((r + 1) % checkpoint_every == 0 or r + 1 == rounds):
+        if manager is not None and ((r + 1) % checkpoint_every == 0 or r + 1 == stop):
           manager.save(r + 1, args=ocp.args.StandardSave(state))
           if donate and jit:
             # the next round overwrites these arrays: let orbax finish reading them first

@@ -2,6 +2,31 @@
 
 Defenses (`sljax.privacy.defenses`) plug into the protocol's hooks (`client_loss`,
 `cut_gradient_transform`) and into the codecs, so they run inside the jitted round and unchanged in
-deployment. Attacks (`sljax.privacy.attacks`) are pure functions over recorded messages
-(`sljax.privacy.transcript`).
+deployment; the privacy budget of the noise codecs (`sljax.privacy.accounting`, needs the `privacy`
+extra) is tracked per example and reported by `sljax.simulation.run(..., accountant=...)`. Attacks
+(`sljax.privacy.attacks`) are pure functions over recorded messages (`sljax.privacy.transcript`).
 """
+
+from sljax.privacy import defenses, metrics
+from sljax.privacy.defenses import (
+    gaussian_noise,
+    laplace_noise,
+    marvell,
+    max_norm,
+    nopeek,
+    randomized_response,
+    randomized_response_keep_probability,
+)
+from sljax.privacy.metrics import distance_correlation
+
+_ACCOUNTING = ("accounting", "accountant", "Accountant")
+
+
+def __getattr__(name: str):
+  # The accountant needs dp-accounting (the `privacy` extra): imported when first asked for.
+  if name in _ACCOUNTING:
+    import importlib  # noqa: PLC0415
+
+    module = importlib.import_module("sljax.privacy.accounting")
+    return module if name == "accounting" else getattr(module, name)
+  raise AttributeError(f"module 'sljax.privacy' has no attribute {name!r}")
