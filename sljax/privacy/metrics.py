@@ -87,7 +87,8 @@ def psnr(inputs: Any, reconstructions: Any, *, data_range: float = 1.0) -> jax.A
   import dm_pix  # noqa: PLC0415 -- the `privacy` extra
 
   a, b = _check_pair("inputs", inputs, "reconstructions", reconstructions)
-  return dm_pix.psnr(a / data_range, b / data_range)
+  as_image = (a.shape[0], -1, 1)  # dm_pix takes images; PSNR is a mean over all values, whatever their layout
+  return dm_pix.psnr(a.reshape(as_image) / data_range, b.reshape(as_image) / data_range)
 
 
 def _as_images(x: jax.Array) -> jax.Array:

@@ -455,7 +455,8 @@ def recording_step(trainer: Any, *, truth: bool = False) -> tuple[Any, tuple[str
 def _describe_hook(fn: Any) -> str | None:
   if fn is None:
     return None
-  return getattr(fn, "description", None) or getattr(fn, "__qualname__", None) or type(fn).__name__
+  name = getattr(fn, "description", None) or getattr(fn, "__qualname__", None) or type(fn).__name__
+  return name.split(".<locals>")[0]  # a factory's closure by its factory's name: "max_norm"
 
 
 class FitRecording:
