@@ -268,6 +268,20 @@ def profile_cuts(args) -> int:
   return 1 if no_fit else 0
 
 
+def privacy_report(args) -> int:
+  """`sljax privacy-report TRANSCRIPT`: the applicable attacks on a recorded run, as a table or JSON."""
+  from sljax.privacy import report, transcript  # noqa: PLC0415 -- the privacy extra, only here
+
+  try:
+    table = report.privacy_report(args.transcript, defense=args.defense, epsilon=args.epsilon,
+                                  utility_cost=args.utility_cost)
+  except (OSError, transcript.TranscriptError) as e:
+    print(f"sljax privacy-report: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps(table.to_dict()) if args.json else str(table))
+  return 0
+
+
 def _add_setup_args(p) -> None:
   """The demo's model and schedule: server and clients must give the same values."""
   p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
@@ -356,6 +370,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--plot", help="save the plot (one panel per quantity against the cut) to this file")
   p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
   p.set_defaults(run=profile_cuts)
+
+  p = sub.add_parser("privacy-report", help="run the applicable privacy attacks on a recorded transcript")
+  p.add_argument("transcript", help="a transcript file (sljax.fit(..., transcript=path) or a Recorder)")
+  p.add_argument("--defense", help="the defense's name in the table (default: from the transcript's notes)")
+  p.add_argument("--epsilon", type=float, help="the DP epsilon the run spent (default: its 'epsilon' note)")
+  p.add_argument("--utility-cost", type=float, help="what the defense cost in utility (default: its note)")
+  p.add_argument("--json", action="store_true", help="print the table as one JSON line")
+  p.set_defaults(run=privacy_report)
 
   args = parser.parse_args(argv)
   if args.command in ("serve", "client"):

@@ -2,6 +2,7 @@
 the privacy report runs them on a transcript; bad input gets errors naming the argument."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -173,3 +174,15 @@ def test_bad_input_gets_errors_naming_the_argument(digits_cut1):
     report.privacy_report("unused.sljt", aux_fraction=1.5)
   with pytest.raises(ValueError, match=r"points: expected a non-empty list of \(name, utility cost, attack success\)"):
     report.privacy_utility_plot([])
+
+
+def test_the_cli_prints_the_report(label_runs, capsys, tmp_path):
+  from sljax import cli
+
+  plain, _ = label_runs
+  assert cli.main(["privacy-report", plain.path, "--json", "--epsilon", "2.5"]) == 0
+  rows = json.loads(capsys.readouterr().out)["rows"]
+  assert rows[0]["attack"] == "norm_scoring" and rows[0]["epsilon"] == 2.5 and rows[0]["defense"] == "none"
+  (tmp_path / "cut.sljt").write_bytes(Path(plain.path).read_bytes()[:-3])
+  assert cli.main(["privacy-report", str(tmp_path / "cut.sljt")]) == 1
+  assert "truncated record at byte offset" in capsys.readouterr().err

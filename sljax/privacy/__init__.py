@@ -4,10 +4,12 @@ Defenses (`sljax.privacy.defenses`) plug into the protocol's hooks (`client_loss
 `cut_gradient_transform`) and into the codecs, so they run inside the jitted round and unchanged in
 deployment; the privacy budget of the noise codecs (`sljax.privacy.accounting`, needs the `privacy`
 extra) is tracked per example and reported by `sljax.simulation.run(..., accountant=...)`. Attacks
-(`sljax.privacy.attacks`) are pure functions over recorded messages (`sljax.privacy.transcript`).
+(`sljax.privacy.attacks`) are pure functions over recorded messages (`sljax.privacy.transcript`:
+`sljax.fit(..., transcript=path)` or a `Recorder`); `privacy_report(path)` (`sljax privacy-report
+FILE`) runs those that apply and returns one table (docs/attacks.md).
 """
 
-from sljax.privacy import defenses, metrics
+from sljax.privacy import attacks, defenses, metrics, report, transcript
 from sljax.privacy.defenses import (
     gaussian_noise,
     laplace_noise,
@@ -18,6 +20,8 @@ from sljax.privacy.defenses import (
     randomized_response_keep_probability,
 )
 from sljax.privacy.metrics import distance_correlation
+from sljax.privacy.report import privacy_report
+from sljax.privacy.transcript import Recorder
 
 _ACCOUNTING = ("accounting", "accountant", "Accountant")
 
