@@ -136,8 +136,8 @@ def fit(
     transcript: None (the default: nothing recorded, nothing changes), or a path or a
       `sljax.privacy.transcript.Recorder` to record every message of the run into (round = epoch,
       step = step in the epoch, client 0), with notes on the configuration and the training figures.
-      The recorded epoch is one jitted program too, compiled once per call; a path's recorder is
-      closed at the end, a given recorder is left open.
+      The recorded epoch is one jitted program too, reused by later calls like the plain one; a
+      path's recorder is closed at the end, a given recorder is left open.
 
   Returns:
     The final state and, per epoch, the mean loss and accuracy, the total bytes up and down

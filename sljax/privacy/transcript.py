@@ -421,27 +421,35 @@ def recording_step(trainer: Any, *, truth: bool = False) -> tuple[Any, tuple[str
   Raises:
     TypeError: the trainer sends no messages (e.g. `centralized`).
   """
+  # The legs, not the trainer, are captured: `fit` caches this program under `trainer.step`, held
+  # weakly, so nothing here may hold the trainer (see `training.reuse_program`).
   if isinstance(trainer, protocol.Vanilla):
+    client_forward, server_step, client_backward = trainer.client_forward, trainer.server_step, trainer.client_backward
+
     def step(state, batch, key):
       x, labels = batch
       k_client, k_server = jax.random.split(key, 2)
-      up, pending = trainer.client_forward(state.client, x, labels, k_client)
-      server, down, metrics = trainer.server_step(state.server, up, k_server)
-      client = trainer.client_backward(state.client, pending, down)
+      up, pending = client_forward(state.client, x, labels, k_client)
+      server, down, metrics = server_step(state.server, up, k_server)
+      client = client_backward(state.client, pending, down)
       metrics = protocol.Metrics({**metrics, **pending.metrics},
                                  {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
       return protocol.SplitState(client, server, state.step + 1), (metrics, (up, down), batch if truth else ())
 
     return step, ("up", "down")
   if isinstance(trainer, protocol.UShaped):
+    legs = (trainer.client_forward, trainer.server_forward, trainer.client_tail_step, trainer.server_backward,
+            trainer.client_backward)
+
     def u_step(state, batch, key):
+      head_forward, body_forward, tail_step, body_backward, head_backward = legs
       x, labels = batch
       k_head, k_body, k_tail = jax.random.split(key, 3)
-      up1, head_pending = trainer.client_forward(state.client, x, k_head)
-      down1, server_pending = trainer.server_forward(state.server, up1, k_body)
-      up2, tail_pending, metrics = trainer.client_tail_step(state.client, head_pending, down1, labels, k_tail)
-      server, down2 = trainer.server_backward(state.server, server_pending, up2)
-      client = trainer.client_backward(state.client, tail_pending, down2)
+      up1, head_pending = head_forward(state.client, x, k_head)
+      down1, server_pending = body_forward(state.server, up1, k_body)
+      up2, tail_pending, metrics = tail_step(state.client, head_pending, down1, labels, k_tail)
+      server, down2 = body_backward(state.server, server_pending, up2)
+      client = head_backward(state.client, tail_pending, down2)
       metrics = protocol.Metrics(metrics, {"bytes_up": msgs.wire_size(up1) + msgs.wire_size(up2),
                                            "bytes_down": msgs.wire_size(down1) + msgs.wire_size(down2)})
       messages = (up1, down1, up2, down2)
@@ -463,8 +471,9 @@ class FitRecording:
   """What `sljax.fit(..., transcript=...)` does to record: its epoch program and the writing of each epoch.
 
   Not public API: `fit` builds it. The epoch is `training.make_epoch` of `recording_step`, one jitted
-  program as without recording (compiled once per `fit` call); after each epoch the stacked
-  messages come to the host in one transfer and go to the recorder's queue step by step.
+  program as without recording, kept like `fit`'s own (`training.reuse_program`: a second recorded
+  `fit` of the same trainer compiles nothing); after each epoch the stacked messages come to the
+  host in one transfer and go to the recorder's queue step by step.
   """
 
   def __init__(self, trainer: Any, transcript: str | os.PathLike | Recorder, *, batch_size: int, state: Any):
@@ -475,7 +484,9 @@ class FitRecording:
     step, self.directions = recording_step(trainer, truth=isinstance(transcript, Recorder) and transcript.truth)
     self.owned = not isinstance(transcript, Recorder)
     self.recorder = Recorder(transcript) if self.owned else transcript
-    self.epoch = training.make_epoch(step, batch_size=batch_size)
+    truth = isinstance(transcript, Recorder) and transcript.truth
+    self.epoch = training.reuse_program(trainer.step, ("recording epoch", batch_size, truth),
+                                        lambda _: training.make_epoch(step, batch_size=batch_size))
     spec = state.server.input_spec
     self.recorder.note({
         "protocol": "u_shaped" if isinstance(trainer, protocol.UShaped) else "vanilla",
