@@ -1,6 +1,6 @@
 """sljax: split learning for JAX."""
 
-from sljax import algorithms, analysis, codecs, data, execution, merges, models, network, privacy, simulation
+from sljax import algorithms, analysis, codecs, data, execution, export, merges, models, network, privacy, simulation
 from sljax.messages import (
     BodyOutput,
     CutGradient,
@@ -68,6 +68,7 @@ __all__ = [
     "data",
     "evaluate",
     "execution",
+    "export",
     "fit",
     "from_bytes",
     "function_stage",
