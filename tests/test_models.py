@@ -1,7 +1,9 @@
 """The models worth cutting (ResNet-style CNN, ViT, 1-D DS-CNN): split training equals centralized
 training on real offline data, cut points are named, and a wrong-rank input fails at init."""
 
+import doctest
 import functools
+import importlib
 
 import chex
 import jax
@@ -113,7 +115,8 @@ def test_cut_points_name_every_cut():
      r"\(B, height, width, channels\), got \(2, 8, 8\) float32"),
     (models.vit(patch=3, dim=8, depth=1, heads=2), jnp.ones((2, 8, 8, 1)),
      r"\(B, height, width, channels\) with height and width multiples of the patch size 3, got \(2, 8, 8, 1\)"),
-    (models.ds_cnn1d(channels=(4,), strides=(1,)), jnp.ones((2, 40)), r"\(B, length, channels\), got \(2, 40\) float32"),
+    (models.ds_cnn1d(channels=(4,), strides=(1,)), jnp.ones((2, 40)),
+     r"\(B, length, channels\), got \(2, 40\) float32"),
 ], ids=["resnet", "vit", "vit_patch", "ds_cnn1d"])
 def test_wrong_input_fails_at_init(layers, x, expected):
   with pytest.raises(sljax.InputShapeError, match="^expected shape " + expected):
@@ -132,3 +135,10 @@ def test_factories_check_their_arguments():
     models.ds_cnn1d(channels=(8, 8), strides=(2,))
   with pytest.raises(ValueError, match=r"^channels: expected a non-empty sequence of positive ints, got \(\)$"):
     models.resnet(channels=())
+
+
+def test_docstring_examples_run():
+  for name in ("layers", "resnet", "vit", "sensor"):
+    module = importlib.import_module(f"sljax.models.{name}")  # `models.resnet` is the factory, not the module
+    results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert results.failed == 0 and results.attempted > 0, module.__name__
