@@ -302,8 +302,7 @@ def test_schedule_config_checks_itself_and_algorithms_check_their_protocol():
   with pytest.raises(ValueError, match="sl.client_loss: local_loss_sl does not apply it"):
     A.local_loss_sl(_sl()._replace(client_loss=lambda x, h: 0.0), config, aux_head=A.linear_head(10))
   with pytest.raises(ValueError, match=r"cuts: expected one cut per client \(config.num_clients=4\), got 2 cuts"):
-    A.heterogeneous_parallel_sl(sljax.models.mlp(hidden=(16,)), config, cuts=[1, 1], client_optimizer=OPT,
-                                server_optimizer=OPT)
+    A.heterogeneous_parallel_sl(_sl(), config, cuts=[1, 1])
   # the registry builds these algorithms from a protocol and a config alone
   for name in ("sequential_sl", "parallel_sl", "splitfed_v1", "splitfed_v2", "fedavg", "centralized"):
     protocol = _central() if name in ("fedavg", "centralized") else _sl()
@@ -355,8 +354,7 @@ def test_heterogeneous_cuts_with_one_cut_equal_parallel_sl(with_codecs):
   data = _data(4)
   layers = sljax.models.mlp(hidden=(16, 16))
   codecs = dict(uplink=sljax.codecs.random_k(fraction=0.5), downlink=sljax.codecs.quantize(bits=8)) if with_codecs else {}
-  het = A.heterogeneous_parallel_sl(layers, _config(4, local_steps=2), cuts=[1, 1, 1, 1], client_optimizer=OPT,
-                                    server_optimizer=OPT, **codecs)
+  het = A.heterogeneous_parallel_sl(_sl(sljax.cut(layers, 2), **codecs), _config(4, local_steps=2), cuts=[1, 1, 1, 1])
   par = A.parallel_sl(_sl(sljax.cut(layers, 1), **codecs), _config(4, local_steps=2))
   h_state = het.init(jax.random.key(5), data)
   p_state = par.init(jax.random.key(5), data)
@@ -378,8 +376,7 @@ def test_heterogeneous_cuts_with_one_cut_equal_parallel_sl(with_codecs):
 def test_heterogeneous_cuts_train_with_a_shared_body():
   data = _data(4)
   layers = sljax.models.mlp(hidden=(16, 24))
-  het = A.heterogeneous_parallel_sl(layers, _config(4, local_steps=2), cuts=[2, 1, 2, 1], client_optimizer=OPT,
-                                    server_optimizer=OPT)
+  het = A.heterogeneous_parallel_sl(_sl(sljax.cut(layers, 1)), _config(4, local_steps=2), cuts=[2, 1, 2, 1])
   state = het.init(jax.random.key(0), data)
   shallow, deep = state.clients
   assert len(shallow.params) == 1 and len(deep.params) == 2  # client 1 and 3 hold one layer, 0 and 2 two
@@ -397,7 +394,7 @@ def test_heterogeneous_cuts_train_with_a_shared_body():
   out = het.predict(state, jnp.asarray(data.x[1, :5]), client=1)
   assert out.shape == (5, 10)
   with pytest.raises(ValueError, match=r"cuts\[1\]: cut index must be in \[1, 2\] for a stack of 3 layers, got 3"):
-    A.heterogeneous_parallel_sl(layers, _config(2), cuts=[1, 3], client_optimizer=OPT, server_optimizer=OPT)
+    A.heterogeneous_parallel_sl(_sl(sljax.cut(layers, 1)), _config(2), cuts=[1, 3])
 
 
 def test_parallel_sl_with_the_server_in_client_chunks_equals_the_whole_step():

@@ -53,8 +53,7 @@ ALGORITHMS = {  # every algorithm in the registry, small
     "splitfed_v1": lambda: A.splitfed(_sl(), _config(), version=1),
     "splitfed_v2": lambda: A.splitfed(_sl(), _config(), version=2),
     "local_loss_sl": lambda: A.local_loss_sl(_sl(), _config(), aux_head=A.linear_head(10)),
-    "heterogeneous_parallel_sl": lambda: A.heterogeneous_parallel_sl(
-        _layers(), _config(), cuts=[1, 2, 1, 2], client_optimizer=OPT, server_optimizer=OPT),
+    "heterogeneous_parallel_sl": lambda: A.heterogeneous_parallel_sl(_sl(), _config(), cuts=[1, 2, 1, 2]),
     "fedavg": lambda: A.fedavg(sljax.centralized(sljax.cut(_layers(), 1), optimizer=OPT), _config()),
     "centralized": lambda: A.centralized_baseline(sljax.centralized(sljax.cut(_layers(), 1), optimizer=OPT),
                                                   _config()),

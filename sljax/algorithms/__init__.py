@@ -25,8 +25,8 @@ class Registered(NamedTuple):
   `version=1`), and its timeline on the simulated clock (None: not simulated there).
 
   `factory(protocol, config, **options)` builds it: `protocol` is what the factory takes first
-  (a `sljax.vanilla(...)`, a `sljax.u_shaped(...)` for "parallel_sl_u", a `sljax.centralized(...)`,
-  or for heterogeneous parallel SL the layer stack, which also needs `cuts` and its optimizers),
+  (a `sljax.vanilla(...)`, a `sljax.u_shaped(...)` for "parallel_sl_u", a `sljax.centralized(...)`
+  for the baselines; heterogeneous parallel SL also needs `cuts`),
   `config` a `ScheduleConfig`. `defaults(protocol, input_spec) -> options`, where given, fills in
   the options a run may leave out (local-loss SL: its auxiliary head), so that every party that
   builds the algorithm for a run (`sljax.transport.schedule.algorithm`) builds the same one.

@@ -103,6 +103,7 @@ class Schedule(NamedTuple):
       `(client, x, y, key) -> (client, SmashedData)`, its own update before it sends); None else.
     client_half: `(client party) -> the protocol's client half` where the client holds more
       (local-loss SL: its auxiliary head), for inference; None: the party is the half.
+    clients: a `ClientView` where the clients differ (heterogeneous parallel SL); None else.
   """
 
   client_keys: Callable[..., jax.Array]
@@ -113,6 +114,25 @@ class Schedule(NamedTuple):
   timeline: Timeline | None
   client_step: Callable[..., Any] | None = None
   client_half: Callable[..., Any] | None = None
+  clients: ClientView | None = None
+
+
+class ClientView(NamedTuple):
+  """Where an algorithm's clients differ from one another (heterogeneous parallel SL: a cut per
+  client), what each one runs and holds. `Schedule.clients` is None where every client runs the
+  protocol the algorithm was built with, holds entry k of the stacked `SimState.clients`, and is
+  served by the server half itself.
+
+  Attributes:
+    protocol: `protocol(k)`: the protocol whose legs client k runs (its own cut).
+    party: `party(state, k)`: client k's party in a `SimState`.
+    server_half: `server_half(server, k)`: the server half that serves client k as that protocol's
+      server half (inference: `protocol(k).server_infer` on it).
+  """
+
+  protocol: Callable[[int], Any]
+  party: Callable[[Any, int], Any]
+  server_half: Callable[[Any, int], Any]
 
 
 class Algorithm(NamedTuple):

@@ -11,34 +11,21 @@ clients' smashed data, and each client gets the gradient of its own mean loss at
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from sljax import codecs
 from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
-from sljax.algorithms.parallel import TIMELINE
+from sljax.algorithms.parallel import TIMELINE, _no_hook
 from sljax.data.clients import ClientData
 from sljax.split import cut, sequential
 
 
-def heterogeneous_parallel_sl(
-    layers: Sequence[Any],
-    config: c.ScheduleConfig,
-    *,
-    cuts: Sequence[int],
-    client_optimizer: optax.GradientTransformation,
-    server_optimizer: optax.GradientTransformation,
-    loss: c.Loss = c.DEFAULT_LOSS,
-    uplink: codecs.Codec | None = None,
-    downlink: codecs.Codec | None = None,
-) -> c.Algorithm:
-  """Parallel split learning where client k cuts the stack at `cuts[k]`.
+def heterogeneous_parallel_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, cuts: Sequence[int]) -> c.Algorithm:
+  """Parallel split learning where client k cuts the model's layer stack at `cuts[k]`.
 
   Who updates what, per step: each participating client runs its own `layers[:cuts[k]]` and
   sends SmashedData of its cut's width. The server passes each group's smashed data through that
@@ -47,26 +34,41 @@ def heterogeneous_parallel_sl(
   weighted mean of the clients' mean losses. Each client receives the gradient at its cut and
   updates its own half and optimizer state. Drops and participation as in `parallel_sl`.
 
+  The model is `sl.model`, a layer stack cut anywhere (`sljax.cut(layers, k)`): the algorithm
+  re-cuts `layers` at each client's cut. Optimizers, loss, codecs and `client_loss` come from `sl`;
+  client k runs the legs of `sljax.vanilla(sljax.cut(layers, cuts[k]), ...)` with them
+  (`Schedule.clients.protocol(k)`), over the network too: a client needs only its own protocol.
+
   All parts start from one initialisation of the whole stack, so client, bridge and body weights
   of the same layer start equal. `SimState.clients` is a tuple with one client-stacked party per
-  group, in increasing order of cut; `SimState.server.params` is `{"bridges": (...), "body": ...}`.
-  The data's clients are in the order of `cuts`.
+  group, in increasing order of cut (`Schedule.clients.party(state, k)` picks client k's);
+  `SimState.server.params` is `{"bridges": (...), "body": ...}`. The data's clients are in the
+  order of `cuts`.
 
-  `uplink`/`downlink` are codecs on the smashed data and the cut gradients, as in `parallel_sl`:
-  each client keeps its uplink codec state, the server one downlink codec state per client
-  (`SimState.server.codec_state`, a tuple with one client-stacked state per group).
+  `sl.uplink`/`sl.downlink` are codecs on the smashed data and the cut gradients, as in
+  `parallel_sl`: each client keeps its uplink codec state, the server one downlink codec state per
+  client (`SimState.server.codec_state`, a tuple with one client-stacked state per group).
 
-  There is no one protocol object here (one cut per group), so the optimizers, the loss and the
-  codecs are arguments; the schedule comes from `config`, whose `num_clients` is `len(cuts)`.
+  Args:
+    sl: `sljax.vanilla(sljax.cut(layers, k), ...)` for any k: the layer stack, optimizers, loss, codecs.
+    config: a `ScheduleConfig`, whose `num_clients` is `len(cuts)`.
+    cuts: client k's cut index into the layer stack, 1 <= cuts[k] < len(layers).
 
   Example:
     >>> import optax, sljax
-    >>> algo = heterogeneous_parallel_sl(sljax.models.mlp(hidden=(16, 16)),
-    ...                                  sljax.algorithms.ScheduleConfig(num_clients=3, batch_size=8),
-    ...                                  cuts=[1, 2, 1], client_optimizer=optax.adam(1e-3),
-    ...                                  server_optimizer=optax.adam(1e-3))
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(16, 16)), 1), client_optimizer=optax.adam(1e-3),
+    ...                    server_optimizer=optax.adam(1e-3))
+    >>> algo = heterogeneous_parallel_sl(sl, sljax.algorithms.ScheduleConfig(num_clients=3, batch_size=8),
+    ...                                  cuts=[1, 2, 1])
   """
+  if not isinstance(sl, protocol.Vanilla):
+    raise TypeError(f"sl: expected the vanilla protocol sljax.vanilla(model, ...), got {type(sl).__name__}")
+  if sl.model.is_u_shaped or not sl.model.client.layers or not sl.model.server.layers:
+    raise ValueError("sl.model: heterogeneous parallel SL re-cuts the model's layer stack at each client's cut; "
+                     "expected a two-part model cut from a stack, sljax.cut(layers, k)")
+  _no_hook(sl, "cut_gradient_transform", "heterogeneous_parallel_sl")
   config = c.check_config(config)
+  layers = sl.model.client.layers + sl.model.server.layers
   cuts = [int(k) for k in cuts]
   n = len(layers)
   for i, k in enumerate(cuts):
@@ -76,16 +78,20 @@ def heterogeneous_parallel_sl(
                                                     config.executor)
   if len(cuts) != num_clients:
     raise ValueError(f"cuts: expected one cut per client (config.num_clients={num_clients}), got {len(cuts)} cuts")
+  client_optimizer, server_optimizer, loss = sl.client_optimizer, sl.server_optimizer, sl.loss
   levels = sorted(set(cuts))
   deepest = levels[-1]
   groups = [np.flatnonzero(np.asarray(cuts) == k) for k in levels]
+  group_of = [levels.index(k) for k in cuts]  # client -> its group
+  index_in_group = [int(np.flatnonzero(groups[group_of[k]] == k)[0]) for k in range(num_clients)]
   order = np.concatenate(groups)  # client ids, group by group
+  inverse = np.argsort(order)  # group order back to client order
   members = [np.isin(np.arange(num_clients), g) for g in groups]  # (K,) masks, in client order
   # one vanilla protocol per group: its client half, and as "server" the bridge then the body
-  protocols = [protocol.vanilla(cut(layers, k), client_optimizer=client_optimizer,
-                                server_optimizer=server_optimizer, loss=loss, uplink=uplink, downlink=downlink)
+  protocols = [protocol.vanilla(cut(layers, k), client_optimizer=client_optimizer, server_optimizer=server_optimizer,
+                                loss=loss, uplink=sl.uplink, downlink=sl.downlink, client_loss=sl.client_loss)
                for k in levels]
-  up_codec, down_codec = uplink or codecs.identity(), downlink or codecs.identity()
+  up_codec, down_codec = sl.uplink, sl.downlink
   client_stages = [sequential(*layers[:k]) for k in levels]
   bridges = [sequential(*layers[k:deepest]) if k < deepest else None for k in levels]
   body = sequential(*layers[deepest:])
@@ -135,10 +141,19 @@ def heterogeneous_parallel_sl(
   client_keys, server_keys = c.lockstep_client_keys(num_clients), c.lockstep_server_keys(num_clients)
 
   def server_step(server, ups, weights, run_key, round_, step):
-    """The server's side of one step: `(server, ups (one SmashedData per group), weights (K,) in
-    group order, run_key, round_, step) -> (server, downlink payloads per group, losses (K,),
-    accuracies (K,))`, losses and accuracies in group order. One update of bridges and body from
-    the weighted mean of the clients' losses; a client of weight 0 keeps its downlink codec state."""
+    """The server's side of one step: `(server, ups (one SmashedData per client, in client order),
+    weights (K,), run_key, round_, step) -> (server, downlink payloads (one per client), losses (K,),
+    accuracies (K,))`. One update of bridges and body from the weighted mean of the clients'
+    losses; a client of weight 0 keeps its downlink codec state."""
+    ups = [jax.tree.map(lambda *a: jnp.stack(a), *[ups[k] for k in g]) for g in groups]  # per group
+    server, payloads, losses, accs = server_step_grouped(server, ups, weights[order], run_key, round_, step)
+    per_client = tuple(jax.tree.map(lambda a, i=index_in_group[k]: a[i], payloads[group_of[k]])
+                       for k in range(num_clients))
+    return server, per_client, losses[inverse], accs[inverse]
+
+  def server_step_grouped(server, ups, weights, run_key, round_, step):
+    """`server_step` on the clients' messages stacked per group (what the fused round holds),
+    weights, losses and accuracies in group order."""
     total = weights.sum()
     k_server = server_keys(run_key, round_, step)[0]
 
@@ -164,12 +179,26 @@ def heterogeneous_parallel_sl(
       start += len(g)
     return new.replace(codec_state=tuple(codec_states)), payloads, losses, accs
 
-  schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, TIMELINE)
+  def server_infer(server, client: int, message: msgs.SmashedData) -> msgs.Prediction:
+    """Inference, the server's leg for client `client`: its group's bridge, then the body, in eval
+    mode on the decoded smashed data."""
+    g = group_of[client]
+    h = up_codec.decode(message.activations)
+    params, model_state = server.params, server.model_state
+    if bridges[g] is not None:
+      h, _ = bridges[g].apply(params["bridges"][g], model_state["bridges"][g], h, key=None, train=False)
+    return msgs.Prediction(body.apply(params["body"], model_state["body"], h, key=None, train=False)[0])
+
+  def party(state: c.SimState, client: int) -> protocol.PartyState:
+    return jax.tree.map(lambda a: a[index_in_group[client]], state.clients[group_of[client]])
+
+  view = c.ClientView(lambda client: protocols[group_of[client]], party, server_infer)
+  schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, TIMELINE,
+                        clients=view)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients[0].input_spec, config=config)
     active_all = inputs.active()
-    inverse = np.argsort(order)  # group order back to client order
 
     def step(carry, s):
       clients, server = carry
@@ -178,7 +207,7 @@ def heterogeneous_parallel_sl(
       ups = [executor(lambda *a, p=p: p.client_forward(*a)[0], party, x[g], y[g], keys[g])
              for p, party, g in zip(protocols, clients, groups)]
       w = active_all[s][order].astype(jnp.float32)
-      server, payloads, losses, accs = server_step(server, ups, w, state.key, state.round, s)
+      server, payloads, losses, accs = server_step_grouped(server, ups, w, state.key, state.round, s)
       new_clients, up, down = [], [], []
       for p, party, g, member, payload, u in zip(protocols, clients, groups, members, payloads, ups):
         g_cut = jax.vmap(down_codec.decode)(payload)
@@ -198,13 +227,8 @@ def heterogeneous_parallel_sl(
     return state.replace(clients=clients, server=server, round=state.round + 1), metrics
 
   def predict(state: c.SimState, x, client: int = 0):
-    gi = levels.index(cuts[client])
-    party = jax.tree.map(lambda a: a[int(np.flatnonzero(groups[gi] == client)[0])], state.clients[gi])
-    h = up_codec.decode(protocols[gi].client_infer(party, x).activations)  # the group's inference leg
-    params, model_state = state.server.params, state.server.model_state
-    if bridges[gi] is not None:
-      h, _ = bridges[gi].apply(params["bridges"][gi], model_state["bridges"][gi], h, key=None, train=False)
-    return body.apply(params["body"], model_state["body"], h, key=None, train=False)[0]
+    up = protocols[group_of[client]].client_infer(party(state, client), x)  # the client's inference leg
+    return server_infer(state.server, client, up).logits
 
   return c.Algorithm("heterogeneous_parallel_sl", init, round_fn, predict, local_steps, schedule=schedule,
                      shared_model=False)
