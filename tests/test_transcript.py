@@ -96,7 +96,7 @@ def test_bad_records_get_errors_naming_the_argument(tmp_path):
       rec.record("side", 0, 0, 0, b"")
     with pytest.raises(ValueError, match=r"round: expected an int in \[0, 2\*\*32 - 1\], got -1"):
       rec.record("up", -1, 0, 0, b"")
-    with pytest.raises(TypeError, match="payload: expected bytes or a message of sljax.messages, got int"):
+    with pytest.raises(TypeError, match="payload: expected bytes, a message of sljax.messages or a function returning one, got int"):
       rec.record("up", 0, 0, 0, 5)
     with pytest.raises(TypeError, match="note: a value of type object is not JSON"):
       rec.note({"x": object()})

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -158,14 +159,17 @@ class Recorder:
       direction: "up" (client to server) or "down" (server to client); "truth" and "note" are
         local records (see the module docstring).
       round, step, client: where the message belongs, ints in [0, 2**32 - 1].
-      payload: bytes as sent, or a message of `sljax.messages` (its `to_bytes` is what is stored).
+      payload: bytes as sent, or a message of `sljax.messages` (its `to_bytes` is what is stored),
+        or a function of no arguments returning either, called by the writer thread (so that
+        slicing a message out of a batch of them costs the caller nothing).
     """
     if direction not in DIRECTIONS:
       raise ValueError(f"direction: expected one of {list(DIRECTIONS)}, got {direction!r}")
     key = (_check_u32("round", round), _check_u32("step", step), _check_u32("client", client))
-    if not isinstance(payload, (bytes, bytearray, memoryview, Mapping)) and type(payload).__name__ not in (
-        msgs.MESSAGE_TYPES):
-      raise TypeError(f"payload: expected bytes or a message of sljax.messages, got {type(payload).__name__}")
+    if not isinstance(payload, (bytes, bytearray, memoryview, Mapping)) and not callable(payload) and (
+        type(payload).__name__ not in msgs.MESSAGE_TYPES):
+      raise TypeError(f"payload: expected bytes, a message of sljax.messages or a function returning one, got "
+                      f"{type(payload).__name__}")
     self._put((DIRECTIONS.index(direction), *key, payload))
 
   def note(self, note: Mapping[str, Any], *, round: int = 0, step: int = 0, client: int = 0) -> None:  # noqa: A002
@@ -198,6 +202,8 @@ class Recorder:
         continue  # drain, so that a blocked `record` returns and raises
       try:
         code, round_, step, client, payload = item
+        if callable(payload):
+          payload = payload()
         if isinstance(payload, Mapping) and "__truth__" in payload:
           x, labels = payload["__truth__"]
           payload = serialization.msgpack_serialize({"x": np.asarray(x), "labels": None if labels is None
@@ -460,6 +466,11 @@ def recording_step(trainer: Any, *, truth: bool = False) -> tuple[Any, tuple[str
                   f"{type(trainer).__name__}")
 
 
+def _row(stacked: Any, i: int) -> Any:
+  """Message `i` of a message whose arrays are stacked along a leading step axis."""
+  return jax.tree.map(lambda a: a[i], stacked)
+
+
 def _describe_hook(fn: Any) -> str | None:
   if fn is None:
     return None
@@ -505,7 +516,7 @@ class FitRecording:
       if batches:
         self.recorder.record_truth(epoch, s, 0, batches[0][s], batches[1][s])
       for direction, message in zip(self.directions, messages):
-        self.recorder.record(direction, epoch, s, 0, jax.tree.map(lambda a, s=s: a[s], message))
+        self.recorder.record(direction, epoch, s, 0, functools.partial(_row, message, s))
     return metrics
 
   def finish(self, history: list[dict[str, Any]]) -> None:
