@@ -28,13 +28,13 @@ def KEY(seed):  # noqa: N802 -- a constant-like helper
 @functools.cache
 def _digits():
   ds = sljax.data.load_digits()
-  return ds.x_train[: BATCH * STEPS], ds.y_train[: BATCH * STEPS]
+  return ds.x_train[:BATCH], ds.y_train[:BATCH]
 
 
 @functools.cache
 def _mnist1d():
   ds = sljax.data.make_mnist1d(num_samples=100)
-  return ds.x_train[: BATCH * STEPS], ds.y_train[: BATCH * STEPS]
+  return ds.x_train[:BATCH], ds.y_train[:BATCH]
 
 
 # (layers, data, cut): tiny widths, one cut each inside the stack, where the smashed data is a feature map.
@@ -45,25 +45,34 @@ CASES = {
 }
 
 
-def _train_both(sl, central, state, x, y):
-  """STEPS steps of split and of centralized training from the same start, on one batch, in one compiled program.
+# The tests check math, not speed: compiled with XLA's backend optimizations off, which halves the compile time.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _init_and_train_both(sl, central, x, y):
+  """Init, then STEPS steps of split and of centralized training from the same start on one batch:
+  one compiled program.
 
   The centralized state is the split state's parts side by side (`centralized.init` splits the
   key as the split protocols do; tests/test_protocol.py checks that).
   """
-  params = (state.client.params, state.server.params)
-  c_state = sljax.PartyState(params, (state.client.model_state, state.server.model_state),
-                             central_opt.init(params), state.client.input_spec)
-  batch = jnp.asarray(x[:BATCH]), jnp.asarray(y[:BATCH])
 
-  def one_step(carry, key):
-    s, c = carry
-    s, s_metrics = sl.step(s, batch, key)
-    c, c_metrics = central.step(c, batch, key)
-    return (s, c), (s_metrics["loss"], c_metrics["loss"])
+  def run(x, y):
+    state = sl.init(KEY(0), x)
+    params = (state.client.params, state.server.params)
+    c_state = sljax.PartyState(params, (state.client.model_state, state.server.model_state),
+                               central_opt.init(params), state.client.input_spec)
 
-  keys = jax.random.split(KEY(1), STEPS)
-  (s_state, c_state), (s_losses, c_losses) = jax.jit(lambda s, c: jax.lax.scan(one_step, (s, c), keys))(state, c_state)
+    def one_step(carry, key):
+      s, c = carry
+      s, s_metrics = sl.step(s, (x, y), key)
+      c, c_metrics = central.step(c, (x, y), key)
+      return (s, c), (s_metrics["loss"], c_metrics["loss"])
+
+    return jax.lax.scan(one_step, (state, c_state), jax.random.split(KEY(1), STEPS))
+
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  (s_state, c_state), (s_losses, c_losses) = jax.jit(run).lower(x, y).compile(_FAST_COMPILE)(x, y)
   return s_state, c_state, np.asarray(s_losses), np.asarray(c_losses)
 
 
@@ -74,7 +83,7 @@ def test_split_equals_centralized(case):
   model = sljax.cut(make_layers(), k)
   sl = sljax.vanilla(model, client_optimizer=central_opt, server_optimizer=central_opt)
   central = sljax.centralized(model, optimizer=central_opt)
-  s_state, c_state, s_losses, c_losses = _train_both(sl, central, sl.init(KEY(0), x[:BATCH]), x, y)
+  s_state, c_state, s_losses, c_losses = _init_and_train_both(sl, central, x, y)
   assert np.all(np.isfinite(s_losses)) and s_losses[-1] < s_losses[0]  # it trains
   np.testing.assert_allclose(s_losses, c_losses, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close((s_state.client.params, s_state.server.params), c_state.params, atol=1e-5, rtol=1e-5)
