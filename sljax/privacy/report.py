@@ -87,7 +87,7 @@ class PrivacyReport:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = [f"privacy report: {self.path}"]
     text += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-    text += [f"not run: {name} ({why})" for name, why in self.skipped.items()]
+    text += [f"not run: {name}: {why}" for name, why in self.skipped.items()]
     return "\n".join(text)
 
 
@@ -170,7 +170,7 @@ def privacy_report(
                            for e in steps]) if has_labels else None
   binary = labels is not None and np.isin(np.unique(labels), (0, 1)).all()
   if not has_labels:
-    skipped["label attacks"] = "no labels to score against (U-shaped SL sends none; record with truth=True)"
+    skipped["label attacks"] = "no labels to score against: U-shaped SL sends none; record with Recorder(truth=True)"
   elif not all(e.grad is not None for e in steps):
     skipped["norm_scoring, direction_scoring"] = "no cut gradients recorded"
   elif not binary:
@@ -191,7 +191,7 @@ def privacy_report(
   last = max(e.round for e in steps)
   final = [e for e in steps if e.round == last]
   if any(e.inputs is None for e in final):
-    skipped["input attacks"] = "no truth records to score against (record with Recorder(truth=True))"
+    skipped["input attacks"] = "no truth records to score against; record with Recorder(truth=True)"
     return PrivacyReport(tuple(rows), loaded.path, skipped)
   x = np.concatenate([e.inputs for e in final])
   z = np.concatenate([e.smashed for e in final])
