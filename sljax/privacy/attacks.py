@@ -400,7 +400,7 @@ def inverse_network(smashed: Any, knowledge: InverseNetworkKnowledge, *, inputs:
     >>> x = np.random.default_rng(0).uniform(size=(256, 4)).astype(np.float32)
     >>> z = x @ np.eye(4, 6, dtype=np.float32)  # an invertible client half
     >>> k = InverseNetworkKnowledge(aux_inputs=x[:200], aux_smashed=z[:200], steps=500)
-    >>> inverse_network(z[200:], k, inputs=x[200:]).mse < 1e-3
+    >>> inverse_network(z[200:], k, inputs=x[200:]).mse < 0.01  # the inputs' variance: 0.083
     True
   """
   aux_x, aux_z = np.asarray(knowledge.aux_inputs, np.float32), np.asarray(knowledge.aux_smashed, np.float32)
