@@ -209,3 +209,11 @@ def test_budgets_and_plot():
   assert [ax.get_title() for ax in fig.axes][:3] == ["client share of FLOPs", "client peak memory (bytes)",
                                                      "bytes up per sample"]
   assert "fits 1.5 KB" in str(table) and "0.500" in str(table)
+
+
+def test_cli_names_the_valid_cut_points(capsys):
+  from sljax import cli
+
+  assert cli.main(["profile-cuts", "--model", "mlp", "--cuts", "3", "--privacy-sample", "0"]) == 2
+  assert "sljax profile-cuts: cuts: cut 3 is out of range for a stack of 3 layers; the valid cut points are 1 " \
+         "(after 'hidden_0'), 2 (after 'hidden_1')" in capsys.readouterr().err
