@@ -91,6 +91,7 @@ class ClientDevice(NamedTuple):
     smashed_shape, smashed_dtype: the smashed data, and so the cut gradient.
     layer_names: the layers of the half.
     metadata: the artifact's description (versions, platforms, ...), a JSON-able dict.
+    functions: the serialized exported functions, by name (`to_bytes` writes them back).
   """
 
   state: DeviceState
@@ -110,8 +111,9 @@ class ClientDevice(NamedTuple):
     return _pack(self.metadata, self.functions, self.state if state is None else state)
 
 
-def _state_dict(tree: PyTree) -> PyTree:
-  return serialization.to_state_dict(tree)
+def _device_state(client: Any) -> DeviceState:
+  """A `PartyState`'s params, model state and optimizer state as state dicts."""
+  return DeviceState(*(serialization.to_state_dict(t) for t in (client.params, client.model_state, client.opt_state)))
 
 
 def _pack(metadata: dict, functions: dict, state: DeviceState) -> bytes:
@@ -170,45 +172,37 @@ def export_client(sl: Any, client: Any, x: Any, *, any_batch: bool = True,
   protocol.check_batch("x", x, client.input_spec)
   batch = jax.export.symbolic_shape("batch")[0] if any_batch else shape[0]
   x_spec = jax.ShapeDtypeStruct((batch, *shape[1:]), dtype)
-  state = DeviceState(_state_dict(client.params), _state_dict(client.model_state), _state_dict(client.opt_state))
+  key_spec = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  state = _device_state(client)
 
-  def party(s: DeviceState):
-    return client.replace(params=serialization.from_state_dict(client.params, s.params),
-                          model_state=serialization.from_state_dict(client.model_state, s.model_state),
-                          opt_state=serialization.from_state_dict(client.opt_state, s.opt_state))
-
+  # Each function takes the state as a plain tuple of state dicts: what jax.export can serialize.
   def forward_leg(s, x, key):
     # The labels ride in the uplink message but never enter the client's computation.
     labels = jnp.zeros(x.shape[:1], jnp.int32)
-    return sl.client_forward(party(s), x, labels, key)
+    return sl.client_forward(restore_client(client, DeviceState(*s)), x, labels, key)
 
   def infer(s, x):
-    return sl.client_infer(party(s), x).activations
+    return sl.client_infer(restore_client(client, DeviceState(*s)), x).activations
 
   def forward(s, x, key):
     return forward_leg(s, x, key)[0].activations
 
   def backward(s, x, key, cut_gradient):
-    c = party(s)
     _, pending = forward_leg(s, x, key)  # the pullback cannot be serialized: recompute it here
-    c = sl.client_backward(c, pending, messages.CutGradient(cut_gradient))
-    return DeviceState(_state_dict(c.params), _state_dict(c.model_state), _state_dict(c.opt_state))
+    updated = sl.client_backward(restore_client(client, DeviceState(*s)), pending, messages.CutGradient(cut_gradient))
+    return tuple(_device_state(updated))
 
-  key_spec = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  smashed = jax.eval_shape(forward, state, x_spec, key_spec)
-  exporter = lambda fn: jax.export.export(jax.jit(fn), platforms=platforms)  # noqa: E731
-  state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tuple(state))
-  state_spec = DeviceState(*state_spec)
-  functions = {
-      "infer": exporter(lambda s, x: infer(DeviceState(*s), x))(tuple(state_spec), x_spec),
-      "forward": exporter(lambda s, x, k: forward(DeviceState(*s), x, k))(tuple(state_spec), x_spec, key_spec),
-      "backward": exporter(lambda s, x, k, g: tuple(backward(DeviceState(*s), x, k, g)))(
-          tuple(state_spec), x_spec, key_spec, smashed),
-  }
+  state_spec = tuple(jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tuple(state)))
+  smashed = jax.eval_shape(forward, state_spec, x_spec, key_spec)
+  exported = {name: jax.export.export(jax.jit(fn), platforms=platforms)(*specs) for name, fn, specs in (
+      ("infer", infer, (state_spec, x_spec)),
+      ("forward", forward, (state_spec, x_spec, key_spec)),
+      ("backward", backward, (state_spec, x_spec, key_spec, smashed)),
+  )}
   metadata = {
       "format": FORMAT_VERSION,
       "jax_version": jax.__version__,
-      "platforms": list(functions["infer"].platforms),
+      "platforms": list(exported["infer"].platforms),
       "input": {"shape": [None if any_batch else shape[0], *map(int, shape[1:])], "dtype": np.dtype(dtype).name},
       "smashed": {"shape": [None if any_batch else shape[0], *map(int, smashed.shape[1:])],
                   "dtype": np.dtype(smashed.dtype).name},
@@ -216,7 +210,7 @@ def export_client(sl: Any, client: Any, x: Any, *, any_batch: bool = True,
       "layer_names": list(sl.model.client.layer_names),
       "client_loss": sl.client_loss is not None,
   }
-  return _pack(metadata, {name: f.serialize() for name, f in functions.items()}, state)
+  return _pack(metadata, {name: e.serialize() for name, e in exported.items()}, state)
 
 
 def _check_exportable(sl, client, codecs, protocol) -> None:

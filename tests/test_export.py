@@ -47,7 +47,8 @@ def setup():
   # Momentum keeps an optimizer state; Adam would turn float noise in near-zero gradients (the
   # Dense bias ahead of batch norm) into full-size steps, so it cannot be compared to 1e-6.
   opt = optax.sgd(0.1, momentum=0.9)
-  sl = sljax.vanilla(sljax.cut(layers, 1), client_optimizer=opt, server_optimizer=opt)
+  sl = sljax.vanilla(sljax.cut(layers, 1), client_optimizer=opt, server_optimizer=opt,
+                     client_loss=lambda x, h: 0.01 * jnp.mean(h**2))  # a client's own loss term comes along
   state = sl.init(jax.random.key(0, impl="rbg"), x)  # rbg: compiles faster; the step keys are threefry
   return sl, state, x, y, export.export_client(sl, state.client, x)
 
@@ -176,6 +177,11 @@ def test_device_checks_its_inputs(setup):
     dev.forward(dev.state, jnp.ones((8, 8, 8)), jax.random.key(0))
   with pytest.raises(ValueError, match=r"^key: expected one typed PRNG key of the threefry2x32 implementation"):
     dev.forward(dev.state, jnp.ones((8, 64)), jax.random.PRNGKey(0))
+  sl, state, x, *_ = setup
+  fixed = export.load_client(export.export_client(sl, state.client, x, any_batch=False))
+  assert fixed.input_shape == (8, 64) and fixed.smashed_shape == (8, 12)
+  with pytest.raises(ValueError, match=r"^x: expected shape \(8, 64\) float32, got \(3, 64\) float32$"):
+    fixed.infer(fixed.state, x[:3])
 
 
 def test_what_cannot_be_exported_is_refused(setup):
