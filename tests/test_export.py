@@ -50,7 +50,8 @@ def setup():
   sl = sljax.vanilla(sljax.cut(layers, 1), client_optimizer=opt, server_optimizer=opt,
                      client_loss=lambda x, h: 0.01 * jnp.mean(h**2))  # a client's own loss term comes along
   state = sl.init(jax.random.key(0, impl="rbg"), x)  # rbg: compiles faster; the step keys are threefry
-  return sl, state, x, y, export.export_client(sl, state.client, x)
+  # For a CPU or a CUDA device, exported here on a CPU: these tests run the CPU entry.
+  return sl, state, x, y, export.export_client(sl, state.client, x, platforms=("cpu", "cuda"))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,7 @@ def test_exported_legs_equal_the_library_legs(setup, library_run):
   smashed, grads, clients = library_run
   dev = export.load_client(artifact)
   assert dev.layer_names == ("private",) and dev.input_shape == (None, 64) and dev.smashed_shape == (None, 12)
+  assert dev.metadata["platforms"] == ["cpu", "cuda"]
   s = dev.state
   for i in range(STEPS):
     k_client, _ = jax.random.split(jax.random.key(10 + i))
