@@ -57,8 +57,7 @@ def test_norm_and_direction_scoring_leak_the_labels_and_max_norm_stops_the_norm(
 
 def test_the_report_runs_the_label_attacks_of_a_transcript(label_runs):
   plain, defended = label_runs
-  table = report.privacy_report(defended, completion=attacks.CompletionKnowledge(known_per_class=4, steps=100),
-                                utility_cost=0.01)
+  table = report.privacy_report(defended, utility_cost=0.01)  # model completion: 4 known labels per class
   assert [r.attack for r in table.rows] == ["norm_scoring", "direction_scoring", "model_completion"]
   assert table.row("norm_scoring").defense == "cut gradient: max_norm"
   assert table.row("norm_scoring").metrics["auc_mean"] == pytest.approx(attacks.norm_scoring(defended).auc_mean)
@@ -76,7 +75,7 @@ def test_the_report_runs_the_label_attacks_of_a_transcript(label_runs):
 def digits_cut1():
   ds = sljax.data.load_digits()
   model = sljax.cut(sljax.models.cnn(), 1)  # the client: one 3x3 convolution, 16 channels, ReLU
-  params, model_state = model.client.init(jax.random.key(0), ds.x_train[:32])
+  params, model_state = jax.jit(model.client.init)(jax.random.key(0), ds.x_train[:32])
 
   def client_apply(x):
     return model.client.apply(params, model_state, x, key=None, train=False)[0]
@@ -88,14 +87,14 @@ def test_white_box_inversion_of_a_shallow_cut_and_noise_against_it(digits_cut1):
   ds, client_apply = digits_cut1
   x = ds.x_test[:32]
   smashed = client_apply(x)
-  knowledge = attacks.WhiteBoxKnowledge(client_apply=client_apply, input_shape=(8, 8, 1), steps=200)
+  knowledge = attacks.WhiteBoxKnowledge(client_apply=client_apply, input_shape=(8, 8, 1), steps=60, learning_rate=0.1)
   found = attacks.white_box_inversion(smashed, knowledge, inputs=x)
   assert found.reconstructions.shape == x.shape
-  assert found.ssim >= 0.95 and found.psnr >= 30  # measured SSIM 0.99999, PSNR 56 dB
+  assert found.ssim >= 0.95 and found.psnr >= 30  # measured SSIM 0.9999
   codec = defenses.gaussian_noise(clip_norm=13.0, noise_multiplier=0.3)  # rows have norm ~13; noise std 3.9
   noisy = codec.decode(codec.encode(smashed, codec.init(smashed), jax.random.key(3))[0])
   defended = attacks.white_box_inversion(noisy, knowledge, inputs=x)
-  assert defended.ssim <= 0.6, defended.ssim
+  assert defended.ssim <= 0.6, defended.ssim  # measured 0.18
   assert defended.mse > 100 * found.mse
 
 
@@ -103,12 +102,12 @@ def test_inverse_network_learns_an_invertible_cut_from_auxiliary_pairs():
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(300, 4)).astype(np.float32)
   z = np.tanh(x @ rng.normal(size=(4, 8)).astype(np.float32))  # injective
-  knowledge = attacks.InverseNetworkKnowledge(aux_inputs=x[:256], aux_smashed=z[:256], hidden=(64,), steps=400,
-                                              learning_rate=3e-3)
+  knowledge = attacks.InverseNetworkKnowledge(aux_inputs=x[:256], aux_smashed=z[:256], hidden=(32,), steps=200,
+                                              learning_rate=1e-2)
   found = attacks.inverse_network(z[256:], knowledge, inputs=x[256:])
-  assert found.mse < 5e-3, found.mse  # the inputs' variance is 0.083
-  blind = attacks.InverseNetworkKnowledge(aux_inputs=x[:256], aux_smashed=rng.permutation(z[:256]), hidden=(64,),
-                                          steps=400, learning_rate=3e-3)
+  assert found.mse < 5e-3, found.mse  # measured 0.0027; the inputs' variance is 0.083
+  blind = attacks.InverseNetworkKnowledge(aux_inputs=x[:256], aux_smashed=rng.permutation(z[:256]), hidden=(32,),
+                                          steps=200, learning_rate=1e-2)  # pairs shuffled: nothing to learn
   assert attacks.inverse_network(z[256:], blind, inputs=x[256:]).mse > 10 * found.mse
 
 

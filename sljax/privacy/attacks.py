@@ -304,13 +304,15 @@ def _decoder_loss(params, data, idx):
   return jnp.mean(jnp.square(_mlp_apply(params, z[idx]) - x[idx]))
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "learning_rate"))
-def _fit(params, data, batches_SxB, *, loss_fn, learning_rate: float):
-  """Adam on `loss_fn(params, data, batch)` over the rows of each batch of indices, in one jitted scan.
+@functools.partial(jax.jit, static_argnames=("sizes", "loss_fn", "learning_rate"))
+def _fit_apply(key, data, batches_SxB, queries, *, sizes: tuple[int, ...], loss_fn, learning_rate: float):
+  """An MLP of `sizes` initialised from `key`, trained by Adam on `loss_fn(params, data, batch)` over the
+  rows of each batch of indices, then applied to `queries`: one jitted program.
 
   Module-level and jitted by shape, so a second attack of the same shapes compiles nothing new.
   """
   opt = optax.adam(learning_rate)
+  params = _mlp_init(key, sizes)
 
   def body(carry, idx):
     params, state = carry
@@ -318,7 +320,7 @@ def _fit(params, data, batches_SxB, *, loss_fn, learning_rate: float):
     return (optax.apply_updates(params, updates), state), None
 
   (params, _), _ = jax.lax.scan(body, (params, opt.init(params)), batches_SxB)
-  return params
+  return _mlp_apply(params, queries)
 
 
 def model_completion(run: Transcript | Sequence[Exchange], knowledge: CompletionKnowledge = CompletionKnowledge()
@@ -358,11 +360,13 @@ def model_completion(run: Transcript | Sequence[Exchange], knowledge: Completion
   unknown = np.setdiff1d(np.arange(len(y)), known)
   num_classes = int(y.max()) + 1
   z = (z - z.mean(0)) / (z.std() + 1e-6)  # one scale: dead units stay at 0
-  params = _mlp_init(jax.random.key(knowledge.seed), (z.shape[1], *knowledge.hidden, num_classes))
   full_batch = np.broadcast_to(known.astype(np.int32), (knowledge.steps, len(known)))
-  params = _fit(params, (jnp.asarray(z), jnp.asarray(y)), full_batch, loss_fn=_head_loss,
-                learning_rate=knowledge.learning_rate)
-  probs = np.asarray(jax.nn.softmax(_mlp_apply(params, jnp.asarray(z))))
+  logits = _fit_apply(jax.random.key(knowledge.seed), (z, y), full_batch, z,
+                      sizes=(z.shape[1], *knowledge.hidden, num_classes), loss_fn=_head_loss,
+                      learning_rate=knowledge.learning_rate)
+  logits = np.asarray(logits, np.float64)
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
   accuracy = float(np.mean(probs[unknown].argmax(1) == y[unknown]))
   scored = [(probs[unknown][batch_of[unknown] == i, -1], y[unknown][batch_of[unknown] == i]) for i in range(len(steps))]
   if num_classes == 2:
@@ -413,14 +417,13 @@ def inverse_network(smashed: Any, knowledge: InverseNetworkKnowledge, *, inputs:
                      f"knowledge.aux_smashed, got {smashed.shape}")
   m = aux_x.shape[0]
   batch = min(knowledge.batch_size, m)
-  zs, xs = jnp.asarray(aux_z.reshape(m, -1)), jnp.asarray(aux_x.reshape(m, -1))
+  zs, xs = aux_z.reshape(m, -1), aux_x.reshape(m, -1)
   mean, std = zs.mean(0, keepdims=True), zs.std() + 1e-6  # one scale: dead units stay at 0
-  key_init, key_order = jax.random.split(jax.random.key(knowledge.seed))
-  params = _mlp_init(key_init, (zs.shape[1], *knowledge.hidden, xs.shape[1]))
-  order = jax.random.randint(key_order, (knowledge.steps, batch), 0, m)
-
-  params = _fit(params, ((zs - mean) / std, xs), order, loss_fn=_decoder_loss, learning_rate=knowledge.learning_rate)
-  flat = _mlp_apply(params, (jnp.asarray(smashed.reshape(smashed.shape[0], -1)) - mean) / std)
+  order = np.random.default_rng(knowledge.seed).integers(0, m, (knowledge.steps, batch)).astype(np.int32)
+  flat = _fit_apply(jax.random.key(knowledge.seed), ((zs - mean) / std, xs), order,
+                    (smashed.reshape(smashed.shape[0], -1) - mean) / std, sizes=(zs.shape[1], *knowledge.hidden,
+                                                                                 xs.shape[1]),
+                    loss_fn=_decoder_loss, learning_rate=knowledge.learning_rate)
   return _score("inverse_network", np.asarray(flat).reshape(smashed.shape[0], *aux_x.shape[1:]), inputs)
 
 
