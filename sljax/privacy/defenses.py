@@ -447,9 +447,8 @@ def marvell(*, power_scale: float = 1.0, sum_kl_bound: float | None = None) -> C
       quiet = _sym_kl(u_n, v_n, d, 0.0, 0.0, 0.0, 0.0) <= sum_kl_bound
       lam10, lam20, lam11, lam21 = (jnp.where(quiet, 0.0, lam) for lam in (lam10, lam20, lam11, lam21))
     direction_D = delta_D / jnp.sqrt(safe_sq)
-    k_along, k_across = jax.random.split(key)
-    z_B = jax.random.normal(k_along, (batch,), jnp.float32)
-    xi_BxD = jax.random.normal(k_across, (batch, d), jnp.float32)
+    normal_BxD1 = jax.random.normal(key, (batch, d + 1), jnp.float32)  # one draw: along, then across
+    z_B, xi_BxD = normal_BxD1[:, 0], normal_BxD1[:, 1:]
     xi_across_BxD = xi_BxD - (xi_BxD @ direction_D)[:, None] * direction_D[None, :]
     along_B = jnp.sqrt(safe_sq * jnp.where(y_B == 1, lam11, lam10))
     across_B = jnp.sqrt(safe_sq * jnp.where(y_B == 1, lam21, lam20))
