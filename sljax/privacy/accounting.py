@@ -238,6 +238,19 @@ def accountant(
   Returns:
     An :class:`Accountant`.
 
+  Example:
+    >>> import optax, sljax
+    >>> from sljax.privacy import defenses
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(16,)), 1), client_optimizer=optax.sgd(0.1),
+    ...                    server_optimizer=optax.sgd(0.1),
+    ...                    uplink=defenses.gaussian_noise(clip_norm=1.0, noise_multiplier=2.0))
+    >>> config = sljax.algorithms.ScheduleConfig(num_clients=2, batch_size=32, local_steps=5)
+    >>> acct = accountant(sl, config, num_examples=[320, 160], delta=1e-5, target_epsilon=8.0)
+    >>> acct.releases(10), round(acct.epsilon(10), 2)  # 50 steps of 32 over 160 rows: 10 epochs
+    (10, 7.51)
+    >>> acct.last_round(0, 100)  # simulation.run(..., rounds=100, accountant=acct) stops here
+    11
+
   Raises:
     TypeError: if ``sl`` is not a vanilla or U-shaped protocol, or ``config`` not a ScheduleConfig.
     ValueError: naming the argument: no noise codec in ``sl.uplink`` (or error feedback before it),
