@@ -185,3 +185,26 @@ def test_the_cli_prints_the_report(label_runs, capsys, tmp_path):
   (tmp_path / "cut.sljt").write_bytes(Path(plain.path).read_bytes()[:-3])
   assert cli.main(["privacy-report", str(tmp_path / "cut.sljt")]) == 1
   assert "truncated record at byte offset" in capsys.readouterr().err
+
+
+def test_a_u_shaped_run_recorded_with_its_batches_gets_the_input_attacks(tmp_path):
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(32, 6)).astype(np.float32)
+  y = (x[:, 0] > 0.5).astype(np.int32)
+  model = sljax.cut(sljax.models.mlp(hidden=(12, 8), num_classes=2), 1, 2)
+  sl = sljax.u_shaped(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+  state = sl.init(jax.random.key(0), x[:8])
+  plain, _ = sljax.fit(sl, state, x, y, key=jax.random.key(1), epochs=1, batch_size=8)
+  with tr.Recorder(tmp_path / "u.sljt", truth=True) as rec:
+    recorded, _ = sljax.fit(sl, state, x, y, key=jax.random.key(1), epochs=1, batch_size=8, transcript=rec)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), recorded, plain)
+  loaded = tr.load(tmp_path / "u.sljt")
+  assert [r.direction for r in loaded.records if r.step == 0 and r.direction != "note"] == [
+      "truth", "up", "down", "up", "down"]
+  steps = loaded.exchanges()
+  assert len(steps) == 4 and all(e.labels is None and e.grad.shape == (8, 12) for e in steps)  # no labels go up
+  # The inverse network is tested on its own above (here it would compile another program for ~2 s).
+  table = report.privacy_report(loaded, completion=None, inverse_network=None)
+  assert [r.attack for r in table.rows] == ["distance_correlation"]
+  assert "U-shaped SL" in table.skipped["norm_scoring, direction_scoring"]
+  assert 0 < table.row("distance_correlation").metrics["dcor_mean"] <= 1

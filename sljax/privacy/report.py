@@ -2,8 +2,8 @@
 
 `privacy_report(transcript)` reads the recorded steps and runs every attack the transcript allows:
 
-- with cut gradients and binary labels (vanilla SL, or truth records): norm and direction scoring
-  (Li et al.), the client's view of the server's labels;
+- with cut gradients and binary labels in vanilla SL: norm and direction scoring (Li et al.), the
+  client's view of the labels of the server (the label party);
 - with labels: model completion from a few known labels (Fu et al.);
 - with truth records (the recorder was asked for the trained batches): the distance correlation
   between inputs and smashed data, and the black-box inverse network (He et al.), its auxiliary
@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,9 @@ import numpy as np
 from sljax import codecs as codec_lib
 from sljax.privacy import attacks, metrics
 from sljax.privacy import transcript as transcript_lib
+
+
+_DEFAULT_INVERSE: Mapping[str, Any] = types.MappingProxyType({})  # InverseNetworkKnowledge's defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +129,7 @@ def privacy_report(
     utility_cost: float | None = None,
     completion: attacks.CompletionKnowledge | None = attacks.CompletionKnowledge(),
     white_box: attacks.WhiteBoxKnowledge | None = None,
-    inverse_network: bool = True,
+    inverse_network: Mapping[str, Any] | None = _DEFAULT_INVERSE,
     aux_fraction: float = 0.5,
     uplink: codec_lib.Codec | None = None,
     downlink: codec_lib.Codec | None = None,
@@ -141,7 +145,9 @@ def privacy_report(
       run); by default the "utility_cost" note, if any.
     completion: model completion's knowledge; None to skip it.
     white_box: the client half, for the white-box inversion (needs truth records); None to skip it.
-    inverse_network: run the black-box inverse network when the transcript has truth records.
+    inverse_network: the black-box inverse network's settings (keyword arguments of
+      `attacks.InverseNetworkKnowledge` other than the auxiliary data: hidden, steps, learning_rate,
+      batch_size, seed), run when the transcript has truth records; None to skip it.
     aux_fraction: the share of the last round's recorded examples given to the inverse network as
       auxiliary data (the rest are its targets).
     uplink, downlink: the codecs, to decode messages sent through one (see `Transcript.exchanges`).
@@ -171,6 +177,9 @@ def privacy_report(
   binary = labels is not None and np.isin(np.unique(labels), (0, 1)).all()
   if not has_labels:
     skipped["label attacks"] = "no labels to score against: U-shaped SL sends none; record with Recorder(truth=True)"
+  elif notes.get("protocol") == "u_shaped":
+    skipped["norm_scoring, direction_scoring"] = ("U-shaped SL: the cut gradient goes to the client, which holds the "
+                                                  "labels")
   elif not all(e.grad is not None for e in steps):
     skipped["norm_scoring, direction_scoring"] = "no cut gradients recorded"
   elif not binary:
@@ -201,10 +210,10 @@ def privacy_report(
   else:
     dcor = [metrics.distance_correlation(e.inputs, e.smashed) for e in final]
   add("distance_correlation", "inputs", {"dcor_mean": float(np.mean(np.asarray(dcor)))})
-  if inverse_network:
+  if inverse_network is not None:
     cut = int(round(aux_fraction * len(x)))
     if 0 < cut < len(x):
-      knowledge = attacks.InverseNetworkKnowledge(aux_inputs=x[:cut], aux_smashed=z[:cut])
+      knowledge = attacks.InverseNetworkKnowledge(aux_inputs=x[:cut], aux_smashed=z[:cut], **inverse_network)
       found = attacks.inverse_network(z[cut:], knowledge, inputs=x[cut:])
       add("inverse_network", "inputs", _reconstruction_metrics(found))
   if white_box is not None:
