@@ -20,6 +20,7 @@ import sljax
 from sljax import codecs
 from sljax.privacy import accounting, defenses
 from sljax.privacy.metrics import distance_correlation
+from sljax.transport import wire
 
 MLP = sljax.cut(sljax.models.mlp(hidden=(16,), num_classes=2), 1)
 
@@ -75,6 +76,10 @@ def test_noise_codecs_chain_describe_and_account():
   codec = codecs.chain(defenses.gaussian_noise(clip_norm=1.0, noise_multiplier=2.0), codecs.quantize(bits=8))
   assert codecs.describe(codec)["codecs"][0] == {"name": "gaussian_noise", "clip_norm": 1.0, "noise_multiplier": 2.0}
   assert codecs.describe(defenses.laplace_noise(clip_norm=0.5, noise_multiplier=3.0))["name"] == "laplace_noise"
+  # As the network handshake carries it, so a server can refuse a client with other noise.
+  request = {"protocol": 1, "client": 0, "cut_shape": [4], "cut_dtype": "float32", "uplink": codecs.describe(codec),
+             "downlink": codecs.describe(None), "samples": 1}
+  assert wire.decode("Handshake", wire.encode(request))["uplink"] == codecs.describe(codec)
   config = sljax.algorithms.ScheduleConfig(num_clients=1, batch_size=8)
   acct = accounting.accountant(_vanilla(uplink=codec), config, num_examples=64, delta=1e-5)
   assert acct.mechanisms == (("gaussian", 2.0),)
