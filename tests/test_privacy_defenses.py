@@ -113,9 +113,10 @@ def test_accountant_equals_dp_accounting_and_the_analytic_gaussian():
   expected = rdp_privacy_accountant.RdpAccountant().compose(
       dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(0.55), 4)).get_epsilon(1e-5)
   assert replace.epsilon(5) == pytest.approx(expected, rel=1e-12)
-  # U-shaped SL sends two rows of each example per step through its uplink codec (smashed data, tail gradient).
-  u_sl = sljax.u_shaped(sljax.cut(sljax.models.mlp(hidden=(8, 8), num_classes=2), 1, 2), client_optimizer=optax.sgd(0.1),
-                        server_optimizer=optax.sgd(0.1), uplink=defenses.gaussian_noise(clip_norm=1.0, noise_multiplier=1.1))
+  # U-shaped SL sends two rows per example and step through its uplink codec (smashed data, tail gradient).
+  u_sl = sljax.u_shaped(sljax.cut(sljax.models.mlp(hidden=(8, 8), num_classes=2), 1, 2),
+                        client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1),
+                        uplink=defenses.gaussian_noise(clip_norm=1.0, noise_multiplier=1.1))
   assert accounting.accountant(u_sl, config, num_examples=40, delta=1e-5).releases(5) == 8
   # Epsilon grows with the rounds; the last round within a target is found.
   target = accounting.accountant(sl, config, num_examples=40, delta=1e-5, target_epsilon=pld.epsilon(3))

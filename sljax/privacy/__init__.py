@@ -25,6 +25,25 @@ from sljax.privacy.transcript import Recorder
 
 _ACCOUNTING = ("accounting", "accountant", "Accountant")
 
+__all__ = [
+    "Recorder",
+    "attacks",
+    "defenses",
+    "distance_correlation",
+    "gaussian_noise",
+    "laplace_noise",
+    "marvell",
+    "max_norm",
+    "metrics",
+    "nopeek",
+    "privacy_report",
+    "randomized_response",
+    "randomized_response_keep_probability",
+    "report",
+    "transcript",
+    *_ACCOUNTING,
+]
+
 
 def __getattr__(name: str):
   # The accountant needs dp-accounting (the `privacy` extra): imported when first asked for.

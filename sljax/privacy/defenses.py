@@ -3,12 +3,13 @@
 Each defense plugs into a place the protocol already has, so it runs inside the jitted round of
 every algorithm that uses that place, and unchanged in deployment:
 
-| defense | protects | where it plugs in |
-|---|---|---|
-| `gaussian_noise`, `laplace_noise` | the client's inputs, in the smashed data (DP per example) | a codec: `vanilla(uplink=...)`, composable with `sljax.codecs.chain` |
-| `nopeek` | the client's inputs, in the smashed data (a decorrelation heuristic) | `vanilla(client_loss=...)`, `u_shaped(client_loss=...)` |
-| `max_norm`, `marvell` | the server's binary labels, in the cut gradient | `vanilla(cut_gradient_transform=...)` |
-| `randomized_response` | the labels sent up in vanilla SL (label DP) | the client's labels, once, before training |
+- `gaussian_noise`, `laplace_noise`: the client's inputs in the smashed data, DP per example; codecs
+  (`vanilla(uplink=...)`), composable with `sljax.codecs.chain`.
+- `nopeek`: the client's inputs in the smashed data, a decorrelation heuristic; a `client_loss`
+  (`vanilla` or `u_shaped`).
+- `max_norm`, `marvell`: the server's binary labels in the cut gradient; `vanilla(cut_gradient_transform=...)`.
+- `randomized_response`: the labels vanilla SL sends up, label DP; applied to the client's labels,
+  once, before training.
 
 The privacy budget of the noise codecs is tracked by `sljax.privacy.accounting`.
 
@@ -364,7 +365,8 @@ def _marvell_variances(u, v, d: int, p, power):
   return lam10, lam20, lam11, lam21, kl[best]
 
 
-def marvell(*, power_scale: float = 1.0, sum_kl_bound: float | None = None) -> Callable[[Any, jax.Array, jax.Array], Any]:
+def marvell(*, power_scale: float = 1.0,
+            sum_kl_bound: float | None = None) -> Callable[[Any, jax.Array, jax.Array], Any]:
   """Marvell (Li et al., ICLR 2022): optimised Gaussian noise on the cut gradient that hides binary labels.
 
   Per batch, from the cut gradient ``g`` (one row per example, flattened) and the binary labels:
