@@ -129,7 +129,7 @@ def test_accountant_equals_dp_accounting_and_the_analytic_gaussian():
 
 def test_nopeek_lowers_distance_correlation():
   # A tiny MLP trained 25 steps with and without NoPeek (alpha=2), seeds fixed. Measured: dCor 0.88
-  # without, 0.72 with; the test asks for a drop of at least 0.08.
+  # without, 0.74 with (training accuracy 0.95); the test asks for a drop of at least 0.08.
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(64, 12)).astype(np.float32))
   y = (x[:, 0] > 0).astype(jnp.int32)
@@ -200,7 +200,7 @@ def test_marvell_solver_matches_a_general_constrained_optimiser():
 def test_max_norm_and_marvell_reduce_norm_leakage_auc():
   # An imbalanced binary task (positive rate 0.09). Train vanilla SL undefended, then score the
   # per-example norms of the cut gradients of 8 batches of 128 (Li et al.'s norm attack).
-  # Measured mean AUC: undefended 1.00, max-norm 0.63, Marvell (sum_kl_bound 0.25) 0.57.
+  # Measured mean AUC: undefended 0.99, max-norm 0.55, Marvell (sum_kl_bound 0.25) 0.54.
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1024, 10)).astype(np.float32)
   y = (x[:, 0] + 0.5 * rng.normal(size=1024) > 1.3).astype(np.int32)
@@ -226,8 +226,8 @@ def test_max_norm_and_marvell_reduce_norm_leakage_auc():
   norms = gradient_norms(sl.init(jax.random.key(0), xb[0]))
   auc = {name: np.mean([roc_auc_score(yb[i], n[i]) for i in range(8)]) for name, n in norms.items()}
   assert auc["undefended"] >= 0.95, auc
-  assert auc["max_norm"] <= 0.75, auc
-  assert auc["marvell"] <= 0.7, auc
+  assert auc["max_norm"] <= 0.65, auc
+  assert auc["marvell"] <= 0.65, auc
 
 
 # ---------------------------------------------------------------------------------------------
