@@ -92,12 +92,14 @@ def test_a_flipped_byte_is_reported_at_the_offset_of_its_record(tmp_path):
 def test_bad_records_get_errors_naming_the_argument(tmp_path):
   path = tmp_path / "run.sljt"
   with tr.Recorder(path) as rec:
-    with pytest.raises(ValueError, match=r"direction: expected one of \['up', 'down', 'truth', 'note'\], got 'side'"):
-      rec.record("side", 0, 0, 0, b"")
+    with pytest.raises(ValueError, match=r"direction: expected 'up' or 'down' \(notes: `note`, batches: "
+                                         r"`record_truth`\), got 'note'"):
+      rec.record("note", 0, 0, 0, b"")
     with pytest.raises(ValueError, match=r"round: expected an int in \[0, 2\*\*32 - 1\], got -1"):
       rec.record("up", -1, 0, 0, b"")
-    with pytest.raises(TypeError, match="payload: expected bytes, a message of sljax.messages or a function returning one, got int"):
-      rec.record("up", 0, 0, 0, 5)
+    with pytest.raises(TypeError, match="payload: expected bytes, a message of sljax.messages or a function returning "
+                                        "one, got dict"):
+      rec.record("up", 0, 0, 0, {"a": 1})
     with pytest.raises(TypeError, match="note: a value of type object is not JSON"):
       rec.note({"x": object()})
   with pytest.raises(ValueError, match="record after close"):

@@ -106,6 +106,11 @@ def _json_default(value: Any) -> Any:
   raise TypeError(f"note: a value of type {type(value).__name__} is not JSON")
 
 
+class _Truth(NamedTuple):
+  x: Any
+  labels: Any
+
+
 class Recorder:
   """Writes a transcript off the hot path: a bounded queue and one writer thread.
 
@@ -163,31 +168,32 @@ class Recorder:
         or a function of no arguments returning either, called by the writer thread (so that
         slicing a message out of a batch of them costs the caller nothing).
     """
-    if direction not in DIRECTIONS:
-      raise ValueError(f"direction: expected one of {list(DIRECTIONS)}, got {direction!r}")
-    key = (_check_u32("round", round), _check_u32("step", step), _check_u32("client", client))
-    if not isinstance(payload, (bytes, bytearray, memoryview, Mapping)) and not callable(payload) and (
+    if direction not in ("up", "down"):
+      raise ValueError(f"direction: expected 'up' or 'down' (notes: `note`, batches: `record_truth`), got "
+                       f"{direction!r}")
+    if not isinstance(payload, (bytes, bytearray, memoryview)) and not callable(payload) and (
         type(payload).__name__ not in msgs.MESSAGE_TYPES):
       raise TypeError(f"payload: expected bytes, a message of sljax.messages or a function returning one, got "
                       f"{type(payload).__name__}")
-    self._put((DIRECTIONS.index(direction), *key, payload))
+    self._put(direction, round, step, client, payload)
 
   def note(self, note: Mapping[str, Any], *, round: int = 0, step: int = 0, client: int = 0) -> None:  # noqa: A002
     """Queues a JSON note (configuration, metrics, the epsilon spent); later notes override earlier keys."""
     if not isinstance(note, Mapping):
       raise TypeError(f"note: expected a dict, got {type(note).__name__}")
     json.dumps(dict(note), default=_json_default)  # refuse what the writer could not write, here
-    self.record("note", round, step, client, dict(note))
+    self._put("note", round, step, client, dict(note))
 
   def record_truth(self, round: int, step: int, client: int, x: Any, labels: Any = None) -> None:  # noqa: A002
     """Queues the batch a step trained on (never sent; for scoring attacks only)."""
-    self.record("truth", round, step, client, {"__truth__": (x, labels)})
+    self._put("truth", round, step, client, _Truth(x, labels))
 
-  def _put(self, item) -> None:
+  def _put(self, direction: str, round_: int, step: int, client: int, payload: Any) -> None:
+    key = (_check_u32("round", round_), _check_u32("step", step), _check_u32("client", client))
     if self._closed:
       raise ValueError(f"Recorder({self.path!r}): record after close")
     self._raise_writer_error()
-    self._queue.put(item)
+    self._queue.put((DIRECTIONS.index(direction), *key, payload))
 
   def _raise_writer_error(self) -> None:
     if self._error is not None:
@@ -204,10 +210,9 @@ class Recorder:
         code, round_, step, client, payload = item
         if callable(payload):
           payload = payload()
-        if isinstance(payload, Mapping) and "__truth__" in payload:
-          x, labels = payload["__truth__"]
-          payload = serialization.msgpack_serialize({"x": np.asarray(x), "labels": None if labels is None
-                                                     else np.asarray(labels)})
+        if isinstance(payload, _Truth):
+          payload = serialization.msgpack_serialize({"x": np.asarray(payload.x), "labels": None if payload.labels
+                                                     is None else np.asarray(payload.labels)})
         payload = _payload(payload)
         if len(payload) > _U32:
           raise ValueError(f"payload: {len(payload)} bytes exceed the record limit of {_U32} bytes")
