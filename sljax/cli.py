@@ -137,6 +137,26 @@ def _transport_setup(args):
   return setup._replace(model=model, sl=protocol.u_shaped(model, client_optimizer=opt, server_optimizer=opt))
 
 
+def _cuts(args, client: int | None = None):
+  """`--cuts` (heterogeneous parallel SL): the algorithm's options and, for a client, the demo model
+  cut at its own cut with the demo's optimizers; ({}, the setup) without it."""
+  setup = _transport_setup(args)
+  if not args.cuts:
+    return {}, setup
+  cuts = [int(c) for c in args.cuts.split(",")]
+  if len(cuts) != args.num_clients:
+    raise SystemExit(f"--cuts: expected one cut per client (--num-clients {args.num_clients}), got {args.cuts!r}")
+  if client is None:
+    return {"cuts": cuts}, setup
+  if not 0 <= client < len(cuts):
+    raise SystemExit(f"--client-id {client}: expected one of 0..{len(cuts) - 1}")
+  layers = setup.model.client.layers + setup.model.server.layers
+  model = split.cut(layers, cuts[client])
+  sl = protocol.vanilla(model, client_optimizer=setup.sl.client_optimizer, server_optimizer=setup.sl.server_optimizer,
+                        loss=setup.sl.loss)
+  return {"cuts": cuts}, setup._replace(model=model, sl=sl)
+
+
 def serve(args) -> int:
   """`sljax serve`: the server of sequential split learning (vanilla with --num-clients 1; U-shaped with
   --u-shaped), or an algorithm whose clients train at once (`--algorithm`), over gRPC."""
@@ -149,7 +169,10 @@ def serve(args) -> int:
   if args.u_shaped and args.algorithm not in ("sequential_sl", "parallel_sl_u"):
     raise SystemExit(f"--u-shaped: runs with --algorithm sequential_sl or parallel_sl_u, got {args.algorithm}")
   args.u_shaped = args.u_shaped or args.algorithm == "parallel_sl_u"  # U-shaped legs, whatever the flag says
-  setup = _transport_setup(args)
+  if (args.algorithm == "heterogeneous_parallel_sl") != bool(args.cuts):
+    raise SystemExit(f"--cuts: given with --algorithm heterogeneous_parallel_sl, and only then; got --algorithm "
+                     f"{args.algorithm} and --cuts {args.cuts!r}")
+  options, setup = _cuts(args)
   tokens = None
   if args.token_file:
     tokens = {token: client for client, token in demo_setup.read_tokens(args.token_file).items()}
@@ -163,7 +186,7 @@ def serve(args) -> int:
   if args.algorithm == "sequential_sl":
     server = transport.SplitServer(setup.model, setup.sl, **common)
   else:
-    server = transport.ConcurrentServer(setup.model, setup.sl, algorithm=args.algorithm, **common)
+    server = transport.ConcurrentServer(setup.model, setup.sl, algorithm=args.algorithm, options=options, **common)
   credentials = None
   if args.tls_cert:
     credentials = transport.server_credentials(_read(args.tls_cert), _read(args.tls_key),
@@ -190,7 +213,7 @@ def client(args) -> int:
   from sljax import transport
   from sljax.transport import demo as demo_setup
 
-  setup = _transport_setup(args)
+  options, setup = _cuts(args, args.client_id)
   token = demo_setup.read_tokens(args.token_file)[args.client_id] if args.token_file else None
   ds = setup.dataset
   part = data.iid(ds.y_train, num_clients=args.num_clients, seed=args.partition_seed)[args.client_id]
@@ -200,7 +223,7 @@ def client(args) -> int:
   start = time.perf_counter()
   try:
     session = transport.connect(link, setup.model, setup.sl, client=args.client_id, x=ds.x_train[part],
-                                y=ds.y_train[part])
+                                y=ds.y_train[part], options=options)
     if session.schedule.num_clients != args.num_clients:
       raise SystemExit(f"--num-clients {args.num_clients}: the server runs {session.schedule.num_clients} clients")
     result = transport.run(session, progress=args.progress, checkpoint_dir=args.checkpoint_dir)
@@ -293,6 +316,9 @@ def _add_setup_args(p) -> None:
   p.add_argument("--u-shaped", action="store_true",
                  help="U-shaped split learning (sequential, or parallel: --algorithm parallel_sl_u): the model cut in "
                       "three, labels stay with the clients")
+  p.add_argument("--cuts", default="",
+                 help="heterogeneous parallel SL (--algorithm heterogeneous_parallel_sl): each client's cut into the "
+                      "MLP's layers, comma-separated, one per client, e.g. 1,2 with --hidden 128,128")
 
 
 def main(argv: list[str] | None = None) -> int:

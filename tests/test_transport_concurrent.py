@@ -1,6 +1,6 @@
 """Every algorithm whose clients train at once, over the network (`sljax.transport.ConcurrentServer`,
-one parametrization per algorithm in `transport.ALGORITHMS`: parallel SL (vanilla and U-shaped),
-local-loss SL, SplitFed v1 and v2): all clients at once against one server. Over gRPC (client processes or threads) the run equals the
+one parametrization per algorithm in `transport.ALGORITHMS`: parallel SL (vanilla, U-shaped and with
+a cut per client), local-loss SL, SplitFed v1 and v2): all clients at once against one server. Over gRPC (client processes or threads) the run equals the
 in-process run bit for bit, and the fused simulation (`parallel_sl`, `splitfed(version=1|2)`) within
 1e-5; a client that drops after its forward loses exactly that step while the others go on, as
 `RoundInputs.dropped` says in simulation; requests out of place get their status and change nothing.
@@ -49,16 +49,23 @@ def setup():
 
 
 U_SHAPED = ("parallel_sl_u",)
+CUTS = {"heterogeneous_parallel_sl": [1, 2]}  # client k's cut into the MLP with two hidden layers
 
 
-def _for(setup, algorithm):
-  """The set-up an algorithm runs: U-shaped ones the demo MLP cut in three (64 -> 32 | -> 32 | -> 10),
-  as `sljax serve --u-shaped` cuts it, with `u_shaped` legs."""
-  if algorithm not in U_SHAPED:
-    return setup
-  model = sljax.cut(sljax.models.mlp(hidden=HIDDEN + HIDDEN, dropout=DROPOUT), 1, 2)
-  return setup._replace(model=model, sl=sljax.u_shaped(model, client_optimizer=optax.adam(LR),
-                                                       server_optimizer=optax.adam(LR)))
+def _for(setup, algorithm, client=0):
+  """The set-up client `client` runs in `algorithm`, and the algorithm's options. U-shaped: the demo
+  MLP cut in three (64 -> 32 | -> 32 | -> 10), as `sljax serve --u-shaped` cuts it, with `u_shaped`
+  legs; heterogeneous cuts: the MLP with two hidden layers cut at the client's own cut."""
+  opt = optax.adam(LR)
+  deeper = sljax.models.mlp(hidden=HIDDEN + HIDDEN, dropout=DROPOUT)
+  if algorithm in U_SHAPED:
+    model = sljax.cut(deeper, 1, 2)
+    return setup._replace(model=model, sl=sljax.u_shaped(model, client_optimizer=opt, server_optimizer=opt)), {}
+  if algorithm in CUTS:
+    model = sljax.cut(deeper, CUTS[algorithm][client])
+    return (setup._replace(model=model, sl=sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt)),
+            {"cuts": CUTS[algorithm]})
+  return setup, {}
 
 
 def _parts(setup):
@@ -71,8 +78,8 @@ def _client_data(setup, k):
 
 def _server(setup, algorithm, **kw):
   kw = {"lease_seconds": 60.0, **kw}
-  setup = _for(setup, algorithm)
-  return T.ConcurrentServer(setup.model, setup.sl, algorithm=algorithm, schedule=SCHEDULE,
+  setup, options = _for(setup, algorithm)
+  return T.ConcurrentServer(setup.model, setup.sl, algorithm=algorithm, schedule=SCHEDULE, options=options,
                             input_spec=sljax.ArraySpec.of(setup.dataset.x_train), key=jax.random.key(SEED),
                             tokens={t: k for k, t in TOKENS.items()}, **kw)
 
@@ -80,8 +87,9 @@ def _server(setup, algorithm, **kw):
 def _algorithm(setup, algorithm):
   """The registry's algorithm (`sljax.algorithms.REGISTRY`), built for this schedule."""
   protocol = sljax.u_shaped if algorithm in U_SHAPED else sljax.vanilla
-  sl = protocol(_for(setup, algorithm).model, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR))
-  return sched.algorithm(algorithm, sl, SCHEDULE, sljax.ArraySpec.of(setup.dataset.x_train))
+  own, options = _for(setup, algorithm)
+  sl = protocol(own.model, client_optimizer=optax.adam(LR), server_optimizer=optax.adam(LR))
+  return sched.algorithm(algorithm, sl, SCHEDULE, sljax.ArraySpec.of(setup.dataset.x_train), **options)
 
 
 def _simulate(setup, algorithm, inputs=()):
@@ -97,17 +105,19 @@ def _simulate(setup, algorithm, inputs=()):
 
 def _run_clients(setup, transports, algorithm, errors_ok=()):
   """`connect` and `run` for every client in its own thread; returns their results."""
-  setup = _for(setup, algorithm)
 
   def work(k):
     x, y = _client_data(setup, k)
-    return T.run(T.connect(transports[k], setup.model, setup.sl, client=k, x=x, y=y))
+    own, options = _for(setup, algorithm, k)
+    return T.run(T.connect(transports[k], own.model, own.sl, client=k, x=x, y=y, options=options))
 
   return run_in_threads(work, transports, timeout=TIMEOUT, errors_ok=errors_ok)
 
 
-def _client(state, k):
-  return jax.tree.map(lambda a: a[k], state.clients.params)
+def _party(setup, algorithm, state, k):
+  """Client k's party in the simulation's state."""
+  view = _algorithm(setup, algorithm).schedule.clients
+  return jax.tree.map(lambda a: a[k], state.clients) if view is None else view.party(state, k)
 
 
 @pytest.fixture(scope="module", params=T.ALGORITHMS)  # every algorithm that runs over the network
@@ -126,27 +136,33 @@ def test_in_process_run_equals_the_simulation(setup, in_process):
     assert [(h["round"], h["step"]) for h in result.history] == [
         (r, s) for r in range(SCHEDULE.rounds) for s in range(SCHEDULE.local_steps)]
     # Not bitwise: the simulation fuses the round into one program, XLA may fuse differently.
-    chex.assert_trees_all_close(result.half.params, _client(sim, k), atol=1e-5, rtol=0)
-    chex.assert_trees_all_close(result.half.opt_state, jax.tree.map(lambda a: a[k], sim.clients.opt_state),
-                                atol=1e-5, rtol=0)
+    party = _party(setup, algorithm, sim, k)
+    chex.assert_trees_all_close(result.half.params, party.params, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(result.half.opt_state, party.opt_state, atol=1e-5, rtol=0)
   chex.assert_trees_all_close(server.state.server.params, sim.server.params, atol=1e-5, rtol=0)
   if server.coordinator.averages:  # FedAvg at the end of each round: every client holds the average
     assert_bitwise(results[0].half.params, results[1].half.params)
   else:
     assert not np.allclose(jax.tree.leaves(results[0].half.params)[0], jax.tree.leaves(results[1].half.params)[0])
   # Collaborative inference over the same connection, with the client's half and its server half.
-  x, y = _client_data(setup, 0)
-  setup = _for(setup, algorithm)
-  session = T.connect(T.InProcessTransport(server.handle, token=TOKENS[0]), setup.model, setup.sl, client=0, x=x, y=y)
-  logits = T.predict(session, results[0].half, setup.dataset.x_test)
-  expected = jax.jit(_algorithm(setup, algorithm).predict)(sim, setup.dataset.x_test)
+  x, y = _client_data(setup, 1)
+  own, options = _for(setup, algorithm, 1)
+  session = T.connect(T.InProcessTransport(server.handle, token=TOKENS[1]), own.model, own.sl, client=1, x=x, y=y,
+                      options=options)
+  logits = T.predict(session, results[1].half, setup.dataset.x_test)
+  expected = jax.jit(_algorithm(setup, algorithm).predict, static_argnums=2)(sim, setup.dataset.x_test, 1)
   np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
 
 def _cli(*args):
-  hidden = HIDDEN + HIDDEN if "--u-shaped" in args or "parallel_sl_u" in args else HIDDEN  # as `_for` cuts it
+  deeper = {"--u-shaped", "--cuts", *U_SHAPED, *CUTS} & set(args)
+  hidden = HIDDEN + HIDDEN if deeper else HIDDEN  # as `_for` cuts it
   return [sys.executable, "-m", "sljax.cli", *args, "--hidden", ",".join(map(str, hidden)), "--lr", str(LR),
           "--dropout", str(DROPOUT), "--num-clients", str(SCHEDULE.num_clients)]
+
+
+def _cuts(algorithm):
+  return ["--cuts", ",".join(map(str, CUTS[algorithm]))] if algorithm in CUTS else []
 
 
 def _stop(process):
@@ -164,7 +180,7 @@ def _start_server(tmp_path, algorithm, port, name, *, checkpoint_every):
         _cli("serve", "--algorithm", algorithm, "--port", str(port), "--port-file", str(port_file), "--token-file",
              str(tokens), "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", str(checkpoint_every),
              "--rounds", str(r.rounds), "--local-steps", str(r.local_steps), "--batch-size", str(r.batch_size),
-             "--seed", str(SEED)),
+             "--seed", str(SEED), *_cuts(algorithm)),
         stdout=subprocess.DEVNULL, stderr=log)
   for _ in range(1200):
     if port_file.exists() or process.poll() is not None:
@@ -188,7 +204,7 @@ def test_grpc_server_and_two_client_processes_equal_in_process_bitwise(setup, in
   server, port, tokens = _start_server(tmp_path, algorithm, 0, "server", checkpoint_every=1)
   clients = []
   try:
-    u_shaped = ["--u-shaped"] if algorithm in U_SHAPED else []
+    u_shaped = ["--u-shaped"] if algorithm in U_SHAPED else _cuts(algorithm)
     clients = [subprocess.Popen(_cli("client", "--target", f"127.0.0.1:{port}", "--client-id", str(k), "--token-file",
                                      tokens, "--json", *u_shaped), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for k in TOKENS]
@@ -282,7 +298,7 @@ def test_client_dropping_after_forward_loses_that_step_and_the_others_go_on(setu
     dropped[step, 1] = True
     rounds.append(RoundInputs(jnp.ones(SCHEDULE.num_clients, bool), jnp.asarray(dropped)))
   sim = _simulate(setup, algorithm, rounds)
-  chex.assert_trees_all_close(done[0].half.params, _client(sim, 0), atol=1e-5, rtol=0)
+  chex.assert_trees_all_close(done[0].half.params, _party(setup, algorithm, sim, 0).params, atol=1e-5, rtol=0)
   chex.assert_trees_all_close(state.server.params, sim.server.params, atol=1e-5, rtol=0)
 
 
@@ -343,14 +359,14 @@ def test_client_restarted_from_its_checkpoint_ends_as_the_uninterrupted_run(setu
   checkpoint at the step the server waits for: the run ends bit for bit as the uninterrupted one."""
   algorithm, reference, expected = in_process
   server = _server(setup, algorithm)
-  setup = _for(setup, algorithm)
   first = CrashesAfterCommit(T.InProcessTransport(server.handle, token=TOKENS[1]), 0, 1)
   done, errors = {}, []
 
   def client(k, transport, key):
     try:
       xs, ys = _client_data(setup, k)
-      done[key] = T.run(T.connect(transport, setup.model, setup.sl, client=k, x=xs, y=ys),
+      own, options = _for(setup, algorithm, k)
+      done[key] = T.run(T.connect(transport, own.model, own.sl, client=k, x=xs, y=ys, options=options),
                         checkpoint_dir=tmp_path / f"client-{k}")
     except SystemExit:
       pass
@@ -374,3 +390,11 @@ def test_client_restarted_from_its_checkpoint_ends_as_the_uninterrupted_run(setu
   for k in (0, 1):
     assert_bitwise(done[k].half, expected[k].half)
   assert_bitwise(jax.device_get(server.state), jax.device_get(reference.state))
+
+
+def test_every_split_learning_algorithm_of_the_registry_runs_over_the_network():
+  """A new algorithm in `sljax.algorithms.REGISTRY` is served (and so walked by the tests above, or by
+  tests/test_transport.py for sequential SL) once it has a coordinator; only the baselines, which are
+  not split learning, run in simulation alone."""
+  baselines = {"fedavg", "centralized"}
+  assert set(sljax.algorithms.REGISTRY) - baselines == {"sequential_sl", *T.ALGORITHMS}

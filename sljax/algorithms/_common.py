@@ -121,18 +121,18 @@ class ClientView(NamedTuple):
   """Where an algorithm's clients differ from one another (heterogeneous parallel SL: a cut per
   client), what each one runs and holds. `Schedule.clients` is None where every client runs the
   protocol the algorithm was built with, holds entry k of the stacked `SimState.clients`, and is
-  served by the server half itself.
+  served at inference by that protocol's `server_infer`.
 
   Attributes:
     protocol: `protocol(k)`: the protocol whose legs client k runs (its own cut).
     party: `party(state, k)`: client k's party in a `SimState`.
-    server_half: `server_half(server, k)`: the server half that serves client k as that protocol's
-      server half (inference: `protocol(k).server_infer` on it).
+    server_infer: `server_infer(server, k, SmashedData) -> Prediction`: the server's inference leg
+      for client k (the counterpart of `protocol(k).server_infer`); `k` static.
   """
 
   protocol: Callable[[int], Any]
   party: Callable[[Any, int], Any]
-  server_half: Callable[[Any, int], Any]
+  server_infer: Callable[[Any, int, Any], Any]
 
 
 class Algorithm(NamedTuple):

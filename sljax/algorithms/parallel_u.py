@@ -17,8 +17,8 @@ once against one server that makes one update per step. Here both at once, one s
 
 The client legs are `sljax.u_shaped`'s; the server's two legs, `server_forward` and
 `server_backward` (`ServerLegs`, the algorithm's `Schedule.server_step`), are pure functions that
-the fused round calls, and that a network server would call, one per barrier. It does not run
-over the network yet.
+the fused round calls, and that the network server (`sljax.transport.coordinators.LockstepU`)
+calls, one per barrier.
 """
 
 from __future__ import annotations

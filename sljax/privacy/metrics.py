@@ -72,7 +72,8 @@ def distance_correlation(x: Any, z: Any) -> jax.Array:
 def _check_pair(name_a: str, a, name_b: str, b) -> tuple[jax.Array, jax.Array]:
   a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
   if a.shape != b.shape or a.ndim < 2:
-    raise ValueError(f"{name_a}, {name_b}: expected two batches of the same shape (B, ...), got {a.shape} and {b.shape}")
+    raise ValueError(f"{name_a}, {name_b}: expected two batches of the same shape (B, ...), got {a.shape} and "
+                     f"{b.shape}")
   return a, b
 
 

@@ -320,7 +320,8 @@ def decode(payload: bytes) -> tuple[str, dict[str, Any]]:
     raise TranscriptError("payload: expected an sljax message, a map with keys sljax, kind, body")
   if envelope["sljax"] != msgs.PROTOCOL_VERSION or envelope["kind"] not in msgs.MESSAGE_TYPES:
     raise TranscriptError(f"payload: protocol version {envelope['sljax']!r}, kind {envelope['kind']!r} is not "
-                          f"supported; expected version {msgs.PROTOCOL_VERSION} and one of {sorted(msgs.MESSAGE_TYPES)}")
+                          f"supported; expected version {msgs.PROTOCOL_VERSION} and one of "
+                          f"{sorted(msgs.MESSAGE_TYPES)}")
   return envelope["kind"], envelope["body"]
 
 

@@ -144,7 +144,8 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
     client: this client's id (its credentials must be that client's).
     x, y: this client's training data, (N, *input shape) and (N,) integer labels.
     timeout: seconds per call.
-    options: the algorithm's own options, the same as the server's (local-loss SL: `aux_head`).
+    options: the algorithm's own options, the same as the server's (local-loss SL: `aux_head`;
+      heterogeneous parallel SL: `cuts`, and `sl` is then this client's own cut of the layer stack).
 
   Raises:
     TransportError: UNAUTHENTICATED, PERMISSION_DENIED, or FAILED_PRECONDITION when the server's
@@ -180,6 +181,12 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
   else:
     algo = sched.algorithm(hello["algorithm"], sl, schedule, spec, **(options or {}))
     legs["client_key"] = sched.leg_keys(algo)[0]
+    view = algo.schedule.clients
+    if view is not None:  # the clients differ (heterogeneous cuts): this one must run its own legs
+      want = view.protocol(client).model.client.layer_names
+      if sl.model.client.layer_names != want:
+        raise ValueError(f"sl: client {client} runs the layers {want} by the options {dict(options or {})}, "
+                         f"this protocol's client half holds {sl.model.client.layer_names}")
     if u_shaped:
       legs["u_keys"] = jax.jit(functools.partial(_u_keys, legs["client_key"]))
     if algo.schedule.client_step is not None:  # its own step (local-loss SL), and its half with more in it

@@ -117,25 +117,35 @@ class ConcurrentServer(ServiceBase):
                     max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock)
     self.options = dict(options or {})
     algo = sched.algorithm(algorithm, sl, schedule, input_spec, **self.options)
-    # the server starts where the simulation's `init` does: its server part, the first client's half, the run key
+    # the server starts where the simulation's `init` does: its server part, the clients' halves, the run key
     sim = jax.jit(algo.init)(key, sched.stand_in_data(schedule, input_spec))
-    first = jax.tree.map(lambda a: a[0], sim.clients)
-    self._initial_half = msgs.to_bytes(sched.to_message(first))
-    self._half_template = msgs.spec_of(sched.to_message(first))
+    k = schedule.num_clients
+    view = algo.schedule.clients  # where the clients differ (heterogeneous cuts): each one's legs and half
+    parties = [view.party(sim, c) for c in range(k)] if view else [jax.tree.map(lambda a: a[0], sim.clients)]
+    legs = [view.protocol(c) for c in range(k)] if view else [sl]
     b = schedule.batch_size
     x_struct = jax.ShapeDtypeStruct((b, *input_spec.shape), input_spec.dtype)
     y_struct = jax.ShapeDtypeStruct((b,), jnp.int32)
-    halves = jax.eval_shape(sl.init, jax.random.key(0), x_struct)
-    self.input_spec, self.cut_spec = halves.client.input_spec, halves.server.input_spec
-    tail = None
-    if isinstance(sl, UShaped):
-      smashed, _, tail, _ = sched.u_shaped_messages(sl, halves, x_struct, y_struct)
-    else:
-      smashed = jax.eval_shape(sl.client_forward, halves.client, x_struct, y_struct, jax.random.key(0))[0]
+    specs, smashed, tail = [], [], None
+    for one in legs:
+      halves = jax.eval_shape(one.init, jax.random.key(0), x_struct)
+      specs.append(halves.server.input_spec)
+      if isinstance(one, UShaped):
+        up, _, tail, _ = sched.u_shaped_messages(one, halves, x_struct, y_struct)
+      else:
+        up = jax.eval_shape(one.client_forward, halves.client, x_struct, y_struct, jax.random.key(0))[0]
+      smashed.append(up)
+    self.input_spec = halves.client.input_spec
+    self.cut_spec = specs[0]
+    self._cut_specs = specs * k if len(specs) == 1 else specs  # one per client
+    initial = [msgs.to_bytes(sched.to_message(party)) for party in parties]
+    self._initial_halves = initial * k if len(initial) == 1 else initial
     self.coordinator = coord.COORDINATORS[algorithm](
-        algo, schedule=self.schedule, lease_seconds=self.lease_seconds, smashed_template=smashed,
-        weights_template=msgs.spec_of(coord.weights_of(first)), max_message_bytes=self.max_message_bytes,
+        algo, schedule=self.schedule, lease_seconds=self.lease_seconds,
+        smashed_template=smashed[0] if len(smashed) == 1 else tuple(smashed),
+        weights_template=msgs.spec_of(coord.weights_of(parties[0])), max_message_bytes=self.max_message_bytes,
         tail_template=tail)
+    self._view_infer = None if view is None else jax.jit(view.server_infer, static_argnums=1)
     self._configure_inference(model, sl)
 
     self._last_seen: dict[int, float] = {}
@@ -212,6 +222,14 @@ class ConcurrentServer(ServiceBase):
   def _predict_party(self, client: int) -> PartyState:
     return self.coordinator.predict_party(self.s, client)
 
+  def _cut_spec_of(self, client: int) -> ArraySpec:
+    return self._cut_specs[client]
+
+  def _answer(self, client: int, activations) -> Any:
+    if self._view_infer is None:
+      return super()._answer(client, activations)
+    return self._view_infer(self._predict_party(client), client, msgs.SmashedData(activations))
+
   def _hello(self, client: int, req: dict) -> None:
     samples = np.array(self.state.samples)
     if samples[client] != req["samples"]:
@@ -224,7 +242,7 @@ class ConcurrentServer(ServiceBase):
   def _handover(self, client: int, req: dict) -> bytes:
     if req["op"] == "get":
       return wire.encode(self._run(client, lambda s: self.coordinator.on_get(
-          s, client, req["round"], req["wait"], self._initial_half)))
+          s, client, req["round"], req["wait"], self._initial_halves[client])))
     if req["op"] == "put":
       return wire.encode(self._run(client, lambda s: self.coordinator.on_put(
           s, client, req["round"], req["steps"], req["message"])))

@@ -18,8 +18,9 @@ order of calls each way of serving needs:
 
 - `Lockstep` (parallel SL): a barrier per step: one server step on every client's smashed data,
   then every client's commit before the update is applied. `LockstepU` (U-shaped parallel SL):
-  the same barriers around the server's two legs (body forward, body backward and update). `LocalLoss` (local-loss SL): the same
-  barriers, and nothing comes back.
+  the same barriers around the server's two legs (body forward, body backward and update).
+  `PerClient` (heterogeneous parallel SL): `Lockstep` with one message shape per client.
+  `LocalLoss` (local-loss SL): the same barriers, and nothing comes back.
 - `Copies` (SplitFed v1): a server copy per client, no barrier within a round; FedAvg at the end.
 - `InOrder` (SplitFed v2): one server half serving the clients in the round's drawn order; FedAvg
   of the client halves at the end.
@@ -178,7 +179,8 @@ class Coordinator:
       server's step, keys, order and averaging.
     schedule: the run's schedule (clients, rounds, local steps, batch size).
     lease_seconds: how long a call may wait for other clients.
-    smashed_template, weights_template: templates of the Forward and Handover put messages;
+    smashed_template, weights_template: templates of the Forward and Handover put messages (the
+      Forward's: one for every client, or a tuple with one per client where the clients differ);
     tail_template: U-shaped, of the Backward message (a TailGradient).
     max_message_bytes: the largest message accepted.
   """
@@ -191,7 +193,8 @@ class Coordinator:
     self.tail_template = tail_template
     self.schedule = schedule
     self.lease_seconds = lease_seconds
-    self.smashed_template = smashed_template
+    k = schedule.num_clients
+    self.smashed_templates = tuple(smashed_template) if isinstance(smashed_template, tuple) else (smashed_template,) * k
     self.weights_template = weights_template
     self.max_message_bytes = max_message_bytes
     self.num_clients = schedule.num_clients
@@ -206,9 +209,9 @@ class Coordinator:
     """The state before any round: the server's part of the simulated algorithm's `init` (its
     `SimState`), so the server starts where the simulation does."""
     k = self.num_clients
-    one = weights_of(jax.tree.map(lambda a: a[0], sim.clients)).params
+    one = weights_of(jax.tree.map(lambda a: a[0], sim.clients)).params if self.averages else ()
     weights = c.stack_party(one, k) if self.averages else ()
-    average = one if self.averages else ()  # before any round, the "average" is the initial client half
+    average = one  # before any round, the "average" is the initial client half
     state = ConcurrentState(
         server=sim.server, round=_i32(0), step=_i32(0), turn=_i32(0),
         upto=np.zeros((k,), np.int32), gone=np.zeros((k,), bool), samples=np.zeros((k,), np.int32),
@@ -268,8 +271,12 @@ class Coordinator:
   def committed_before(self, s: CoordinatorState, client: int, round_: int, step: int) -> bool:
     return int(s.durable.upto[client]) > round_ * self.schedule.local_steps + step
 
-  def read_smashed(self, message: bytes) -> msgs.SmashedData:
-    return wire.read_message(self.smashed_template, message, what="Forward", max_bytes=self.max_message_bytes)
+  def read_smashed(self, message: bytes, client: int) -> msgs.SmashedData:
+    return wire.read_message(self.smashed_templates[client], message, what="Forward", max_bytes=self.max_message_bytes)
+
+  def zeros(self, client: int) -> msgs.SmashedData:
+    """Client `client`'s Forward message of zeros: its stand-in in a step it did not take."""
+    return jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), self.smashed_templates[client])
 
   def not_staged(self, s: CoordinatorState, method: str, client: int, round_: int, step: int) -> TransportError:
     return TransportError(grpc.StatusCode.ABORTED,
@@ -367,8 +374,7 @@ class Lockstep(Coordinator):
     self._step = jax.jit(self.algo.schedule.server_step)
 
   def _stacked(self, p: Pending) -> msgs.SmashedData:
-    zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), self.smashed_template)
-    ups = [p.smashed.get(k, zeros) for k in range(self.num_clients)]
+    ups = [p.smashed[k] if k in p.smashed else self.zeros(k) for k in range(self.num_clients)]
     return jax.tree.map(lambda *a: np.stack(a), *ups)
 
   def warm_up(self, s: CoordinatorState) -> None:
@@ -418,7 +424,7 @@ class Lockstep(Coordinator):
 
   def on_forward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
     self.check_next(s, "Forward", client, round_, step)
-    smashed = self.read_smashed(message)
+    smashed = self.read_smashed(message, client)
     p = s.volatile.pending
     if p is None or (p.round, p.step) != (round_, step):
       p = Pending(round_, step, {})
@@ -467,6 +473,18 @@ class Lockstep(Coordinator):
     if p is not None and p.server is not None:
       out["pending"] = {"position": [p.round, p.step], "server": serialization.to_state_dict(p.server)}
     return out
+
+
+class PerClient(Lockstep):
+  """Parallel SL whose clients send messages of different shapes (heterogeneous cuts): the barriers
+  of `Lockstep`; the schedule's server step takes one message per client, in client order, and
+  gives one cut gradient per client."""
+
+  def _stacked(self, p: Pending) -> tuple[msgs.SmashedData, ...]:
+    return tuple(p.smashed[k] if k in p.smashed else self.zeros(k) for k in range(self.num_clients))
+
+  def _down_bytes(self, p: Pending, client: int) -> bytes:
+    return msgs.to_bytes(msgs.CutGradient(p.payload[client]))
 
 
 class LocalLoss(Lockstep):
@@ -535,7 +553,7 @@ class LockstepU(Coordinator):
 
   def warm_up(self, s: CoordinatorState) -> None:
     d = s.durable
-    bodies, pending = self._forward(d.server, self._stack({}, self.smashed_template), d.key, 0, 0)
+    bodies, pending = self._forward(d.server, self._stack({}, self.smashed_templates[0]), d.key, 0, 0)
     del bodies
     weights = np.zeros(self.num_clients, np.float32)
     jax.block_until_ready(self._backward(d.server, pending, self._stack({}, self.tail_template), weights))
@@ -569,7 +587,8 @@ class LockstepU(Coordinator):
     """Every client in the round has forwarded step `p.step`: the body on all of it."""
     forwarded = np.array([k in p.smashed for k in range(self.num_clients)])
     d = s.durable
-    bodies, pending = self._forward(d.server, self._stack(p.smashed, self.smashed_template), d.key, p.round, p.step)
+    bodies, pending = self._forward(d.server, self._stack(p.smashed, self.smashed_templates[0]), d.key, p.round,
+                                    p.step)
     return s.set(pending=p._replace(forwarded=forwarded, bodies=jax.device_get(bodies.activations), body_pending=pending))
 
   def _body_backward(self, s: CoordinatorState, p: PendingU, weights: np.ndarray | None = None) -> CoordinatorState:
@@ -599,7 +618,7 @@ class LockstepU(Coordinator):
 
   def on_forward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
     self.check_next(s, "Forward", client, round_, step)
-    smashed = self.read_smashed(message)
+    smashed = self.read_smashed(message, client)
     p = self._current(s, round_, step) or PendingU(round_, step, {})
     if p.forwarded is None:
       s = self.advance(s.set(pending=p._replace(smashed={**p.smashed, client: smashed})))  # a retry replaces it
@@ -692,8 +711,7 @@ class _Averaging(Coordinator):
 
   def warm_up(self, s: CoordinatorState) -> None:
     d = s.durable
-    zeros = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), self.smashed_template)
-    half, _, _, _ = self._serve(d.server, 0, zeros, d.key, 0, 0)
+    half, _, _, _ = self._serve(d.server, 0, self.zeros(0), d.key, 0, 0)
     ones = np.ones(self.num_clients, np.float32)
     jax.block_until_ready((self._set_row(d.server, 0, half) if self.copies else half,
                            self._set_row(d.weights, 0, d.average), self._aggregate(d.weights, d.server, ones)))
@@ -756,7 +774,7 @@ class Copies(_Averaging):
 
   def on_forward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
     self.check_next(s, "Forward", client, round_, step)
-    smashed = self.read_smashed(message)
+    smashed = self.read_smashed(message, client)
     d = s.durable
     copy, down, loss, acc = self._serve(d.server, client, smashed, d.key, round_, step)
     s = s.set(staged={**s.volatile.staged, client: (round_, step, copy)})
@@ -822,7 +840,7 @@ class InOrder(_Averaging):
 
   def on_forward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
     self.check_next(s, "Forward", client, round_, step)
-    smashed = self.read_smashed(message)
+    smashed = self.read_smashed(message, client)
 
     def my_turn(s):
       d = s.durable
@@ -857,6 +875,7 @@ COORDINATORS: dict[str, type[Coordinator]] = {
     "parallel_sl": Lockstep,
     "local_loss_sl": LocalLoss,
     "parallel_sl_u": LockstepU,
+    "heterogeneous_parallel_sl": PerClient,
     "splitfed_v1": Copies,
     "splitfed_v2": InOrder,
 }

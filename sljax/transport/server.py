@@ -238,13 +238,18 @@ class ServiceBase:
     if isinstance(version, int) and version != msgs.PROTOCOL_VERSION:
       raise TransportError(_FAILED, f"protocol version: expected {msgs.PROTOCOL_VERSION}, got {version}")
 
+  def _cut_spec_of(self, client: int) -> ArraySpec:
+    """The cut activations client `client`'s half makes (one spec for all, unless the clients differ)."""
+    del client
+    return self.cut_spec
+
   def _handshake(self, client: int, req: dict) -> bytes:
-    want_shape, want_dtype = list(self.cut_spec.shape), self.cut_spec.dtype
-    if req["cut_shape"] != want_shape or req["cut_dtype"] != want_dtype:
+    spec = self._cut_spec_of(client)
+    if req["cut_shape"] != list(spec.shape) or req["cut_dtype"] != spec.dtype:
       got = ArraySpec(tuple(req["cut_shape"]), req["cut_dtype"]).describe() if all(
           isinstance(d, int) for d in req["cut_shape"]) else repr(req["cut_shape"])
       raise TransportError(_FAILED, f"model signature: the server's half takes cut activations of shape "
-                                    f"{self.cut_spec.describe()}, the client's half makes {got}")
+                                    f"{spec.describe()} from client {client}, the client's half makes {got}")
     differ = [f"{link}: the server's is {wire.show_configuration(mine)}, the client's is "
               f"{wire.show_configuration(req[link])}"
               for link, mine in self.codecs.items() if not wire.same_configuration(req[link], mine)]
@@ -275,22 +280,26 @@ class ServiceBase:
     is `sched.inference_answer`'s (the logits, or a U-shaped body's output)."""
     self._uplink = sl.uplink
     self._server_eval = jax.jit(sched.inference_answer(model, sl))
-    self._predict_templates: dict[int, msgs.SmashedData] = {}
+    self._predict_templates: dict[tuple[int, ArraySpec], msgs.SmashedData] = {}
 
-  def _predict_template(self, batch: int) -> msgs.SmashedData:
-    if batch not in self._predict_templates:
-      cut = jax.ShapeDtypeStruct((batch, *self.cut_spec.shape), self.cut_spec.dtype)
+  def _predict_template(self, batch: int, spec: ArraySpec) -> msgs.SmashedData:
+    if (batch, spec) not in self._predict_templates:
+      cut = jax.ShapeDtypeStruct((batch, *spec.shape), spec.dtype)
       payload = jax.eval_shape(lambda h: self._uplink.encode(h, self._uplink.init(h), jax.random.key(0))[0], cut)
-      self._predict_templates[batch] = msgs.SmashedData(payload)
-    return self._predict_templates[batch]
+      self._predict_templates[batch, spec] = msgs.SmashedData(payload)
+    return self._predict_templates[batch, spec]
+
+  def _answer(self, client: int, activations) -> Any:
+    """The `Predict` answer (a message) to client `client`'s uplink payload."""
+    return self._server_eval(self._predict_party(client), activations)
 
   def _predict(self, client: int, req: dict) -> bytes:
     batch = req["batch"]
     if not 1 <= batch <= self.max_predict_batch:
       raise wire.invalid(f"Predict: field 'batch' must be in [1, {self.max_predict_batch}], got {batch}")
-    message = wire.read_message(self._predict_template(batch), req["message"], what="Predict",
-                                max_bytes=self.max_message_bytes)
-    answer = self._server_eval(self._predict_party(client), message.activations)
+    message = wire.read_message(self._predict_template(batch, self._cut_spec_of(client)), req["message"],
+                                what="Predict", max_bytes=self.max_message_bytes)
+    answer = self._answer(client, message.activations)
     return wire.encode({"message": msgs.to_bytes(jax.device_get(answer))})
 
 
