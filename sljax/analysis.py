@@ -426,7 +426,7 @@ def profile_cuts(
     variables: tuple[PyTree, PyTree] | None = None,
     client_profile: Any = "phone_lte",
     server_profile: network.DeviceProfile = network.GPU_SERVER,
-    algorithm: str = "sequential_sl",
+    algorithm: str = "parallel_sl",
     num_clients: int = 1,
     key: jax.Array | None = None,
 ) -> CutTable:
@@ -462,7 +462,9 @@ def profile_cuts(
     client_profile: the client's `sljax.network.DeviceProfile` or the name of a preset
       (`network.PRESETS`) for the simulated round time; None skips it.
     server_profile: the server's profile.
-    algorithm: the algorithm whose round is timed, one of `ALGORITHMS`.
+    algorithm: the algorithm whose round is timed, one of `ALGORITHMS`: with `parallel_sl` a round is
+      one step of every client; `sequential_sl` adds the relay of the client half between turns (a
+      deeper cut relays more weights), SplitFed the averaging of the client halves.
     num_clients: clients in the round, all with `client_profile`.
     key: init key for `variables` and the legs' (unused) keys; key(0) by default.
 

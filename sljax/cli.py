@@ -390,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--privacy-sample", type=int, default=256, help="test images for the dCor proxy (0 skips it)")
   p.add_argument("--device", default="phone_lte", help="client profile for the simulated round time "
                                                        "(sljax.network.PRESETS), or none")
-  p.add_argument("--algorithm", default="sequential_sl", help="algorithm of the simulated round")
+  p.add_argument("--algorithm", default="parallel_sl",
+                 help="algorithm of the simulated round: parallel_sl, sequential_sl (the client half is relayed "
+                      "between turns), splitfed_v1 or splitfed_v2")
   p.add_argument("--num-clients", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--plot", help="save the plot (one panel per quantity against the cut) to this file")
