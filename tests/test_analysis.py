@@ -23,7 +23,8 @@ def dense_table():
   layers = [sljax.linen_stage(nn.Dense(H)), sljax.linen_stage(nn.Dense(C))]
   return analysis.profile_cuts(layers, example_x=jnp.zeros((1, IN)), batch_size=B,
                                client_optimizer=optax.sgd(0.1, momentum=0.9), memory_options=(),
-                               client_profile="phone_lte", privacy_sample=jax.random.normal(jax.random.key(1), (32, IN)))
+                               client_profile="phone_lte",
+                               privacy_sample=jax.random.normal(jax.random.key(1), (32, IN)))
 
 
 def test_dense_stack_flops_params_and_bytes_are_exact(dense_table):
