@@ -38,7 +38,7 @@ def shard(algorithm: Algorithm, state: SimState, data: ClientData, mesh: Mesh) -
   placed = {}
   for name in ("clients", "server"):
     part = getattr(state, name)
-    placed[name] = shard_clients(part, mesh) if name in algorithm.stacked else replicate(part, mesh)
+    placed[name] = shard_clients(part, mesh) if getattr(algorithm.client_axes, name) else replicate(part, mesh)
   state = state.replace(**placed, round=replicate(state.round, mesh), key=replicate(state.key, mesh))
   return state, shard_clients(data, mesh)
 

@@ -299,12 +299,12 @@ class _TestData(NamedTuple):
 
 
 def _num_clients(algorithm: Algorithm, state: Any) -> int | None:
-  """The state's number of clients K: the length of its schedule's client keys, else of its first
-  stacked field."""
+  """The state's number of clients K: the length of its schedule's client keys, else of its
+  client-stacked parties."""
   if algorithm.schedule is not None:
     return int(jax.eval_shape(algorithm.schedule.client_keys, state.key, 0, 0).shape[0])
-  if algorithm.stacked:
-    return int(jax.tree.leaves(getattr(state, algorithm.stacked[0]))[0].shape[0])
+  if algorithm.client_axes.clients:
+    return int(jax.tree.leaves(state.clients)[0].shape[0])
   return None
 
 

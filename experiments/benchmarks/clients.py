@@ -365,8 +365,8 @@ def memory_child(algo_name: str, executor_name: str, k: int, *, donate: bool, ro
     jax.block_until_ready((state, metrics))
   peak = peak_rss_bytes()
   one_client = jax.tree.map(lambda a: a[0], state.clients)
-  one_server = jax.tree.map(lambda a: a[0], state.server) if "server" in algo.stacked else state.server
-  server_copies = k if "server" in algo.stacked else 1
+  one_server = jax.tree.map(lambda a: a[0], state.server) if algo.client_axes.server else state.server
+  server_copies = k if algo.client_axes.server else 1
   expected = k * _tree_bytes(one_client) + server_copies * _tree_bytes(one_server)
   ex_name = executor(executor_name, k).name if executor_name != "server_chunk" else f"server_chunk({_server_chunk(executor_name, k)})"
   return {"algorithm": algo_name, "executor": ex_name, "K": k, "donate": donate,

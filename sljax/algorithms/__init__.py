@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from sljax.algorithms import baselines, parallel, parallel_u, sequential, splitfed as _splitfed
-from sljax.algorithms._common import (Algorithm, RoundInputs, RoundMetrics, Schedule, ScheduleConfig, SimState,
-                                     Timeline, Traffic)
+from sljax.algorithms._common import (Algorithm, ClientAxes, ClientView, RoundInputs, RoundMetrics, Schedule,
+                                     ScheduleConfig, SimState, Timeline, Traffic)
 from sljax.algorithms.baselines import centralized_baseline, fedavg
 from sljax.algorithms.heterogeneous import heterogeneous_parallel_sl
 from sljax.algorithms.parallel import linear_head, local_loss_client_step, local_loss_sl, parallel_sl
@@ -54,6 +54,8 @@ REGISTRY: dict[str, Registered] = {
 __all__ = [
     "REGISTRY",
     "Algorithm",
+    "ClientAxes",
+    "ClientView",
     "Registered",
     "RoundInputs",
     "RoundMetrics",

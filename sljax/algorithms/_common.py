@@ -135,6 +135,14 @@ class ClientView(NamedTuple):
   server_infer: Callable[[Any, int, Any], Any]
 
 
+class ClientAxes(NamedTuple):
+  """Which parts of a `SimState` carry a leading client axis (K, ...): what `simulation.shard`
+  places over the devices of the client mesh (the rest is replicated)."""
+
+  clients: bool = True
+  server: bool = False  # SplitFed v1: one server copy per client
+
+
 class Algorithm(NamedTuple):
   """A multi-client algorithm as pure functions.
 
@@ -146,7 +154,7 @@ class Algorithm(NamedTuple):
     (B, ...) of the model's outputs (`client` may be traced, except where the halves differ in shape).
   - `schedule`: its `Schedule` (keys, order, server step, aggregation, timeline), which `round`
     itself is built from.
-  `stacked` names the fields of `SimState` that carry a leading client axis. `shared_model` says
+  `client_axes` says which parts of `SimState` carry a leading client axis. `shared_model` says
   that every client ends a round with the same model (averaged or relayed halves: SplitFed,
   FedAvg, sequential SL, centralized), so `sljax.evaluate` tests one model; otherwise each client
   keeps its own half and is tested with it.
@@ -157,7 +165,7 @@ class Algorithm(NamedTuple):
   round: Callable[..., tuple[SimState, dict]]
   predict: Callable[..., jax.Array]
   local_steps: int
-  stacked: tuple[str, ...] = ("clients",)
+  client_axes: ClientAxes = ClientAxes()
   schedule: Schedule | None = None
   shared_model: bool = False
 

@@ -138,5 +138,5 @@ def centralized_baseline(central: protocol.Centralized, config: c.ScheduleConfig
     del client
     return central.predict(state.server, x)[0]
 
-  return c.Algorithm("centralized", init, round_fn, predict, local_steps, stacked=(), schedule=schedule,
+  return c.Algorithm("centralized", init, round_fn, predict, local_steps, c.ClientAxes(clients=False), schedule,
                      shared_model=True)

@@ -128,5 +128,5 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
     del client  # one client half, shared by all
     return sl.predict(protocol.SplitState(state.clients, state.server, state.round), x)[0]
 
-  return c.Algorithm("sequential_sl", init, round_fn, predict, local_steps, stacked=(), schedule=schedule,
+  return c.Algorithm("sequential_sl", init, round_fn, predict, local_steps, c.ClientAxes(clients=False), schedule,
                      shared_model=True)

@@ -229,6 +229,6 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) ->
     server = jax.tree.map(lambda a: a[client], state.server) if version == 1 else state.server
     return sl.predict(protocol.SplitState(one, server, state.round), x)[0]
 
-  stacked = ("clients", "server") if version == 1 else ("clients",)
-  return c.Algorithm(f"splitfed_v{version}", init, round_fn, predict, local_steps, stacked, schedule,
+  axes = c.ClientAxes(server=version == 1)  # v1: a server copy per client
+  return c.Algorithm(f"splitfed_v{version}", init, round_fn, predict, local_steps, axes, schedule,
                      shared_model=True)
