@@ -219,6 +219,9 @@ class CutProfile(NamedTuple):
     fits: whether `client_peak_bytes` fits the table's budget (None without a budget).
     dcor: distance correlation between the privacy sample and its smashed data (None without one).
     round_time_s: simulated seconds of one round (None without a client profile).
+    attack_ssim, attack_mse: the quality of a black-box inverse network's reconstructions of the
+      privacy sample from its smashed data (SSIM for images, NaN otherwise; MSE), the network
+      trained on `attack_inputs` (None without them).
   """
 
   cut: int
@@ -240,6 +243,8 @@ class CutProfile(NamedTuple):
   fits: bool | None = None
   dcor: float | None = None
   round_time_s: float | None = None
+  attack_ssim: float | None = None
+  attack_mse: float | None = None
 
   def to_dict(self) -> dict:
     """The row as plain JSON-able values."""
@@ -308,6 +313,8 @@ class CutTable:
       columns.append((f"fits {self.budget_name}", lambda r: "yes" if r.fits else "no"))
     if any(r.dcor is not None for r in self.rows):
       columns.append(("dCor", lambda r: "-" if r.dcor is None else f"{r.dcor:.3f}"))
+    if any(r.attack_ssim is not None for r in self.rows):
+      columns.append(("attack SSIM", lambda r: "-" if r.attack_ssim is None else f"{r.attack_ssim:.3f}"))
     if any(r.round_time_s is not None for r in self.rows):
       columns.append(("round s", lambda r: "-" if r.round_time_s is None else f"{r.round_time_s:.3g}"))
     cells = [[name for name, _ in columns]] + [[fmt(r) for _, fmt in columns] for r in self.rows]
@@ -423,6 +430,8 @@ def profile_cuts(
     memory_options: Sequence[str] = MEMORY_OPTIONS,
     small_batch: int | None = None,
     privacy_sample: Any = None,
+    attack_inputs: Any = None,
+    attack_steps: int = 1000,
     variables: tuple[PyTree, PyTree] | None = None,
     client_profile: Any = "phone_lte",
     server_profile: network.DeviceProfile = network.GPU_SERVER,
@@ -456,8 +465,14 @@ def profile_cuts(
     small_batch: the batch size of the "small_batch" option; a quarter of `batch_size` by default.
     privacy_sample: inputs (n, ...) on which to measure the distance correlation between inputs
       and smashed data at each cut (n of a few hundred; O(n^2) memory). None skips it.
+    attack_inputs: (m, ...) auxiliary inputs from the data's distribution, other than the privacy
+      sample: at each cut a black-box inverse network (He et al. 2019,
+      `sljax.privacy.attacks.inverse_network`) is trained for `attack_steps` steps on them and their
+      smashed data, and its reconstructions of `privacy_sample` are scored (`attack_ssim`,
+      `attack_mse`). None skips the attack.
+    attack_steps: the inverse network's training steps.
     variables: `(params, model_state)` of `sljax.sequential(*layers)` (one entry per layer, e.g.
-      trained ones) for the distance correlation; the initial ones from `key` by default (an
+      trained ones) for the privacy figures; the initial ones from `key` by default (an
       untrained network's leakage is not a trained one's).
     client_profile: the client's `sljax.network.DeviceProfile` or the name of a preset
       (`network.PRESETS`) for the simulated round time; None skips it.
@@ -507,7 +522,12 @@ def profile_cuts(
   kwargs = dict(client_optimizer=client_optimizer, server_optimizer=server_optimizer, loss=loss, uplink=uplink,
                 downlink=downlink)
   points = _resolve_cuts(layers, cuts)
-  smashed_fn = _smashed_at(layers, privacy_sample, variables, key) if privacy_sample is not None else None
+  if attack_inputs is not None and privacy_sample is None:
+    raise ValueError("attack_inputs: the attack reconstructs privacy_sample; expected a privacy_sample too, got None")
+  privacy_at = None
+  if privacy_sample is not None:
+    privacy_at = _privacy_at(layers, privacy_sample, variables, key, attack_inputs=attack_inputs,
+                             attack_steps=attack_steps)
 
   rows = []
   for k, name in points:
@@ -551,9 +571,9 @@ def profile_cuts(
         bytes_down_per_sample=bytes_down / batch_size,
         client_peak_bytes=peak, client_forward_bytes=fwd_mem, client_backward_bytes=bwd_mem,
         fits=None if budget_bytes is None else peak <= budget_bytes,
-        dcor=None if smashed_fn is None else smashed_fn(k),
         round_time_s=round_s,
         **options,
+        **({} if privacy_at is None else privacy_at(k)),
     ))
   return CutTable(tuple(rows), batch_size, budget_bytes, budget_name, algorithm if device else None, device_name,
                   num_clients)
@@ -571,14 +591,19 @@ def _cuttable(layers, example_x, batch_size, key, kwargs) -> list[tuple[int, str
   return ok
 
 
-def _smashed_at(layers, sample, variables, key) -> Callable[[int], float]:
-  """`k -> dCor(sample, smashed data at cut k)`, from the stack's variables (initial ones by default)."""
-  from sljax.privacy.metrics import distance_correlation  # noqa: PLC0415 -- the privacy package is optional here
+def _privacy_at(layers, sample, variables, key, *, attack_inputs, attack_steps) -> Callable[[int], dict]:
+  """`k -> {"dcor": ..., ["attack_ssim": ..., "attack_mse": ...]}` at cut k, from the stack's variables."""
+  from sljax.privacy import attacks, metrics  # noqa: PLC0415 -- the privacy package is needed only here
 
   sample = jnp.asarray(sample)
   if sample.ndim < 1 or sample.shape[0] < 2:
     raise ValueError(f"privacy_sample: expected at least 2 examples with a leading batch axis, got shape "
                      f"{sample.shape}")
+  if attack_inputs is not None:
+    attack_inputs = jnp.asarray(attack_inputs)
+    if attack_inputs.shape[1:] != sample.shape[1:]:
+      raise ValueError(f"attack_inputs: expected inputs shaped like privacy_sample (N, "
+                       f"{', '.join(map(str, sample.shape[1:]))}), got {attack_inputs.shape}")
   whole = sequential(*layers)
   if variables is None:
     variables = jax.jit(whole.init)(key, sample[:1])
@@ -587,18 +612,22 @@ def _smashed_at(layers, sample, variables, key) -> Callable[[int], float]:
   if not (isinstance(params, tuple) and len(params) == n and isinstance(model_state, tuple) and len(model_state) == n):
     raise ValueError(f"variables: expected (params, model_state) of sljax.sequential(*layers), tuples of {n} entries "
                      "(one per layer)")
+  dcor = jax.jit(metrics.distance_correlation)
 
-  def dcor(k: int) -> float:
+  def at(k: int) -> dict:
     client = cut(layers, k).client
+    smash = jax.jit(lambda p, s, x: client.apply(p, s, x, key=None, train=False)[0])
+    smashed = smash(params[:k], model_state[:k], sample)
+    out = {"dcor": float(dcor(sample, smashed))}
+    if attack_inputs is not None:
+      aux_smashed = smash(params[:k], model_state[:k], attack_inputs)
+      knowledge = attacks.InverseNetworkKnowledge(aux_inputs=np.asarray(attack_inputs),
+                                                  aux_smashed=np.asarray(aux_smashed), steps=attack_steps)
+      found = attacks.inverse_network(np.asarray(smashed), knowledge, inputs=np.asarray(sample))
+      out["attack_ssim"], out["attack_mse"] = float(found.ssim), float(found.mse)
+    return out
 
-    @jax.jit
-    def f(p, s, x):
-      smashed, _ = client.apply(p, s, x, key=None, train=False)
-      return distance_correlation(x, smashed)
-
-    return float(f(params[:k], model_state[:k], sample))
-
-  return dcor
+  return at
 
 
 def _round_time(legs, forward, backward, server_flops, bytes_up, bytes_down, *, algorithm, device,
@@ -751,6 +780,7 @@ _PANELS = {
     "bytes_up_per_sample": ("bytes up per sample", lambda r: r.bytes_up_per_sample, "log"),
     "bytes_down_per_sample": ("bytes down per sample", lambda r: r.bytes_down_per_sample, "log"),
     "dcor": ("distance correlation (inputs, smashed)", lambda r: r.dcor, None),
+    "attack_ssim": ("inverse-network SSIM", lambda r: r.attack_ssim, None),
     "round_time_s": ("simulated round time (s)", lambda r: r.round_time_s, "log"),
 }
 
@@ -763,8 +793,8 @@ def plot_cuts(table: CutTable, *, quantities: Sequence[str] | None = None, title
   Args:
     table: from `profile_cuts`.
     quantities: any of "client_flops_share", "client_flops_per_sample", "client_peak_bytes",
-      "bytes_up_per_sample", "bytes_down_per_sample", "dcor", "round_time_s"; by default those the
-      table has.
+      "bytes_up_per_sample", "bytes_down_per_sample", "dcor", "attack_ssim", "round_time_s"; by
+      default those the table has.
     title: the figure's title.
   """
   from matplotlib.figure import Figure  # noqa: PLC0415 -- matplotlib is needed only to plot

@@ -157,6 +157,13 @@ def test_a_cut_out_of_range_or_unknown_names_the_valid_cut_points():
     analysis.profile_cuts(layers, cuts=["conv_0"], **kwargs)
 
 
+def test_the_attack_needs_a_privacy_sample():
+  with pytest.raises(ValueError, match=r"attack_inputs: the attack reconstructs privacy_sample; expected a "
+                                       r"privacy_sample too, got None"):
+    analysis.profile_cuts(sljax.models.mlp(hidden=(4,)), example_x=jnp.zeros((1, 5)), batch_size=2,
+                          client_optimizer=optax.sgd(0.1), attack_inputs=jnp.zeros((4, 5)))
+
+
 def test_a_cut_where_the_model_cannot_be_cut_names_the_valid_cut_points():
   # Between the two middle layers the activations are a pair, not one array of smashed data.
   layers = [sljax.linen_stage(nn.Dense(4), name="dense"), sljax.function_stage(lambda h: (h, 2 * h), name="pair"),
