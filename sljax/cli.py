@@ -182,7 +182,8 @@ def serve(args) -> int:
   common = dict(schedule=schedule, input_spec=protocol.ArraySpec.of(setup.dataset.x_train),
                 key=jax.random.key(args.seed), tokens=tokens, certificate_names=names,
                 checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                lease_seconds=args.lease_seconds, max_message_bytes=max_bytes)
+                lease_seconds=args.lease_seconds, max_message_bytes=max_bytes,
+                max_abs_value=args.max_abs_value if args.max_abs_value > 0 else None, max_samples=args.max_samples)
   if args.algorithm == "sequential_sl":
     server = transport.SplitServer(setup.model, setup.sl, **common)
   else:
@@ -269,6 +270,7 @@ def profile_cuts(args) -> int:
         getattr(models, args.model)(), example_x=ds.x_train[:1], batch_size=args.batch_size, client_optimizer=opt,
         cuts=cuts, budget=args.budget, memory_options=tuple(o for o in args.memory_options.split(",") if o),
         privacy_sample=ds.x_test[:args.privacy_sample] if args.privacy_sample else None,
+        attack_inputs=ds.x_train[:args.attack] if args.attack else None,
         client_profile=None if args.device == "none" else args.device, algorithm=args.algorithm,
         num_clients=args.num_clients, key=jax.random.key(args.seed))
   except ValueError as e:
@@ -354,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--seed", type=int, default=0, help="the run key: model init, data order, step keys")
   p.add_argument("--lease-seconds", type=float, default=120.0, help="a client silent this long loses its turn")
+  p.add_argument("--max-abs-value", type=float, default=1e6,
+                 help="refuse client messages holding a value beyond this magnitude (0: no bound)")
+  p.add_argument("--max-samples", type=int, default=2**31 - 1,
+                 help="the most training rows a client may declare (SplitFed weighs clients by them)")
   p.add_argument("--max-message-mb", type=float, default=64.0)
   _add_cache_args(p)
   p.set_defaults(run=serve)
@@ -388,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--memory-options", default="remat,bf16,small_batch",
                  help="memory options to compile and measure, comma-separated (empty for none)")
   p.add_argument("--privacy-sample", type=int, default=256, help="test images for the dCor proxy (0 skips it)")
+  p.add_argument("--attack", type=int, default=0, metavar="N",
+                 help="train a black-box inverse network on N training inputs at each cut and score its "
+                      "reconstructions of the privacy sample (SSIM); 0 skips it")
   p.add_argument("--device", default="phone_lte", help="client profile for the simulated round time "
                                                        "(sljax.network.PRESETS), or none")
   p.add_argument("--algorithm", default="parallel_sl",
