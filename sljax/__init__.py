@@ -38,7 +38,7 @@ from sljax.split import (
     vertical_model,
 )
 from sljax.training import evaluate, fit
-from sljax.vertical import VerticalState, vertical_sl
+from sljax.vertical import VerticalState, vertical_centralized, vertical_evaluate, vertical_sl
 
 __version__ = "0.1.0"
 
@@ -85,6 +85,8 @@ __all__ = [
     "to_bytes",
     "u_shaped",
     "vanilla",
+    "vertical_centralized",
+    "vertical_evaluate",
     "vertical_model",
     "vertical_sl",
     "wire_size",

@@ -63,12 +63,23 @@ def reuse_program(fn: Callable, options: tuple[Hashable, ...], build: Callable[[
 
 
 def _check_labels(x, y) -> None:
-  """Raises a ValueError unless `y` holds one label per sample (row) of `x`."""
-  if x.ndim == 0:
-    raise ValueError(f"x: expected samples along a leading axis, got shape {x.shape}")
-  if y.ndim == 0 or y.shape[0] != x.shape[0]:
+  """Raises a ValueError unless `y` holds one label per sample (row) of `x`.
+
+  `x` may be a pytree of arrays (vertical SL: one array per party, a tuple or a dict by party
+  name): every leaf must hold the same samples; the error names the leaf by its path.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(x)
+  for path, leaf in leaves:
+    if leaf.ndim == 0:
+      raise ValueError(f"x{jax.tree_util.keystr(path)}: expected samples along a leading axis, got shape {leaf.shape}")
+  path0, first = leaves[0]
+  for path, leaf in leaves[1:]:
+    if leaf.shape[0] != first.shape[0]:
+      raise ValueError(f"x{jax.tree_util.keystr(path)}: expected the same {first.shape[0]} samples as "
+                       f"x{jax.tree_util.keystr(path0)}, got shape {leaf.shape}")
+  if y.ndim == 0 or y.shape[0] != first.shape[0]:
     got = y.shape[0] if y.ndim else f"shape {y.shape}"
-    raise ValueError(f"y: expected {x.shape[0]} labels, one per sample of x, got {got}")
+    raise ValueError(f"y: expected {first.shape[0]} labels, one per sample of x, got {got}")
 
 
 def _check_batch_size(n: int, batch_size: int) -> None:
@@ -87,7 +98,7 @@ def make_epoch(step: Callable, *, batch_size: int) -> Callable:
 
   @jax.jit
   def epoch(state, x, y, key):
-    n = x.shape[0]
+    n = jax.tree.leaves(x)[0].shape[0]
     _check_batch_size(n, batch_size)
     steps = n // batch_size
     k_perm, k_steps = jax.random.split(key)
@@ -95,7 +106,7 @@ def make_epoch(step: Callable, *, batch_size: int) -> Callable:
 
     def body(state, inputs):
       idx, k = inputs
-      return step(state, (x[idx], y[idx]), k)
+      return step(state, (jax.tree.map(lambda a: a[idx], x), y[idx]), k)
 
     return jax.lax.scan(body, state, (order, jax.random.split(k_steps, steps)))
 
@@ -125,9 +136,10 @@ def fit(
 
   Args:
     trainer: anything with a pure `step(state, (x, y), key) -> (state, metrics)`
-      (`vanilla`, `u_shaped`, `centralized`).
+      (`vanilla`, `u_shaped`, `centralized`, `vertical_sl`).
     state: the trainer's state (from `trainer.init`).
-    x, y: the training data.
+    x, y: the training data; `x` may be a pytree of arrays with the same samples (vertical SL:
+      one array per party, a tuple or a dict by party name).
     key: PRNG key; epoch `e` uses `fold_in(key, e)` for its order and step keys.
     epochs: number of passes.
     batch_size: samples per step.
@@ -143,9 +155,9 @@ def fit(
     The final state and, per epoch, the mean loss and accuracy, the total bytes up and down
     (Python ints, exact past 2**31) and the number of samples the epoch dropped.
   """
-  x, y = jnp.asarray(x), jnp.asarray(y)
+  x, y = jax.tree.map(jnp.asarray, x), jnp.asarray(y)
   _check_labels(x, y)
-  n = x.shape[0]
+  n = y.shape[0]
   _check_batch_size(n, batch_size)
   dropped = n % batch_size
   if dropped:

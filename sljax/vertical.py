@@ -23,21 +23,27 @@ composed model, dropout included.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
+from sljax import codecs as codec_lib
 from sljax import messages as msgs
 from sljax.protocol import (
+    CODEC_STREAM,
     ArraySpec,
+    Centralized,
     ClientPending,
     Metrics,
     PartyState,
     _client_vjp,
+    _fresh_encode,
+    _transform_cut_gradient,
     accuracy,
     apply_update,
     check_batch,
@@ -89,6 +95,10 @@ class VerticalSL(NamedTuple):
   party_optimizers: tuple[optax.GradientTransformation, ...]
   top_optimizer: optax.GradientTransformation
   loss: Callable[[jax.Array, jax.Array], jax.Array]
+  uplinks: tuple[codec_lib.Codec, ...] = ()
+  downlinks: tuple[codec_lib.Codec, ...] = ()
+  client_losses: tuple[Callable | None, ...] = ()
+  cut_gradient_transforms: tuple[Callable | None, ...] = ()
 
 
 def vertical_sl(
@@ -97,8 +107,17 @@ def vertical_sl(
     party_optimizers: optax.GradientTransformation | Sequence[optax.GradientTransformation],
     top_optimizer: optax.GradientTransformation,
     loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+    uplink: codec_lib.Codec | Sequence[codec_lib.Codec | None] | None = None,
+    downlink: codec_lib.Codec | Sequence[codec_lib.Codec | None] | None = None,
+    client_loss: Callable[..., jax.Array] | Sequence[Callable | None] | None = None,
+    cut_gradient_transform: Callable[..., Any] | Sequence[Callable | None] | None = None,
 ) -> VerticalSL:
   """The legs of one vertical split-learning step over the parties of `model`.
+
+  Codecs and privacy hooks are per party. Each of `uplink`, `downlink`, `client_loss` and
+  `cut_gradient_transform` is None (none), one value for every party whose messages cross the
+  network (all but `model.label_party`), or a sequence with one entry (or None) per party, in
+  order; the label party's own bottom takes none (its messages never leave it).
 
   Args:
     model: a `VerticalModel` (`sljax.vertical_model`).
@@ -106,6 +125,16 @@ def vertical_sl(
       still keeps its own optimizer state).
     top_optimizer: the label party's, for the merge and the top (params `(merge, top)`).
     loss: `loss(outputs, labels) -> scalar`, computed by the label party.
+    uplink: the codec party p applies to its smashed data (`sljax.codecs`, e.g. the noise codecs
+      of `sljax.privacy.defenses`); its state is `state.parties[p].codec_state`. Randomness:
+      fold_in(party p's key, CODEC_STREAM), as in `vanilla`.
+    downlink: the codec the label party applies to party p's cut gradient; its states are
+      `state.top.codec_state[p]`. Randomness: fold_in(fold_in(label key, CODEC_STREAM), p).
+    client_loss: `client_loss(x, smashed[, key]) -> scalar`, a term party p adds to its own
+      objective (e.g. `sljax.privacy.defenses.nopeek`); reported as `client_loss_<name>`.
+    cut_gradient_transform: `fn(grad, labels, key) -> grad` the label party applies to party p's
+      cut gradient before its downlink codec (e.g. `defenses.max_norm()`, `defenses.marvell()`);
+      key: fold_in(label key, p), then the transform's stream as in `vanilla`.
 
   Returns:
     A `VerticalSL`: `init(key, xs) -> VerticalState`; the legs
@@ -113,11 +142,14 @@ def vertical_sl(
     `top_step(top, messages, labels, key) -> (top, (CutGradient, ...), metrics)` and
     `party_backward[p](party, pending, CutGradient) -> party`; the fused
     `step(state, (xs, labels), key) -> (state, metrics)` calling exactly those legs; and
-    `predict(state, xs) -> (outputs, metrics)` in eval mode. Bytes count the messages of the
-    parties other than `model.label_party`, whose smashed data stays with the label party.
+    `predict(state, xs) -> (outputs, metrics)` in eval mode (`xs` a tuple in party order or a dict
+    by party name; a missing party is an error naming it). Bytes count the messages of the
+    parties other than `model.label_party`, whose smashed data stays with the label party:
+    `bytes_up`/`bytes_down` in all, and `bytes_up_<name>`/`bytes_down_<name>` per party.
 
-  With no randomness in the parts and the same element-wise optimizer everywhere (sgd, adam),
-  `step` follows centralized training of `model.compose()` exactly; the tests hold it to that.
+  With no codec, no hook, no randomness in the parts and the same element-wise optimizer
+  everywhere (sgd, adam), `step` follows centralized training of `model.compose()` exactly; the
+  tests hold it to that.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, sljax
@@ -137,9 +169,17 @@ def vertical_sl(
     raise TypeError(f"top_optimizer: expected an optax.GradientTransformation, got {type(top_optimizer).__name__}")
   label_stage = model.label_stage
   remote = tuple(name != model.label_party for name in model.names)  # whose messages cross the network
+  is_codec = lambda c: isinstance(c, codec_lib.Codec)  # noqa: E731
+  up_codecs = tuple(c or codec_lib.identity()
+                    for c in _per_party("uplink", uplink, model, is_codec, "a sljax.codecs.Codec"))
+  down_codecs = tuple(c or codec_lib.identity()
+                      for c in _per_party("downlink", downlink, model, is_codec, "a sljax.codecs.Codec"))
+  client_losses = _per_party("client_loss", client_loss, model, callable, "a callable (x, smashed[, key]) -> scalar")
+  transforms = _per_party("cut_gradient_transform", cut_gradient_transform, model, callable,
+                          "a callable (grad, labels, key) -> grad")
 
   def init(key, xs) -> VerticalState:
-    xs = tuple(jnp.asarray(x) for x in model.check_inputs(xs))
+    xs = tuple(jnp.asarray(x) for x in _party_inputs(model, xs))
     return jax.jit(_init_traced)(key, xs)
 
   def _init_traced(key, xs) -> VerticalState:
@@ -149,29 +189,34 @@ def vertical_sl(
                for b, p, s, x in zip(model.bottoms, params[:n], model_state[:n], xs, strict=True))
     out, _ = label_stage.apply(params[n], model_state[n], hs, key=None, train=False)
     _check_loss(loss, xs[0].shape[0], out)
-    parties = tuple(PartyState(p, s, opt.init(p), ArraySpec.of(x))
-                    for p, s, opt, x in zip(params[:n], model_state[:n], optimizers, xs, strict=True))
-    top = PartyState(params[n], model_state[n], top_optimizer.init(params[n]), tuple(ArraySpec.of(h) for h in hs))
+    parties = tuple(PartyState(p, s, opt.init(p), ArraySpec.of(x), codec.init(h))
+                    for p, s, opt, x, codec, h in zip(params[:n], model_state[:n], optimizers, xs, up_codecs, hs,
+                                                      strict=True))
+    top = PartyState(params[n], model_state[n], top_optimizer.init(params[n]), tuple(ArraySpec.of(h) for h in hs),
+                     tuple(codec.init(h) for codec, h in zip(down_codecs, hs, strict=True)))
     return VerticalState(parties, top, jnp.zeros((), jnp.int32))
 
   def make_party_forward(p: int):
-    bottom, name = model.bottoms[p], model.names[p]
+    bottom, name, codec = model.bottoms[p], model.names[p], up_codecs[p]
 
     def party_forward(party: PartyState, x, key) -> tuple[msgs.SmashedData, ClientPending]:
-      """Party p's forward: its bottom under `jax.vjp` on its columns; the smashed data goes up, no labels."""
+      """Party p's forward: its bottom under `jax.vjp` on its columns; the (encoded) smashed data goes up, no labels."""
       check_batch(f"x (party {name!r})", x, party.input_spec)
-      smashed, pullback, model_state, _ = _client_vjp(bottom, None, party.params, party.model_state, x, key)
-      return msgs.SmashedData(smashed), ClientPending(pullback, model_state)
+      smashed, pullback, model_state, metrics = _client_vjp(bottom, client_losses[p], party.params,
+                                                            party.model_state, x, key)
+      payload, codec_state = codec.encode(smashed, party.codec_state, jax.random.fold_in(key, CODEC_STREAM))
+      metrics = {f"client_loss_{name}": v for v in metrics.values()}
+      return msgs.SmashedData(payload), ClientPending(pullback, model_state, codec_state, payload, metrics)
 
     return party_forward
 
   def make_party_backward(p: int):
-    optimizer = optimizers[p]
+    optimizer, up, down = optimizers[p], up_codecs[p], down_codecs[p]
 
     def party_backward(party: PartyState, pending: ClientPending, message: msgs.CutGradient) -> PartyState:
-      """Party p's backward: its pullback on the gradient at its smashed data, then its optimizer step."""
-      (grads,) = pending.pullback(message.grad)
-      return apply_update(party, grads, optimizer, pending.model_state)
+      """Party p's backward: its pullback on the (decoded) gradient at its smashed data, then its optimizer step."""
+      (grads,) = pending.pullback(codec_lib.cotangent(up, pending.sent, down.decode(message.grad)))
+      return apply_update(party, grads, optimizer, pending.model_state).replace(codec_state=pending.codec_state)
 
     return party_backward
 
@@ -182,7 +227,7 @@ def vertical_sl(
     if not isinstance(messages, (tuple, list)) or len(messages) != n:
       got = f"{len(messages)} messages" if isinstance(messages, (tuple, list)) else type(messages).__name__
       raise ValueError(f"messages: expected {n} SmashedData, one per party {model.names}, got {got}")
-    hs = tuple(m.activations for m in messages)
+    hs = tuple(codec.decode(m.activations) for codec, m in zip(up_codecs, messages, strict=True))
     for i, (h, spec) in enumerate(zip(hs, top.input_spec, strict=True)):
       check_batch(f"messages[{i}].activations (party {model.names[i]!r})", h, spec,
                   batch=None if i == 0 else hs[0].shape[0])
@@ -194,36 +239,208 @@ def vertical_sl(
 
     (value, (out, model_state)), (g_params, g_hs) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
         top.params, hs)
+    downs, codec_states = [], []
+    for p, g in enumerate(g_hs):
+      if transforms[p] is not None:
+        g = _transform_cut_gradient(transforms[p], g, labels, jax.random.fold_in(key, p))
+      payload, codec_state = down_codecs[p].encode(
+          g, top.codec_state[p], jax.random.fold_in(jax.random.fold_in(key, CODEC_STREAM), p))
+      downs.append(msgs.CutGradient(payload))
+      codec_states.append(codec_state)
     metrics = {"loss": value, "accuracy": accuracy(out, labels)}
-    return apply_update(top, g_params, top_optimizer, model_state), tuple(msgs.CutGradient(g) for g in g_hs), metrics
+    top = apply_update(top, g_params, top_optimizer, model_state).replace(codec_state=tuple(codec_states))
+    return top, tuple(downs), metrics
 
   party_forward = tuple(make_party_forward(p) for p in range(n))
   party_backward = tuple(make_party_backward(p) for p in range(n))
 
   def step(state: VerticalState, batch, key) -> tuple[VerticalState, Metrics]:
     xs, labels = batch
-    xs = model.check_inputs(xs)
+    xs = _party_inputs(model, xs)
     keys = jax.random.split(key, n + 1)
+    # A Python loop over the parties, inside the one jitted program: their bottoms differ (each a
+    # stage of its own), and XLA schedules the independent bottoms together.
     ups, pendings = zip(*(party_forward[p](state.parties[p], xs[p], keys[p]) for p in range(n)), strict=True)
     top, downs, metrics = top_step(state.top, ups, labels, keys[n])
     parties = tuple(party_backward[p](state.parties[p], pendings[p], downs[p]) for p in range(n))
-    metrics = Metrics(metrics, {"bytes_up": _bytes(ups, remote), "bytes_down": _bytes(downs, remote)})
+    for pending in pendings:
+      metrics.update(pending.metrics)
+    metrics = Metrics(metrics, _traffic(model, ups, downs, remote))
     return VerticalState(parties, top, state.step + 1), metrics
 
-  def predict(state: VerticalState, xs) -> tuple[jax.Array, Metrics]:
-    """Collaborative inference in eval mode: every bottom on its columns, then the label party's merge and top."""
-    xs = model.check_inputs(xs)
+  def predict(state: VerticalState, xs, key=None) -> tuple[jax.Array, Metrics]:
+    """Collaborative inference in eval mode: every bottom on its columns (through its uplink codec,
+    from a fresh codec state), then the label party's merge and top. `xs`: a tuple in party order
+    or a dict by party name; every party must take part."""
+    xs = _party_inputs(model, xs)
     ups = []
     for p, (bottom, party, x) in enumerate(zip(model.bottoms, state.parties, xs, strict=True)):
       check_batch(f"xs[{p}] (party {model.names[p]!r})", x, party.input_spec)
-      ups.append(msgs.SmashedData(bottom.apply(party.params, party.model_state, x, key=None, train=False)[0]))
-    hs = tuple(m.activations for m in ups)
+      smashed = bottom.apply(party.params, party.model_state, x, key=None, train=False)[0]
+      party_key = None if key is None else jax.random.fold_in(key, p)
+      ups.append(msgs.SmashedData(_fresh_encode(up_codecs[p], smashed, party_key, CODEC_STREAM)))
+    hs = tuple(codec.decode(m.activations) for codec, m in zip(up_codecs, ups, strict=True))
     out, _ = label_stage.apply(state.top.params, state.top.model_state, hs, key=None, train=False)
-    return out, Metrics({}, {"bytes_up": _bytes(ups, remote), "bytes_down": 0})
+    return out, Metrics({}, _traffic(model, ups, None, remote))
 
   return VerticalSL(init=init, party_forward=party_forward, top_step=top_step, party_backward=party_backward,
                     step=step, predict=predict, model=model, party_optimizers=optimizers,
-                    top_optimizer=top_optimizer, loss=loss)
+                    top_optimizer=top_optimizer, loss=loss, uplinks=up_codecs, downlinks=down_codecs,
+                    client_losses=client_losses, cut_gradient_transforms=transforms)
+
+
+def vertical_centralized(
+    model: VerticalModel,
+    *,
+    optimizer: optax.GradientTransformation,
+    loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
+) -> Centralized:
+  """Centralized training of `model.compose()` on the joined features: the reference for `vertical_sl`.
+
+  One party holds every party's columns and trains the composed model (bottoms, merge, top) under
+  one `optimizer`; its step takes the same `(xs, labels)` batches and the same keys as
+  `vertical_sl(...).step`, so `sljax.fit` and `vertical_evaluate` drive both alike. With the same
+  element-wise optimizer everywhere and no codec or hook, the two follow each other exactly.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, sljax
+    >>> model = sljax.vertical_model([nn.Dense(8), nn.Dense(8)], sljax.merges.concat(), nn.Dense(2))
+    >>> central = sljax.vertical_centralized(model, optimizer=optax.adam(1e-2))
+    >>> xs, y = (jnp.ones((4, 5)), jnp.ones((4, 3))), jnp.zeros((4,), jnp.int32)
+    >>> state = central.init(jax.random.key(0), xs)
+    >>> state, metrics = jax.jit(central.step)(state, (xs, y), jax.random.key(1))
+    >>> metrics["bytes_up"]
+    0
+  """
+  if not isinstance(model, VerticalModel):
+    raise TypeError(f"model: expected a VerticalModel (sljax.vertical_model), got {type(model).__name__}")
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise TypeError(f"optimizer: expected an optax.GradientTransformation, got {type(optimizer).__name__}")
+  whole = model.compose()
+
+  def init(key, xs) -> PartyState:
+    xs = tuple(jnp.asarray(x) for x in _party_inputs(model, xs))
+
+    def traced(key, xs):
+      params, model_state = model.init(key, xs)
+      out, _ = model.apply(params, model_state, xs, key=None, train=False)
+      _check_loss(loss, xs[0].shape[0], out)
+      return PartyState(params, model_state, optimizer.init(params), tuple(ArraySpec.of(x) for x in xs))
+
+    return jax.jit(traced)(key, xs)
+
+  def check(state: PartyState, xs) -> tuple:
+    xs = _party_inputs(model, xs)
+    for p, (x, spec) in enumerate(zip(xs, state.input_spec, strict=True)):
+      check_batch(f"xs[{p}] (party {model.names[p]!r})", x, spec)
+    return xs
+
+  def step(state: PartyState, batch, key) -> tuple[PartyState, Metrics]:
+    xs, labels = batch
+    xs = check(state, xs)
+    check_labels(labels, batch=xs[0].shape[0])
+
+    def objective(params):
+      out, model_state = whole.apply(params, state.model_state, xs, key=key, train=True)
+      return loss(out, labels), (out, model_state)
+
+    (value, (out, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    metrics = Metrics({"loss": value, "accuracy": accuracy(out, labels)}, {"bytes_up": 0, "bytes_down": 0})
+    return apply_update(state, grads, optimizer, model_state), metrics
+
+  def predict(state: PartyState, xs, key=None) -> tuple[jax.Array, Metrics]:
+    del key
+    out, _ = whole.apply(state.params, state.model_state, check(state, xs), key=None, train=False)
+    return out, Metrics({}, {"bytes_up": 0, "bytes_down": 0})
+
+  return Centralized(init, step, predict)
+
+
+def vertical_evaluate(trainer: VerticalSL | Centralized, state: Any, xs: Any, y: Any, *,
+                      batch_size: int = 1024) -> dict[str, Any]:
+  """Test figures of a vertical model: collaborative inference over every party, in batches.
+
+  Args:
+    trainer: a `vertical_sl(...)` or a `vertical_centralized(...)`, with `predict(state, xs)`.
+    state: its state.
+    xs: the test columns of every party (a tuple in party order, or a dict by party name); every
+      party must take part (a missing one is an error naming it).
+    y: integer labels, one per sample.
+    batch_size: the samples that go through the model at once (the last batch may be smaller:
+      one more compile, for its shape).
+
+  Returns:
+    `accuracy`, `loss` (the mean softmax cross-entropy per sample), `auc` (the ROC AUC of the
+    class-1 probability, for two classes; NaN if the labels hold one class only), and the
+    inference traffic `bytes_up`, `bytes_down`.
+  """
+  from sljax.training import _check_labels, reuse_program  # noqa: PLC0415 -- training imports the algorithms
+
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+  model = trainer.model if isinstance(trainer, VerticalSL) else None
+  if model is not None:
+    xs = _party_inputs(model, xs)
+  xs, y = jax.tree.map(np.asarray, tuple(xs) if isinstance(xs, list) else xs), np.asarray(y)
+  _check_labels(xs, y)
+  predict_fn = trainer.predict  # held for as long as the program runs (see reuse_program)
+  predict = reuse_program(predict_fn, ("predict",), jax.jit)
+  outs, bytes_up, bytes_down = [], 0, 0
+  for start in range(0, len(y), batch_size):
+    out, traffic = predict(state, jax.tree.map(lambda a: jnp.asarray(a[start:start + batch_size]), xs))
+    outs.append(np.asarray(out, np.float64))
+    bytes_up += int(traffic["bytes_up"])
+    bytes_down += int(traffic["bytes_down"])
+  out = np.concatenate(outs)
+  log_probs = out - np.logaddexp.reduce(out, axis=-1, keepdims=True)
+  figures = {"accuracy": float(np.mean(np.argmax(out, -1) == y)),
+             "loss": float(-np.mean(np.take_along_axis(log_probs, y[:, None].astype(np.int64), -1)))}
+  if out.shape[-1] == 2:
+    figures["auc"] = _auc(y, np.exp(log_probs[:, 1]))
+  return {**figures, "bytes_up": bytes_up, "bytes_down": bytes_down}
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+  """ROC AUC of `scores` against binary `labels` (`sklearn.metrics.roc_auc_score`); NaN with one class only."""
+  from sklearn.metrics import roc_auc_score  # noqa: PLC0415 -- slow to import
+
+  if len(np.unique(labels)) < 2:
+    return float("nan")
+  return float(roc_auc_score(labels, scores))
+
+
+def _party_inputs(model: VerticalModel, xs) -> tuple:
+  """`xs` as a checked tuple in party order: from a tuple/list, or a dict by party name (a missing or
+  unknown party named in the error)."""
+  if isinstance(xs, Mapping):
+    missing = [name for name in model.names if name not in xs]
+    if missing:
+      raise ValueError(f"xs: party {missing[0]!r} is missing: every party {model.names} must provide its "
+                       f"columns, got parties {tuple(xs)}")
+    unknown = [name for name in xs if name not in model.names]
+    if unknown:
+      raise ValueError(f"xs: unknown party {unknown[0]!r}, expected the parties {model.names}")
+    xs = tuple(xs[name] for name in model.names)
+  return model.check_inputs(xs)
+
+
+def _per_party(what: str, value, model: VerticalModel, is_one: Callable[[Any], bool], kind: str) -> tuple:
+  """`value` (None, one for every remote party, or one per party) as a tuple with one entry per party."""
+  names = model.names
+  if value is None:
+    return (None,) * len(names)
+  if is_one(value):
+    return tuple(None if name == model.label_party else value for name in names)
+  if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != len(names):
+    got = f"{len(value)} of them" if isinstance(value, Sequence) else type(value).__name__
+    raise ValueError(f"{what}: expected None, {kind} for every party, or one (or None) per party {names}, got {got}")
+  for name, v in zip(names, value, strict=True):
+    if v is not None and not is_one(v):
+      raise TypeError(f"{what}: expected {kind} or None for party {name!r}, got {type(v).__name__}")
+    if v is not None and name == model.label_party:
+      raise ValueError(f"{what}: party {name!r} is the label party, whose smashed data and gradient never leave it; "
+                       f"expected None in its place")
+  return tuple(value)
 
 
 def _party_optimizers(optimizers, names: tuple[str, ...]) -> tuple[optax.GradientTransformation, ...]:
@@ -241,8 +458,16 @@ def _party_optimizers(optimizers, names: tuple[str, ...]) -> tuple[optax.Gradien
   return tuple(optimizers)
 
 
-def _bytes(messages, remote: tuple[bool, ...]) -> int:
-  return int(sum(msgs.wire_size(m) for m, r in zip(messages, remote, strict=True) if r))
+def _traffic(model: VerticalModel, ups, downs, remote: tuple[bool, ...]) -> dict[str, int]:
+  """Bytes of the messages that cross the network (static ints): in all, and per remote party."""
+  traffic = {}
+  for direction, messages in (("up", ups), ("down", downs)):
+    sizes = ([int(msgs.wire_size(m)) if r else 0 for m, r in zip(messages, remote, strict=True)]
+             if messages is not None else [0] * len(remote))
+    traffic[f"bytes_{direction}"] = sum(sizes)
+    traffic.update({f"bytes_{direction}_{name}": size
+                    for name, size, r in zip(model.names, sizes, remote, strict=True) if r})
+  return traffic
 
 
 def _check_loss(loss: Callable, batch: int, out) -> None:

@@ -1,0 +1,149 @@
+"""Vertical split learning end to end: fit over epochs, evaluation, codecs and privacy hooks per party."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import sljax
+from sljax import codecs, merges
+from sljax.privacy import defenses
+
+N = 96
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def data():
+  """Breast cancer's 30 features split 12/18 between a party "a" and a party "b", and the labels."""
+  ds = sljax.data.load_breast_cancer()
+  xa, xb = sljax.data.vertical_split(ds.x_train[:N], feature_groups=[12, 18])
+  return (xa, xb), ds.y_train[:N]
+
+
+def _model(merge, width=4):
+  return sljax.vertical_model([nn.Dense(width), nn.Dense(width)], merge, nn.Dense(2), names=["a", "b"])
+
+
+MERGES = {"concat": merges.concat, "attention": lambda: merges.attention(hidden=3)}
+
+
+@pytest.mark.parametrize("merge", ["attention"])
+def test_fit_equals_centralized(data, merge):
+  """`fit` of vertical SL (parties as a dict by name) equals `fit` of the composed model on the joined features.
+
+  (tests/test_vertical_model.py holds the fused step to the composed model for every merge.)"""
+  xs, y = data
+  model = _model(MERGES[merge]())
+  sl = sljax.vertical_sl(model, party_optimizers=optax.adam(1e-2), top_optimizer=optax.adam(1e-2))
+  central = sljax.vertical_centralized(model, optimizer=optax.adam(1e-2))
+  state = sl.init(jax.random.key(0), xs)
+  c_state = central.init(jax.random.key(0), xs)
+  state, history = sljax.fit(sl, state, {"b": xs[1], "a": xs[0]}, y, key=jax.random.key(1), epochs=2,
+                             batch_size=BATCH)
+  c_state, c_history = sljax.fit(central, c_state, xs, y, key=jax.random.key(1), epochs=2, batch_size=BATCH)
+  assert history[-1]["loss"] < history[0]["loss"]  # it trains
+  np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in c_history], atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(state.params, c_state.params, atol=1e-5, rtol=1e-5)
+  assert history[0]["bytes_up"] == 2 * (N // BATCH) * sljax.wire_size(sljax.SmashedData(jnp.zeros((BATCH, 4))))
+  got, want = sljax.vertical_evaluate(sl, state, xs, y), sljax.vertical_evaluate(central, c_state, xs, y)
+  assert got["accuracy"] == want["accuracy"] and 0.5 < got["auc"] <= 1.0
+  np.testing.assert_allclose(got["auc"], want["auc"], atol=1e-6)
+  assert got["bytes_up"] == sljax.wire_size(sljax.SmashedData(jnp.zeros((N, 4)))) * 2 and want["bytes_up"] == 0
+
+
+def _clip(g, labels, key):
+  """A deterministic cut-gradient transform: every row's norm to at most 0.01."""
+  del labels, key
+  norms = jnp.linalg.norm(g, axis=-1, keepdims=True)
+  return g * jnp.minimum(1.0, 0.01 / jnp.maximum(norms, 1e-12))
+
+
+def test_one_party_with_codecs_and_hooks_equals_vanilla(data):
+  """With one party, vertical SL with codecs and hooks is vanilla SL with the same codecs and hooks."""
+  xs, y = data
+  bottom, top = nn.Dense(4), nn.Dense(2)
+  hooks = {"uplink": codecs.quantize(bits=4, stochastic=True), "downlink": codecs.top_k(k=2, error_feedback=True),
+           "client_loss": defenses.nopeek(alpha=0.5), "cut_gradient_transform": _clip}
+  model = sljax.vertical_model([bottom], merges.concat(), top, names=["a"])
+  sl = sljax.vertical_sl(model, party_optimizers=optax.sgd(0.5), top_optimizer=optax.sgd(0.5), **hooks)
+  ref = sljax.vanilla(sljax.split_model(bottom, top), client_optimizer=optax.sgd(0.5), server_optimizer=optax.sgd(0.5),
+                      **hooks)
+  batch_x, batch_y = jnp.asarray(xs[0][:BATCH]), jnp.asarray(y[:BATCH])
+  state, r_state = sl.init(jax.random.key(0), (batch_x,)), ref.init(jax.random.key(0), batch_x)
+  r_state = r_state.replace(client=r_state.client.replace(params=state.parties[0].params),
+                            server=r_state.server.replace(params=state.top.params[1]))
+  step, r_step = jax.jit(sl.step), jax.jit(ref.step)
+  for i in range(3):
+    state, metrics = step(state, ((batch_x,), batch_y), jax.random.key(i))
+    r_state, r_metrics = r_step(r_state, (batch_x, batch_y), jax.random.key(i))
+    np.testing.assert_allclose(metrics["loss"], r_metrics["loss"], atol=1e-6)
+    np.testing.assert_allclose(metrics["client_loss_a"], r_metrics["client_loss"], atol=1e-6)
+    assert metrics["bytes_down_a"] == r_metrics["bytes_down"]
+    assert metrics["bytes_up_a"] < r_metrics["bytes_up"]  # vanilla sends the labels up too
+  chex.assert_trees_all_close(state.parties[0].params, r_state.client.params, atol=1e-6)
+  chex.assert_trees_all_close(state.top.codec_state[0], r_state.server.codec_state, atol=1e-6)  # error feedback
+
+
+def test_codecs_and_hooks_act_per_party(data):
+  """A downlink codec and a cut-gradient transform on party "a" leave party "b"'s update as it was; an uplink
+  codec on "a" shrinks only "a"'s bytes."""
+  xs, y = data
+  model = _model(merges.concat())
+  batch = (tuple(jnp.asarray(x[:BATCH]) for x in xs), jnp.asarray(y[:BATCH]))
+  plain = sljax.vertical_sl(model, party_optimizers=optax.sgd(0.5), top_optimizer=optax.sgd(0.5))
+  state = plain.init(jax.random.key(0), batch[0])
+  want, plain_metrics = jax.jit(plain.step)(state, batch, jax.random.key(1))
+  only_a = sljax.vertical_sl(model, party_optimizers=optax.sgd(0.5), top_optimizer=optax.sgd(0.5),
+                             downlink=[codecs.cast(dtype=jnp.bfloat16), None],
+                             cut_gradient_transform=[defenses.max_norm(), None])
+  got, metrics = jax.jit(only_a.step)(state, batch, jax.random.key(1))  # stateless codecs: the same state
+  chex.assert_trees_all_equal(got.parties[1].params, want.parties[1].params)
+  assert not np.allclose(jax.tree.leaves(got.parties[0].params)[-1], jax.tree.leaves(want.parties[0].params)[-1])
+  assert metrics["bytes_down_a"] < metrics["bytes_down_b"] == plain_metrics["bytes_down_b"]
+  up_a = sljax.vertical_sl(model, party_optimizers=optax.sgd(0.5), top_optimizer=optax.sgd(0.5),
+                           uplink=[codecs.quantize(bits=8), None])
+  _, metrics = jax.eval_shape(up_a.step, state, batch, jax.random.key(1))
+  assert metrics["bytes_up_a"] < metrics["bytes_up_b"] == plain_metrics["bytes_up_b"]
+  assert metrics["bytes_up"] == metrics["bytes_up_a"] + metrics["bytes_up_b"]
+
+
+def test_bad_input_names_the_party(data):
+  xs, y = data
+  model = _model(merges.concat())
+  sl = sljax.vertical_sl(model, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1))
+  state = sl.init(jax.random.key(0), tuple(x[:4] for x in xs))
+  with pytest.raises(ValueError, match=r"^x\['b'\]: expected the same 96 samples as x\['a'\], got shape \(90, 18\)$"):
+    sljax.fit(sl, state, {"a": xs[0], "b": xs[1][:90]}, y, key=jax.random.key(0), epochs=1, batch_size=BATCH)
+  with pytest.raises(ValueError, match=r"^xs\[1\]: every party holds the same examples in the same order; party 'b' "
+                                       r"has \(90, 18\) float32, party 'a' \(96, 12\) float32$"):
+    sl.init(jax.random.key(0), (xs[0], xs[1][:90]))
+  with pytest.raises(ValueError, match=r"^xs: party 'b' is missing: every party \('a', 'b'\) must provide its "
+                                       r"columns, got parties \('a',\)$"):
+    sljax.vertical_evaluate(sl, state, {"a": xs[0]}, y)
+  with pytest.raises(ValueError, match=r"^xs: unknown party 'c', expected the parties \('a', 'b'\)$"):
+    sl.predict(state, {"a": xs[0], "b": xs[1], "c": xs[1]})
+  with pytest.raises(ValueError, match=r"^xs\[1\] \(party 'b'\): expected shape \(B, 18\) float32, got \(96, 12\) "
+                                       r"float32$"):
+    sl.predict(state, (xs[0], xs[0]))
+  labelled = sljax.vertical_model([nn.Dense(4), nn.Dense(4)], merges.concat(), nn.Dense(2), names=["a", "b"],
+                                  label_party="b")
+  with pytest.raises(ValueError, match=r"^uplink: party 'b' is the label party, whose smashed data and gradient never "
+                                       r"leave it; expected None in its place$"):
+    sljax.vertical_sl(labelled, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1),
+                      uplink=[None, codecs.quantize(bits=8)])
+  with pytest.raises(ValueError, match=r"^downlink: expected None, a sljax.codecs.Codec for every party, or one \(or "
+                                       r"None\) per party \('a', 'b'\), got 3 of them$"):
+    sljax.vertical_sl(model, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1), downlink=[None] * 3)
+  with pytest.raises(TypeError, match=r"^client_loss: expected a callable .* or None for party 'a', got int$"):
+    sljax.vertical_sl(model, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1), client_loss=[1, None])
+  # The label party's own bottom: its messages are not counted, and a single codec skips it.
+  sl = sljax.vertical_sl(labelled, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1),
+                         uplink=codecs.quantize(bits=8))
+  assert sl.uplinks[1].config == codecs.identity().config
+  _, metrics = jax.eval_shape(sl.step, sl.init(jax.random.key(0), tuple(x[:4] for x in xs)),
+                              (tuple(x[:4] for x in xs), y[:4]), jax.random.key(1))
+  assert "bytes_up_b" not in metrics and metrics["bytes_up"] == metrics["bytes_up_a"] > 0
