@@ -220,8 +220,8 @@ class CutProfile(NamedTuple):
     dcor: distance correlation between the privacy sample and its smashed data (None without one).
     round_time_s: simulated seconds of one round (None without a client profile).
     attack_ssim, attack_mse: the quality of a black-box inverse network's reconstructions of the
-      privacy sample from its smashed data (SSIM for images, NaN otherwise; MSE), the network
-      trained on `attack_inputs` (None without them).
+      privacy sample from its smashed data (SSIM for (B, H, W, C) images, NaN otherwise; MSE), the
+      network trained on `attack_inputs` (None without them).
   """
 
   cut: int
@@ -624,7 +624,9 @@ def _privacy_at(layers, sample, variables, key, *, attack_inputs, attack_steps) 
       knowledge = attacks.InverseNetworkKnowledge(aux_inputs=np.asarray(attack_inputs),
                                                   aux_smashed=np.asarray(aux_smashed), steps=attack_steps)
       found = attacks.inverse_network(np.asarray(smashed), knowledge, inputs=np.asarray(sample))
-      out["attack_ssim"], out["attack_mse"] = float(found.ssim), float(found.mse)
+      # SSIM is for images (B, H, W, C); `metrics` would also score (B, length, channels) signals as images.
+      out["attack_ssim"] = float(found.ssim) if sample.ndim == 4 else float("nan")
+      out["attack_mse"] = float(found.mse)
     return out
 
   return at
