@@ -441,9 +441,10 @@ def profile_cuts(
 ) -> CutTable:
   """Profiles every candidate cut of a layer stack from the compiled legs of `sljax.vanilla`.
 
-  Nothing is trained; each leg is compiled on shapes (see the module docstring for what each
-  figure counts). Per cut, that is the client's two legs and the server's step, plus two client
-  legs per memory option and one program for the distance correlation.
+  Nothing is trained (but the attack's decoder, when asked for); each leg is compiled on shapes
+  (see the module docstring for what each figure counts). Per cut, that is the client's two legs
+  and the server's step, plus two client legs per memory option, and the client half on the
+  privacy sample for the distance correlation (and the attack).
 
   Args:
     layers: the stack to cut, as given to `sljax.cut` (e.g. `sljax.models.resnet()`).
