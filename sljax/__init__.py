@@ -37,12 +37,14 @@ from sljax.split import (
     split_model,
     vertical_model,
 )
+from sljax.align import AlignedRows, align
 from sljax.training import evaluate, fit
 from sljax.vertical import VerticalState, vertical_centralized, vertical_evaluate, vertical_sl
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignedRows",
     "ArraySpec",
     "BodyOutput",
     "CutGradient",
@@ -60,6 +62,7 @@ __all__ = [
     "VerticalModel",
     "VerticalState",
     "accuracy",
+    "align",
     "algorithms",
     "analysis",
     "centralized",
