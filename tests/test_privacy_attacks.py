@@ -166,8 +166,8 @@ def test_bad_input_gets_errors_naming_the_argument(digits_cut1):
   with pytest.raises(ValueError, match=r"x, z: expected batches with the same leading axis, got shapes \(4, 2\) and "
                                        r"\(3, 2\)"):
     metrics.distance_correlation(np.zeros((4, 2)), np.zeros((3, 2)))
-  with pytest.raises(ValueError, match=r"inputs: SSIM takes images \(B, H, W\) or \(B, H, W, C\), got shape \(4, 2\)"):
-    metrics.ssim(np.zeros((4, 2)), np.zeros((4, 2)))
+  with pytest.raises(ValueError, match=r"inputs: SSIM takes images \(B, H, W, C\), got shape \(4, 8, 2\)"):
+    metrics.ssim(np.zeros((4, 8, 2)), np.zeros((4, 8, 2)))  # 1-D signals (B, L, C), not images
   with pytest.raises(ValueError, match=r"labels: expected binary labels 0/1, got values \[0, 3\]"):
     metrics.leak_auc([0, 3], [0.1, 0.2])
   with pytest.raises(ValueError, match=r"aux_fraction: expected a share in \(0, 1\), got 1.5"):

@@ -79,7 +79,7 @@ class Reconstruction:
     attack: the attack's name.
     reconstructions: (N, ...) the attack's guesses of the inputs.
     mse, psnr: mean squared error and peak signal-to-noise ratio (dB) against the true inputs (NaN
-      when no truth was given); ssim: structural similarity (for images; else NaN).
+      when no truth was given); ssim: structural similarity (for images (N, H, W, C); else NaN).
   """
 
   attack: str

@@ -93,19 +93,17 @@ def psnr(inputs: Any, reconstructions: Any, *, data_range: float = 1.0) -> jax.A
 
 
 def _as_images(x: jax.Array) -> jax.Array:
-  """(B, H, W, C) as is, (B, H, W) with a channel axis; anything else is refused."""
-  if x.ndim == 3:
-    return x[..., None]
+  """(B, H, W, C) as is; anything else is refused (a rank-3 batch may be 1-D signals (B, L, C))."""
   if x.ndim == 4:
     return x
-  raise ValueError(f"inputs: SSIM takes images (B, H, W) or (B, H, W, C), got shape {x.shape}")
+  raise ValueError(f"inputs: SSIM takes images (B, H, W, C), got shape {x.shape}")
 
 
 def ssim(inputs: Any, reconstructions: Any, *, data_range: float = 1.0, filter_size: int | None = None) -> jax.Array:
   """Per-example structural similarity, shape (B,) (`dm_pix.ssim`, Wang et al. 2004).
 
   Args:
-    inputs, reconstructions: images (B, H, W) or (B, H, W, C).
+    inputs, reconstructions: images (B, H, W, C) (grayscale: C = 1).
     data_range: the range of the pixel values (`max_val` of dm_pix, for values in [0, data_range]).
     filter_size: the Gaussian window; by default 11, or the image's smaller side if that is smaller
       (digits are 8x8: window 7, the odd size that fits), with sigma 1.5 as in the paper.
@@ -130,7 +128,7 @@ def reconstruction_metrics(inputs: Any, reconstructions: Any, *, data_range: flo
       Both arrays are shifted by `inputs.min()` first, so images in [0, data_range] stay as they are.
 
   Returns:
-    {"mse": ..., "psnr": ..., "ssim": ...}; "ssim" only for inputs of rank 3 or 4 (images).
+    {"mse": ..., "psnr": ..., "ssim": ...}; "ssim" only for images (B, H, W, C).
   """
   a, b = _check_pair("inputs", inputs, "reconstructions", reconstructions)
   if data_range is None:
@@ -143,7 +141,7 @@ def _quality(a, b, data_range):
   """The means of `reconstruction_metrics`, one program (dm_pix op by op compiles each op: seconds)."""
   low = a.min()
   out = {"mse": jnp.mean(mse(a, b)), "psnr": jnp.mean(psnr(a - low, b - low, data_range=data_range))}
-  if a.ndim in (3, 4):
+  if a.ndim == 4:
     out["ssim"] = jnp.mean(ssim(a - low, b - low, data_range=data_range))
   return out
 
