@@ -11,18 +11,22 @@ from sljax.data.datasets import (
     make_synthetic,
 )
 from sljax.data.partition import dirichlet, iid, label_shards, quantity_skew, vertical_split
+from sljax.data.vertical import VerticalDataset, load_breast_cancer_vertical, make_credit_fraud
 
 __all__ = [
     "ClientData",
     "Dataset",
+    "VerticalDataset",
     "client_batches",
     "dirichlet",
     "from_arrays",
     "iid",
     "label_shards",
     "load_breast_cancer",
+    "load_breast_cancer_vertical",
     "load_digits",
     "load_wine",
+    "make_credit_fraud",
     "make_mnist1d",
     "make_synthetic",
     "quantity_skew",
