@@ -147,6 +147,41 @@ def _tokens(k: int) -> dict[int, str]:
   return {c: f"benchmark-token-{c}" for c in range(k)}
 
 
+def _cuts(num_clients: int) -> list[int]:
+  """heterogeneous_parallel_sl: clients cut the demo MLP alternately after its first and its second layer."""
+  return [1 + k % 2 for k in range(num_clients)]
+
+
+def _legs(algorithm: str, setup: demo.DigitsSetup, num_clients: int, client: int = 0):
+  """(model, protocol, options) of client `client` (and of the server, client 0's) in `algorithm`:
+  U-shaped parallel SL cuts the demo MLP in three as `sljax serve --u-shaped` does; heterogeneous
+  parallel SL cuts it at the client's own cut (`_cuts`)."""
+  layers = setup.model.client.layers + setup.model.server.layers
+  opt = optax.adam(LR)
+  if algorithm == "parallel_sl_u":
+    model = sljax.cut(layers, 1, 2)
+    return model, sljax.u_shaped(model, client_optimizer=opt, server_optimizer=opt), {}
+  if algorithm == "heterogeneous_parallel_sl":
+    cuts = _cuts(num_clients)
+    model = sljax.cut(layers, cuts[client])
+    return model, sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt), {"cuts": cuts}
+  return setup.model, sljax.vanilla(setup.model, client_optimizer=opt, server_optimizer=opt), {}
+
+
+def _serve_flags(algorithm: str, num_clients: int) -> tuple[str, ...]:
+  """The `sljax serve` flags that give `_legs`'s set-up."""
+  if algorithm == "parallel_sl_u":
+    return ("--u-shaped",)
+  if algorithm == "heterogeneous_parallel_sl":
+    return ("--cuts", ",".join(map(str, _cuts(num_clients))))
+  return ()
+
+
+def _connect(link, algorithm: str, setup: demo.DigitsSetup, num_clients: int, k: int, data) -> T.Session:
+  model, sl, options = _legs(algorithm, setup, num_clients, k)
+  return T.connect(link, model, sl, client=k, x=data[k][0], y=data[k][1], options=options)
+
+
 def _client_data(setup: demo.DigitsSetup, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
   x, y = setup.dataset.x_train, setup.dataset.y_train
   return [(x[part], y[part]) for part in sljax.data.iid(y, num_clients=k, seed=0)]
@@ -156,8 +191,7 @@ def _run_clients(cfg: Config, setup: demo.DigitsSetup, transports: list) -> Run:
   """Connects every client, then times their `run` calls, started together."""
   data = _client_data(setup, cfg.num_clients)
   recorders = [_Recorder(t) for t in transports]
-  sessions = [T.connect(r, setup.model, setup.sl, client=k, x=data[k][0], y=data[k][1])
-              for k, r in enumerate(recorders)]
+  sessions = [_connect(r, cfg.algorithm, setup, cfg.num_clients, k, data) for k, r in enumerate(recorders)]
   for r in recorders:
     r.reset()  # the handshakes
   results, errors = {}, []
@@ -215,7 +249,8 @@ def _start_server(cfg: Config, workdir: str, name: str, *, port: int = 0,
   cmd = [sys.executable, "-m", "sljax.cli", "serve", "--algorithm", cfg.algorithm, "--num-clients", str(s.num_clients),
          "--model", MODEL, "--hidden", ",".join(map(str, HIDDEN)), "--lr", str(LR), "--seed", str(SEED),
          "--rounds", str(s.rounds), "--local-steps", str(s.local_steps), "--batch-size", str(s.batch_size),
-         "--port", str(port), "--port-file", port_file, "--token-file", tokens, *extra]
+         "--port", str(port), "--port-file", port_file, "--token-file", tokens,
+         *_serve_flags(cfg.algorithm, s.num_clients), *extra]
   env = dict(os.environ)
   if jax.config.jax_compilation_cache_dir:  # the server shares this process's cache
     env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
@@ -256,18 +291,19 @@ def grpc_run(cfg: Config, setup: demo.DigitsSetup, workdir: str, name: str) -> R
 
 def in_process_run(cfg: Config, setup: demo.DigitsSetup) -> Run:
   """One run against a fresh `ConcurrentServer` in this process."""
-  server = T.ConcurrentServer(setup.model, setup.sl, algorithm=cfg.algorithm, schedule=cfg.schedule,
+  model, sl, options = _legs(cfg.algorithm, setup, cfg.num_clients)
+  server = T.ConcurrentServer(model, sl, algorithm=cfg.algorithm, schedule=cfg.schedule,
                               input_spec=sljax.ArraySpec.of(setup.dataset.x_train), key=jax.random.key(SEED),
-                              tokens={t: c for c, t in _tokens(cfg.num_clients).items()})
+                              tokens={t: c for c, t in _tokens(cfg.num_clients).items()}, options=options)
   return _run_clients(cfg, setup, [T.InProcessTransport(server.handle, token=t)
                                    for t in _tokens(cfg.num_clients).values()])
 
 
 def simulation(cfg: Config, setup: demo.DigitsSetup):
   """`run() -> Run` of the fused simulation, its round compiled and the warm-up rounds run beforehand."""
-  opt = optax.adam(LR)
-  sl = sljax.vanilla(setup.model, client_optimizer=opt, server_optimizer=opt)
-  algo = sched.algorithm(cfg.algorithm, sl, cfg.schedule, sljax.ArraySpec.of(setup.dataset.x_train))  # the registry's
+  _, sl, options = _legs(cfg.algorithm, setup, cfg.num_clients)
+  algo = sched.algorithm(cfg.algorithm, sl, cfg.schedule, sljax.ArraySpec.of(setup.dataset.x_train),
+                         **options)  # the registry's
   x, y = setup.dataset.x_train, setup.dataset.y_train
   data = sljax.data.stack_clients(x, y, sljax.data.iid(y, num_clients=cfg.num_clients, seed=0))
   round_fn = jax.jit(algo.round)
@@ -289,8 +325,10 @@ def simulation(cfg: Config, setup: demo.DigitsSetup):
       seconds = time.perf_counter() - start
     finally:
       gc.enable()
-    params = jax.device_get(state.clients.params)
-    return Run(seconds, [jax.tree.map(lambda a, k=k: a[k], params) for k in range(cfg.num_clients)], [], {})
+    view = algo.schedule.clients  # where the clients differ, client k's party
+    parties = [jax.tree.map(lambda a, k=k: a[k], state.clients) if view is None else view.party(state, k)
+               for k in range(cfg.num_clients)]
+    return Run(seconds, [jax.device_get(p.params) for p in parties], [], {})
 
   return run
 
@@ -336,8 +374,8 @@ def restarts(algorithm: str, num_clients: int, setup: demo.DigitsSetup, workdir:
   concurrent servers hold NumPy state and hit the cache from the first restart.) Per restart, from
   the moment the new process is started: `serving`, the port file is written (imports, checkpoint
   restore, the steps compiled or loaded, listening); `first_step`, the first `Commit` of any
-  client returns (the clients' retries, with jittered exponential backoff, find the server back;
-  in parallel SL every client must be back).
+  client returns (the clients' retries go out as soon as their channel connects again, within
+  about a second of the server listening; in parallel SL every client must be back).
   """
   plan = ["first"] + ["warm"] * warm + ["cold"]
   cfg = Config(algorithm, num_clients, rounds=len(plan) + 1, warmup=1, local_steps=STEPS_BETWEEN_KILLS,
@@ -352,8 +390,7 @@ def restarts(algorithm: str, num_clients: int, setup: demo.DigitsSetup, workdir:
     links = [_Commits(T.GrpcTransport(f"127.0.0.1:{port}", token=t, retries=RESTART_RETRIES))
              for t in _tokens(num_clients).values()]
     data = _client_data(setup, num_clients)
-    sessions = [T.connect(link, setup.model, setup.sl, client=k, x=data[k][0], y=data[k][1])
-                for k, link in enumerate(links)]
+    sessions = [_connect(link, algorithm, setup, num_clients, k, data) for k, link in enumerate(links)]
 
     def client(k):
       try:

@@ -56,7 +56,7 @@ from sljax.transport import coordinators as coord
 from sljax.transport import schedule as sched
 from sljax.transport import wire
 from sljax.transport.coordinators import ConcurrentState
-from sljax.transport.server import ServiceBase
+from sljax.transport.server import MAX_SAMPLES, ServiceBase
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ class ConcurrentServer(ServiceBase):
       (`ALGORITHMS`).
     schedule: clients, rounds, steps per round (`local_steps`), batch size.
     input_spec, key, tokens, certificate_names, checkpoint_dir, checkpoint_every,
-    lease_seconds, max_message_bytes, max_predict_batch, clock: as for `SplitServer`.
+    lease_seconds, max_message_bytes, max_predict_batch, clock, max_abs_value, num_classes,
+    max_samples: as for `SplitServer`.
       `checkpoint_every` counts applied steps (parallel SL) or commits (SplitFed); the server also
       checkpoints at the end of every round.
     options: the algorithm's own options, as its factory takes them (local-loss SL: `aux_head`,
@@ -106,6 +107,9 @@ class ConcurrentServer(ServiceBase):
       max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
       max_predict_batch: int = 4096,
       clock: Callable[[], float] = time.monotonic,
+      max_abs_value: float | None = wire.DEFAULT_MAX_ABS_VALUE,
+      num_classes: int | str | None = "auto",
+      max_samples: int = MAX_SAMPLES,
       options: Mapping[str, Any] | None = None,
   ):
     if algorithm not in ALGORITHMS:
@@ -114,7 +118,8 @@ class ConcurrentServer(ServiceBase):
     self.schedule = schedule.check()
     self._configure(num_clients=schedule.num_clients, tokens=tokens, certificate_names=certificate_names, sl=sl,
                     checkpoint_every=checkpoint_every, lease_seconds=lease_seconds,
-                    max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock)
+                    max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock,
+                    max_abs_value=max_abs_value, num_classes=num_classes, max_samples=max_samples)
     self.options = dict(options or {})
     algo = sched.algorithm(algorithm, sl, schedule, input_spec, **self.options)
     # the server starts where the simulation's `init` does: its server part, the clients' halves, the run key
@@ -140,13 +145,13 @@ class ConcurrentServer(ServiceBase):
     self._cut_specs = specs * k if len(specs) == 1 else specs  # one per client
     initial = [msgs.to_bytes(sched.to_message(party)) for party in parties]
     self._initial_halves = initial * k if len(initial) == 1 else initial
+    self._configure_inference(model, legs[0])  # also resolves num_classes="auto"
     self.coordinator = coord.COORDINATORS[algorithm](
         algo, schedule=self.schedule, lease_seconds=self.lease_seconds,
         smashed_template=smashed[0] if len(smashed) == 1 else tuple(smashed),
         weights_template=msgs.spec_of(coord.weights_of(parties[0])), max_message_bytes=self.max_message_bytes,
-        tail_template=tail)
+        tail_template=tail, max_abs_value=self.max_abs_value, num_classes=self.num_classes)
     self._view_infer = None if view is None else jax.jit(view.server_infer, static_argnums=1)
-    self._configure_inference(model, sl)
 
     self._last_seen: dict[int, float] = {}
     initial = self._restore(checkpoint_dir, self.coordinator.initial(sim))

@@ -183,12 +183,15 @@ class Coordinator:
       Forward's: one for every client, or a tuple with one per client where the clients differ);
     tail_template: U-shaped, of the Backward message (a TailGradient).
     max_message_bytes: the largest message accepted.
+    max_abs_value, num_classes: the largest magnitude of a floating value, and the labels' bound,
+      in a client's message (see `SplitServer`); None: unchecked.
   """
 
   averages = False  # clients hand in their weights at the end of each round
 
   def __init__(self, algo: Algorithm, *, schedule: sched.Schedule, lease_seconds: float, smashed_template,
-               weights_template, max_message_bytes: int, tail_template=None):
+               weights_template, max_message_bytes: int, tail_template=None, max_abs_value: float | None = None,
+               num_classes: int | None = None):
     self.algo = algo
     self.tail_template = tail_template
     self.schedule = schedule
@@ -197,6 +200,8 @@ class Coordinator:
     self.smashed_templates = tuple(smashed_template) if isinstance(smashed_template, tuple) else (smashed_template,) * k
     self.weights_template = weights_template
     self.max_message_bytes = max_message_bytes
+    self.max_abs_value = max_abs_value
+    self.num_classes = num_classes
     self.num_clients = schedule.num_clients
     self._build()
 
@@ -272,7 +277,12 @@ class Coordinator:
     return int(s.durable.upto[client]) > round_ * self.schedule.local_steps + step
 
   def read_smashed(self, message: bytes, client: int) -> msgs.SmashedData:
-    return wire.read_message(self.smashed_templates[client], message, what="Forward", max_bytes=self.max_message_bytes)
+    return self.read(self.smashed_templates[client], message, what="Forward")
+
+  def read(self, template, message: bytes, *, what: str) -> Any:
+    """A client's message, within the server's limits; INVALID_ARGUMENT (or RESOURCE_EXHAUSTED) if not."""
+    return wire.read_message(template, message, what=what, max_bytes=self.max_message_bytes,
+                             max_abs=self.max_abs_value, num_classes=self.num_classes)
 
   def zeros(self, client: int) -> msgs.SmashedData:
     """Client `client`'s Forward message of zeros: its stand-in in a step it did not take."""
@@ -642,7 +652,7 @@ class LockstepU(Coordinator):
     p = self._current(s, round_, step)
     if p is None or p.forwarded is None or not p.forwarded[client]:
       raise self.not_staged(s, "Backward", client, round_, step)
-    tail = wire.read_message(self.tail_template, message, what="Backward", max_bytes=self.max_message_bytes)
+    tail = self.read(self.tail_template, message, what="Backward")
     if p.backed is None:
       s = self.advance(s.set(pending=p._replace(tails={**p.tails, client: tail})))  # a retry replaces it
 
@@ -740,7 +750,7 @@ class _Averaging(Coordinator):
     self.check_round(s, "Handover put", client, round_)
     if message is None:
       raise wire.invalid("Handover put: field 'message' must hold the client's ModelWeights")
-    weights = wire.read_message(self.weights_template, message, what="Handover put", max_bytes=self.max_message_bytes)
+    weights = self.read(self.weights_template, message, what="Handover put")
     if steps != local_steps or self.steps_of(s, client) != local_steps:
       raise TransportError(_FAILED, f"Handover put: weights are handed in after {local_steps} committed steps; the "
                                     f"request says {steps}, and {self.where(s, client)}")

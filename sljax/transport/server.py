@@ -61,6 +61,7 @@ PyTree = Any
 _FAILED = grpc.StatusCode.FAILED_PRECONDITION
 # The longest a Handover "get" waits for the client's turn before answering "not ready".
 MAX_WAIT_SECONDS = 30.0
+MAX_SAMPLES = 2**31 - 1  # the most training rows a client may declare (what an int32 count holds)
 
 
 @struct.dataclass
@@ -120,7 +121,8 @@ class ServiceBase:
 
   def _configure(self, *, num_clients: int, tokens, certificate_names, sl: Vanilla | UShaped, checkpoint_every: int,
                  lease_seconds: float, max_message_bytes: int, max_predict_batch: int,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], max_abs_value: float | None = wire.DEFAULT_MAX_ABS_VALUE,
+                 num_classes: int | str | None = "auto", max_samples: int = MAX_SAMPLES) -> None:
     if not tokens and not certificate_names:
       raise ValueError("tokens, certificate_names: give at least one way to identify clients")
     for name, ids in (("tokens", tokens or {}), ("certificate_names", certificate_names or {})):
@@ -131,6 +133,15 @@ class ServiceBase:
       raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every}")
     if not lease_seconds > 0:
       raise ValueError(f"lease_seconds: expected a positive number, got {lease_seconds}")
+    if max_abs_value is not None and not max_abs_value > 0:
+      raise ValueError(f"max_abs_value: expected a positive number or None, got {max_abs_value}")
+    if not (num_classes in ("auto", None) or (isinstance(num_classes, int) and num_classes >= 1)):
+      raise ValueError(f"num_classes: expected 'auto', None or a positive int, got {num_classes!r}")
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or not 1 <= max_samples <= MAX_SAMPLES:
+      raise ValueError(f"max_samples: expected an int in [1, {MAX_SAMPLES}], got {max_samples!r}")
+    self.max_abs_value = max_abs_value
+    self.num_classes = num_classes
+    self.max_samples = max_samples
     self._tokens = dict(tokens or {})
     self._certificate_names = dict(certificate_names or {})
     # What the handshake compares with the client's: the codecs' configurations, derived from `sl`.
@@ -255,8 +266,9 @@ class ServiceBase:
               for link, mine in self.codecs.items() if not wire.same_configuration(req[link], mine)]
     if differ:
       raise TransportError(_FAILED, "codec configuration differs: " + "; ".join(differ))
-    if req["samples"] < 1:
-      raise wire.invalid(f"Handshake request: field 'samples' must be a positive int, got {req['samples']}")
+    if not 1 <= req["samples"] <= self.max_samples:
+      raise wire.invalid(f"Handshake request: field 'samples' must be an int in [1, {self.max_samples}] "
+                         f"(max_samples), got {req['samples']}")
     self._hello(client, req)
     return wire.encode({
         "protocol": msgs.PROTOCOL_VERSION, "client": client, "algorithm": self.algorithm, **self.schedule._asdict(),
@@ -281,6 +293,15 @@ class ServiceBase:
     self._uplink = sl.uplink
     self._server_eval = jax.jit(sched.inference_answer(model, sl))
     self._predict_templates: dict[tuple[int, ArraySpec], msgs.SmashedData] = {}
+    if self.num_classes == "auto":  # the labels a step may carry: as many classes as the model has outputs
+      x1 = jax.ShapeDtypeStruct((1, *self.input_spec.shape), self.input_spec.dtype)
+      out = jax.eval_shape(lambda x: sl.predict(sl.init(jax.random.key(0), x), x)[0], x1)
+      self.num_classes = int(out.shape[-1]) if len(out.shape) == 2 else None
+
+  def _read(self, template: Any, data: bytes, *, what: str) -> Any:
+    """A message from a client, within every limit of this server (size, finite values, magnitude, labels)."""
+    return wire.read_message(template, data, what=what, max_bytes=self.max_message_bytes, max_abs=self.max_abs_value,
+                             num_classes=self.num_classes)
 
   def _predict_template(self, batch: int, spec: ArraySpec) -> msgs.SmashedData:
     if (batch, spec) not in self._predict_templates:
@@ -297,8 +318,7 @@ class ServiceBase:
     batch = req["batch"]
     if not 1 <= batch <= self.max_predict_batch:
       raise wire.invalid(f"Predict: field 'batch' must be in [1, {self.max_predict_batch}], got {batch}")
-    message = wire.read_message(self._predict_template(batch, self._cut_spec_of(client)), req["message"],
-                                what="Predict", max_bytes=self.max_message_bytes)
+    message = self._read(self._predict_template(batch, self._cut_spec_of(client)), req["message"], what="Predict")
     answer = self._answer(client, message.activations)
     return wire.encode({"message": msgs.to_bytes(jax.device_get(answer))})
 
@@ -330,6 +350,13 @@ class SplitServer(ServiceBase):
     max_message_bytes: requests larger than this are refused (RESOURCE_EXHAUSTED).
     max_predict_batch: the largest batch a Predict call may carry.
     clock: seconds, monotonic; tests pass a fake one.
+    max_abs_value: the largest magnitude a floating value in a client's message may have (activations,
+      gradients, weights); a message beyond it is refused (INVALID_ARGUMENT) before it touches the
+      state, so no client can turn the server half into infinities. None: no bound.
+    num_classes: labels in a client's message must lie in [0, num_classes): "auto" takes the width
+      of the model's (B, C) output; None: unchecked (a loss that reads its labels otherwise).
+    max_samples: the most training rows a client may declare in its handshake (SplitFed's FedAvg
+      weighs clients by them: set it to the largest plausible client, so none can dominate).
 
   Example:
     >>> server = SplitServer(model, sl, schedule=Schedule(2, 3, 4, 32), input_spec=ArraySpec((64,), "float32"),
@@ -353,11 +380,15 @@ class SplitServer(ServiceBase):
       max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
       max_predict_batch: int = 4096,
       clock: Callable[[], float] = time.monotonic,
+      max_abs_value: float | None = wire.DEFAULT_MAX_ABS_VALUE,
+      num_classes: int | str | None = "auto",
+      max_samples: int = MAX_SAMPLES,
   ):
     self.schedule = schedule.check()
     self._configure(num_clients=schedule.num_clients, tokens=tokens, certificate_names=certificate_names, sl=sl,
                     checkpoint_every=checkpoint_every, lease_seconds=lease_seconds,
-                    max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock)
+                    max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock,
+                    max_abs_value=max_abs_value, num_classes=num_classes, max_samples=max_samples)
 
     k_model, run_key = sched.split_run_key(key)
     # U-shaped: both codec states (error feedback) are per row, so build them on a whole batch.
@@ -528,8 +559,7 @@ class SplitServer(ServiceBase):
       raise TransportError(_FAILED, f"Handover: it is not client {client}'s turn in round {round_}; {self._where()}")
     if req["message"] is None:
       raise wire.invalid("Handover put: field 'message' must hold the client half")
-    half = wire.read_message(self._half_template, req["message"], what="Handover put",
-                             max_bytes=self.max_message_bytes)
+    half = self._read(self._half_template, req["message"], what="Handover put")
     steps = self.schedule.local_steps
     if req["steps"] != steps or _int(self.state.step) != steps:
       raise TransportError(_FAILED, f"Handover put: a turn hands over after {steps} committed steps; the request "
@@ -553,8 +583,7 @@ class SplitServer(ServiceBase):
   def _forward(self, client: int, req: dict) -> bytes:
     round_, step = req["round"], req["step"]
     self._check_step("Forward", client, round_, step)
-    message = wire.read_message(self._smashed_template, req["message"], what="Forward",
-                                max_bytes=self.max_message_bytes)
+    message = self._read(self._smashed_template, req["message"], what="Forward")
     # Everything is checked: from here on the request is served.
     self._renew_lease()
     if self._u_shaped:
@@ -579,8 +608,7 @@ class SplitServer(ServiceBase):
       raise TransportError(grpc.StatusCode.ABORTED,
                            f"Backward: step {step} of round {round_} is not staged (never forwarded, or discarded "
                            f"by a server restart); forward it again. {self._where()}")
-    message = wire.read_message(self._tail_grad_template, req["message"], what="Backward",
-                                max_bytes=self.max_message_bytes)
+    message = self._read(self._tail_grad_template, req["message"], what="Backward")
     self._renew_lease()
     # From the committed state and the staged pending: a repeated Backward recomputes the same.
     server, down = self._server_backward(self.state.server, staged.pending, message)

@@ -203,13 +203,22 @@ def invalid(details: str) -> TransportError:
   return TransportError(grpc.StatusCode.INVALID_ARGUMENT, details)
 
 
-def read_message(template: Any, data: bytes, *, what: str, max_bytes: int | None = None) -> Any:
+DEFAULT_MAX_ABS_VALUE = 1e6
+
+
+def read_message(template: Any, data: bytes, *, what: str, max_bytes: int | None = None,
+                 max_abs: float | None = None, num_classes: int | None = None) -> Any:
   """`sljax.from_bytes` with the errors a transport returns, and no NaN or Inf let through.
+
+  `max_abs` bounds the magnitude of every floating value (a server's defense against a client that
+  sends finite but absurd activations or gradients to poison the shared model); `num_classes`
+  bounds the labels a message carries to [0, num_classes).
 
   Raises:
     TransportError: RESOURCE_EXHAUSTED if `data` exceeds `max_bytes`; INVALID_ARGUMENT if the
-      message is malformed, of another kind, protocol version, shape or dtype than `template`, or
-      holds a NaN or an infinity in a floating field.
+      message is malformed, of another kind, protocol version, shape or dtype than `template`,
+      holds a NaN or an infinity in a floating field, a value beyond `max_abs`, or a label outside
+      [0, num_classes).
   """
   if max_bytes is not None and len(data) > max_bytes:
     raise TransportError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -219,7 +228,25 @@ def read_message(template: Any, data: bytes, *, what: str, max_bytes: int | None
   except msgs.MessageError as e:
     raise invalid(f"{what}: {e}") from None
   check_finite(message, what=what)
+  if max_abs is not None:
+    check_bounded(message, max_abs, what=what)
+  labels = getattr(message, "labels", None)
+  if num_classes is not None and labels is not None:
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+      bad = labels[(labels < 0) | (labels >= num_classes)]
+      raise invalid(f"{what}: field labels holds {bad.size} label(s) outside [0, {num_classes}) (the model has "
+                    f"{num_classes} outputs), e.g. {int(bad[0])}")
   return message
+
+
+def check_bounded(message: Any, max_abs: float, *, what: str) -> None:
+  """Raises INVALID_ARGUMENT naming the first floating field with a value beyond `max_abs` in magnitude."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(message):
+    leaf = np.asarray(leaf)
+    if jnp.issubdtype(leaf.dtype, jnp.inexact) and leaf.size and float(np.abs(leaf).max()) > max_abs:
+      raise invalid(f"{what}: field {jax.tree_util.keystr(path).lstrip('.')} holds a value of magnitude "
+                    f"{float(np.abs(leaf).max()):.3g}, beyond the server's bound of {max_abs:g} (max_abs_value)")
 
 
 def check_finite(message: Any, *, what: str) -> None:
