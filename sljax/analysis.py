@@ -247,8 +247,9 @@ class CutProfile(NamedTuple):
   attack_mse: float | None = None
 
   def to_dict(self) -> dict:
-    """The row as plain JSON-able values."""
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._asdict().items()}
+    """The row as plain JSON-able values (NaN as None, which strict JSON has no other way to write)."""
+    out = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._asdict().items()}
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
 
 @dataclasses.dataclass(frozen=True)
