@@ -27,6 +27,21 @@ def setup():
   return demo.digits_setup(model="mlp", hidden=(16,), dropout=0.0, lr=1e-2)
 
 
+@pytest.fixture(scope="module")
+def coordinator(setup):
+  """`coordinator(algorithm)`: the coordinator, its started state and the halves' init, built once per
+  algorithm in this module. A coordinator is pure (a request maps a state to a new state), so the tests
+  share its compiled programs, each starting from the same state."""
+  built = {}
+
+  def get(algorithm):
+    if algorithm not in built:
+      built[algorithm] = _coordinator(setup, algorithm)
+    return built[algorithm]
+
+  return get
+
+
 def _coordinator(setup, algorithm):
   sl = setup.sl
   spec = sljax.ArraySpec.of(setup.dataset.x_train)
@@ -56,8 +71,8 @@ def _resolve(outcome, s):
   return outcome.then(s)
 
 
-def test_lockstep_holds_each_forward_until_every_client_has_forwarded(setup):
-  c, s0, init = _coordinator(setup, "parallel_sl")
+def test_lockstep_holds_each_forward_until_every_client_has_forwarded(setup, coordinator):
+  c, s0, init = coordinator("parallel_sl")
   s1, wait0 = c.on_forward(s0, 0, 0, 0, _smashed(setup, init, 0, 0))
   assert isinstance(wait0, coord.Wait) and not wait0.until(s1)  # client 1 has not forwarded: no server step yet
   assert c.waited_for(s1, 1) and not c.waited_for(s1, 0)
@@ -80,8 +95,8 @@ def test_lockstep_holds_each_forward_until_every_client_has_forwarded(setup):
   assert c.position(c.saved(s4), 0)["durable"] == 1
 
 
-def test_lockstep_discards_the_step_of_a_client_dropped_after_its_forward(setup):
-  c, s, init = _coordinator(setup, "parallel_sl")
+def test_lockstep_discards_the_step_of_a_client_dropped_after_its_forward(setup, coordinator):
+  c, s, init = coordinator("parallel_sl")
   s, wait0 = c.on_forward(s, 0, 0, 0, _smashed(setup, init, 0, 0))
   s, wait1 = c.on_forward(s, 1, 0, 0, _smashed(setup, init, 1, 0))
   s, _ = wait0.then(s)
@@ -90,18 +105,18 @@ def test_lockstep_discards_the_step_of_a_client_dropped_after_its_forward(setup)
   dropped = c.advance(c.drop(s, 1, "test"))  # client 1 never commits: dropped, the step is applied without it
   assert commit0.until(dropped) and dropped.durable.upto.tolist() == [1, 0] and dropped.durable.gone.tolist() == [
       False, True]
-  # the same as a step on client 0 alone
-  c2, t, _ = _coordinator(setup, "parallel_sl")
-  t = c2.drop(t, 1, "sits out")
-  t, w = c2.on_forward(t, 0, 0, 0, _smashed(setup, init, 0, 0))
+  # the same as a step on client 0 alone, from the same start
+  _, t, _ = coordinator("parallel_sl")
+  t = c.drop(t, 1, "sits out")
+  t, w = c.on_forward(t, 0, 0, 0, _smashed(setup, init, 0, 0))
   t, _ = _resolve(w, t)
-  t, w = c2.on_commit(t, 0, 0, 0)
+  t, w = c.on_commit(t, 0, 0, 0)
   t, _ = _resolve(w, t)
   assert_bitwise(dropped.durable.server, t.durable.server)
 
 
-def test_refused_requests_leave_the_state_as_it_was(setup):
-  c, s, init = _coordinator(setup, "parallel_sl")
+def test_refused_requests_leave_the_state_as_it_was(setup, coordinator):
+  c, s, init = coordinator("parallel_sl")
   before = jax.device_get(s)
   with pytest.raises(TransportError, match="step 1 is not the next step"):
     c.on_forward(s, 0, 0, 1, _smashed(setup, init, 0, 0))
@@ -116,8 +131,8 @@ def test_refused_requests_leave_the_state_as_it_was(setup):
   assert_bitwise(jax.device_get(s), before)
 
 
-def test_copies_serve_at_once_and_average_at_the_end_of_the_round(setup):
-  c, s, init = _coordinator(setup, "splitfed_v1")
+def test_copies_serve_at_once_and_average_at_the_end_of_the_round(setup, coordinator):
+  c, s, init = coordinator("splitfed_v1")
   for step in range(SCHEDULE.local_steps):
     for k in (0, 1):
       s, reply = c.on_forward(s, k, 0, step, _smashed(setup, init, k, step))
@@ -139,8 +154,8 @@ def test_copies_serve_at_once_and_average_at_the_end_of_the_round(setup):
   assert all(np.array_equal(p[0], p[1]) for p in params)
 
 
-def test_in_order_holds_a_forward_until_the_clients_before_it_committed(setup):
-  c, s, init = _coordinator(setup, "splitfed_v2")
+def test_in_order_holds_a_forward_until_the_clients_before_it_committed(setup, coordinator):
+  c, s, init = coordinator("splitfed_v2")
   first, second = (int(k) for k in c.round_order(s))
   s, wait_second = c.on_forward(s, second, 0, 0, _smashed(setup, init, second, 0))
   assert not wait_second.until(s) and c.waited_for(s, first)
@@ -157,8 +172,8 @@ def test_in_order_holds_a_forward_until_the_clients_before_it_committed(setup):
   assert int(s.durable.step) == 1 and c.serving(s) == first
 
 
-def test_local_loss_answers_with_no_gradient(setup):
-  c, s, init = _coordinator(setup, "local_loss_sl")
+def test_local_loss_answers_with_no_gradient(setup, coordinator):
+  c, s, init = coordinator("local_loss_sl")
   s, wait0 = c.on_forward(s, 0, 0, 0, _smashed(setup, init, 0, 0))
   s, wait1 = c.on_forward(s, 1, 0, 0, _smashed(setup, init, 1, 0))
   s, reply = _resolve(wait0, s)
