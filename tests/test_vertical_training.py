@@ -147,3 +147,27 @@ def test_bad_input_names_the_party(data):
   _, metrics = jax.eval_shape(sl.step, sl.init(jax.random.key(0), tuple(x[:4] for x in xs)),
                               (tuple(x[:4] for x in xs), y[:4]), jax.random.key(1))
   assert "bytes_up_b" not in metrics and metrics["bytes_up"] == metrics["bytes_up_a"] > 0
+
+
+def test_vectorized_parties_equal_the_loop():
+  """vectorize=True (party 0's legs vmapped over the stacked parties) is the loop over the parties, dropout, an
+  error-feedback codec and a client loss included; parties that differ are refused, by name."""
+  rng = np.random.default_rng(0)
+  xs = tuple(jnp.asarray(rng.normal(size=(16, 5)).astype(np.float32)) for _ in range(3))
+  y = jnp.asarray(rng.integers(0, 2, 16).astype(np.int32))
+  bottoms = [sljax.sequential(*sljax.models.mlp(hidden=(6,), num_classes=4, dropout=0.2)) for _ in range(3)]
+  model = sljax.vertical_model(bottoms, merges.attention(), nn.Dense(2), names=["a", "b", "c"])
+  kw = dict(party_optimizers=optax.adam(1e-2), top_optimizer=optax.adam(1e-2),
+            uplink=codecs.top_k(k=2, error_feedback=True), client_loss=defenses.nopeek(alpha=0.1))
+  loop, vec = sljax.vertical_sl(model, **kw), sljax.vertical_sl(model, vectorize=True, **kw)
+  state = loop.init(jax.random.key(0), xs)
+  step = jax.jit(lambda s, k: (loop.step(s, (xs, y), k), vec.step(s, (xs, y), k)))
+  (want, want_metrics), (got, metrics) = step(state, jax.random.key(1))
+  chex.assert_trees_all_close(got, want, atol=1e-6)
+  assert sorted(metrics) == sorted(want_metrics) and "client_loss_c" in metrics
+  other = sljax.vertical_model([nn.Dense(4), nn.Dense(4), sljax.sequential(nn.Dense(4), jnp.tanh)], merges.sum(),
+                               nn.Dense(2), names=["a", "b", "c"])
+  bad = sljax.vertical_sl(other, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1), vectorize=True)
+  with pytest.raises(ValueError, match=r"^vectorize: party 'c' differs from party 'a' in its bottom \(another "
+                                       r"architecture, params or model state\); vectorize=True runs party 0's legs"):
+    jax.eval_shape(bad.step, bad.init(jax.random.key(0), xs), (xs, y), jax.random.key(0))
