@@ -314,8 +314,10 @@ class CutTable:
       columns.append((f"fits {self.budget_name}", lambda r: "yes" if r.fits else "no"))
     if any(r.dcor is not None for r in self.rows):
       columns.append(("dCor", lambda r: "-" if r.dcor is None else f"{r.dcor:.3f}"))
-    if any(r.attack_ssim is not None for r in self.rows):
-      columns.append(("attack SSIM", lambda r: "-" if r.attack_ssim is None else f"{r.attack_ssim:.3f}"))
+    if any(r.attack_mse is not None for r in self.rows):
+      columns.append(("attack SSIM", lambda r: "-" if r.attack_ssim is None or math.isnan(r.attack_ssim)
+                      else f"{r.attack_ssim:.3f}"))
+      columns.append(("attack MSE", lambda r: "-" if r.attack_mse is None else f"{r.attack_mse:.3g}"))
     if any(r.round_time_s is not None for r in self.rows):
       columns.append(("round s", lambda r: "-" if r.round_time_s is None else f"{r.round_time_s:.3g}"))
     cells = [[name for name, _ in columns]] + [[fmt(r) for _, fmt in columns] for r in self.rows]
@@ -785,6 +787,7 @@ _PANELS = {
     "bytes_down_per_sample": ("bytes down per sample", lambda r: r.bytes_down_per_sample, "log"),
     "dcor": ("distance correlation (inputs, smashed)", lambda r: r.dcor, None),
     "attack_ssim": ("inverse-network SSIM", lambda r: r.attack_ssim, None),
+    "attack_mse": ("inverse-network MSE", lambda r: r.attack_mse, None),
     "round_time_s": ("simulated round time (s)", lambda r: r.round_time_s, "log"),
 }
 
@@ -797,16 +800,18 @@ def plot_cuts(table: CutTable, *, quantities: Sequence[str] | None = None, title
   Args:
     table: from `profile_cuts`.
     quantities: any of "client_flops_share", "client_flops_per_sample", "client_peak_bytes",
-      "bytes_up_per_sample", "bytes_down_per_sample", "dcor", "attack_ssim", "round_time_s"; by
-      default those the table has.
+      "bytes_up_per_sample", "bytes_down_per_sample", "dcor", "attack_ssim", "attack_mse",
+      "round_time_s"; by default those the table has (the attack's MSE only without its SSIM).
     title: the figure's title.
   """
   from matplotlib.figure import Figure  # noqa: PLC0415 -- matplotlib is needed only to plot
 
-  if quantities is None:
-    quantities = [q for q, (_, get, _) in _PANELS.items()
-                  if q not in ("client_flops_per_sample", "bytes_down_per_sample")
-                  and all(get(r) is not None for r in table.rows)]
+  if quantities is None:  # those the table has (the attack's MSE where it has no SSIM: not images)
+    def has(q):
+      return all(_PANELS[q][1](r) is not None and not math.isnan(_PANELS[q][1](r)) for r in table.rows)
+
+    quantities = [q for q in _PANELS if q not in ("client_flops_per_sample", "bytes_down_per_sample") and has(q)
+                  and not (q == "attack_mse" and has("attack_ssim"))]
   for q in quantities:
     if q not in _PANELS:
       raise ValueError(f"quantities: expected a subset of {sorted(_PANELS)}, got {q!r}")
