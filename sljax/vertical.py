@@ -141,8 +141,9 @@ def vertical_sl(
       states instead of a Python loop over the parties (both inside the one jitted program).
       Needs every party to run the same legs: bottoms of one architecture on inputs of one shape,
       the same optimizer, codecs and hooks (checked at trace time: an error names the party that
-      differs). The same math; on a CPU about 1.7x faster at batch 64 with 2 to 4 small MLP
-      bottoms, no faster at batch 512 (experiments/benchmarks/vertical.py).
+      differs). The same math; the states are stacked and unstacked inside the step, so on a
+      2-core CPU it was no faster than the loop for 2 and 4 small MLP bottoms
+      (experiments/benchmarks/vertical.py); it is there for many parties or an accelerator.
 
   Returns:
     A `VerticalSL`: `init(key, xs) -> VerticalState`; the legs
