@@ -14,7 +14,8 @@ stack, `profile_cuts` compiles the real legs of `sljax.vanilla` (`client_forward
   (rematerialization of every client layer, bf16 compute, a smaller batch), and whether it fits a
   budget ("mcu-256KB", "mcu-512KB", "phone-2GB" or a number of bytes);
 - a privacy proxy: the distance correlation between inputs and smashed data on a sample
-  (`sljax.privacy.metrics.distance_correlation`);
+  (`sljax.privacy.metrics.distance_correlation`), and, given auxiliary inputs, how well a black-box
+  inverse network reconstructs the sample (`sljax.privacy.attacks.inverse_network`);
 - the simulated time of one round (`sljax.network.round_time`) for a device profile.
 
     table = profile_cuts(sljax.models.cnn(), example_x=x[:1], batch_size=32,
