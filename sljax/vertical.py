@@ -156,6 +156,9 @@ def vertical_sl(
     parties other than `model.label_party`, whose smashed data stays with the label party:
     `bytes_up`/`bytes_down` in all, and `bytes_up_<name>`/`bytes_down_<name>` per party.
 
+  Stateful codecs (error feedback) size their state from the batch given to `init`: initialise
+  with a batch of the training batch size, as for `vanilla`.
+
   With no codec, no hook, no randomness in the parts and the same element-wise optimizer
   everywhere (sgd, adam), `step` follows centralized training of `model.compose()` exactly; the
   tests hold it to that.
@@ -275,7 +278,8 @@ def vertical_sl(
     for p in range(1, n):
       what = None
       if state.parties[p].input_spec != state.parties[0].input_spec:
-        what = f"input shape ({state.parties[p].input_spec.describe()} against {state.parties[0].input_spec.describe()})"
+        specs = state.parties[p].input_spec.describe(), state.parties[0].input_spec.describe()
+        what = f"input shape ({specs[0]} against {specs[1]})"
       elif any(a is not b for a, b in zip(configs[p], configs[0], strict=True)) or model.names[p] == model.label_party:
         what = "optimizer, codecs or hooks (pass one of each for every party; no label party's own bottom)"
       elif program(p) != first:

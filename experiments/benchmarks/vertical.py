@@ -112,8 +112,7 @@ def measure(parties: int, batch: int, *, rounds: int, chunk_seconds: float) -> d
       "vectorized_over_centralized": vectorized_vs_central["ratio"],
       "vectorized_steps_per_s": 1 / float(np.median(t["vectorized"])),
       "meets_target": min(fused_vs_central["ratio"], vectorized_vs_central["ratio"]) <= TARGET,
-      "bytes_per_sample": {name: {"up": metrics[f"bytes_up_{name}"] / batch, "down": metrics[f"bytes_down_{name}"] / batch}
-                           for name in names},
+      "bytes_per_sample": {name: {d: metrics[f"bytes_{d}_{name}"] / batch for d in ("up", "down")} for name in names},
       "steps_per_chunk": steps,
       "rounds": rounds,
       "compile_seconds": compile_seconds,
