@@ -47,6 +47,8 @@ def _config(**kw):
 
 ALGORITHMS = {  # every algorithm in the registry, small
     "sequential_sl": lambda: A.sequential_sl(_sl(), _config()),
+    "sequential_sl_u": lambda: A.sequential_sl_u(
+        sljax.u_shaped(sljax.cut(_layers(), 1, 2), client_optimizer=OPT, server_optimizer=OPT), _config()),
     "parallel_sl": lambda: A.parallel_sl(_sl(), _config()),
     "parallel_sl_u": lambda: A.u_shaped_parallel_sl(
         sljax.u_shaped(sljax.cut(_layers(), 1, 2), client_optimizer=OPT, server_optimizer=OPT), _config()),
@@ -58,7 +60,7 @@ ALGORITHMS = {  # every algorithm in the registry, small
     "centralized": lambda: A.centralized_baseline(sljax.centralized(sljax.cut(_layers(), 1), optimizer=OPT),
                                                   _config()),
 }
-SHARED = {"sequential_sl", "splitfed_v1", "splitfed_v2", "fedavg", "centralized"}
+SHARED = {"sequential_sl", "sequential_sl_u", "splitfed_v1", "splitfed_v2", "fedavg", "centralized"}
 
 
 def _by_hand(algo, state, x, y, client=0):

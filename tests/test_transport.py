@@ -233,10 +233,10 @@ def test_client_dropping_after_forward_loses_that_step_and_the_next_client_proce
     rows = np.asarray(s0.rows(0))
     up, _ = s0.forward(half, s0.x[rows], s0.y[rows], k_client)
     transport_client.call(s0.transport, "Forward", {"client": 0, "round": 0, "step": 0, "message": msgs.to_bytes(up)})
-    assert server._staged is not None
+    assert server.s.volatile.staged
     links[0].close()  # client 0 is gone before its Commit
     clock.offset += 120.0  # its lease runs out: the next call ends its turn
-    assert T.status(sessions[1])["turn"] == 1 and server._staged is None
+    assert T.status(sessions[1])["turn"] == 1 and not server.s.volatile.staged
     assert_bitwise((server.state.server, server.state.client_half), initial)  # no trace of client 0's step
     result = T.run(sessions[1])
   finally:

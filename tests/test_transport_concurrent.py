@@ -397,4 +397,4 @@ def test_every_split_learning_algorithm_of_the_registry_runs_over_the_network():
   tests/test_transport.py for sequential SL) once it has a coordinator; only the baselines, which are
   not split learning, run in simulation alone."""
   baselines = {"fedavg", "centralized"}
-  assert set(sljax.algorithms.REGISTRY) - baselines == {"sequential_sl", *T.ALGORITHMS}
+  assert set(sljax.algorithms.REGISTRY) - baselines == {"sequential_sl", "sequential_sl_u", *T.ALGORITHMS}

@@ -158,6 +158,17 @@ def test_two_clients_over_grpc_equal_in_process_bitwise(setup):
   for k in TOKENS:
     assert_bitwise(over_grpc[k].half.params, in_process[k].half.params)
     assert over_grpc[k].history == in_process[k].history
+  # ... and the fused simulation of the same run, `sequential_sl_u` from the registry, within 1e-6
+  model, sl, dataset = setup
+  algo = sljax.algorithms.sequential_sl_u(sl, sljax.algorithms.ScheduleConfig(num_clients=2, batch_size=B,
+                                                                             local_steps=two.local_steps))
+  data = sljax.data.stack_clients(dataset.x_train, dataset.y_train, sljax.data.iid(dataset.y_train, num_clients=2,
+                                                                                   seed=0))
+  sim, round_fn = algo.init(jax.random.key(SEED), data), jax.jit(algo.round)
+  for _ in range(two.rounds):
+    sim, _ = round_fn(sim, data)
+  chex.assert_trees_all_close(reference.state.server.params, sim.server.params, atol=1e-6, rtol=0)
+  chex.assert_trees_all_close(reference.state.client_half.params, sim.clients.params, atol=1e-6, rtol=0)
 
 
 def _request(round_=0, step=0, message=b"", client=0):

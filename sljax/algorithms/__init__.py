@@ -16,7 +16,7 @@ from sljax.algorithms.baselines import centralized_baseline, fedavg
 from sljax.algorithms.heterogeneous import heterogeneous_parallel_sl
 from sljax.algorithms.parallel import linear_head, local_loss_client_step, local_loss_sl, parallel_sl
 from sljax.algorithms.parallel_u import u_shaped_parallel_sl
-from sljax.algorithms.sequential import sequential_sl
+from sljax.algorithms.sequential import sequential_sl, sequential_sl_u
 from sljax.algorithms.splitfed import splitfed
 
 
@@ -41,6 +41,7 @@ class Registered(NamedTuple):
 # name (as `Algorithm.name`) -> its factory and timeline
 REGISTRY: dict[str, Registered] = {
     "sequential_sl": Registered(sequential_sl, {}, sequential.TIMELINE),
+    "sequential_sl_u": Registered(sequential_sl_u, {}, None),
     "parallel_sl": Registered(parallel_sl, {}, parallel.TIMELINE),
     "parallel_sl_u": Registered(u_shaped_parallel_sl, {}, parallel_u.TIMELINE),
     "splitfed_v1": Registered(splitfed, {"version": 1}, _splitfed.TIMELINE_V1),
@@ -72,6 +73,7 @@ __all__ = [
     "local_loss_sl",
     "parallel_sl",
     "sequential_sl",
+    "sequential_sl_u",
     "splitfed",
     "u_shaped_parallel_sl",
 ]

@@ -18,7 +18,8 @@ from sljax import codecs
 from sljax import messages as msgs
 from sljax.data.clients import ClientData, client_batches
 from sljax.execution import Executor, vmap
-from sljax.protocol import ArraySpec, Centralized, PartyState, Vanilla, apply_update, check_batch, softmax_cross_entropy
+from sljax.protocol import (ArraySpec, Centralized, PartyState, UShaped, Vanilla, apply_update, check_batch,
+                            softmax_cross_entropy)
 
 PyTree = Any
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
@@ -287,7 +288,8 @@ def check_protocol(sl, kind: type, algorithm: str, *, name: str = "sl") -> None:
   """Raises a TypeError unless `sl` (the argument `name`) is the protocol object `algorithm` takes
   (`Vanilla`, `Centralized`)."""
   if not isinstance(sl, kind):
-    factory = {Vanilla: "sljax.vanilla", Centralized: "sljax.centralized"}.get(kind, kind.__name__)
+    factory = {Vanilla: "sljax.vanilla", UShaped: "sljax.u_shaped", Centralized: "sljax.centralized"}.get(
+        kind, kind.__name__)
     raise TypeError(f"{name}: {algorithm} expected a {kind.__name__} protocol (from {factory}(model, ...)), got "
                     f"{type(sl).__name__}")
 

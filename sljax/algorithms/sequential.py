@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
+from sljax.algorithms.parallel_u import ServerLegs, u_step_keys
 from sljax.data.clients import ClientData
 
 
@@ -129,4 +130,88 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
     return sl.predict(protocol.SplitState(state.clients, state.server, state.round), x)[0]
 
   return c.Algorithm("sequential_sl", init, round_fn, predict, local_steps, c.ClientAxes(clients=False), schedule,
+                     shared_model=True)
+
+
+def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorithm:
+  """Sequential split learning with U-shaped legs: clients take turns, the labels and the loss stay
+  on the client, the server holds the body only (Vepakomma et al. 2018's U-shaped configuration,
+  relayed as in `sequential_sl`).
+
+  Who updates what, per round: clients 0, 1, ..., K-1 take turns. In its turn, client k receives
+  the client half (head, tail and their optimizer state) from the previous client and runs
+  `local_steps` U-shaped steps (`sl.step`'s legs) on its own batches with the one server: head
+  forward, the server's body forward, the tail and the loss on the client, the body's backward
+  and update on the server, the head's backward; then it passes the client half on. A client that
+  does not participate is skipped; a step from which a client drops is discarded on both sides.
+
+  Keys: step s of client k's turn in round r takes `turn_step_key(run_key, r, k, s)`, split in
+  three as `sl.step` splits its key (head, body, tail): `Schedule.client_keys` gives the whole
+  turn step key, `Schedule.server_keys` the body's.
+
+  Example:
+    >>> import optax, sljax
+    >>> sl = sljax.u_shaped(sljax.cut(sljax.models.mlp(hidden=(32, 32)), 1, 2), client_optimizer=optax.adam(1e-3),
+    ...                     server_optimizer=optax.adam(1e-3))
+    >>> algo = sequential_sl_u(sl, sljax.algorithms.ScheduleConfig(num_clients=4, batch_size=32))
+  """
+  c.check_protocol(sl, protocol.UShaped, "sequential_sl_u")
+  config = c.check_config(config)
+  num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
+
+  def client_keys(run_key, round_, step):
+    return jax.vmap(lambda k: turn_step_key(run_key, round_, k, step))(jnp.arange(num_clients))
+
+  def server_keys(run_key, round_, step):
+    return jax.vmap(lambda key: u_step_keys(key)[1])(client_keys(run_key, round_, step))
+
+  # The server's two legs in a client's turn, with `key` the client's entry of `server_keys`:
+  # forward(server, SmashedData, key) -> (BodyOutput, pending),
+  # backward(server, pending, TailGradient) -> (server, CutGradient).
+  server_step = ServerLegs(sl.server_forward, sl.server_backward)
+  schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, None)
+
+  def init(key, data: ClientData) -> c.SimState:
+    c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
+    k_model, k_run = jax.random.split(key)
+    st = sl.init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
+    return c.SimState(st.client, st.server, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
+
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
+    steps = jnp.arange(local_steps)
+    xs, ys = jax.vmap(lambda s: c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size))(steps)
+    keys_SxK = jax.vmap(lambda s: client_keys(state.key, state.round, s))(steps)
+
+    def turn(carry, k):
+      def step(carry, s):
+        client, server = carry
+        k_head, k_body, k_tail = u_step_keys(keys_SxK[s, k])
+        up, head = sl.client_forward(client, xs[s, k], k_head)
+        body, pending = server_step.forward(server, up, k_body)
+        tail_grad, tail, metrics = sl.client_tail_step(client, head, body, ys[s, k], k_tail)
+        new_server, down = server_step.backward(server, pending, tail_grad)
+        new_client = sl.client_backward(client, tail, down)
+        active = inputs.active()[s, k]
+        client, server = c.select(active, (new_client, new_server), carry)
+        traffic = c.Traffic(up=[(msgs.wire_size(up), inputs.participating[k]), (msgs.wire_size(tail_grad), active)],
+                            down=[(msgs.wire_size(body), active), (msgs.wire_size(down), active)])
+        return (client, server), (metrics["loss"], metrics["accuracy"], active, traffic)
+
+      return jax.lax.scan(step, carry, steps)
+
+    order = schedule.order(state.key, state.round)
+    (client, server), (losses, accs, active, traffic) = jax.lax.scan(turn, (state.clients, state.server), order)
+    back = jnp.argsort(order)
+    losses, accs, active, traffic = jax.tree.map(lambda a: a[back].T, (losses, accs, active, traffic))
+    relay = c.model_bytes(state.clients.params)  # head and tail, handed on once per turn
+    traffic = traffic.sum(0) + c.Traffic(up=[(relay, inputs.participating)], down=[(relay, inputs.participating)])
+    metrics = c.round_metrics(losses, accs, active, traffic, inputs.participating)
+    return state.replace(clients=client, server=server, round=state.round + 1), metrics
+
+  def predict(state: c.SimState, x, client: int = 0):
+    del client  # one client half, shared by all
+    return sl.predict(protocol.SplitState(state.clients, state.server, state.round), x)[0]
+
+  return c.Algorithm("sequential_sl_u", init, round_fn, predict, local_steps, c.ClientAxes(clients=False), schedule,
                      shared_model=True)

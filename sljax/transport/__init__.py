@@ -3,9 +3,10 @@
 A client reaches the server through a transport, `call(method, request, *, timeout) -> response`
 on bytes. `InProcessTransport` hands the bytes to the server's handler in the same process;
 `GrpcTransport` carries them over gRPC (TLS, tokens or client certificates, retries). The servers
-(`SplitServer` for sequential SL, clients taking turns, with vanilla or U-shaped legs;
-`ConcurrentServer` for the algorithms in `ALGORITHMS`, all clients at once: parallel SL, local-loss
-SL, SplitFed v1 and v2, each a shell around a pure coordinator of `sljax.transport.coordinators`)
+(`ConcurrentServer`, a shell around a pure coordinator of `sljax.transport.coordinators`, for every
+split-learning algorithm: `SplitServer` is it for sequential SL, clients taking turns, with vanilla
+or U-shaped legs; `ALGORITHMS` names those whose clients train all at once: parallel SL (vanilla,
+U-shaped, a cut per client), local-loss SL, SplitFed v1 and v2)
 and the client driver
 (`connect`, `run`, `predict`, which follows the algorithm the handshake names) do not know which
 transport they use, so a run over gRPC is tested against the same run in process, bit for bit,
@@ -34,10 +35,10 @@ from sljax.transport.client import (
     status,
     train_step,
 )
-from sljax.transport.concurrent import ALGORITHMS, ConcurrentServer, ConcurrentState
+from sljax.transport.concurrent import ALGORITHMS, ConcurrentServer, ConcurrentState, SplitServer
+from sljax.transport.coordinators import ServerState
 from sljax.transport.rpc import GrpcTransport, RunningServer, serve, server_credentials
 from sljax.transport.schedule import Schedule
-from sljax.transport.server import ServerState, SplitServer
 from sljax.transport.wire import METHODS, SERVICE, InProcessTransport, Transport, TransportError
 
 __all__ = [

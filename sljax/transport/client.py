@@ -79,12 +79,11 @@ class Session(NamedTuple):
     tail_step, body_template: U-shaped: `sl.client_tail_step`, jitted, and the template of the
       BodyOutput message it accepts; None otherwise.
     client_key: `client_key(run_key, round_, client, step) -> key` of the client's legs, from the
-      simulated algorithm's `Schedule` (vanilla legs; U-shaped keys are `sched.u_shaped_step_keys`).
+      simulated algorithm's `Schedule` (vanilla legs; U-shaped, see `u_keys`).
     local_step, client_half: local-loss SL: the client's own step `(half, x, y, key) -> (half,
       SmashedData)`, jitted, and the client half without the auxiliary head (from its `Schedule`).
     u_keys: U-shaped: `u_keys(run_key, round_, client, step) -> (head key, body key, tail key)`:
-      sequential, `sched.u_shaped_step_keys`; parallel, the schedule's client key split in three
-      (`sljax.algorithms.parallel_u.u_step_keys`).
+      the schedule's client key split in three (`sljax.algorithms.parallel_u.u_step_keys`).
   """
 
   transport: Transport
@@ -176,24 +175,21 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
   y_struct = jax.ShapeDtypeStruct((b,), jnp.int32)
   legs = {}
   half_struct = None  # the client's party, where it is not the protocol's client half
-  if hello["algorithm"] == "sequential_sl_u":  # served by SplitServer, keys as sequential SL draws them
-    legs["u_keys"] = sched.u_shaped_step_keys
-  else:
-    algo = sched.algorithm(hello["algorithm"], sl, schedule, spec, **(options or {}))
-    legs["client_key"] = sched.leg_keys(algo)[0]
-    view = algo.schedule.clients
-    if view is not None:  # the clients differ (heterogeneous cuts): this one must run its own legs
-      want = view.protocol(client).model.client.layer_names
-      if sl.model.client.layer_names != want:
-        raise ValueError(f"sl: client {client} runs the layers {want} by the options {dict(options or {})}, "
-                         f"this protocol's client half holds {sl.model.client.layer_names}")
-    if u_shaped:
-      legs["u_keys"] = jax.jit(functools.partial(_u_keys, legs["client_key"]))
-    if algo.schedule.client_step is not None:  # its own step (local-loss SL), and its half with more in it
-      legs["local_step"] = jax.jit(algo.schedule.client_step)
-      legs["client_half"] = algo.schedule.client_half
-      sim = jax.eval_shape(algo.init, jax.random.key(0), sched.stand_in_data(schedule, spec))
-      half_struct = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), sim.clients)
+  algo = sched.algorithm(hello["algorithm"], sl, schedule, spec, **(options or {}))
+  legs["client_key"] = sched.leg_keys(algo)[0]
+  view = algo.schedule.clients
+  if view is not None:  # the clients differ (heterogeneous cuts): this one must run its own legs
+    want = view.protocol(client).model.client.layer_names
+    if sl.model.client.layer_names != want:
+      raise ValueError(f"sl: client {client} runs the layers {want} by the options {dict(options or {})}, "
+                       f"this protocol's client half holds {sl.model.client.layer_names}")
+  if u_shaped:
+    legs["u_keys"] = jax.jit(functools.partial(_u_keys, legs["client_key"]))
+  if algo.schedule.client_step is not None:  # its own step (local-loss SL), and its half with more in it
+    legs["local_step"] = jax.jit(algo.schedule.client_step)
+    legs["client_half"] = algo.schedule.client_half
+    sim = jax.eval_shape(algo.init, jax.random.key(0), sched.stand_in_data(schedule, spec))
+    half_struct = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), sim.clients)
   if u_shaped:
     whole = jax.eval_shape(sl.init, jax.random.key(0), x_struct)  # codec states per row of a batch, as the server's
     _, body, _, down = sched.u_shaped_messages(sl, whole, x_struct, y_struct)
@@ -256,13 +252,13 @@ def _warm_up(session: Session, half_struct: PartyState) -> None:
 
 
 def _u_keys(client_key: Callable[..., jax.Array], run_key, round_, client, step):
-  """U-shaped parallel SL's (head, body, tail) keys: the schedule's client key split in three."""
+  """U-shaped (head, body, tail) keys: the schedule's client key split in three."""
   return parallel_u.u_step_keys(client_key(run_key, round_, client, step))
 
 
 def _client_key(session: Session, round_: int, step: int) -> jax.Array:
   """The key of this client's legs in step `step` of round `round_`, as in the simulation (vanilla
-  legs; U-shaped keys are `sched.u_shaped_step_keys`)."""
+  legs; U-shaped keys are `Session.u_keys`)."""
   return session.client_key(session.run_key, round_, session.client, step)
 
 

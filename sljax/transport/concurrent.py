@@ -1,13 +1,11 @@
-"""The server of parallel split learning and SplitFed v1 and v2 over a network: all clients at once.
+"""The server of split learning over a network, for every algorithm of the registry that it serves.
 
 `ConcurrentServer` is a shell (I/O, identities, leases, the lock, checkpoints) around a pure
 coordinator (`sljax.transport.coordinators`), which holds the order of calls of each way of
-serving; the numbers (server step, keys, order, averaging) are the simulated algorithm's own.
-
-`ConcurrentServer` serves the same methods as `SplitServer` (docs/protocol.md), for the
-algorithms whose clients train at the same time. Each reproduces its simulation,
-`sljax.algorithms.parallel_sl` and `sljax.algorithms.splitfed(version=1|2)`: the same legs, keys,
-data order and averaging, so a run over the network ends where the simulation does.
+serving; the numbers (server step, keys, order, averaging) are the simulated algorithm's own, so
+a run over the network ends where the simulation does. `SplitServer` is the same shell for
+sequential SL (`Turns`: clients take turns, the client half relayed through the server, vanilla or
+U-shaped legs); `ALGORITHMS` names the algorithms whose clients train at once, described below.
 
 Parallel SL (Jeon & Kim 2020) is lock-step: step s of round r is one server update on the smashed
 data of every client. The server holds each `Forward(r, s)` until every client still in the
@@ -47,7 +45,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sljax import messages as msgs
 from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
@@ -60,9 +57,11 @@ from sljax.transport.server import MAX_SAMPLES, ServiceBase
 
 logger = logging.getLogger(__name__)
 
-ALGORITHMS = tuple(coord.COORDINATORS)
+# the algorithms whose clients train at once (sequential SL, clients taking turns: `SplitServer`)
+ALGORITHMS = tuple(name for name, c in coord.COORDINATORS.items() if c is not coord.Turns)
+SEQUENTIAL = ("sequential_sl", "sequential_sl_u")
 
-__all__ = ["ALGORITHMS", "ConcurrentServer", "ConcurrentState"]
+__all__ = ["ALGORITHMS", "ConcurrentServer", "ConcurrentState", "SplitServer"]
 
 
 class ConcurrentServer(ServiceBase):
@@ -112,8 +111,8 @@ class ConcurrentServer(ServiceBase):
       max_samples: int = MAX_SAMPLES,
       options: Mapping[str, Any] | None = None,
   ):
-    if algorithm not in ALGORITHMS:
-      raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm not in coord.COORDINATORS:
+      raise ValueError(f"algorithm: expected one of {tuple(coord.COORDINATORS)}, got {algorithm!r}")
     self.algorithm = algorithm
     self.schedule = schedule.check()
     self._configure(num_clients=schedule.num_clients, tokens=tokens, certificate_names=certificate_names, sl=sl,
@@ -126,7 +125,10 @@ class ConcurrentServer(ServiceBase):
     sim = jax.jit(algo.init)(key, sched.stand_in_data(schedule, input_spec))
     k = schedule.num_clients
     view = algo.schedule.clients  # where the clients differ (heterogeneous cuts): each one's legs and half
-    parties = [view.party(sim, c) for c in range(k)] if view else [jax.tree.map(lambda a: a[0], sim.clients)]
+    if view is not None:
+      parties = [view.party(sim, c) for c in range(k)]
+    else:  # one client half (sequential SL), or the first of the stacked ones: they start equal
+      parties = [jax.tree.map(lambda a: a[0], sim.clients) if algo.client_axes.clients else sim.clients]
     legs = [view.protocol(c) for c in range(k)] if view else [sl]
     b = schedule.batch_size
     x_struct = jax.ShapeDtypeStruct((b, *input_spec.shape), input_spec.dtype)
@@ -150,7 +152,8 @@ class ConcurrentServer(ServiceBase):
         algo, schedule=self.schedule, lease_seconds=self.lease_seconds,
         smashed_template=smashed[0] if len(smashed) == 1 else tuple(smashed),
         weights_template=msgs.spec_of(coord.weights_of(parties[0])), max_message_bytes=self.max_message_bytes,
-        tail_template=tail, max_abs_value=self.max_abs_value, num_classes=self.num_classes)
+        tail_template=tail, max_abs_value=self.max_abs_value, num_classes=self.num_classes,
+        half_template=msgs.spec_of(sched.to_message(parties[0])))
     self._view_infer = None if view is None else jax.jit(view.server_infer, static_argnums=1)
 
     self._last_seen: dict[int, float] = {}
@@ -213,7 +216,7 @@ class ConcurrentServer(ServiceBase):
       return
     s = self.s
     for k in range(self.schedule.num_clients):
-      if not s.durable.gone[k] and self._silent(k) and self.coordinator.waited_for(s, k):
+      if self._silent(k) and self.coordinator.droppable(s, k):
         s = self.coordinator.drop(s, k, f"silent for more than {self.lease_seconds:.1f} s while others waited for it")
     self.s = self.coordinator.advance(s)
     self._after()
@@ -236,10 +239,8 @@ class ConcurrentServer(ServiceBase):
     return self._view_infer(self._predict_party(client), client, msgs.SmashedData(activations))
 
   def _hello(self, client: int, req: dict) -> None:
-    samples = np.array(self.state.samples)
-    if samples[client] != req["samples"]:
-      samples[client] = req["samples"]
-      self.s = self.s.replace(samples=samples)
+    self.s, changed = self.coordinator.hello(self.s, client, req["samples"])
+    if changed:
       self._save()
 
   # ---- methods --------------------------------------------------------------------------------------
@@ -263,3 +264,35 @@ class ConcurrentServer(ServiceBase):
   def _backward(self, client: int, req: dict) -> bytes:
     return wire.encode(self._run(client, lambda s: self.coordinator.on_backward(
         s, client, req["round"], req["step"], req["message"])))
+
+
+class SplitServer(ConcurrentServer):
+  """The server's side of sequential split learning, behind any transport: `ConcurrentServer` with
+  the `Turns` coordinator.
+
+  Both parties build the same `sljax.vanilla(model, ...)` (same optimizers, codecs and loss); the
+  server runs the schedule's server step only, the clients `client_forward` and `client_backward`.
+  With `sljax.u_shaped(model, ...)` (a three-part model) the server runs the body's legs, the
+  clients the head and the tail, and the handshake names the algorithm "sequential_sl_u". The
+  server starts where `sequential_sl(...).init(key, ...)` (or `sequential_sl_u`) does and follows
+  its schedule: keys, order, server step.
+
+  Args:
+    model: the split model.
+    sl: `sljax.vanilla(model, ...)`, or `sljax.u_shaped(model, ...)`.
+    schedule: clients, rounds, steps per turn, batch size.
+    input_spec: shape (without the batch axis) and dtype of the clients' inputs.
+    key: the run's PRNG key (the key given to the simulated algorithm's `init`).
+    **kwargs: as for `ConcurrentServer` (tokens, certificate names, checkpoints, the lease — a client
+      silent for `lease_seconds` during its turn loses the turn —, limits, clock).
+
+  Example:
+    >>> server = SplitServer(model, sl, schedule=Schedule(2, 3, 4, 32), input_spec=ArraySpec((64,), "float32"),
+    ...                      key=jax.random.key(0), tokens={"t0": 0, "t1": 1})     # doctest: +SKIP
+    >>> running = sljax.transport.serve(server.handle, address="127.0.0.1:0")       # doctest: +SKIP
+  """
+
+  def __init__(self, model: SplitModel, sl: Vanilla | UShaped, *, schedule: sched.Schedule, input_spec: ArraySpec,
+               key: jax.Array, **kwargs):
+    algorithm = "sequential_sl_u" if isinstance(sl, UShaped) else "sequential_sl"
+    super().__init__(model, sl, algorithm=algorithm, schedule=schedule, input_spec=input_spec, key=key, **kwargs)

@@ -21,6 +21,8 @@ order of calls each way of serving needs:
   the same barriers around the server's two legs (body forward, body backward and update).
   `PerClient` (heterogeneous parallel SL): `Lockstep` with one message shape per client.
   `LocalLoss` (local-loss SL): the same barriers, and nothing comes back.
+- `Turns` (sequential SL, vanilla and U-shaped): the clients take turns, the client half relayed
+  through the server.
 - `Copies` (SplitFed v1): a server copy per client, no barrier within a round; FedAvg at the end.
 - `InOrder` (SplitFed v2): one server half serving the clients in the round's drawn order; FedAvg
   of the client halves at the end.
@@ -36,6 +38,7 @@ from typing import Any, NamedTuple
 
 import grpc
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization, struct
 
@@ -181,7 +184,8 @@ class Coordinator:
     lease_seconds: how long a call may wait for other clients.
     smashed_template, weights_template: templates of the Forward and Handover put messages (the
       Forward's: one for every client, or a tuple with one per client where the clients differ);
-    tail_template: U-shaped, of the Backward message (a TailGradient).
+    tail_template: U-shaped, of the Backward message (a TailGradient); half_template: sequential
+      SL, of the client half handed back (`Handover put`).
     max_message_bytes: the largest message accepted.
     max_abs_value, num_classes: the largest magnitude of a floating value, and the labels' bound,
       in a client's message (see `SplitServer`); None: unchecked.
@@ -191,9 +195,10 @@ class Coordinator:
 
   def __init__(self, algo: Algorithm, *, schedule: sched.Schedule, lease_seconds: float, smashed_template,
                weights_template, max_message_bytes: int, tail_template=None, max_abs_value: float | None = None,
-               num_classes: int | None = None):
+               num_classes: int | None = None, half_template=None):
     self.algo = algo
     self.tail_template = tail_template
+    self.half_template = half_template
     self.schedule = schedule
     self.lease_seconds = lease_seconds
     k = schedule.num_clients
@@ -231,6 +236,13 @@ class Coordinator:
   def saved(self, s: CoordinatorState) -> CoordinatorState:
     """After a checkpoint of `s.durable`."""
     return s.set(durable_upto=np.array(s.durable.upto), commits_since_save=0, must_save=False)
+
+  def hello(self, s: CoordinatorState, client: int, samples: int) -> tuple[CoordinatorState, bool]:
+    """A handshake that passed its checks: records the client's training rows (FedAvg's weights).
+    Returns the state and whether it changed."""
+    if int(s.durable.samples[client]) == samples:
+      return s, False
+    return s.replace(samples=_set(s.durable.samples, client, samples)), True
 
   def done(self, s: CoordinatorState) -> bool:
     return int(s.durable.round) >= self.schedule.rounds
@@ -296,8 +308,12 @@ class Coordinator:
   # ---- drops and rounds --------------------------------------------------------------------------
 
   def waited_for(self, s: CoordinatorState, client: int) -> bool:
-    """Whether others wait for `client` now (a silent client others wait for is dropped)."""
+    """Whether others wait for `client` now."""
     raise NotImplementedError
+
+  def droppable(self, s: CoordinatorState, client: int) -> bool:
+    """Whether `client`, if silent for a lease, is dropped now: still in the round, and waited for."""
+    return not s.durable.gone[client] and self.waited_for(s, client)
 
   def drop(self, s: CoordinatorState, client: int, why: str) -> CoordinatorState:
     """Drops `client` from the current round; its staged step is discarded."""
@@ -880,8 +896,254 @@ class InOrder(_Averaging):
     return self._skip_gone(s), Reply(POSITION)
 
 
+@struct.dataclass
+class ServerState:
+  """Everything the server of sequential SL holds; a checkpoint saves all of it.
+
+  Attributes:
+    server: the server half.
+    client_half: the client half as last handed over (at the start of the current turn).
+    round, turn, step: the position: round `round`, client `turn`'s turn, `step` steps of it
+      committed. Training is over when `round` equals the schedule's rounds.
+    key: the run key data (uint32): data order and step keys derive from it.
+    last_round, last_steps, last_completed: (K,) per client, its last finished turn: the round,
+      the steps committed, and whether it handed the client half back (False: it was dropped).
+  """
+
+  server: PartyState
+  client_half: PartyState
+  round: np.ndarray
+  turn: np.ndarray
+  step: np.ndarray
+  key: np.ndarray
+  last_round: np.ndarray
+  last_steps: np.ndarray
+  last_completed: np.ndarray
+
+
+class Turns(Coordinator):
+  """Sequential SL (vanilla and U-shaped): the clients take turns, the client half relayed through
+  the server. In its turn a client fetches the half (`Handover get`, held until its turn comes),
+  runs `local_steps` steps (each `Forward` staged, U-shaped `Backward`, then `Commit`) and hands
+  the half back (`Handover put`), which passes the turn on. A client silent for a lease during its
+  turn is dropped: its turn ends, its staged step is discarded, and the half goes on as it was
+  handed to it. The durable state is a `ServerState`; `Volatile.staged` holds the step under way,
+  `client -> (round, step, server half after it or None, U-shaped body pending)`.
+  """
+
+  def _build(self) -> None:
+    legs = self.algo.schedule.server_step
+    self.u_shaped = self.tail_template is not None
+    if self.u_shaped:
+      self._forward, self._backward = jax.jit(legs.forward), jax.jit(legs.backward)
+    else:
+      self._step = jax.jit(legs)
+    _, self._server_key = sched.leg_keys(self.algo)
+
+  def initial(self, sim) -> ServerState:
+    k = self.num_clients
+    return jax.device_get(ServerState(
+        sim.server, sim.clients, _i32(0), _i32(0), _i32(0), np.asarray(sim.key), np.full((k,), -1, np.int32),
+        np.zeros((k,), np.int32), np.zeros((k,), bool)))
+
+  def start(self, durable: ServerState) -> CoordinatorState:
+    return CoordinatorState(durable, Volatile(durable_upto=np.array(durable.step)))
+
+  def saved(self, s: CoordinatorState) -> CoordinatorState:
+    return s.set(durable_upto=np.array(s.durable.step), commits_since_save=0, must_save=False)
+
+  def hello(self, s: CoordinatorState, client: int, samples: int) -> tuple[CoordinatorState, bool]:
+    del client, samples  # nothing is averaged
+    return s, False
+
+  def position(self, s: CoordinatorState, client: int | None = None) -> dict[str, Any]:
+    del client
+    d = s.durable
+    return {"round": int(d.round), "turn": int(d.turn), "step": int(d.step),
+            "durable": int(s.volatile.durable_upto), "done": self.done(s)}
+
+  def where(self, s: CoordinatorState, client: int | None = None) -> str:
+    del client
+    p = self.position(s)
+    if p["done"]:
+      return "training is over"
+    return f"the server is at round {p['round']}, client {p['turn']}'s turn, {p['step']} step(s) committed"
+
+  def turn_of(self, s: CoordinatorState, client: int, round_: int) -> int:
+    """-1, 0 or 1: the turn (round_, client) is over, current, or to come."""
+    now = (int(s.durable.round), int(s.durable.turn))
+    return (now < (round_, client)) - (now > (round_, client))
+
+  def waited_for(self, s: CoordinatorState, client: int) -> bool:
+    return not self.done(s) and int(s.durable.turn) == client
+
+  def droppable(self, s: CoordinatorState, client: int) -> bool:
+    return self.waited_for(s, client)  # the client whose turn it is
+
+  def drop(self, s: CoordinatorState, client: int, why: str) -> CoordinatorState:
+    d = s.durable
+    staged = s.volatile.staged.get(client)
+    logger.warning("client %d: its turn in round %d ends after %d step(s) (%s); staged step %s discarded", client,
+                   int(d.round), int(d.step), why, None if staged is None else staged[1])
+    return self._end_turn(s, completed=False, half=d.client_half)
+
+  def _end_turn(self, s: CoordinatorState, *, completed: bool, half: PartyState) -> CoordinatorState:
+    d, k = s.durable, int(s.durable.turn)
+    turn, round_ = (k + 1) % self.num_clients, int(d.round) + (k + 1) // self.num_clients
+    s = s.replace(client_half=half, round=_i32(round_), turn=_i32(turn), step=_i32(0),
+                  last_round=_set(d.last_round, k, d.round), last_steps=_set(d.last_steps, k, d.step),
+                  last_completed=_set(d.last_completed, k, completed))
+    return s.set(staged={}, must_save=True)
+
+  def _half_bytes(self, s: CoordinatorState) -> bytes:
+    return msgs.to_bytes(sched.to_message(s.durable.client_half))
+
+  def _check_step(self, s: CoordinatorState, method: str, client: int, round_: int, step: int) -> None:
+    """Raises unless (round_, client, step) is the next step to run: this client's turn, this step."""
+    where = self.turn_of(s, client, round_)
+    if where != 0:
+      when = "is over" if where < 0 else "has not begun"
+      raise TransportError(_FAILED, f"{method}: client {client}'s turn in round {round_} {when}; {self.where(s)}")
+    committed = int(s.durable.step)
+    if step < committed:
+      raise TransportError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"{method}: step {step} of round {round_} is already committed; {self.where(s)}")
+    if step > committed or step >= self.schedule.local_steps:
+      raise TransportError(_FAILED, f"{method}: step {step} is not the next step; {self.where(s)}")
+
+  def _staged(self, s: CoordinatorState, client: int, round_: int, step: int):
+    staged = s.volatile.staged.get(client)
+    return staged if staged is not None and staged[:2] == (round_, step) else None
+
+  def on_get(self, s: CoordinatorState, client: int, round_: int, wait: float, initial_half: bytes):
+    """The client half at the start of `client`'s turn in `round_` (held until the turn comes), or
+    the final half once training is over (`round_` = rounds)."""
+    del initial_half  # the half is the relayed one
+    seconds = min(wait, MAX_WAIT_SECONDS)
+    if round_ == self.schedule.rounds:
+      def final(s):
+        done = self.done(s)
+        return s, Reply({"ready": done, "message": self._half_bytes(s) if done else None, "position": POSITION})
+
+      return s, Wait(self.done, final, seconds)
+    if not 0 <= round_ < self.schedule.rounds:
+      raise TransportError(_FAILED, f"Handover: round {round_} is not in [0, {self.schedule.rounds}]")
+
+    def answer(s):
+      where = self.turn_of(s, client, round_)
+      if where < 0:
+        raise TransportError(_FAILED, f"Handover: client {client}'s turn in round {round_} is over; {self.where(s)}")
+      if where > 0:
+        return s, Reply({"ready": False, "message": None, "position": POSITION})
+      if int(s.durable.step) > 0:
+        raise TransportError(_FAILED, f"Handover: client {client}'s turn is under way ({self.where(s)}); "
+                                      "the client half of this turn is with the client")
+      return s, Reply({"ready": True, "message": self._half_bytes(s), "position": POSITION})
+
+    return s, Wait(lambda s: self.turn_of(s, client, round_) <= 0, answer, seconds)
+
+  def on_put(self, s: CoordinatorState, client: int, round_: int, steps: int, message: bytes | None):
+    """The client half at the end of the turn: the turn passes on."""
+    d, where = s.durable, self.turn_of(s, client, round_)
+    if where < 0:
+      if int(d.last_round[client]) == round_ and bool(d.last_completed[client]):
+        return s, Reply({"ready": True, "message": None, "position": POSITION})  # a retry
+      raise TransportError(_FAILED, f"Handover: client {client}'s turn in round {round_} ended without its "
+                                    f"handover (it was dropped); {self.where(s)}")
+    if where > 0:
+      raise TransportError(_FAILED, f"Handover: it is not client {client}'s turn in round {round_}; {self.where(s)}")
+    if message is None:
+      raise wire.invalid("Handover put: field 'message' must hold the client half")
+    half = self.read(self.half_template, message, what="Handover put")
+    local_steps = self.schedule.local_steps
+    if steps != local_steps or int(d.step) != local_steps:
+      raise TransportError(_FAILED, f"Handover put: a turn hands over after {local_steps} committed steps; the "
+                                    f"request says {steps}, and {self.where(s)}")
+    s = self._end_turn(s, completed=True, half=sched.from_message(half, d.client_half.input_spec))
+    return s, Reply({"ready": True, "message": None, "position": POSITION})
+
+  def on_forward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
+    self._check_step(s, "Forward", client, round_, step)
+    smashed = self.read_smashed(message, client)
+    d = s.durable
+    key = self._server_key(d.key, round_, client, step)
+    if self.u_shaped:  # the loss is the client's: the answer is the body's output, loss and accuracy 0
+      body, pending = self._forward(d.server, smashed, key)
+      s = s.set(staged={client: (round_, step, None, pending)})
+      return s, Reply({"message": msgs.to_bytes(jax.device_get(body)), "loss": 0.0, "accuracy": 0.0})
+    server, down, loss, acc = self._step(d.server, smashed, key)
+    s = s.set(staged={client: (round_, step, server, None)})
+    return s, Reply({"message": msgs.to_bytes(down), "loss": float(loss), "accuracy": float(acc)})
+
+  def on_backward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
+    """U-shaped: the tail gradient of the staged step in, the cut gradient out; stages the update."""
+    if not self.u_shaped:
+      return super().on_backward(s, client, round_, step, message)
+    self._check_step(s, "Backward", client, round_, step)
+    staged = self._staged(s, client, round_, step)
+    if staged is None:
+      raise TransportError(grpc.StatusCode.ABORTED,
+                           f"Backward: step {step} of round {round_} is not staged (never forwarded, or discarded "
+                           f"by a server restart); forward it again. {self.where(s)}")
+    tail = self.read(self.tail_template, message, what="Backward")
+    # From the committed state and the staged pending: a repeated Backward recomputes the same.
+    server, down = self._backward(s.durable.server, staged[3], tail)
+    s = s.set(staged={client: (round_, step, server, staged[3])})
+    return s, Reply({"message": msgs.to_bytes(jax.device_get(down))})
+
+  def on_commit(self, s: CoordinatorState, client: int, round_: int, step: int):
+    d, where = s.durable, self.turn_of(s, client, round_)
+    if where < 0:
+      if int(d.last_round[client]) == round_ and step < int(d.last_steps[client]):
+        return s, Reply(POSITION)  # a retry of a commit that went through
+      raise TransportError(_FAILED, f"Commit: client {client}'s turn in round {round_} is over and step {step} "
+                                    f"was discarded; {self.where(s)}")
+    if where > 0:
+      raise TransportError(_FAILED, f"Commit: client {client}'s turn in round {round_} has not begun; {self.where(s)}")
+    if step < int(d.step):
+      return s, Reply(POSITION)  # a retry of a commit that went through
+    staged = self._staged(s, client, round_, step)
+    if staged is None:
+      raise TransportError(grpc.StatusCode.ABORTED,
+                           f"Commit: step {step} of round {round_} is not staged (never forwarded, or discarded "
+                           f"by a server restart); forward it again. {self.where(s)}")
+    if staged[2] is None:
+      raise TransportError(grpc.StatusCode.ABORTED,
+                           f"Commit: step {step} of round {round_} is not staged: forwarded, but no Backward yet; "
+                           f"send its Backward, or forward it again. {self.where(s)}")
+    s = s.replace(server=staged[2], step=_i32(step + 1)).set(staged={})
+    return self.count_commit(s), Reply(POSITION)
+
+  def predict_party(self, s: CoordinatorState, client: int) -> PartyState:
+    del client
+    return s.durable.server
+
+  def staged_dict(self, s: CoordinatorState) -> dict | None:
+    if not s.volatile.staged:
+      return None
+    ((client, (round_, step, server, pending)),) = s.volatile.staged.items()
+    return {"position": [round_, client, step],
+            "server": None if server is None else serialization.to_state_dict(server),
+            # U-shaped: the pending backward's arrays (the pullback's residuals, the codec key's data).
+            "pending": [np.asarray(jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
+                        for v in jax.tree.leaves(pending)]}
+
+  def warm_up(self, s: CoordinatorState) -> None:
+    d = s.durable
+    zeros = self.zeros(0)
+    key = self._server_key(d.key, 0, 0, 0)
+    if self.u_shaped:
+      _, pending = self._forward(d.server, zeros, key)
+      tail = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), self.tail_template)
+      jax.block_until_ready(self._backward(d.server, pending, tail))
+    else:
+      jax.block_until_ready(self._step(d.server, zeros, key))
+
+
 # algorithm (as `Algorithm.name`) -> how its server serves the clients
 COORDINATORS: dict[str, type[Coordinator]] = {
+    "sequential_sl": Turns,
+    "sequential_sl_u": Turns,
     "parallel_sl": Lockstep,
     "local_loss_sl": LocalLoss,
     "parallel_sl_u": LockstepU,

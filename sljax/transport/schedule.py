@@ -20,7 +20,6 @@ import numpy as np
 from sljax import messages as msgs
 from sljax.algorithms import REGISTRY, Algorithm, ScheduleConfig
 from sljax.algorithms import _common as algorithms_common
-from sljax.algorithms.sequential import turn_step_key
 from sljax.data.clients import ClientData, client_batches
 from sljax.protocol import ArraySpec, PartyState, SplitState, UShaped, Vanilla
 from sljax.split import SplitModel
@@ -80,17 +79,6 @@ def leg_keys(algo: Algorithm) -> tuple[Callable[..., jax.Array], Callable[..., j
   of a client's legs and of the server's step serving it, read from the algorithm's schedule."""
   return (jax.jit(functools.partial(algorithms_common.client_key, algo.schedule)),
           jax.jit(functools.partial(algorithms_common.server_key, algo.schedule)))
-
-
-@jax.jit
-def u_shaped_step_keys(run_key: jax.Array, round_: jax.Array, client: jax.Array,
-                       step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(head key, body key, tail key) of one step of a U-shaped client's turn: the turn's step key
-  (`sljax.algorithms.sequential.turn_step_key`, as sequential split learning draws it) split in
-  three as `u_shaped(...).step` splits its key. The client's head and tail take the first and the
-  last, the server's body the second."""
-  k_head, k_body, k_tail = jax.random.split(turn_step_key(run_key, round_, client, step), 3)
-  return k_head, k_body, k_tail
 
 
 def u_shaped_messages(sl: UShaped, state: SplitState, x, labels) -> tuple[msgs.SmashedData, msgs.BodyOutput,
