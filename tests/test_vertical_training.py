@@ -31,7 +31,7 @@ def _model(merge, width=4):
 MERGES = {"concat": merges.concat, "attention": lambda: merges.attention(hidden=3)}
 
 
-@pytest.mark.parametrize("merge", ["attention"])
+@pytest.mark.parametrize("merge", ["concat"])
 def test_fit_equals_centralized(data, merge):
   """`fit` of vertical SL (parties as a dict by name) equals `fit` of the composed model on the joined features.
 
@@ -49,10 +49,15 @@ def test_fit_equals_centralized(data, merge):
   np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in c_history], atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(state.params, c_state.params, atol=1e-5, rtol=1e-5)
   assert history[0]["bytes_up"] == 2 * (N // BATCH) * sljax.wire_size(sljax.SmashedData(jnp.zeros((BATCH, 4))))
-  got, want = sljax.vertical_evaluate(sl, state, xs, y), sljax.vertical_evaluate(central, c_state, xs, y)
-  assert got["accuracy"] == want["accuracy"] and 0.5 < got["auc"] <= 1.0
-  np.testing.assert_allclose(got["auc"], want["auc"], atol=1e-6)
-  assert got["bytes_up"] == sljax.wire_size(sljax.SmashedData(jnp.zeros((N, 4)))) * 2 and want["bytes_up"] == 0
+  got = sljax.vertical_evaluate(sl, state, xs, y)
+  out, _ = central.predict(c_state, xs)
+  probs = np.asarray(jax.nn.softmax(out))[:, 1]
+  ranks = np.argsort(np.argsort(probs)) + 1.0  # AUC by the rank sum (no ties in float probabilities)
+  pos = y == 1
+  want_auc = (ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum())
+  assert got["accuracy"] == np.mean(np.argmax(out, -1) == y) and 0.5 < got["auc"] <= 1.0
+  np.testing.assert_allclose(got["auc"], want_auc, atol=1e-6)
+  assert got["bytes_up"] == sljax.wire_size(sljax.SmashedData(jnp.zeros((N, 4)))) * 2
 
 
 def _clip(g, labels, key):
@@ -150,15 +155,15 @@ def test_bad_input_names_the_party(data):
 
 
 def test_vectorized_parties_equal_the_loop():
-  """vectorize=True (party 0's legs vmapped over the stacked parties) is the loop over the parties, dropout, an
-  error-feedback codec and a client loss included; parties that differ are refused, by name."""
+  """vectorize=True (party 0's legs vmapped over the stacked parties) is the loop over the parties, dropout, a
+  stochastic codec and a client loss included; parties that differ are refused, by name."""
   rng = np.random.default_rng(0)
   xs = tuple(jnp.asarray(rng.normal(size=(16, 5)).astype(np.float32)) for _ in range(3))
   y = jnp.asarray(rng.integers(0, 2, 16).astype(np.int32))
-  bottoms = [sljax.sequential(*sljax.models.mlp(hidden=(6,), num_classes=4, dropout=0.2)) for _ in range(3)]
-  model = sljax.vertical_model(bottoms, merges.attention(), nn.Dense(2), names=["a", "b", "c"])
-  kw = dict(party_optimizers=optax.adam(1e-2), top_optimizer=optax.adam(1e-2),
-            uplink=codecs.top_k(k=2, error_feedback=True), client_loss=defenses.nopeek(alpha=0.1))
+  bottoms = [sljax.sequential(*sljax.models.mlp(hidden=(4,), num_classes=4, dropout=0.2)) for _ in range(3)]
+  model = sljax.vertical_model(bottoms, merges.concat(), nn.Dense(2), names=["a", "b", "c"])
+  kw = dict(party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1),
+            uplink=codecs.quantize(bits=4, stochastic=True), client_loss=lambda x, h: 0.1 * jnp.mean(h**2))
   loop, vec = sljax.vertical_sl(model, **kw), sljax.vertical_sl(model, vectorize=True, **kw)
   state = loop.init(jax.random.key(0), xs)
   step = jax.jit(lambda s, k: (loop.step(s, (xs, y), k), vec.step(s, (xs, y), k)))
