@@ -163,6 +163,11 @@ class SplitState:
   server: PartyState
   step: jax.Array
 
+  def advanced(self, client: PartyState, server: PartyState) -> SplitState:
+    """The state after one step composed from the legs: the parties they returned, and the step
+    count advanced as the fused `step` advances it (the legs act on the parties alone)."""
+    return SplitState(client, server, self.step + 1)
+
 
 @struct.dataclass
 class ClientPending:
@@ -505,7 +510,7 @@ def vanilla(
     client = client_backward(state.client, pending, down)
     metrics = Metrics({**metrics, **pending.metrics},
                       {"bytes_up": msgs.wire_size(up), "bytes_down": msgs.wire_size(down)})
-    return SplitState(client, server, state.step + 1), metrics
+    return state.advanced(client, server), metrics
 
   def client_infer(client: PartyState, x, key=None) -> msgs.SmashedData:
     """Inference, the client's leg: its half in eval mode, through the uplink codec, no labels.
@@ -686,7 +691,7 @@ def u_shaped(
         "bytes_up": msgs.wire_size(up1) + msgs.wire_size(up2),
         "bytes_down": msgs.wire_size(down1) + msgs.wire_size(down2),
     })
-    return SplitState(client, server, state.step + 1), metrics
+    return state.advanced(client, server), metrics
 
   def client_infer(client: PartyState, x, key=None) -> msgs.SmashedData:
     """Inference, the head's leg: in eval mode, through the uplink codec from a fresh state, its

@@ -134,7 +134,7 @@ def _three_call_vanilla(sl, state, batch, key):
   up, pending = sl.client_forward(state.client, *batch, k_c)
   server, down, metrics = sl.server_step(state.server, up, k_s)
   client = sl.client_backward(state.client, pending, down)
-  return sljax.SplitState(client, server, state.step + 1), metrics, up, down
+  return state.advanced(client, server), metrics, up, down
 
 
 def _three_call_u(sl, state, batch, key):
@@ -145,7 +145,7 @@ def _three_call_u(sl, state, batch, key):
   up2, tp, metrics = sl.client_tail_step(state.client, hp, down1, y, k_t)
   server, down2 = sl.server_backward(state.server, sp, up2)
   client = sl.client_backward(state.client, tp, down2)
-  return sljax.SplitState(client, server, state.step + 1), metrics, (up1, up2), (down1, down2)
+  return state.advanced(client, server), metrics, (up1, up2), (down1, down2)
 
 
 class FusedStepTest(chex.TestCase):

@@ -92,7 +92,8 @@ def _fused(setup, schedule):
   """The fused `u_shaped.step`, on client 0's batches in the run's order with the run's step keys."""
   sl = setup[1]
   x, y = _client_data(setup, 0, 1)
-  k_model, run_key = sched.split_run_key(jax.random.key(SEED))
+  k_model, k_run = jax.random.split(jax.random.key(SEED))  # as sequential_sl_u.init splits its key
+  run_key = jax.random.key_data(k_run)
   state = sl.init(k_model, jnp.zeros((B, x.shape[1]), x.dtype))
   rows = sched.row_order(client=0, count=len(x), batch_size=B, run_key=run_key)
   step, losses = jax.jit(sl.step), []
@@ -123,7 +124,7 @@ def test_one_client_equals_the_fused_step(setup, vanilla_one):
 def test_the_server_never_receives_the_labels(setup, vanilla_one):
   _, link, _ = vanilla_one
   x, y = _client_data(setup, 0, 1)
-  _, run_key = sched.split_run_key(jax.random.key(SEED))
+  run_key = jax.random.key_data(jax.random.split(jax.random.key(SEED))[1])
   rows = sched.row_order(client=0, count=len(x), batch_size=B, run_key=run_key)
   batches = [np.asarray(rows(t)) for t in range(ONE.rounds * ONE.local_steps)]
   # The check can fail: a vanilla uplink of the same batch holds the labels' bytes.

@@ -45,12 +45,6 @@ class Schedule(NamedTuple):
     return self
 
 
-def split_run_key(key: jax.Array) -> tuple[jax.Array, np.ndarray]:
-  """(model init key, run key data), split as `sequential_sl.init` splits its key."""
-  k_model, k_run = jax.random.split(key)
-  return k_model, np.asarray(jax.random.key_data(k_run))
-
-
 def algorithm(name: str, sl: Vanilla, schedule: Schedule, input_spec: ArraySpec, **options) -> Algorithm:
   """The simulation's algorithm `name` (from `sljax.algorithms.REGISTRY`) for the protocol `sl`,
   this run's schedule and inputs like `input_spec`: server and clients follow its `Schedule`
