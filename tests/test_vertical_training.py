@@ -176,3 +176,4 @@ def test_vectorized_parties_equal_the_loop():
   with pytest.raises(ValueError, match=r"^vectorize: party 'c' differs from party 'a' in its bottom \(another "
                                        r"architecture, params or model state\); vectorize=True runs party 0's legs"):
     jax.eval_shape(bad.step, bad.init(jax.random.key(0), xs), (xs, y), jax.random.key(0))
+
