@@ -1,4 +1,4 @@
-"""Vertical split learning, one step: several parties' bottoms, the label party's merge and top.
+"""Vertical split learning: several parties' bottoms, the label party's merge and top (docs/vertical.md).
 
 Vertical split learning (Vepakomma et al. 2018, "Split learning for health: distributed deep
 learning without sharing raw patient data", vertically partitioned data; Ceballos et al. 2020,
@@ -19,6 +19,10 @@ Keys: the step key is split into P + 1 keys, `jax.random.split(key, P + 1)`: par
 key p, `top_step` the last (its stack splits it into merge, then top), exactly as
 `VerticalModel.compose()` splits it, so split training equals centralized training of the
 composed model, dropout included.
+
+Around the step: `vertical_centralized` (the composed model trained in one place on the joined
+columns, the reference) and `vertical_evaluate` (accuracy, loss, AUC over every party's columns);
+`sljax.fit` trains either over epochs; `sljax.align` lines the parties' rows up by ID first.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ class VerticalSL(NamedTuple):
 
   `party_forward` and `party_backward` hold one function per party, in order (each closes over its
   party's bottom and optimizer): `sl.party_forward[p](state.parties[p], x_p, key)`. The last
-  fields are the configuration it was built with.
+  fields are the configuration it was built with (codecs and hooks as one entry per party: the
+  identity codec, or None, where a party has none).
   """
 
   init: Callable[..., VerticalState]
