@@ -45,6 +45,47 @@ TIMELINE = c.Timeline(
     lambda costs, s: s * (costs.client_forward_flops + costs.client_backward_flops))
 
 
+def _relay_init(sl, config: c.ScheduleConfig):
+  """`init(key, data)` of a relay: one client half and the server half, as `sl.init` on a batch of
+  `batch_size` zero rows, from the first half of `key`; the run key from the second."""
+
+  def init(key, data: ClientData) -> c.SimState:
+    c.check_data(data, protocol.ArraySpec.of(data.x[0]), config.num_clients)
+    k_model, k_run = jax.random.split(key)
+    st = sl.init(k_model, jnp.zeros((config.batch_size, *data.x.shape[2:]), data.x.dtype))
+    return c.SimState(st.client, st.server, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
+
+  return init
+
+
+def _relay_round(state: c.SimState, data: ClientData, inputs: c.RoundInputs, order, config: c.ScheduleConfig,
+                 one_step):
+  """One round of turns: the clients in `order`, each `local_steps` steps of
+  `one_step((client, server), x, y, s, k) -> ((client, server), (loss, accuracy, Traffic))` on its
+  own batches, a step kept only where client k is active in it. Metrics in client order; each
+  participant also receives the client half and hands it on."""
+  steps = jnp.arange(config.local_steps)
+  xs, ys = jax.vmap(lambda s: c.batches(state, data, s, local_steps=config.local_steps,
+                                        batch_size=config.batch_size))(steps)  # (S, K, ...)
+
+  def turn(carry, k):
+    def step(carry, s):
+      new, (loss, acc, traffic) = one_step(carry, xs[s, k], ys[s, k], s, k)
+      active = inputs.active()[s, k]
+      return c.select(active, new, carry), (loss, acc, active, traffic)
+
+    return jax.lax.scan(step, carry, steps)
+
+  (client, server), (losses, accs, active, traffic) = jax.lax.scan(turn, (state.clients, state.server), order)
+  # a scan over clients gives (K, S) in turn order: metrics want (S, K) in client order
+  back = jnp.argsort(order)
+  losses, accs, active, traffic = jax.tree.map(lambda a: a[back].T, (losses, accs, active, traffic))
+  relay = c.model_bytes(state.clients.params)
+  traffic = traffic.sum(0) + c.Traffic(up=[(relay, inputs.participating)], down=[(relay, inputs.participating)])
+  metrics = c.round_metrics(losses, accs, active, traffic, inputs.participating)
+  return state.replace(clients=client, server=server, round=state.round + 1), metrics
+
+
 def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm:
   """Sequential split learning: one client at a time, the client half relayed between clients.
 
@@ -66,7 +107,7 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
   """
   c.check_protocol(sl, protocol.Vanilla, "sequential_sl")
   config = c.check_config(config)
-  num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
+  num_clients, local_steps = config.num_clients, config.local_steps
 
   def client_keys(run_key, round_, step):
     return jax.vmap(lambda k: jax.random.split(turn_step_key(run_key, round_, k, step), 2)[0])(
@@ -84,43 +125,21 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
 
   schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, TIMELINE)
 
-  def init(key, data: ClientData) -> c.SimState:
-    c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
-    k_model, k_run = jax.random.split(key)
-    st = sl.init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
-    return c.SimState(st.client, st.server, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
+  init = _relay_init(sl, config)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
-    # all batches and keys of the round up front: (S, K, ...)
-    steps = jnp.arange(local_steps)
-    xs, ys = jax.vmap(lambda s: c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size))(steps)
-    client_keys_SxK = jax.vmap(lambda s: client_keys(state.key, state.round, s))(steps)
-    server_keys_SxK = jax.vmap(lambda s: server_keys(state.key, state.round, s))(steps)
 
-    def turn(carry, k):
-      def step(carry, s):
-        client, server = carry
-        up, pending = sl.client_forward(client, xs[s, k], ys[s, k], client_keys_SxK[s, k])
-        new_server, down, loss_k, acc_k = server_step(server, up, server_keys_SxK[s, k])
-        new_client = sl.client_backward(client, pending, down)
-        active = inputs.active()[s, k]
-        client, server = c.select(active, (new_client, new_server), carry)
-        traffic = c.Traffic(up=[(msgs.wire_size(up), inputs.participating[k])], down=[(msgs.wire_size(down), active)])
-        return (client, server), (loss_k, acc_k, active, traffic)
+    def one_step(carry, x, y, s, k):
+      client, server = carry
+      up, pending = sl.client_forward(client, x, y, client_keys(state.key, state.round, s)[k])
+      new_server, down, loss, acc = server_step(server, up, server_keys(state.key, state.round, s)[k])
+      new_client = sl.client_backward(client, pending, down)
+      traffic = c.Traffic(up=[(msgs.wire_size(up), inputs.participating[k])],
+                          down=[(msgs.wire_size(down), inputs.active()[s, k])])
+      return (new_client, new_server), (loss, acc, traffic)
 
-      return jax.lax.scan(step, carry, steps)
-
-    (client, server), (losses, accs, active, traffic) = jax.lax.scan(
-        turn, (state.clients, state.server), order_of(state))
-    # scan over clients gives (K, S) in turn order: metrics want (S, K) in client order
-    back = jnp.argsort(order_of(state))
-    losses, accs, active, traffic = jax.tree.map(lambda a: a[back].T, (losses, accs, active, traffic))
-    # each participant's turn also receives the client half and hands it on
-    relay = c.model_bytes(state.clients.params)
-    traffic = traffic.sum(0) + c.Traffic(up=[(relay, inputs.participating)], down=[(relay, inputs.participating)])
-    metrics = c.round_metrics(losses, accs, active, traffic, inputs.participating)
-    return state.replace(clients=client, server=server, round=state.round + 1), metrics
+    return _relay_round(state, data, inputs, order_of(state), config, one_step)
 
   def order_of(state):
     return schedule.order(state.key, state.round)
@@ -157,7 +176,7 @@ def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorit
   """
   c.check_protocol(sl, protocol.UShaped, "sequential_sl_u")
   config = c.check_config(config)
-  num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
+  num_clients, local_steps = config.num_clients, config.local_steps
 
   def client_keys(run_key, round_, step):
     return jax.vmap(lambda k: turn_step_key(run_key, round_, k, step))(jnp.arange(num_clients))
@@ -171,43 +190,25 @@ def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorit
   server_step = ServerLegs(sl.server_forward, sl.server_backward)
   schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, None)
 
-  def init(key, data: ClientData) -> c.SimState:
-    c.check_data(data, protocol.ArraySpec.of(data.x[0]), num_clients)
-    k_model, k_run = jax.random.split(key)
-    st = sl.init(k_model, jnp.zeros((batch_size, *data.x.shape[2:]), data.x.dtype))
-    return c.SimState(st.client, st.server, jnp.zeros((), jnp.int32), jax.random.key_data(k_run))
+  init = _relay_init(sl, config)
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
-    steps = jnp.arange(local_steps)
-    xs, ys = jax.vmap(lambda s: c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size))(steps)
-    keys_SxK = jax.vmap(lambda s: client_keys(state.key, state.round, s))(steps)
 
-    def turn(carry, k):
-      def step(carry, s):
-        client, server = carry
-        k_head, k_body, k_tail = u_step_keys(keys_SxK[s, k])
-        up, head = sl.client_forward(client, xs[s, k], k_head)
-        body, pending = server_step.forward(server, up, k_body)
-        tail_grad, tail, metrics = sl.client_tail_step(client, head, body, ys[s, k], k_tail)
-        new_server, down = server_step.backward(server, pending, tail_grad)
-        new_client = sl.client_backward(client, tail, down)
-        active = inputs.active()[s, k]
-        client, server = c.select(active, (new_client, new_server), carry)
-        traffic = c.Traffic(up=[(msgs.wire_size(up), inputs.participating[k]), (msgs.wire_size(tail_grad), active)],
-                            down=[(msgs.wire_size(body), active), (msgs.wire_size(down), active)])
-        return (client, server), (metrics["loss"], metrics["accuracy"], active, traffic)
+    def one_step(carry, x, y, s, k):
+      client, server = carry
+      k_head, k_body, k_tail = u_step_keys(client_keys(state.key, state.round, s)[k])
+      up, head = sl.client_forward(client, x, k_head)
+      body, pending = server_step.forward(server, up, k_body)
+      tail_grad, tail, metrics = sl.client_tail_step(client, head, body, y, k_tail)
+      new_server, down = server_step.backward(server, pending, tail_grad)
+      new_client = sl.client_backward(client, tail, down)
+      active = inputs.active()[s, k]
+      traffic = c.Traffic(up=[(msgs.wire_size(up), inputs.participating[k]), (msgs.wire_size(tail_grad), active)],
+                          down=[(msgs.wire_size(body), active), (msgs.wire_size(down), active)])
+      return (new_client, new_server), (metrics["loss"], metrics["accuracy"], traffic)
 
-      return jax.lax.scan(step, carry, steps)
-
-    order = schedule.order(state.key, state.round)
-    (client, server), (losses, accs, active, traffic) = jax.lax.scan(turn, (state.clients, state.server), order)
-    back = jnp.argsort(order)
-    losses, accs, active, traffic = jax.tree.map(lambda a: a[back].T, (losses, accs, active, traffic))
-    relay = c.model_bytes(state.clients.params)  # head and tail, handed on once per turn
-    traffic = traffic.sum(0) + c.Traffic(up=[(relay, inputs.participating)], down=[(relay, inputs.participating)])
-    metrics = c.round_metrics(losses, accs, active, traffic, inputs.participating)
-    return state.replace(clients=client, server=server, round=state.round + 1), metrics
+    return _relay_round(state, data, inputs, schedule.order(state.key, state.round), config, one_step)
 
   def predict(state: c.SimState, x, client: int = 0):
     del client  # one client half, shared by all
