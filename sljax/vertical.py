@@ -27,6 +27,7 @@ columns, the reference) and `vertical_evaluate` (accuracy, loss, AUC over every 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -311,23 +312,33 @@ def vertical_sl(
       parties = tuple(party_backward[p](state.parties[p], pendings[p], downs[p]) for p in range(n))
     for name, pending in zip(model.names, pendings, strict=True):
       metrics.update({f"client_loss_{name}": v for v in pending.metrics.values()})
-    metrics = Metrics(metrics, _traffic(model, ups, downs, remote))
+    metrics = Metrics(metrics, _traffic(model.names, ups, downs, remote))
     return VerticalState(parties, top, state.step + 1), metrics
 
-  def predict(state: VerticalState, xs, key=None) -> tuple[jax.Array, Metrics]:
+  def predict(state: VerticalState, xs, key=None, *, absent: Sequence[str] = ()) -> tuple[jax.Array, Metrics]:
     """Collaborative inference in eval mode: every bottom on its columns (through its uplink codec,
     from a fresh codec state), then the label party's merge and top. `xs`: a tuple in party order
-    or a dict by party name; every party must take part."""
-    xs = _party_inputs(model, xs)
-    ups = []
+    or a dict by party name; every party must take part, unless named in `absent`: the label party
+    then puts a zero embedding in that party's place (its columns may be left out, or None)."""
+    absent = _check_absent(model, absent)
+    xs = _party_inputs(model, xs, absent)
+    batch = next(jnp.shape(x)[0] for x in xs if x is not None)
+    hs, traffic_ups, traffic_remote = [], [], []
     for p, (bottom, party, x) in enumerate(zip(model.bottoms, state.parties, xs, strict=True)):
+      if model.names[p] in absent:
+        spec = state.top.input_spec[p]
+        hs.append(jnp.zeros((batch, *spec.shape), spec.dtype))
+        continue
       check_batch(f"xs[{p}] (party {model.names[p]!r})", x, party.input_spec)
       smashed = bottom.apply(party.params, party.model_state, x, key=None, train=False)[0]
       party_key = None if key is None else jax.random.fold_in(key, p)
-      ups.append(msgs.SmashedData(_fresh_encode(up_codecs[p], smashed, party_key, CODEC_STREAM)))
-    hs = tuple(codec.decode(m.activations) for codec, m in zip(up_codecs, ups, strict=True))
-    out, _ = label_stage.apply(state.top.params, state.top.model_state, hs, key=None, train=False)
-    return out, Metrics({}, _traffic(model, ups, None, remote))
+      up = msgs.SmashedData(_fresh_encode(up_codecs[p], smashed, party_key, CODEC_STREAM))
+      hs.append(up_codecs[p].decode(up.activations))
+      traffic_ups.append(up)
+      traffic_remote.append(remote[p])
+    out, _ = label_stage.apply(state.top.params, state.top.model_state, tuple(hs), key=None, train=False)
+    present = tuple(n for n in model.names if n not in absent)
+    return out, Metrics({}, _traffic(present, traffic_ups, None, tuple(traffic_remote)))
 
   return VerticalSL(init=init, party_forward=party_forward, top_step=top_step, party_backward=party_backward,
                     step=step, predict=predict, model=model, party_optimizers=optimizers,
@@ -403,7 +414,7 @@ def vertical_centralized(
 
 
 def vertical_evaluate(trainer: VerticalSL | Centralized, state: Any, xs: Any, y: Any, *,
-                      batch_size: int = 1024) -> dict[str, Any]:
+                      batch_size: int = 1024, absent: Sequence[str] = ()) -> dict[str, Any]:
   """Test figures of a vertical model: collaborative inference over every party, in batches.
 
   Args:
@@ -414,6 +425,8 @@ def vertical_evaluate(trainer: VerticalSL | Centralized, state: Any, xs: Any, y:
     y: integer labels, one per sample.
     batch_size: the samples that go through the model at once (the last batch may be smaller:
       one more compile, for its shape).
+    absent: parties that do not take part (`vertical_sl` only): a zero embedding in their place
+      (see `predict`); what a missing party costs.
 
   Returns:
     `accuracy`, `loss` (the mean softmax cross-entropy per sample), `auc` (the ROC AUC of the
@@ -425,12 +438,16 @@ def vertical_evaluate(trainer: VerticalSL | Centralized, state: Any, xs: Any, y:
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
   model = trainer.model if isinstance(trainer, VerticalSL) else None
+  if model is None and absent:
+    raise ValueError(f"absent: only vertical_sl's predict takes absent parties, got {type(trainer).__name__}")
   if model is not None:
-    xs = _party_inputs(model, xs)
+    absent = _check_absent(model, absent)
+    xs = _party_inputs(model, xs, absent)
   xs, y = jax.tree.map(np.asarray, tuple(xs) if isinstance(xs, list) else xs), np.asarray(y)
   _check_labels(xs, y)
   predict_fn = trainer.predict  # held for as long as the program runs (see reuse_program)
-  predict = reuse_program(predict_fn, ("predict",), jax.jit)
+  predict = reuse_program(predict_fn, ("predict", absent),
+                          lambda f: jax.jit(functools.partial(f, absent=absent) if absent else f))
   outs, bytes_up, bytes_down = [], 0, 0
   for start in range(0, len(y), batch_size):
     out, traffic = predict(state, jax.tree.map(lambda a: jnp.asarray(a[start:start + batch_size]), xs))
@@ -463,19 +480,37 @@ def _unstack(tree, n: int) -> tuple:
   return tuple(jax.tree.map(lambda leaf, p=p: leaf[p], tree) for p in range(n))
 
 
-def _party_inputs(model: VerticalModel, xs) -> tuple:
+def _party_inputs(model: VerticalModel, xs, absent: tuple[str, ...] = ()) -> tuple:
   """`xs` as a checked tuple in party order: from a tuple/list, or a dict by party name (a missing or
-  unknown party named in the error)."""
+  unknown party named in the error). The parties in `absent` may be left out (a dict) or None (a
+  tuple); their entries come back None."""
   if isinstance(xs, Mapping):
-    missing = [name for name in model.names if name not in xs]
+    missing = [name for name in model.names if name not in xs and name not in absent]
     if missing:
       raise ValueError(f"xs: party {missing[0]!r} is missing: every party {model.names} must provide its "
                        f"columns, got parties {tuple(xs)}")
     unknown = [name for name in xs if name not in model.names]
     if unknown:
       raise ValueError(f"xs: unknown party {unknown[0]!r}, expected the parties {model.names}")
-    xs = tuple(xs[name] for name in model.names)
-  return model.check_inputs(xs)
+    xs = tuple(xs.get(name) for name in model.names)
+  if not absent:
+    return model.check_inputs(xs)
+  if isinstance(xs, (tuple, list)) and len(xs) == model.num_parties:
+    xs = tuple(None if name in absent else x for name, x in zip(model.names, xs, strict=True))
+    present = next(x for x in xs if x is not None)
+    model.check_inputs(tuple(present if x is None else x for x in xs))  # the absent ones stand in for nothing
+    return xs
+  return model.check_inputs(xs)  # raises, naming what was expected
+
+
+def _check_absent(model: VerticalModel, absent) -> tuple[str, ...]:
+  absent = (absent,) if isinstance(absent, str) else tuple(absent)
+  for name in absent:
+    if name not in model.names:
+      raise ValueError(f"absent: unknown party {name!r}, expected some of the parties {model.names}")
+  if len(set(absent)) == model.num_parties:
+    raise ValueError(f"absent: every party {model.names} is absent; at least one must take part")
+  return absent
 
 
 def _per_party(what: str, value, model: VerticalModel, is_one: Callable[[Any], bool], kind: str) -> tuple:
@@ -512,7 +547,7 @@ def _party_optimizers(optimizers, names: tuple[str, ...]) -> tuple[optax.Gradien
   return tuple(optimizers)
 
 
-def _traffic(model: VerticalModel, ups, downs, remote: tuple[bool, ...]) -> dict[str, int]:
+def _traffic(names: Sequence[str], ups, downs, remote: tuple[bool, ...]) -> dict[str, int]:
   """Bytes of the messages that cross the network (static ints): in all, and per remote party."""
   traffic = {}
   for direction, messages in (("up", ups), ("down", downs)):
@@ -520,7 +555,7 @@ def _traffic(model: VerticalModel, ups, downs, remote: tuple[bool, ...]) -> dict
              if messages is not None else [0] * len(remote))
     traffic[f"bytes_{direction}"] = sum(sizes)
     traffic.update({f"bytes_{direction}_{name}": size
-                    for name, size, r in zip(model.names, sizes, remote, strict=True) if r})
+                    for name, size, r in zip(names, sizes, remote, strict=True) if r})
   return traffic
 
 

@@ -55,7 +55,7 @@ def test_fit_equals_centralized(data, merge):
   ranks = np.argsort(np.argsort(probs)) + 1.0  # AUC by the rank sum (no ties in float probabilities)
   pos = y == 1
   want_auc = (ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum())
-  assert got["accuracy"] == np.mean(np.argmax(out, -1) == y) and 0.5 < got["auc"] <= 1.0
+  assert got["accuracy"] == np.mean(np.argmax(np.asarray(out), -1) == y) and 0.5 < got["auc"] <= 1.0
   np.testing.assert_allclose(got["auc"], want_auc, atol=1e-6)
   assert got["bytes_up"] == sljax.wire_size(sljax.SmashedData(jnp.zeros((N, 4)))) * 2
 
@@ -177,3 +177,23 @@ def test_vectorized_parties_equal_the_loop():
                                        r"architecture, params or model state\); vectorize=True runs party 0's legs"):
     jax.eval_shape(bad.step, bad.init(jax.random.key(0), xs), (xs, y), jax.random.key(0))
 
+
+
+def test_inference_without_a_party(data):
+  """`absent`: the label party puts a zero embedding in a missing party's place; nothing of it is sent."""
+  xs, y = data
+  model = _model(merges.concat())
+  sl = sljax.vertical_sl(model, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1))
+  state = sl.init(jax.random.key(0), tuple(x[:4] for x in xs))
+  out, traffic = sl.predict(state, {"a": xs[0]}, absent=["b"])
+  h_a, _ = model.bottoms[0].apply(state.parties[0].params, state.parties[0].model_state, xs[0], key=None, train=False)
+  want, _ = model.label_stage.apply(state.top.params, state.top.model_state, (h_a, jnp.zeros_like(h_a)), key=None,
+                                    train=False)
+  np.testing.assert_allclose(out, want, atol=1e-6)
+  assert traffic["bytes_up"] == traffic["bytes_up_a"] > 0 and "bytes_up_b" not in traffic
+  figures = sljax.vertical_evaluate(sl, state, (xs[0], None), y, absent=("b",))
+  assert figures["accuracy"] == np.mean(np.argmax(np.asarray(out), -1) == y)
+  with pytest.raises(ValueError, match=r"^absent: every party \('a', 'b'\) is absent; at least one must take part$"):
+    sl.predict(state, {}, absent=["a", "b"])
+  with pytest.raises(ValueError, match=r"^absent: unknown party 'c', expected some of the parties \('a', 'b'\)$"):
+    sl.predict(state, xs, absent="c")
