@@ -14,9 +14,14 @@ And, on credit_fraud, partial overlap: each party holds a random 90% of the trai
 sljax.align (PSI) finds the shared ones, vertical SL trains on them.
 
 Usage:
-  .venv/bin/python experiments/vertical/run.py [--quick] [--seeds 3] [--out DIR]
+  .venv/bin/python experiments/vertical/run.py [--quick] [--seeds 3] [--out DIR] [--studies ...]
 
-Writes DIR/results.json and DIR/vertical.png (DIR: this folder by default) and prints a table.
+And, on credit_fraud and breast_cancer_4, a party missing at inference: vertical SL trained with
+every party, tested with each party absent (sljax.vertical_evaluate(..., absent=...): a zero
+embedding in its place).
+
+Writes DIR/results.json and DIR/vertical.png (DIR: this folder by default) and prints a table;
+`--studies tasks,overlap,missing` runs some of the parts and replaces only their entries.
 """
 
 from __future__ import annotations
@@ -155,10 +160,27 @@ def partial_overlap(data, *, seeds: int, epochs: int, batch_size: int, share: fl
           "auc_mean": float(np.mean([r["auc"] for r in runs]))}
 
 
+def missing_party(data, *, seeds: int, epochs: int, batch_size: int, rate: float = 3e-3) -> dict:
+  """Vertical SL trained with every party, then tested with each party absent (a zero embedding in its place)."""
+  names = data.parties
+  trainer = _trainers(names)["vertical"]
+  test = (data.parties_test(), data.dataset.y_test)
+  runs = []
+  for seed in range(seeds):
+    state = _train(trainer, data.parties_train(), data.dataset.y_train, rate=rate, seed=seed, epochs=epochs,
+                   batch_size=batch_size)
+    row = {"all": sljax.vertical_evaluate(trainer, state, *test)}
+    for name in names:
+      row[f"without {name}"] = sljax.vertical_evaluate(trainer, state, *test, absent=(name,))
+    runs.append({k: {"accuracy": v["accuracy"], "auc": v["auc"]} for k, v in row.items()})
+  return {"rate": rate, "runs": runs,
+          "mean": {k: {m: float(np.mean([r[k][m] for r in runs])) for m in ("accuracy", "auc")} for k in runs[0]}}
+
+
 def plot(results: dict, path: str) -> None:
   from matplotlib.figure import Figure  # noqa: PLC0415
 
-  tasks = [t for t in results if t != "partial_overlap" and not t.startswith("_")]
+  tasks = [t for t in results if "methods" in results[t]]
   fig = Figure(figsize=(4.2 * len(tasks), 3.6), layout="constrained")
   for i, name in enumerate(tasks):
     ax = fig.add_subplot(1, len(tasks), i + 1)
@@ -179,28 +201,44 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true", help="1 seed, fewer epochs, two rates")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--out", default=HERE)
+  parser.add_argument("--studies", default="tasks,overlap,missing",
+                      help="which parts to run (their entries in an existing results.json are replaced)")
   args = parser.parse_args(argv)
+  studies = set(args.studies.split(","))
   seeds = 1 if args.quick else args.seeds
   rates = RATES[1:] if args.quick else RATES
+  fraud_epochs, bc_epochs = (8, 10) if args.quick else (30, 40)
   t0 = time.perf_counter()
   fraud = sljax.data.make_credit_fraud(seed=0)
-  results = {
-      "credit_fraud": task(fraud, metric="auc", seeds=seeds, epochs=8 if args.quick else 30, batch_size=64,
-                           rates=rates),
-      "breast_cancer_2": task(sljax.data.load_breast_cancer_vertical(num_parties=2), metric="accuracy", seeds=seeds,
-                              epochs=10 if args.quick else 40, batch_size=32, rates=rates),
-      "breast_cancer_4": task(sljax.data.load_breast_cancer_vertical(num_parties=4), metric="accuracy", seeds=seeds,
-                              epochs=10 if args.quick else 40, batch_size=32, rates=rates),
-  }
-  results["partial_overlap"] = partial_overlap(fraud, seeds=seeds, epochs=8 if args.quick else 30, batch_size=64)
-  results["_config"] = {"quick": args.quick, "seeds": seeds, "rates": list(rates),
-                        "seconds": round(time.perf_counter() - t0, 1), "backend": jax.default_backend()}
+  path = os.path.join(args.out, "results.json")
+  results = {}
+  if os.path.exists(path) and studies != {"tasks", "overlap", "missing"}:
+    with open(path) as f:
+      results = json.load(f)
+  if "tasks" in studies:
+    results["credit_fraud"] = task(fraud, metric="auc", seeds=seeds, epochs=fraud_epochs, batch_size=64, rates=rates)
+    for parties in (2, 4):
+      results[f"breast_cancer_{parties}"] = task(sljax.data.load_breast_cancer_vertical(num_parties=parties),
+                                                 metric="accuracy", seeds=seeds, epochs=bc_epochs, batch_size=32,
+                                                 rates=rates)
+  if "overlap" in studies:
+    results["partial_overlap"] = partial_overlap(fraud, seeds=seeds, epochs=fraud_epochs, batch_size=64)
+  if "missing" in studies:
+    results["missing_party"] = {
+        "credit_fraud": missing_party(fraud, seeds=seeds, epochs=fraud_epochs, batch_size=64),
+        "breast_cancer_4": missing_party(sljax.data.load_breast_cancer_vertical(num_parties=4), seeds=seeds,
+                                         epochs=bc_epochs, batch_size=32),
+    }
+  results[f"_config_{'_'.join(sorted(studies))}"] = {
+      "quick": args.quick, "seeds": seeds, "rates": list(rates), "seconds": round(time.perf_counter() - t0, 1),
+      "backend": jax.default_backend()}
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
+  with open(path, "w") as f:
     json.dump(results, f, indent=1)
-  plot(results, os.path.join(args.out, "vertical.png"))
+  if any("methods" in r for r in results.values()):
+    plot(results, os.path.join(args.out, "vertical.png"))
   for name, r in results.items():
-    if name.startswith("_") or name == "partial_overlap":
+    if "methods" not in r:
       continue
     print(f"\n{name}: test {r['metric']} (mean ± std over {seeds} seeds; the rate picked on validation)")
     print("| method | " + r["metric"] + " | accuracy | AUC | rates picked |")
@@ -210,12 +248,17 @@ def main(argv=None) -> int:
       auc = np.mean([x["auc"] for x in m["runs"]])
       rates_picked = ",".join(f"{x['rate']:g}" for x in m["runs"])
       print(f"| {method} | {m['mean']:.3f} ± {m['std']:.3f} | {acc:.3f} | {auc:.3f} | {rates_picked} |")
-  po = results["partial_overlap"]
-  print(f"\npartial overlap (credit_fraud, each party holds {po['share']:.0%} of {po['train']} training rows):")
-  for r in po["runs"]:
-    print(f"  intersection {r['intersection']} of sizes {r['sizes']}; PSI {r['psi_seconds']} s, {r['psi_bytes']} "
-          f"bytes; test AUC {r['auc']:.3f}")
-  print(f"\n{results['_config']['seconds']} s")
+  if "partial_overlap" in results:
+    po = results["partial_overlap"]
+    print(f"\npartial overlap (credit_fraud, each party holds {po['share']:.0%} of {po['train']} training rows):")
+    for r in po["runs"]:
+      print(f"  intersection {r['intersection']} of sizes {r['sizes']}; PSI {r['psi_seconds']} s, {r['psi_bytes']} "
+            f"bytes; test AUC {r['auc']:.3f}")
+  for name, r in results.get("missing_party", {}).items():
+    print(f"\nmissing party at inference ({name}; zero embedding in its place; mean over {seeds} seeds):")
+    for which, m in r["mean"].items():
+      print(f"  {which:20} accuracy {m['accuracy']:.3f}  AUC {m['auc']:.3f}")
+  print(f"\n{round(time.perf_counter() - t0, 1)} s")
   return 0
 
 
