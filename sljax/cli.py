@@ -157,6 +157,17 @@ def _cuts(args, client: int | None = None):
   return {"cuts": cuts}, setup._replace(model=model, sl=sl)
 
 
+def _recorder(args):
+  """`sljax serve --transcript PATH`: the server's recorder, its header naming the run."""
+  if not args.transcript:
+    return None
+  from sljax.privacy import transcript  # noqa: PLC0415 -- only where a transcript is asked for
+
+  meta = {"algorithm": args.algorithm, "model": args.model, "hidden": args.hidden, "num_clients": args.num_clients,
+          "seed": args.seed, "rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size}
+  return transcript.Recorder(args.transcript, meta=meta)
+
+
 def serve(args) -> int:
   """`sljax serve`: the server of sequential split learning (vanilla with --num-clients 1; U-shaped with
   --u-shaped), or an algorithm whose clients train at once (`--algorithm`), over gRPC."""
@@ -183,7 +194,8 @@ def serve(args) -> int:
                 key=jax.random.key(args.seed), tokens=tokens, certificate_names=names,
                 checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                 lease_seconds=args.lease_seconds, max_message_bytes=max_bytes,
-                max_abs_value=args.max_abs_value if args.max_abs_value > 0 else None, max_samples=args.max_samples)
+                max_abs_value=args.max_abs_value if args.max_abs_value > 0 else None, max_samples=args.max_samples,
+                recorder=_recorder(args))
   if args.algorithm == "sequential_sl":
     server = transport.SplitServer(setup.model, setup.sl, **common)
   else:
@@ -361,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--max-samples", type=int, default=2**31 - 1,
                  help="the most training rows a client may declare (SplitFed weighs clients by them)")
   p.add_argument("--max-message-mb", type=float, default=64.0)
+  p.add_argument("--transcript", metavar="PATH",
+                 help="record every training message the server receives and sends into this transcript "
+                      "(for sljax privacy-report); written when the server stops")
   _add_cache_args(p)
   p.set_defaults(run=serve)
 

@@ -65,22 +65,45 @@ __all__ = ["ALGORITHMS", "ConcurrentServer", "ConcurrentState", "SplitServer"]
 
 
 class ConcurrentServer(ServiceBase):
-  """The server's side of parallel split learning or SplitFed v1 or v2, behind any transport.
+  """The server's side of a split-learning algorithm, behind any transport: the shell around the
+  algorithm's coordinator (`coordinators.COORDINATORS`).
 
   Args:
     model: the split model.
-    sl: `sljax.vanilla(model, ...)` (`sljax.u_shaped(model, ...)` for "parallel_sl_u"), the same as
-      the clients'; its optimizers, loss and codecs are the algorithm's.
-    algorithm: "parallel_sl", "parallel_sl_u", "local_loss_sl", "splitfed_v1" or "splitfed_v2"
-      (`ALGORITHMS`).
-    schedule: clients, rounds, steps per round (`local_steps`), batch size.
-    input_spec, key, tokens, certificate_names, checkpoint_dir, checkpoint_every,
-    lease_seconds, max_message_bytes, max_predict_batch, clock, max_abs_value, num_classes,
-    max_samples: as for `SplitServer`.
-      `checkpoint_every` counts applied steps (parallel SL) or commits (SplitFed); the server also
-      checkpoints at the end of every round.
+    sl: what the algorithm's factory takes, the same as the clients': `sljax.vanilla(model, ...)`
+      (`sljax.u_shaped(model, ...)` for "parallel_sl_u" and "sequential_sl_u"); its optimizers,
+      loss and codecs are the algorithm's.
+    algorithm: a name of `coordinators.COORDINATORS`: "parallel_sl", "parallel_sl_u",
+      "heterogeneous_parallel_sl", "local_loss_sl", "splitfed_v1", "splitfed_v2" (`ALGORITHMS`,
+      all clients at once), or "sequential_sl", "sequential_sl_u" (`SplitServer` picks these).
+    schedule: clients, rounds, steps per round (per turn, in sequential SL), batch size.
+    input_spec: shape (without the batch axis) and dtype of the clients' inputs; the server starts
+      where the simulated algorithm's `init(key, ...)` does.
+    key: the run's PRNG key (the key given to the simulated algorithm's `init`).
+    tokens: bearer token -> client id.
+    certificate_names: TLS client certificate common name -> client id (with mutual TLS).
+    checkpoint_dir: where to checkpoint (orbax); a server started on a directory holding a
+      checkpoint resumes from it.
+    checkpoint_every: checkpoint after every this many applied steps or commits (and at every end
+      of a round or turn, and whatever a client must not hear of before it is durable).
+    lease_seconds: a client silent this long while others wait for it (at a barrier, for the
+      average, in its turn) is dropped from the round (loses its turn).
+    max_message_bytes: requests larger than this are refused (RESOURCE_EXHAUSTED).
+    max_predict_batch: the largest batch a Predict call may carry.
+    clock: seconds, monotonic; tests pass a fake one.
+    max_abs_value: the largest magnitude a floating value in a client's message may have (activations,
+      gradients, weights); a message beyond it is refused (INVALID_ARGUMENT) before it touches the
+      state, so no client can turn the server half into infinities. None: no bound.
+    num_classes: labels in a client's message must lie in [0, num_classes): "auto" takes the width
+      of the model's (B, C) output; None: unchecked (a loss that reads its labels otherwise).
+    max_samples: the most training rows a client may declare in its handshake (SplitFed's FedAvg
+      weighs clients by them: set it to the largest plausible client, so none can dominate).
+    recorder: a `sljax.privacy.transcript.Recorder`: every training message the server receives and
+      sends (Forward, Backward, Handover), as the bytes that crossed the wire, goes into its
+      transcript, for `sljax privacy-report`; `close()` finishes the file. None: nothing recorded.
     options: the algorithm's own options, as its factory takes them (local-loss SL: `aux_head`,
-      `sljax.algorithms.linear_head(num_classes)` by default); the clients pass the same to `connect`.
+      `sljax.algorithms.linear_head(num_classes)` by default; heterogeneous parallel SL: `cuts`);
+      the clients pass the same to `connect`.
 
   Example:
     >>> server = ConcurrentServer(model, sl, algorithm="parallel_sl", schedule=Schedule(4, 10, 5, 32),
@@ -109,6 +132,7 @@ class ConcurrentServer(ServiceBase):
       max_abs_value: float | None = wire.DEFAULT_MAX_ABS_VALUE,
       num_classes: int | str | None = "auto",
       max_samples: int = MAX_SAMPLES,
+      recorder=None,
       options: Mapping[str, Any] | None = None,
   ):
     if algorithm not in coord.COORDINATORS:
@@ -118,7 +142,7 @@ class ConcurrentServer(ServiceBase):
     self._configure(num_clients=schedule.num_clients, tokens=tokens, certificate_names=certificate_names, sl=sl,
                     checkpoint_every=checkpoint_every, lease_seconds=lease_seconds,
                     max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock,
-                    max_abs_value=max_abs_value, num_classes=num_classes, max_samples=max_samples)
+                    max_abs_value=max_abs_value, num_classes=num_classes, max_samples=max_samples, recorder=recorder)
     self.options = dict(options or {})
     algo = sched.algorithm(algorithm, sl, schedule, input_spec, **self.options)
     # the server starts where the simulation's `init` does: its server part, the clients' halves, the run key

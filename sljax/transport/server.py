@@ -76,7 +76,7 @@ class ServiceBase:
   def _configure(self, *, num_clients: int, tokens, certificate_names, sl: Vanilla | UShaped, checkpoint_every: int,
                  lease_seconds: float, max_message_bytes: int, max_predict_batch: int,
                  clock: Callable[[], float], max_abs_value: float | None = wire.DEFAULT_MAX_ABS_VALUE,
-                 num_classes: int | str | None = "auto", max_samples: int = MAX_SAMPLES) -> None:
+                 num_classes: int | str | None = "auto", max_samples: int = MAX_SAMPLES, recorder=None) -> None:
     if not tokens and not certificate_names:
       raise ValueError("tokens, certificate_names: give at least one way to identify clients")
     for name, ids in (("tokens", tokens or {}), ("certificate_names", certificate_names or {})):
@@ -96,6 +96,9 @@ class ServiceBase:
     self.max_abs_value = max_abs_value
     self.num_classes = num_classes
     self.max_samples = max_samples
+    if recorder is not None and not callable(getattr(recorder, "record", None)):
+      raise TypeError(f"recorder: expected a sljax.privacy.transcript.Recorder, got {type(recorder).__name__}")
+    self.recorder = recorder
     self._tokens = dict(tokens or {})
     self._certificate_names = dict(certificate_names or {})
     # What the handshake compares with the client's: the codecs' configurations, derived from `sl`.
@@ -157,7 +160,22 @@ class ServiceBase:
     with self._cond:
       self._seen(client)
       self._expire_if_due()
-      return getattr(self, f"_{method.lower()}")(client, req)
+      response = getattr(self, f"_{method.lower()}")(client, req)
+      if self.recorder is not None:
+        self._record(method, client, req, response)
+      return response
+
+  def _record(self, method: str, client: int, req: dict, response: bytes) -> None:
+    """Into the transcript: the training messages of a served call, as the bytes that crossed the
+    wire (the request's message up, the response's down); Handshake, Status and Predict are not."""
+    if method not in ("Forward", "Backward", "Handover"):
+      return
+    step = req["steps"] if method == "Handover" else req["step"]
+    if req["message"] is not None:
+      self.recorder.record("up", req["round"], step, client, req["message"])
+    down = msgpack.unpackb(response, raw=False).get("message")
+    if down:  # local-loss SL answers an empty message; a Handover put none
+      self.recorder.record("down", req["round"], step, client, down)
 
   def snapshot(self) -> bytes:
     """The server's state and staged step(s) as bytes: equal bytes, equal state (for tests)."""
@@ -167,10 +185,12 @@ class ServiceBase:
            "staged": jax.device_get(self._staged_dict())})
 
   def close(self) -> None:
-    """Finishes pending checkpoint writes."""
+    """Finishes pending checkpoint writes, and the transcript if the server records one."""
     if self._manager is not None:
       self._manager.wait_until_finished()
       self._manager.close()
+    if self.recorder is not None:
+      self.recorder.close()
 
   # ---- identity ---------------------------------------------------------------------------------------
 
