@@ -1,7 +1,10 @@
 """Strict test settings: rank promotion raises, several CPU devices for sharding tests, and XLA
-compiling for a quick start rather than a fast run."""
+compiling for a quick start rather than a fast run, once per session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Before jax is imported anywhere: four host devices, so sharding tests run on a CPU-only machine.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -12,6 +15,17 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # test process (their bitwise comparisons hold). The library and the programs jax traces are unchanged.
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# One persistent compilation cache for the session, in a temporary directory (never the user's
+# ~/.cache): the xdist workers and the `sljax serve` and `sljax client` processes the tests start
+# inherit JAX_COMPILATION_CACHE_DIR, so a program one of them compiled is loaded, not compiled again,
+# by every other process, server or test that builds it anew. Every program is cached, however fast it
+# compiled. tests/compile_helpers.py counts a program loaded from the cache as a compilation.
+if "SLJAX_TEST_COMPILATION_CACHE" not in os.environ:  # the first process of the session: it makes the directory
+  os.environ["SLJAX_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="sljax-test-xla-")
+  atexit.register(shutil.rmtree, os.environ["SLJAX_TEST_COMPILATION_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SLJAX_TEST_COMPILATION_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import jax  # noqa: E402
 
