@@ -180,7 +180,8 @@ class ConcurrentServer(ServiceBase):
         half_template=msgs.spec_of(sched.to_message(parties[0])))
     self._view_infer = None if view is None else jax.jit(view.server_infer, static_argnums=1)
 
-    self._last_seen: dict[int, float] = {}
+    self._progress_at: dict[int, float] = {}  # client -> when a call of it last changed the state
+    self._waited_since: dict[int, float] = {}  # client -> since when others wait for it
     initial = self._restore(checkpoint_dir, self.coordinator.initial(sim))
     if self._version:
       logger.info("resumed from checkpoint %d at round %d", self._version, int(initial.round))
@@ -197,22 +198,29 @@ class ConcurrentServer(ServiceBase):
   # ---- the shell: transitions, waits, leases, checkpoints -------------------------------------------
 
   def _run(self, client: int, transition: Callable[[coord.CoordinatorState], tuple[Any, Any]]) -> dict:
-    """Applies a coordinator's transition, waits as it asks (releasing the lock; the caller counts
-    as alive), and returns the response's fields. Called with the lock held."""
-    self.s, outcome = transition(self.s)
-    self._after()
+    """Applies a coordinator's transition, waits as it asks (releasing the lock), and returns the
+    response's fields. A transition that changes the state is the caller's progress, which renews
+    its lease; waiting, like any call that changes nothing, does not. Called with the lock held."""
+    outcome = self._step(client, transition)
     while isinstance(outcome, coord.Wait):
       end = self._clock() + outcome.seconds
       while not outcome.until(self.s) and self._clock() < end:
         self._cond.wait(timeout=min(0.05, max(0.0, end - self._clock())))
-        self._seen(client)
         self._expire_if_due()
-      self.s, outcome = outcome.then(self.s)
-      self._after()
+      outcome = self._step(client, outcome.then)
     fields = outcome.fields
     if fields is coord.POSITION:
       return self._position(client)
     return {name: self._position(client) if value is coord.POSITION else value for name, value in fields.items()}
+
+  def _step(self, client: int, transition) -> Any:
+    """One transition of `client`'s call; returns its outcome."""
+    before = self.s
+    self.s, outcome = transition(self.s)
+    if self.s is not before:
+      self._progress(client)
+    self._after()
+    return outcome
 
   def _after(self) -> None:
     """After a transition: the checkpoint it needs, and wake whoever waits on the state."""
@@ -226,22 +234,36 @@ class ConcurrentServer(ServiceBase):
     self.s = self.coordinator.saved(self.s)
 
   def _seen(self, client: int) -> None:
-    now = self._clock()
-    if not self._last_seen:  # leases start with the first call from any client
-      self._last_seen = dict.fromkeys(range(self.schedule.num_clients), now)
-    self._last_seen[client] = now
+    """A call arrived: leases start with the first call from any client (a call alone renews none)."""
+    del client
+    if not self._progress_at:
+      self._progress_at = dict.fromkeys(range(self.schedule.num_clients), self._clock())
+
+  def _progress(self, client: int) -> None:
+    self._seen(client)
+    self._progress_at[client] = self._clock()
 
   def _silent(self, client: int) -> bool:
-    return self._clock() - self._last_seen.get(client, self._clock()) > self.lease_seconds
+    """No progress of `client` for a lease, counted from when others began to wait for it if later."""
+    now = self._clock()
+    last = max(self._progress_at.get(client, now), self._waited_since.get(client, now))
+    return now - last > self.lease_seconds
 
   def _expire_if_due(self) -> None:
-    """Drops the clients that others wait for and that have been silent for a lease."""
+    """Drops the clients that others wait for and that have made no progress for a lease, whatever
+    else they call (`Status` polls, waits in other calls)."""
     if self.coordinator.done(self.s):
       return
-    s = self.s
+    s, now = self.s, self._clock()
     for k in range(self.schedule.num_clients):
-      if self._silent(k) and self.coordinator.droppable(s, k):
-        s = self.coordinator.drop(s, k, f"silent for more than {self.lease_seconds:.1f} s while others waited for it")
+      if not self.coordinator.droppable(s, k):
+        self._waited_since.pop(k, None)
+        continue
+      self._waited_since.setdefault(k, now)
+      if self._silent(k):
+        s = self.coordinator.drop(s, k, f"no progress for more than {self.lease_seconds:.1f} s while others waited "
+                                        "for it")
+        self._waited_since.pop(k, None)
     self.s = self.coordinator.advance(s)
     self._after()
 
@@ -263,6 +285,7 @@ class ConcurrentServer(ServiceBase):
     return self._view_infer(self._predict_party(client), client, msgs.SmashedData(activations))
 
   def _hello(self, client: int, req: dict) -> None:
+    self._progress(client)  # a client that connects (again) is back
     self.s, changed = self.coordinator.hello(self.s, client, req["samples"])
     if changed:
       self._save()
