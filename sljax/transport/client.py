@@ -377,9 +377,13 @@ def _train_round(session: Session, half: PartyState, round_: int, on_step: Calla
 
   `start`: the step to begin at (a client resuming from its own checkpoint; that step is durable
   on the server). `on_durable(round, step, half)` is called whenever the server reports the step
-  the client just committed as checkpointed.
+  the client just committed as checkpointed. The client keeps its half after every step since the
+  last one reported checkpointed, so it can roll back to any step a restarted server resumes from.
   """
-  durable = (start, half)  # the turn's start is always checkpointed
+  # The halves since the last step the server reported checkpointed (the turn's start always is):
+  # after a server restart the client rolls back to whichever of them the server resumed from (a
+  # checkpoint whose report was lost with the server is one of them).
+  kept = {start: half}
   history: list[dict] = []
   step = start
   while step < session.schedule.local_steps:
@@ -396,20 +400,23 @@ def _train_round(session: Session, half: PartyState, round_: int, on_step: Calla
       if position["step"] == step:
         logger.info("client %d: step %d was not committed (%s); forwarding it again", session.client, step, e.code.name)
         continue
-      if position["step"] == durable[0]:
+      if position["step"] in kept:
         logger.warning("client %d: the server resumed from step %d; rolling back from step %d", session.client,
-                       durable[0], step)
-        step, half = durable
+                       position["step"], step)
+        step = position["step"]
+        half = kept[step]
+        kept = {s: h for s, h in kept.items() if s <= step}
         history = [h for h in history if h["step"] < step]
         continue
       raise TransportError(_FAILED, f"client {session.client} cannot resume at step {step}: the server is at step "
-                                    f"{position['step']}, the client kept step {durable[0]}") from None
+                                    f"{position['step']}, the client kept steps {sorted(kept)}") from None
     half, step = new_half, step + 1
+    kept[step] = half
     history.append(metrics)
     if on_step is not None:
       on_step(metrics)
     if position["durable"] == step:
-      durable = (step, half)
+      kept = {step: half}
       if on_durable is not None:
         on_durable(round_, step, half)
   return half, True, history
