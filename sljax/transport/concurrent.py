@@ -59,7 +59,6 @@ logger = logging.getLogger(__name__)
 
 # the algorithms whose clients train at once (sequential SL, clients taking turns: `SplitServer`)
 ALGORITHMS = tuple(name for name, c in coord.COORDINATORS.items() if c is not coord.Turns)
-SEQUENTIAL = ("sequential_sl", "sequential_sl_u")
 
 __all__ = ["ALGORITHMS", "ConcurrentServer", "ConcurrentState", "SplitServer"]
 
@@ -86,8 +85,9 @@ class ConcurrentServer(ServiceBase):
       checkpoint resumes from it.
     checkpoint_every: checkpoint after every this many applied steps or commits (and at every end
       of a round or turn, and whatever a client must not hear of before it is durable).
-    lease_seconds: a client silent this long while others wait for it (at a barrier, for the
-      average, in its turn) is dropped from the round (loses its turn).
+    lease_seconds: a client that makes no progress (no call of it changes the state) for this long
+      while others wait for it (at a barrier, for the average, in its turn) is dropped from the
+      round (loses its turn); polling `Status` does not count.
     max_message_bytes: requests larger than this are refused (RESOURCE_EXHAUSTED).
     max_predict_batch: the largest batch a Predict call may carry.
     clock: seconds, monotonic; tests pass a fake one.
