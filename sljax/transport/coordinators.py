@@ -649,19 +649,9 @@ class LockstepU(Coordinator):
     if p.forwarded is None:
       s = self.advance(s.set(pending=p._replace(smashed={**p.smashed, client: smashed})))  # a retry replaces it
 
-    def computed(s):
-      p = self._current(s, round_, step)
-      return p is None or p.forwarded is not None
-
-    def answer(s):
-      p = self._current(s, round_, step)
-      if p is None or p.forwarded is None or not p.forwarded[client]:
-        raise TransportError(grpc.StatusCode.ABORTED, f"Forward: step {step} of round {round_} went on without "
-                                                      f"client {client}; {self.where(s, client)}")
-      body = msgs.BodyOutput(jax.tree.map(lambda a: a[client], p.bodies))
-      return s, Reply({"message": msgs.to_bytes(body), "loss": 0.0, "accuracy": 0.0})
-
-    return s, Wait(computed, answer, self.lease_seconds + 1.0)
+    body = lambda p: msgs.BodyOutput(jax.tree.map(lambda a: a[client], p.bodies))  # noqa: E731
+    return s, self._held("Forward", "forwarded", client, round_, step,
+                         lambda p: {"message": msgs.to_bytes(body(p)), "loss": 0.0, "accuracy": 0.0})
 
   def on_backward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
     self.check_next(s, "Backward", client, round_, step)
@@ -672,18 +662,25 @@ class LockstepU(Coordinator):
     if p.backed is None:
       s = self.advance(s.set(pending=p._replace(tails={**p.tails, client: tail})))  # a retry replaces it
 
-    def computed(s):
+    cut = lambda p: msgs.CutGradient(jax.tree.map(lambda a: a[client], p.cuts))  # noqa: E731
+    return s, self._held("Backward", "backed", client, round_, step, lambda p: {"message": msgs.to_bytes(cut(p))})
+
+  def _held(self, method: str, field: str, client: int, round_: int, step: int, reply) -> Wait:
+    """Holds `client`'s call until the step's barrier `field` ("forwarded", "backed") is passed;
+    then answers `reply(pending)`, or ABORTED if the step went on without the client."""
+
+    def passed(s):
       p = self._current(s, round_, step)
-      return p is None or p.backed is not None
+      return p is None or getattr(p, field) is not None
 
     def answer(s):
       p = self._current(s, round_, step)
-      if p is None or p.backed is None or not p.backed[client]:
-        raise TransportError(grpc.StatusCode.ABORTED, f"Backward: step {step} of round {round_} went on without "
+      if p is None or getattr(p, field) is None or not getattr(p, field)[client]:
+        raise TransportError(grpc.StatusCode.ABORTED, f"{method}: step {step} of round {round_} went on without "
                                                       f"client {client}; {self.where(s, client)}")
-      return s, Reply({"message": msgs.to_bytes(msgs.CutGradient(jax.tree.map(lambda a: a[client], p.cuts)))})
+      return s, Reply(reply(p))
 
-    return s, Wait(computed, answer, self.lease_seconds + 1.0)
+    return Wait(passed, answer, self.lease_seconds + 1.0)
 
   def on_commit(self, s: CoordinatorState, client: int, round_: int, step: int):
     if self.committed_before(s, client, round_, step):
