@@ -477,7 +477,7 @@ class Lockstep(Coordinator):
       return s, Reply(POSITION)  # a retry of a commit that went through
     self.check_next(s, "Commit", client, round_, step)
     p = s.volatile.pending
-    if p is None or (p.round, p.step) != (round_, step) or p.forwarded is None or not p.forwarded[client]:
+    if p is None or (p.round, p.step) != (round_, step) or not self._may_commit(p, client):
       raise self.not_staged(s, "Commit", client, round_, step)
     s = self.advance(s.set(committed=s.volatile.committed | {client}))
 
@@ -488,6 +488,10 @@ class Lockstep(Coordinator):
 
     return s, Wait(lambda s: self.committed_before(s, client, round_, step) or bool(s.durable.gone[client]), answer,
                    self.lease_seconds + 1.0)
+
+  def _may_commit(self, p: Pending, client: int) -> bool:
+    """Whether `client` has a part in the pending step to commit (it got its answer)."""
+    return p.forwarded is not None and bool(p.forwarded[client])
 
   def _down_bytes(self, p: Pending, client: int) -> bytes:
     """What the Forward response carries: the client's cut gradient."""
@@ -553,7 +557,7 @@ class PendingU(NamedTuple):
   cuts: Any = None  # the CutGradient payloads (K, ...), on the host
 
 
-class LockstepU(Coordinator):
+class LockstepU(Lockstep):
   """U-shaped parallel SL: the barriers of parallel SL around the server's two legs.
 
   Step s of round r: each `Forward(r, s)` (smashed data, no labels) is held until every client
@@ -682,29 +686,8 @@ class LockstepU(Coordinator):
 
     return Wait(passed, answer, self.lease_seconds + 1.0)
 
-  def on_commit(self, s: CoordinatorState, client: int, round_: int, step: int):
-    if self.committed_before(s, client, round_, step):
-      return s, Reply(POSITION)  # a retry of a commit that went through
-    self.check_next(s, "Commit", client, round_, step)
-    p = self._current(s, round_, step)
-    if p is None or p.backed is None or not p.backed[client]:
-      raise self.not_staged(s, "Commit", client, round_, step)
-    s = self.advance(s.set(committed=s.volatile.committed | {client}))
-
-    def answer(s):
-      if not self.committed_before(s, client, round_, step):
-        raise TransportError(_FAILED, f"Commit: step {step} of round {round_} was discarded; {self.where(s, client)}")
-      return s, Reply(POSITION)
-
-    return s, Wait(lambda s: self.committed_before(s, client, round_, step) or bool(s.durable.gone[client]), answer,
-                   self.lease_seconds + 1.0)
-
-  def staged_dict(self, s: CoordinatorState) -> dict:
-    out = super().staged_dict(s)
-    p = s.volatile.pending
-    if p is not None and p.server is not None:
-      out["pending"] = {"position": [p.round, p.step], "server": serialization.to_state_dict(p.server)}
-    return out
+  def _may_commit(self, p: PendingU, client: int) -> bool:
+    return p.backed is not None and bool(p.backed[client])
 
 
 class _Averaging(Coordinator):
