@@ -1,0 +1,42 @@
+"""Every tutorial notebook in notebooks/ runs top to bottom without an error, within its time limit.
+
+One test per notebook, named by its file, so a notebook added to notebooks/ is tested without
+touching this file. Each runs in a fresh `python3` kernel with notebooks/ as its working
+directory, through `notebooks/execute.py` (the script that stores the notebooks with their
+outputs), on a copy in memory: the stored notebook is never written. The kernel inherits this
+session's environment (tests/conftest.py): XLA's backend optimizations off and the session's
+persistent compilation cache, also for the processes a notebook starts (`sljax serve`).
+"""
+
+import importlib.util
+import os
+import pathlib
+
+import nbformat
+import pytest
+
+NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+TIMEOUT = 120  # seconds per notebook, kernel start excluded
+
+_spec = importlib.util.spec_from_file_location("notebooks_execute", NOTEBOOKS / "execute.py")
+execute = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(execute)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_notebook_runs_without_error(name):
+  path = NOTEBOOKS / name
+  before = path.read_bytes()
+  notebook = nbformat.reads(before.decode("utf-8"), as_version=4)
+  execute.execute(notebook, timeout=TIMEOUT, cwd=NOTEBOOKS)
+  assert path.read_bytes() == before, f"{name}: running it changed the stored notebook"
+
+
+def test_kernels_inherit_the_test_environment(tmp_path):
+  """A notebook's kernel sees the XLA flags and the compilation cache of tests/conftest.py."""
+  cell = nbformat.v4.new_code_cell("import os; print(os.environ['XLA_FLAGS']); "
+                                   "print(os.environ['JAX_COMPILATION_CACHE_DIR'])")
+  notebook = execute.execute(nbformat.v4.new_notebook(cells=[cell]), timeout=TIMEOUT, cwd=tmp_path)
+  flags, cache = notebook.cells[0].outputs[0]["text"].splitlines()
+  assert "--xla_backend_optimization_level=0" in flags.split()
+  assert cache == os.environ["JAX_COMPILATION_CACHE_DIR"]
