@@ -20,8 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
+from sljax._progress import progress_bar
 from sljax.algorithms import Algorithm, SimState
 from sljax.data.clients import ClientData
 from sljax.execution import replicate, shard_clients
@@ -242,7 +242,7 @@ def run(
     round_fn = round_
   history = []
   try:
-    with tqdm(range(start, stop), desc=algorithm.name, disable=not progress, leave=False) as bar:
+    with progress_bar(range(start, stop), desc=algorithm.name, disable=not progress) as bar:
       for r in bar:
         state, metrics = round_fn(state, data)
         record = _record(metrics, r + 1)

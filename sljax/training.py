@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from sljax._progress import progress_bar
 from sljax.algorithms import Algorithm
 from sljax.algorithms._common import _host
 from sljax.data.clients import ClientData
@@ -172,7 +172,7 @@ def fit(
     recording = FitRecording(trainer, transcript, batch_size=batch_size, state=state)
     epoch_fn = recording.epoch
   history = []
-  with tqdm(range(epochs), desc=description, disable=not progress, leave=False) as bar:
+  with progress_bar(range(epochs), desc=description, disable=not progress) as bar:
     for e in bar:
       state, metrics = epoch_fn(state, x, y, jax.random.fold_in(key, e))
       metrics = recording.write(e, metrics) if recording is not None else jax.device_get(metrics)

@@ -29,12 +29,12 @@ import grpc
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 import orbax.checkpoint as ocp
 
 from sljax import messages as msgs
 from sljax import simulation
+from sljax._progress import progress_bar
 from sljax.algorithms import parallel_u
 from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
@@ -440,7 +440,7 @@ def run(session: Session, *, wait: float = 10.0, progress: bool = False,
   schedule = session.schedule
   saver = None if checkpoint_dir is None else _HalfCheckpoints(checkpoint_dir, session)
   total = schedule.rounds * schedule.local_steps
-  with tqdm(total=total, desc=f"client {session.client}", disable=not progress, leave=False) as bar:
+  with progress_bar(total=total, desc=f"client {session.client}", disable=not progress) as bar:
 
     def on_step(metrics):
       bar.update(1)
