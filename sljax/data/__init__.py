@@ -10,12 +10,14 @@ from sljax.data.datasets import (
     make_mnist1d,
     make_synthetic,
 )
+from sljax.data.maintenance import MaintenanceData, make_maintenance
 from sljax.data.partition import dirichlet, iid, label_shards, quantity_skew, vertical_split
 from sljax.data.vertical import VerticalDataset, load_breast_cancer_vertical, make_credit_fraud
 
 __all__ = [
     "ClientData",
     "Dataset",
+    "MaintenanceData",
     "VerticalDataset",
     "client_batches",
     "dirichlet",
@@ -27,6 +29,7 @@ __all__ = [
     "load_digits",
     "load_wine",
     "make_credit_fraud",
+    "make_maintenance",
     "make_mnist1d",
     "make_synthetic",
     "quantity_skew",
