@@ -123,8 +123,8 @@ def describe(codec: Codec | None) -> dict[str, Any]:
     codec: a :class:`Codec` or None.
 
   Returns:
-    A fresh dict of str, int, float, bool, None, lists and dicts, e.g. ``{"name": "quantize",
-    "bits": 4, "per": "row", "stochastic": True}``.
+    A fresh dict of str, int, float, bool, None, lists and dicts, e.g.
+    ``{"name": "quantize", "bits": 4, "per": "row", "stochastic": True}``.
 
   Raises:
     ValueError: if ``codec`` carries no ``config`` (built by hand without one, or a chain of such
