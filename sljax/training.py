@@ -122,15 +122,25 @@ def fit(
     key: jax.Array,
     epochs: int,
     batch_size: int,
+    test: tuple[Any, Any] | None = None,
+    evaluate: Callable[[Any], dict[str, Any]] | None = None,
+    eval_every: int = 1,
     progress: bool = False,
     description: str = "training",
     transcript: Any = None,
 ) -> tuple[Any, list[dict[str, float]]]:
-  """Trains for `epochs` shuffled epochs and returns the state and per-epoch metrics.
+  """Trains for `epochs` shuffled epochs and returns the state and one record of figures per epoch.
 
   Every epoch takes `len(x) // batch_size` full batches of a fresh shuffle; the
   `len(x) % batch_size` samples left over (different ones each epoch) are dropped, so that every
   step has one shape. Each record says how many (`dropped_samples`), and a log message too.
+
+  The history is a list of flat dicts of Python numbers, every one with the same keys, so
+  `pandas.DataFrame(history)` or `sljax.plots` take it as it is: `epoch`, the training `loss` and
+  `accuracy` (means over the epoch's batches, measured during the steps), `bytes_up`,
+  `bytes_down`, `dropped_samples`; with `test`, `test_accuracy`, `test_loss` (and `test_auc` for a
+  vertical model with two classes) and the test's inference traffic `test_bytes_up`,
+  `test_bytes_down`; and what `evaluate` returns. An epoch that is not tested holds NaN for those.
 
   Calling `fit` again with the same `trainer` and data shapes reuses the compiled epoch.
 
@@ -143,7 +153,16 @@ def fit(
     key: PRNG key; epoch `e` uses `fold_in(key, e)` for its order and step keys.
     epochs: number of passes.
     batch_size: samples per step.
-    progress: show a progress bar.
+    test: held-out data `(x_test, y_test)`, with the structure and per-sample shapes of `x`,
+      tested after every `eval_every`-th epoch and after the last by `sljax.evaluate` (or
+      `sljax.vertical_evaluate` when `x` is a pytree of party columns), whose figures the records
+      hold prefixed `test_` (softmax cross-entropy for the loss). Checked before the first epoch.
+    evaluate: `evaluate(state) -> dict` of figures (Python or numpy numbers) merged into the
+      records of the tested epochs, e.g. `sljax.evaluate` with another loss or other data; its
+      names must differ from the record's own.
+    eval_every: test (and call `evaluate`) after every `eval_every`-th epoch and after the last.
+    progress: show a progress bar (`sljax._progress.progress_bar`: a widget or text in a notebook,
+      one line per update in a log).
     description: the progress bar's label.
     transcript: None (the default: nothing recorded, nothing changes), or a path or a
       `sljax.privacy.transcript.Recorder` to record every message of the run into (round = epoch,
@@ -152,13 +171,32 @@ def fit(
       path's recorder is closed at the end, a given recorder is left open.
 
   Returns:
-    The final state and, per epoch, the mean loss and accuracy, the total bytes up and down
-    (Python ints, exact past 2**31) and the number of samples the epoch dropped.
+    The final state and the records, one per epoch (see above): the mean loss and accuracy, the
+    total bytes up and down (Python ints, exact past 2**31), the number of samples the epoch
+    dropped, and the test figures.
+
+  Example:
+    >>> import math, optax, numpy as np, jax, sljax
+    >>> x = np.random.default_rng(0).normal(size=(80, 12)).astype(np.float32)
+    >>> y = np.argmax(x[:, :10], 1).astype(np.int32)
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(16,)), 1), client_optimizer=optax.sgd(0.1),
+    ...                    server_optimizer=optax.sgd(0.1))
+    >>> state, history = sljax.fit(sl, sl.init(jax.random.key(0), x[:1]), x[:64], y[:64], key=jax.random.key(1),
+    ...                            epochs=3, batch_size=8, test=(x[64:], y[64:]), eval_every=2)
+    >>> [not math.isnan(h["test_accuracy"]) for h in history]  # tested: epochs 2 and 3 (the last)
+    [False, True, True]
+    >>> history[-1]["test_accuracy"] == sljax.evaluate(sl, state, x[64:], y[64:])["accuracy"]
+    True
   """
+  if isinstance(eval_every, bool) or not isinstance(eval_every, numbers.Integral) or eval_every < 1:
+    raise ValueError(f"eval_every: expected a positive int (test every that many epochs), got {eval_every!r}")
+  if evaluate is not None and not callable(evaluate):
+    raise TypeError(f"evaluate: expected a function of the state returning a dict, got {type(evaluate).__name__}")
   x, y = jax.tree.map(jnp.asarray, x), jnp.asarray(y)
   _check_labels(x, y)
   n = y.shape[0]
   _check_batch_size(n, batch_size)
+  test_fn = None if test is None else _fit_tester(trainer, x, test)
   dropped = n % batch_size
   if dropped:
     logger.info("fit: %d samples make %d batches of %d; each epoch drops the %d left over (different ones each epoch)",
@@ -186,12 +224,58 @@ def fit(
           "bytes_down": int(np.sum(np.broadcast_to(np.asarray(metrics["bytes_down"], np.int64), (steps,)))),
           "dropped_samples": dropped,
       }
+      if (e + 1) % eval_every == 0 or e + 1 == epochs:
+        if test_fn is not None:
+          record.update(test_fn(state))
+        if evaluate is not None:
+          record.update(_figures(evaluate(state), record))
       history.append(record)
       bar.set_postfix(loss=f"{record['loss']:.4f}")
       logger.debug("epoch %d: %s", e + 1, record)
   if recording is not None:
     recording.finish(history)
-  return state, history
+  return state, _same_keys(history)
+
+
+def _fit_tester(trainer: Any, x: Any, test: Any) -> Callable[[Any], dict[str, Any]]:
+  """`fit`'s `test` checked against the training features `x`: the function of the state that tests it."""
+  if not isinstance(test, (tuple, list)) or len(test) != 2:
+    raise ValueError(f"test: expected a test set (x, y), got {type(test).__name__}"
+                     f"{f' of length {len(test)}' if isinstance(test, (tuple, list)) else ''}")
+  x_test, y_test = jax.tree.map(np.asarray, test[0]), test[1]
+  if jax.tree.structure(x_test) != jax.tree.structure(x):
+    raise ValueError(f"test[0]: expected the structure of x, {jax.tree.structure(x)}, got "
+                     f"{jax.tree.structure(x_test)}")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(x), jax.tree.leaves(x_test), strict=True):
+    if b.ndim != a.ndim or b.shape[1:] != a.shape[1:]:
+      raise ValueError(f"test[0]{jax.tree_util.keystr(path)}: expected samples of shape {tuple(a.shape[1:])} as in "
+                       f"x, got shape {b.shape}")
+  y_test = np.asarray(y_test)
+  n = jax.tree.leaves(x_test)[0].shape[0]
+  if y_test.shape != (n,) or not np.issubdtype(y_test.dtype, np.integer):
+    raise ValueError(f"test[1]: expected {n} integer labels, one per sample of test[0], got shape {y_test.shape} "
+                     f"{y_test.dtype}")
+  if isinstance(x, jax.Array):
+    return lambda state: {f"test_{k}": v for k, v in evaluate(trainer, state, x_test, y_test).items()}
+  from sljax.vertical import vertical_evaluate  # noqa: PLC0415 -- vertical imports this module
+
+  return lambda state: {f"test_{k}": v for k, v in vertical_evaluate(trainer, state, x_test, y_test).items()}
+
+
+def _figures(figures: Any, record: dict[str, Any]) -> dict[str, Any]:
+  """What `fit`'s `evaluate` returned, checked, as Python numbers where they are numpy's or jax's."""
+  if not isinstance(figures, dict):
+    raise TypeError(f"evaluate: expected a dict of figures, got {type(figures).__name__}")
+  taken = sorted(set(figures) & set(record))
+  if taken:
+    raise ValueError(f"evaluate: expected names other than the record's own, got {', '.join(map(repr, taken))}")
+  return {k: v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v for k, v in figures.items()}
+
+
+def _same_keys(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The records with the keys of all of them, in order of appearance; NaN where a record lacks one."""
+  keys = list(dict.fromkeys(k for record in history for k in record))
+  return [{k: record.get(k, float("nan")) for k in keys} for record in history]
 
 
 def evaluate(trainer: Any, state: Any, x: Any, y: Any = None, *, batch_size: int = 1024,
@@ -200,8 +284,8 @@ def evaluate(trainer: Any, state: Any, x: Any, y: Any = None, *, batch_size: int
 
   - `evaluate(sl, split_state, x, y)`, for a trainer (`vanilla`, `u_shaped`, `centralized`):
     collaborative inference (client forward, then server) in batches of `batch_size`, every sample
-    counted (the last batch may be smaller: one more compile, for its shape). Returns `accuracy`
-    and the inference traffic `bytes_up`, `bytes_down`.
+    counted (the last batch may be smaller: one more compile, for its shape). Returns `accuracy`,
+    `loss` (the mean `loss` per sample) and the inference traffic `bytes_up`, `bytes_down`.
   - `evaluate(algorithm, sim_state, x, y)` or `evaluate(algorithm, sim_state, test_clients)`, for
     a multi-client algorithm (`sljax.algorithms`), with a test set `x`, `y` or per-client test data
     (a `ClientData`, e.g. `sljax.data.stack_clients` of a held-out split). Where every client ends a
@@ -224,8 +308,8 @@ def evaluate(trainer: Any, state: Any, x: Any, y: Any = None, *, batch_size: int
     y: integer labels (N,).
     batch_size: the samples that go through the model at once (split among the clients when each
       client's half is tested).
-    loss: for an algorithm, the per-batch mean loss that `test_loss` reports; softmax cross-entropy
-      unless given (a trainer reports no loss).
+    loss: the per-batch mean loss that `loss` (a trainer) or `test_loss` (an algorithm) reports;
+      softmax cross-entropy unless given.
 
   Example:
     >>> import optax, numpy as np, jax, sljax
@@ -244,18 +328,26 @@ def evaluate(trainer: Any, state: Any, x: Any, y: Any = None, *, batch_size: int
   if isinstance(trainer, Algorithm):
     return algorithm_evaluator(trainer, state, x, y, batch_size=batch_size, loss=loss)(state)
   predict_fn = trainer.predict  # held for as long as the program runs (see reuse_program)
-  predict = reuse_program(predict_fn, ("predict",), jax.jit)
+  predict = reuse_program(predict_fn, ("predict", loss), lambda f: jax.jit(functools.partial(_scores, f, loss=loss)))
   if y is None:
     raise ValueError("y: expected one label per sample of x, got None")
   x, y = np.asarray(x), np.asarray(y)
   _check_labels(x, y)
-  correct, bytes_up, bytes_down = 0, 0, 0
+  correct, loss_sum, bytes_up, bytes_down = 0, 0.0, 0, 0
   for start in range(0, len(x), batch_size):
-    out, traffic = predict(state, jnp.asarray(x[start : start + batch_size]))
-    correct += int(np.sum(np.argmax(np.asarray(out), axis=-1) == y[start : start + batch_size]))
+    hits, batch_loss, traffic = predict(state, jnp.asarray(x[start : start + batch_size]),
+                                        jnp.asarray(y[start : start + batch_size]))
+    correct += int(hits)
+    loss_sum += float(batch_loss) * len(y[start : start + batch_size])  # the batch's mean, weighted by its size
     bytes_up += int(traffic["bytes_up"])
     bytes_down += int(traffic["bytes_down"])
-  return {"accuracy": correct / len(x), "bytes_up": bytes_up, "bytes_down": bytes_down}
+  return {"accuracy": correct / len(x), "loss": loss_sum / len(x), "bytes_up": bytes_up, "bytes_down": bytes_down}
+
+
+def _scores(predict: Callable, state: Any, x: jax.Array, y: jax.Array, *, loss: Callable) -> tuple:
+  """A trainer's hits, mean loss and inference traffic on one batch."""
+  out, traffic = predict(state, x)
+  return jnp.sum(jnp.argmax(out, axis=-1) == y, dtype=jnp.int32), loss(out, y), traffic
 
 
 def algorithm_evaluator(algorithm: Algorithm, state: Any, x: Any, y: Any = None, *, batch_size: int = 1024,
