@@ -13,6 +13,7 @@ and is exact, not an estimate: a test checks it against `len(to_bytes(msg))`.
 from __future__ import annotations
 
 import functools
+import reprlib
 from typing import Any, TypeVar
 
 import jax
@@ -124,19 +125,82 @@ def from_bytes(template: M, data: bytes, *, max_bytes: int | None = None) -> M:
   if max_bytes is not None and len(data) > max_bytes:
     raise MessageError(f"{kind}: message of {len(data)} bytes exceeds the maximum of {max_bytes} bytes")
   try:
-    envelope = serialization.msgpack_restore(data)
+    envelope = _restore(data)
   except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as e:
-    raise MessageError(f"{kind}: malformed or truncated message ({len(data)} bytes): {e}") from None
+    raise MessageError(f"{kind}: malformed or truncated message ({len(data)} bytes): {e or type(e).__name__}") from None
   if not isinstance(envelope, dict) or set(envelope) != {"sljax", "kind", "body"}:
     raise MessageError(f"{kind}: malformed message: expected a map with keys sljax, kind, body")
-  if envelope["sljax"] != PROTOCOL_VERSION:
-    raise MessageError(f"{kind}: protocol version {envelope['sljax']!r} is not supported; expected {PROTOCOL_VERSION}")
+  if type(envelope["sljax"]) is not int or envelope["sljax"] != PROTOCOL_VERSION:
+    raise MessageError(f"{kind}: protocol version {_short(envelope['sljax'])} is not supported; expected "
+                       f"{PROTOCOL_VERSION}")
   if envelope["kind"] != kind:
-    raise MessageError(f"message: expected kind {kind}, got {envelope['kind']!r}")
+    raise MessageError(f"message: expected kind {kind}, got {_short(envelope['kind'])}")
   body = envelope["body"]
   expected = serialization.to_state_dict(template)
   _check_body(kind, expected, body, path="")
   return serialization.from_state_dict(template, body)
+
+
+# What an array's ext data may hold (docs/protocol.md, 2.3), and how deep a message may nest.
+_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                     "uint32", "uint64", "bool"})
+MAX_DEPTH = 64
+
+
+def _restore(data: bytes) -> Any:
+  """msgpack bytes to a tree of maps and arrays, strictly: an array is an ext of type 1 holding
+  exactly [shape, dtype, data] with `data` of the size they say; any other ext stays an `ExtType`
+  (refused where an array is expected); maps have string keys; no value nests deeper than
+  `MAX_DEPTH`. Unlike `flax.serialization.msgpack_restore`, nothing is reassembled from chunks.
+
+  Raises:
+    ValueError: naming what is wrong.
+  """
+  value = msgpack.unpackb(data, ext_hook=_array, raw=False, strict_map_key=True)
+  if nesting_depth(value, limit=MAX_DEPTH) > MAX_DEPTH:
+    raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+  return value
+
+
+def _array(code: int, data: bytes) -> Any:
+  """msgpack's ext hook: type 1 (flax's ndarray) as an array, checked; other types as they came."""
+  if code != 1:
+    return msgpack.ExtType(code, data)
+  fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
+  if not isinstance(fields, list) or len(fields) != 3:
+    raise ValueError(f"an array (ext type 1) must hold [shape, dtype, data], got {_short(fields)}")
+  shape, dtype, buffer = fields
+  if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    raise ValueError(f"an array's shape must be a list of non-negative ints, got {_short(shape)}")
+  if dtype not in _DTYPES:
+    raise ValueError(f"an array's dtype must be one of {sorted(_DTYPES)}, got {_short(dtype)}")
+  dtype = jax.numpy.dtype(dtype)
+  size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+  if not isinstance(buffer, bytes) or len(buffer) != size:
+    got = f"{len(buffer)} bytes" if isinstance(buffer, bytes) else type(buffer).__name__
+    raise ValueError(f"an array of shape {tuple(shape)} {dtype} holds {size} bytes of data, got {got}")
+  return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def nesting_depth(value: Any, *, limit: int) -> int:
+  """How deep maps and lists nest in `value` (a scalar: 0), counted up to `limit + 1` at most,
+  without recursion (a hostile value may nest thousands of levels)."""
+  deepest, todo = 0, [(value, 0)]
+  while todo:
+    v, depth = todo.pop()
+    if isinstance(v, (dict, list, tuple)):
+      depth += 1
+      deepest = max(deepest, depth)
+      if depth > limit:
+        return depth
+      todo.extend((x, depth) for x in (v.values() if isinstance(v, dict) else v))
+  return deepest
+
+
+def _short(value: Any, limit: int = 80) -> str:
+  """A bounded repr of something a peer sent."""
+  text = reprlib.repr(value)
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_body(kind: str, expected: Any, got: Any, path: str) -> None:
@@ -152,7 +216,8 @@ def _check_body(kind: str, expected: Any, got: Any, path: str) -> None:
       raise MessageError(f"{kind}: field {path}: expected no data, got {type(got).__name__}")
     return
   if not isinstance(got, np.ndarray):
-    raise MessageError(f"{kind}: field {path}: expected an array, got {type(got).__name__}")
+    what = f"msgpack ext type {got.code}" if isinstance(got, msgpack.ExtType) else type(got).__name__
+    raise MessageError(f"{kind}: field {path}: expected an array (msgpack ext type 1), got {what}")
   want_shape, want_dtype = tuple(expected.shape), np.dtype(expected.dtype)
   if got.shape != want_shape or got.dtype != want_dtype:
     raise MessageError(

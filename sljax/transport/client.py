@@ -84,6 +84,8 @@ class Session(NamedTuple):
       SmashedData)`, jitted, and the client half without the auxiliary head (from its `Schedule`).
     u_keys: U-shaped: `u_keys(run_key, round_, client, step) -> (head key, body key, tail key)`:
       the schedule's client key split in three (`sljax.algorithms.parallel_u.u_step_keys`).
+    handshake: the fields of this client's Handshake request, to declare its sample count again to
+      a SplitFed server that restarted since (`Handover put` says so).
   """
 
   transport: Transport
@@ -112,6 +114,7 @@ class Session(NamedTuple):
   local_step: Callable[..., Any] | None = None
   client_half: Callable[..., Any] | None = None
   u_keys: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] | None = None
+  handshake: Mapping[str, Any] | None = None
 
 
 class Result(NamedTuple):
@@ -161,9 +164,9 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
   codec_fields = wire.codec_fields(sl)
   whole = jax.eval_shape(sl.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *spec.shape), spec.dtype))
   cut = whole.server.input_spec
-  hello = call(transport, "Handshake", {
-      "protocol": msgs.PROTOCOL_VERSION, "client": client, "cut_shape": list(cut.shape), "cut_dtype": cut.dtype,
-      **codec_fields, "samples": len(x)}, timeout=timeout)
+  handshake = {"protocol": msgs.PROTOCOL_VERSION, "client": client, "cut_shape": list(cut.shape),
+               "cut_dtype": cut.dtype, **codec_fields, "samples": len(x)}
+  hello = call(transport, "Handshake", handshake, timeout=timeout)
   u_shaped = isinstance(sl, UShaped)
   if u_shaped != (hello["algorithm"] in U_SHAPED):
     raise TransportError(_FAILED, f"algorithm: the server runs {hello['algorithm']!r}, this client's legs are "
@@ -211,7 +214,7 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
       weights_template=msgs.spec_of(weights_of(half_struct)),
       answer_template=functools.partial(jax.eval_shape, sched.inference_answer(model, sl),
                                         jax.eval_shape(sl.init, jax.random.key(0), x1).server),
-      finish=jax.jit(functools.partial(_finish, sl)), **legs)
+      finish=jax.jit(functools.partial(_finish, sl)), handshake=handshake, **legs)
   _warm_up(session, half_struct)
   return session
 
@@ -504,6 +507,21 @@ def _await_round(session: Session, round_: int, *, wait: float) -> dict:
       return response
 
 
+def _put_weights(session: Session, half: PartyState, round_: int) -> None:
+  """SplitFed: hands in the client's weights at the end of `round_`; if the server restarted since
+  the handshake and so lost the client's sample count, handshakes again and hands them in again."""
+  fields = {"round": round_, "op": "put", "steps": session.schedule.local_steps, "wait": 0.0,
+            "message": msgs.to_bytes(weights_of(half))}
+  try:
+    _call(session, "Handover", fields)
+  except TransportError as e:
+    if e.code != _FAILED or "handshake again" not in e.details or session.handshake is None:
+      raise
+    logger.info("client %d: %s", session.client, e.details)
+    call(session.transport, "Handshake", dict(session.handshake), timeout=session.timeout)
+    _call(session, "Handover", fields)
+
+
 def _merge_average(session: Session, half: PartyState, response: dict) -> PartyState:
   """SplitFed: the round's averaged params and model state; the optimizer and codec states stay."""
   weights = wire.read_message(session.weights_template, response["message"], what="Handover get").params
@@ -547,8 +565,7 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
     history += steps
     if completed and session.algorithm in _AVERAGED:
       try:
-        _call(session, "Handover", {"round": round_, "op": "put", "steps": schedule.local_steps, "wait": 0.0,
-                                    "message": msgs.to_bytes(weights_of(half))})
+        _put_weights(session, half, round_)
       except TransportError as e:  # dropped between its last commit and the handover: out of the average
         if e.code != _FAILED:
           raise

@@ -285,10 +285,8 @@ class ConcurrentServer(ServiceBase):
     return self._view_infer(self._predict_party(client), client, msgs.SmashedData(activations))
 
   def _hello(self, client: int, req: dict) -> None:
-    self._progress(client)  # a client that connects (again) is back
-    self.s, changed = self.coordinator.hello(self.s, client, req["samples"])
-    if changed:
-      self._save()
+    # nothing durable, no checkpoint, no lease renewed: only a step the others wait for is progress
+    self.s = self.coordinator.hello(self.s, client, req["samples"])
 
   # ---- methods --------------------------------------------------------------------------------------
 

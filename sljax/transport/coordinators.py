@@ -72,7 +72,8 @@ class ConcurrentState:
       run, counting a round as `local_steps` steps (a client's step s of round r is committed
       iff `upto > r * local_steps + s`).
     gone: (K,) bool, the clients dropped from the current round.
-    samples: (K,) int32, each client's training rows (from its handshake): FedAvg's weights.
+    samples: (K,) int32, each client's training rows (declared in its handshake, recorded with its
+      `Handover put`): FedAvg's weights.
     handed: (K,) bool, SplitFed: the clients that handed in their weights this round.
     weights: SplitFed: the handed-in client weights, stacked (K, ...); parallel SL: ().
     average: SplitFed: the last average of the client weights (what every client fetches); ().
@@ -116,6 +117,8 @@ class Volatile(NamedTuple):
     durable_upto: `ConcurrentState.upto` as of the latest checkpoint.
     commits_since_save: steps applied or committed since the latest checkpoint.
     must_save: the state must be checkpointed before the caller hears of it.
+    declared: SplitFed: client -> the training rows its latest handshake declared, recorded in
+      `ConcurrentState.samples` (and so checkpointed) only with its next `Handover put`.
   """
 
   pending: Pending | None = None
@@ -124,6 +127,7 @@ class Volatile(NamedTuple):
   durable_upto: np.ndarray | None = None
   commits_since_save: int = 0
   must_save: bool = False
+  declared: Mapping[int, int] = {}
 
 
 class CoordinatorState(NamedTuple):
@@ -237,12 +241,12 @@ class Coordinator:
     """After a checkpoint of `s.durable`."""
     return s.set(durable_upto=np.array(s.durable.upto), commits_since_save=0, must_save=False)
 
-  def hello(self, s: CoordinatorState, client: int, samples: int) -> tuple[CoordinatorState, bool]:
-    """A handshake that passed its checks: records the client's training rows (FedAvg's weights).
-    Returns the state and whether it changed."""
-    if int(s.durable.samples[client]) == samples:
-      return s, False
-    return s.replace(samples=_set(s.durable.samples, client, samples)), True
+  def hello(self, s: CoordinatorState, client: int, samples: int) -> CoordinatorState:
+    """A handshake that passed its checks. It changes nothing durable (and writes no checkpoint):
+    SplitFed notes the client's training rows (FedAvg's weights) until its next `Handover put`."""
+    if not self.averages:
+      return s
+    return s.set(declared={**s.volatile.declared, client: samples})
 
   def done(self, s: CoordinatorState) -> bool:
     return int(s.durable.round) >= self.schedule.rounds
@@ -751,8 +755,12 @@ class _Averaging(Coordinator):
       raise TransportError(_FAILED, f"Handover put: weights are handed in after {local_steps} committed steps; the "
                                     f"request says {steps}, and {self.where(s, client)}")
     d = s.durable
+    samples = s.volatile.declared.get(client, int(d.samples[client]))
+    if samples < 1:
+      raise TransportError(_FAILED, f"Handover put: client {client}'s sample count is unknown (the server restarted "
+                                    "since its handshake): handshake again, then put")
     s = s.replace(weights=jax.device_get(self._set_row(d.weights, client, weights.params)),
-                  handed=_set(d.handed, client, True))
+                  handed=_set(d.handed, client, True), samples=_set(d.samples, client, samples))
     # durable before the client hears of it: it will wait for the average, not put again
     s = self.advance(s).set(must_save=True)
     return s, Reply({"ready": True, "message": None, "position": POSITION})
@@ -932,9 +940,9 @@ class Turns(Coordinator):
   def saved(self, s: CoordinatorState) -> CoordinatorState:
     return s.set(durable_upto=np.array(s.durable.step), commits_since_save=0, must_save=False)
 
-  def hello(self, s: CoordinatorState, client: int, samples: int) -> tuple[CoordinatorState, bool]:
+  def hello(self, s: CoordinatorState, client: int, samples: int) -> CoordinatorState:
     del client, samples  # nothing is averaged
-    return s, False
+    return s
 
   def position(self, s: CoordinatorState, client: int | None = None) -> dict[str, Any]:
     del client

@@ -230,9 +230,11 @@ class ServiceBase:
 
   def _handshake(self, client: int, req: dict) -> bytes:
     spec = self._cut_spec_of(client)
+    if not all(type(d) is int for d in req["cut_shape"]):
+      raise wire.invalid(f"Handshake request: field 'cut_shape' must be an array of ints, got "
+                         f"{wire.show_configuration(req['cut_shape'], limit=80)}")
     if req["cut_shape"] != list(spec.shape) or req["cut_dtype"] != spec.dtype:
-      got = ArraySpec(tuple(req["cut_shape"]), req["cut_dtype"]).describe() if all(
-          isinstance(d, int) for d in req["cut_shape"]) else repr(req["cut_shape"])
+      got = ArraySpec(tuple(req["cut_shape"]), req["cut_dtype"]).describe()
       raise TransportError(_FAILED, f"model signature: the server's half takes cut activations of shape "
                                     f"{spec.describe()} from client {client}, the client's half makes {got}")
     differ = [f"{link}: the server's is {wire.show_configuration(mine)}, the client's is "

@@ -141,6 +141,8 @@ def decode(method: str, data: bytes, *, response: bool = False) -> dict[str, Any
     value = msgpack.unpackb(data, raw=False, strict_map_key=True)
   except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as e:
     raise invalid(f"{what}: malformed or truncated msgpack ({len(data)} bytes): {e}") from None
+  if msgs.nesting_depth(value, limit=msgs.MAX_DEPTH) > msgs.MAX_DEPTH:
+    raise invalid(f"{what}: nested more than {msgs.MAX_DEPTH} levels deep")
   if not isinstance(value, dict) or set(value) != set(fields):
     got = sorted(value) if isinstance(value, dict) else type(value).__name__
     raise invalid(f"{what}: expected a map with fields {sorted(fields)}, got {got}")

@@ -1,0 +1,171 @@
+"""Every malformed input gets INVALID_ARGUMENT saying what was expected, never INTERNAL, and
+changes nothing; the handshake has no side effects (no state, no checkpoint, no lease)."""
+
+import os
+
+import grpc
+import jax
+import msgpack
+import numpy as np
+import pytest
+
+import sljax
+from sljax import messages as msgs
+from sljax import transport as T
+from sljax.transport import demo, wire
+
+SCHEDULE = T.Schedule(num_clients=2, rounds=1, local_steps=1, batch_size=8)
+TOKENS = {"token-zero": 0, "token-one": 1}
+HIDDEN = 16
+
+
+@pytest.fixture(scope="module")
+def setup():
+  return demo.digits_setup(model="mlp", hidden=(HIDDEN,), lr=1e-3)
+
+
+def _server(setup, algorithm, **kw):
+  common = dict(schedule=SCHEDULE, input_spec=sljax.ArraySpec.of(setup.dataset.x_train), key=jax.random.key(0),
+                tokens=TOKENS, **kw)
+  if algorithm == "sequential_sl":
+    return T.SplitServer(setup.model, setup.sl, **common)
+  return T.ConcurrentServer(setup.model, setup.sl, algorithm=algorithm, **common)
+
+
+@pytest.fixture(scope="module")
+def servers(setup, tmp_path_factory):
+  """One server per algorithm (built on first use), each checkpointing into its own directory."""
+  built = {}
+
+  def get(algorithm):
+    if algorithm not in built:
+      built[algorithm] = _server(setup, algorithm, checkpoint_dir=tmp_path_factory.mktemp(algorithm))
+    return built[algorithm]
+
+  yield get
+  for server in built.values():
+    server.close()
+
+
+def _call(server, method, fields, token="token-zero"):
+  response = T.InProcessTransport(server.handle, token=token).call(method, wire.encode(fields))
+  return wire.decode(method, response, response=True)
+
+
+def _refused(server, method, request, details, code=grpc.StatusCode.INVALID_ARGUMENT):
+  """`request` (bytes) is refused with `code` and exactly `details`, and the server is unchanged."""
+  before = server.snapshot()
+  with pytest.raises(T.TransportError) as e:
+    T.InProcessTransport(server.handle, token="token-zero").call(method, request)
+  assert (e.value.code, e.value.details) == (code, details)
+  assert server.snapshot() == before
+
+
+def _envelope(activations, labels=None):
+  return msgpack.packb({"body": {"activations": activations, "labels": labels}, "kind": "SmashedData", "sljax": 1})
+
+
+def _nested(depth, leaf=1):
+  for _ in range(depth):
+    leaf = [leaf]
+  return leaf
+
+
+def _array(shape, dtype, data):
+  return msgpack.ExtType(1, msgpack.packb([shape, dtype, data]))
+
+
+# message bytes -> what the refusal of a Predict carrying them says after "Predict: SmashedData: " ({n}: their length)
+MALFORMED_MESSAGES = {
+    "ext type 2 holding []": (_envelope(msgpack.ExtType(2, msgpack.packb([]))),
+                              "field activations: expected an array (msgpack ext type 1), got msgpack ext type 2"),
+    "ext type 1 holding []": (_envelope(msgpack.ExtType(1, msgpack.packb([]))),
+                              "malformed or truncated message ({n} bytes): an array (ext type 1) must hold [shape, "
+                              "dtype, data], got []"),
+    "chunked-array marker without a shape": (
+        _envelope({"__msgpack_chunked_array__": True}),
+        "field activations: expected an array (msgpack ext type 1), got dict"),
+    "body nested 1000 deep": (_envelope(_nested(1000)),
+                              "malformed or truncated message ({n} bytes): nested more than 64 levels deep"),
+    "negative dimension": (_envelope(_array([-1], "float32", b"")),
+                           "malformed or truncated message ({n} bytes): an array's shape must be a list of "
+                           "non-negative ints, got [-1]"),
+    "object dtype": (_envelope(_array([1], "object", b"12345678")),
+                     "malformed or truncated message ({n} bytes): an array's dtype must be one of ['bfloat16', "
+                     "'bool', 'float16', 'float32', 'float64', 'int16', 'int32', 'int64', 'int8', 'uint16', "
+                     "'uint32', 'uint64', 'uint8'], got 'object'"),
+    "data shorter than the shape": (_envelope(_array([8, 16], "float32", b"12")),
+                                    "malformed or truncated message ({n} bytes): an array of shape (8, 16) float32 "
+                                    "holds 512 bytes of data, got 2 bytes"),
+    "version as an array": (msgpack.packb({"body": {}, "kind": "SmashedData",
+                                           "sljax": _array([2], "int32", b"\x01\0\0\0\x01\0\0\0")}),
+                            "protocol version array([1, 1], dtype=int32) is not supported; expected 1"),
+}
+
+
+@pytest.mark.parametrize("algorithm", ["parallel_sl", "splitfed_v1"])
+@pytest.mark.parametrize("case", sorted(MALFORMED_MESSAGES))
+def test_a_malformed_message_is_invalid_argument_and_changes_nothing(servers, algorithm, case):
+  message, details = MALFORMED_MESSAGES[case]
+  details = details.replace("{n}", str(len(message)))
+  server = servers(algorithm)
+  _refused(server, "Predict", wire.encode({"client": 0, "batch": 8, "message": message}),
+           f"Predict: SmashedData: {details}")
+  _refused(server, "Forward", wire.encode({"client": 0, "round": 0, "step": 0, "message": message}),
+           f"Forward: SmashedData: {details}")
+
+
+def _hello(setup, **override):
+  return {"protocol": msgs.PROTOCOL_VERSION, "client": 0, "cut_shape": [HIDDEN], "cut_dtype": "float32",
+          **wire.codec_fields(setup.sl), "samples": 100, **override}
+
+
+@pytest.mark.parametrize("algorithm", ["parallel_sl", "splitfed_v1"])
+def test_malformed_control_maps_are_invalid_argument(setup, servers, algorithm):
+  server = servers(algorithm)
+  _refused(server, "Handshake", msgpack.packb(_hello(setup, cut_shape=_nested(1000))),
+           "Handshake request: nested more than 64 levels deep")
+  _refused(server, "Handshake", wire.encode(_hello(setup, cut_shape=[[HIDDEN]])),
+           "Handshake request: field 'cut_shape' must be an array of ints, got [[16]]")
+  _refused(server, "Handshake", wire.encode(_hello(setup, cut_shape=[True])),
+           "Handshake request: field 'cut_shape' must be an array of ints, got [true]")
+  _refused(server, "Status", msgpack.packb({"client": _nested(1000)}), "Status request: nested more than 64 levels deep")
+  for samples in (2**31, 2**64 - 1, -(2**63)):
+    _refused(server, "Handshake", wire.encode(_hello(setup, samples=samples)),
+             f"Handshake request: field 'samples' must be an int in [1, 2147483647] (max_samples), got {samples}")
+
+
+@pytest.mark.parametrize("algorithm", ["parallel_sl", "splitfed_v1"])
+def test_the_handshake_writes_no_state_and_no_checkpoint(setup, servers, algorithm):
+  server = servers(algorithm)
+  directory = server._manager.directory
+  before, files = server.snapshot(), sorted(os.listdir(directory))
+  for samples in (100, 7, 100):
+    hello = _call(server, "Handshake", _hello(setup, samples=samples))
+    assert hello["algorithm"] == algorithm
+  assert server.snapshot() == before
+  assert sorted(os.listdir(directory)) == files
+
+
+def test_splitfed_records_the_sample_count_with_the_put_and_asks_for_it_again_after_a_restart(setup, tmp_path):
+  """The sample count a handshake declares lives in memory until the client's `Handover put`, which
+  checkpoints it; a server restarted in between asks the client to handshake again."""
+  first = _server(setup, "splitfed_v1", checkpoint_dir=tmp_path)
+  b = SCHEDULE.batch_size
+  smashed = msgs.to_bytes(msgs.SmashedData(np.ones((b, HIDDEN), np.float32), np.zeros((b,), np.int32)))
+  weights = msgs.to_bytes(msgs.ModelWeights(jax.device_get(first.state.average)))
+  put = {"client": 0, "round": 0, "op": "put", "steps": 1, "wait": 0.0, "message": weights}
+  _call(first, "Handshake", _hello(setup, samples=123))
+  _call(first, "Forward", {"client": 0, "round": 0, "step": 0, "message": smashed})
+  assert _call(first, "Commit", {"client": 0, "round": 0, "step": 0})["durable"] == 1
+  assert int(first.state.samples[0]) == 0
+  first.close()
+  second = _server(setup, "splitfed_v1", checkpoint_dir=tmp_path)  # the restart forgot the declaration
+  _refused(second, "Handover", wire.encode(put), "Handover put: client 0's sample count is unknown (the server "
+           "restarted since its handshake): handshake again, then put", code=grpc.StatusCode.FAILED_PRECONDITION)
+  _call(second, "Handshake", _hello(setup, samples=123))
+  saved = second._manager.latest_step()
+  assert _call(second, "Handover", put)["ready"]
+  assert int(second.state.samples[0]) == 123 and bool(second.state.handed[0])
+  assert second._manager.latest_step() == saved + 1  # checkpointed with the put
+  second.close()
