@@ -230,9 +230,14 @@ def client(args) -> int:
   token = demo_setup.read_tokens(args.token_file)[args.client_id] if args.token_file else None
   ds = setup.dataset
   part = data.iid(ds.y_train, num_clients=args.num_clients, seed=args.partition_seed)[args.client_id]
-  link = transport.GrpcTransport(args.target, token=token, root_certificates=_read(args.tls_ca),
-                                 private_key=_read(args.tls_key), certificate_chain=_read(args.tls_cert),
-                                 server_name=args.server_name, deadline=args.deadline, retries=args.retries)
+  try:
+    link = transport.GrpcTransport(args.target, token=token, root_certificates=_read(args.tls_ca),
+                                   private_key=_read(args.tls_key), certificate_chain=_read(args.tls_cert),
+                                   server_name=args.server_name, deadline=args.deadline, retries=args.retries,
+                                   allow_plaintext_token=args.allow_plaintext_token)
+  except ValueError as e:
+    print(f"sljax client: {e}", file=sys.stderr)
+    return 2
   start = time.perf_counter()
   try:
     session = transport.connect(link, setup.model, setup.sl, client=args.client_id, x=ds.x_train[part],
@@ -389,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tls-cert", help="PEM certificate of this client (mutual TLS)")
   p.add_argument("--tls-key", help="PEM private key of this client (mutual TLS)")
   p.add_argument("--server-name", help="the name in the server's certificate, if not the target's host")
+  p.add_argument("--allow-plaintext-token", action="store_true",
+                 help="send the token without TLS to a host other than this machine (refused otherwise)")
   p.add_argument("--deadline", type=float, default=60.0, help="seconds per call attempt")
   p.add_argument("--retries", type=int, default=10, help="retries of a call while the server is away")
   p.add_argument("--checkpoint-dir", help="checkpoint this client's half here; resume from here after a restart")

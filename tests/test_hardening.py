@@ -169,3 +169,23 @@ def test_splitfed_records_the_sample_count_with_the_put_and_asks_for_it_again_af
   assert int(second.state.samples[0]) == 123 and bool(second.state.handed[0])
   assert second._manager.latest_step() == saved + 1  # checkpointed with the put
   second.close()
+
+
+def test_a_token_without_tls_is_refused_off_this_machine_and_warned_about_on_it(caplog):
+  caplog.set_level("WARNING", logger="sljax")
+  for target in ("10.1.2.3:50051", "server.example:50051", "dns:///server.example:443", "[2001:db8::1]:50051"):
+    with pytest.raises(ValueError, match=r"^token: would travel in clear to '.*', a host other than this machine, "
+                                         r"over a channel without TLS; give root_certificates \(sljax client "
+                                         r"--tls-ca\) to verify the server, or allow_plaintext_token=True "
+                                         r"\(--allow-plaintext-token\) on a network you trust$"):
+      T.GrpcTransport(target, token="s3cret")
+  assert not caplog.records
+  for target in ("127.0.0.1:50051", "localhost:50051", "[::1]:50051", "unix:/tmp/sljax.sock"):
+    T.GrpcTransport(target, token="s3cret").close()
+    assert f"sending the bearer token to {target} without TLS" in caplog.records[-1].getMessage()
+  T.GrpcTransport("10.1.2.3:50051", token="s3cret", allow_plaintext_token=True).close()
+  assert "to 10.1.2.3:50051 without TLS" in caplog.records[-1].getMessage()
+  count = len(caplog.records)
+  T.GrpcTransport("10.1.2.3:50051").close()  # no token, nothing to leak
+  T.GrpcTransport("10.1.2.3:50051", token="s3cret", root_certificates=b"a CA").close()
+  assert len(caplog.records) == count

@@ -105,6 +105,20 @@ def serve(handler: wire.Handler, *, address: str = "127.0.0.1:0", credentials: g
   return RunningServer(server, port)
 
 
+def _target_host(target: str) -> str | None:
+  """The host of a gRPC target ("host:port", "[v6]:port", "dns:///host:port"); None for a Unix socket."""
+  if target.startswith(("unix:", "unix-abstract:")):
+    return None
+  if "://" in target:  # scheme://[authority]/host:port
+    rest = target.split("://", 1)[1]
+    target = rest.split("/", 1)[1] if "/" in rest else rest
+  elif target.startswith("dns:"):
+    target = target[len("dns:"):]
+  if target.startswith("["):
+    return target[1:].split("]", 1)[0]
+  return target.rsplit(":", 1)[0] if target.count(":") == 1 else target
+
+
 def _is_loopback(host: str) -> bool:
   if host == "localhost":
     return True
@@ -132,6 +146,10 @@ class GrpcTransport:
       of at most `backoff` (jitter), it tries again as soon as the channel connects (gRPC reconnects
       every 0.1 to 1 s), so a restarted server is found within about a second of listening.
     seed: seeds the jitter (None: from the OS).
+    allow_plaintext_token: send `token` over a channel without TLS to a host that is not this
+      machine (not a loopback address, `localhost` or a Unix socket). Without it such a transport
+      is refused: anyone on the path could read the token and act as this client. On a loopback
+      address a token without TLS is sent with a warning.
 
   Example:
     >>> transport = GrpcTransport("127.0.0.1:50051", token="s3cret")    # doctest: +SKIP
@@ -142,9 +160,18 @@ class GrpcTransport:
                private_key: bytes | None = None, certificate_chain: bytes | None = None,
                server_name: str | None = None, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
                deadline: float = 60.0, retries: int = 8, backoff: float = 0.1, max_backoff: float = 5.0,
-               seed: int | None = None):
+               seed: int | None = None, allow_plaintext_token: bool = False):
     if (private_key is None) != (certificate_chain is None):
       raise ValueError("private_key, certificate_chain: give both (mutual TLS) or neither")
+    tls = root_certificates is not None or certificate_chain is not None
+    if token is not None and not tls:
+      host = _target_host(target)
+      if host is not None and not _is_loopback(host) and not allow_plaintext_token:
+        raise ValueError(f"token: would travel in clear to {target!r}, a host other than this machine, over a channel "
+                         "without TLS; give root_certificates (sljax client --tls-ca) to verify the server, or "
+                         "allow_plaintext_token=True (--allow-plaintext-token) on a network you trust")
+      logger.warning("sending the bearer token to %s without TLS: anyone who can read the traffic can act as this "
+                     "client", target)
     options = _channel_options(max_message_bytes) + [
         # Reconnect soon after a server restart; our own retries pace the calls.
         ("grpc.initial_reconnect_backoff_ms", 100),
@@ -153,7 +180,7 @@ class GrpcTransport:
     ]
     if server_name is not None:
       options.append(("grpc.ssl_target_name_override", server_name))
-    if root_certificates is not None or certificate_chain is not None:
+    if tls:
       credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
       self._channel = grpc.secure_channel(target, credentials, options=options)
     else:
