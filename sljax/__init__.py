@@ -1,6 +1,7 @@
 """sljax: split learning for JAX."""
 
-from sljax import algorithms, analysis, codecs, data, execution, export, merges, models, network, privacy, simulation
+from sljax import (algorithms, analysis, codecs, data, execution, export, merges, models, network, plots, privacy,
+                   simulation)
 from sljax.messages import (
     BodyOutput,
     CutGradient,
@@ -80,6 +81,7 @@ __all__ = [
     "models",
     "network",
     "nnx_stage",
+    "plots",
     "privacy",
     "sequential",
     "simulation",
