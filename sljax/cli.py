@@ -204,8 +204,10 @@ def serve(args) -> int:
   if args.tls_cert:
     credentials = transport.server_credentials(_read(args.tls_cert), _read(args.tls_key),
                                                client_ca=_read(args.client_ca))
+  workers = args.num_clients + 8
   running = transport.serve(server.handle, address=f"{args.host}:{args.port}", credentials=credentials,
-                            max_message_bytes=max_bytes, max_workers=args.num_clients + 8)
+                            max_message_bytes=max_bytes, max_workers=workers,
+                            maximum_concurrent_rpcs=args.max_concurrent_rpcs or 2 * workers)
   if args.port_file:  # written whole, then renamed: a reader never sees half a number
     with open(args.port_file + ".tmp", "w") as f:
       f.write(str(running.port))
@@ -378,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--max-samples", type=int, default=2**31 - 1,
                  help="the most training rows a client may declare (SplitFed weighs clients by them)")
   p.add_argument("--max-message-mb", type=float, default=64.0)
+  p.add_argument("--max-concurrent-rpcs", type=int, default=0,
+                 help="calls served or queued at once; more are refused (RESOURCE_EXHAUSTED, retried by clients). "
+                      "0: twice the worker threads, 2 * (num_clients + 8)")
   p.add_argument("--transcript", metavar="PATH",
                  help="record every training message the server receives and sends into this transcript "
                       "(for sljax privacy-report); written when the server stops")

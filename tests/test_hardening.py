@@ -2,6 +2,7 @@
 changes nothing; the handshake has no side effects (no state, no checkpoint, no lease)."""
 
 import os
+import threading
 
 import grpc
 import jax
@@ -189,3 +190,90 @@ def test_a_token_without_tls_is_refused_off_this_machine_and_warned_about_on_it(
   T.GrpcTransport("10.1.2.3:50051").close()  # no token, nothing to leak
   T.GrpcTransport("10.1.2.3:50051", token="s3cret", root_certificates=b"a CA").close()
   assert len(caplog.records) == count
+
+
+def _raw(port, method, request, token):
+  channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 1 << 25)])
+  metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+  try:
+    return grpc.StatusCode.OK, channel.unary_unary(wire.method_path(method))(request, metadata=metadata, timeout=30)
+  except grpc.RpcError as e:
+    return e.code(), e.details()
+  finally:
+    channel.close()
+
+
+def test_credentials_are_checked_before_the_body_is_read(servers):
+  server = servers("parallel_sl")
+  served = []
+
+  def handler(method, request, **kw):
+    served.append(method)
+    return server.handle(method, request, **kw)
+
+  running = T.serve(handler, authenticate=server.authenticate_metadata, max_message_bytes=1 << 25)
+  try:
+    before = server.snapshot()
+    big = wire.encode({"client": 0, "round": 0, "step": 0, "message": b"\0" * (8 << 20)})
+    assert _raw(running.port, "Forward", big, "forged") == (
+        grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not one of this server's")
+    assert _raw(running.port, "Status", wire.encode({"client": 0}), None) == (
+        grpc.StatusCode.UNAUTHENTICATED, "no credentials: send 'authorization: Bearer <token>' metadata or a client "
+                                         "certificate")
+    assert served == [] and server.snapshot() == before  # refused before the handler
+    code, response = _raw(running.port, "Status", wire.encode({"client": 0}), "token-zero")
+    assert code == grpc.StatusCode.OK and wire.decode("Status", response, response=True)["round"] == 0
+    assert served == ["Status"]
+  finally:
+    running.stop()
+  # The refusal never asks gRPC for the request: a request-streaming handler that aborts at once.
+  details = type("Details", (), {"method": wire.method_path("Forward"),
+                                 "invocation_metadata": (("authorization", "Bearer forged"),)})()
+  refusal = T.rpc._Authenticator(server.authenticate_metadata).intercept_service(
+      lambda d: pytest.fail("a refused call reached the service"), details)
+  assert refusal.request_streaming and not refusal.response_streaming
+
+  class Context:
+    def abort(self, code, text):
+      raise RuntimeError(code, text)
+
+  def unread():
+    pytest.fail("the request was read")
+    yield
+
+  with pytest.raises(RuntimeError) as e:
+    refusal.stream_unary(unread(), Context())
+  assert e.value.args == (grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not one of this server's")
+
+
+def test_calls_beyond_maximum_concurrent_rpcs_are_refused_at_once_and_retried():
+  release, started = threading.Event(), threading.Semaphore(0)
+
+  def handler(method, request, *, metadata, peer_names):
+    del method, metadata, peer_names
+    started.release()
+    release.wait(20)
+    return request
+
+  def authenticate(metadata):
+    if metadata.get("authorization") != "Bearer ok":
+      raise T.TransportError(grpc.StatusCode.UNAUTHENTICATED, "not ok")
+
+  running = T.serve(handler, max_workers=2, maximum_concurrent_rpcs=2, authenticate=authenticate)
+  try:
+    held = [threading.Thread(target=_raw, args=(running.port, "Status", b"x", "ok")) for _ in range(2)]
+    for t in held:
+      t.start()
+    assert started.acquire(timeout=20) and started.acquire(timeout=20)
+    assert _raw(running.port, "Status", b"y", "ok") == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                         "Concurrent RPC limit exceeded!")
+    assert _raw(running.port, "Status", b"y", "bad")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    link = T.GrpcTransport(f"127.0.0.1:{running.port}", token="ok", retries=20, backoff=0.05, max_backoff=0.2)
+    threading.Timer(0.5, release.set).start()
+    assert link.call("Status", b"z") == b"z"  # retried until the held calls were done
+    link.close()
+    for t in held:
+      t.join(20)
+  finally:
+    release.set()
+    running.stop()

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import random
 import time
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import NamedTuple
 
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 # Worth retrying: the server is away (restarting, unreachable) or too slow to answer in time.
 # Every method is safe to repeat (see docs/protocol.md, "Retries").
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# What grpcio answers (RESOURCE_EXHAUSTED) to a call beyond the server's maximum_concurrent_rpcs: retried too.
+CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded!"
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -59,6 +62,33 @@ def generic_handler(handler: wire.Handler) -> grpc.GenericRpcHandler:
   return grpc.method_handlers_generic_handler(wire.SERVICE, {m: unary(m) for m in wire.METHODS})
 
 
+class _Authenticator(grpc.ServerInterceptor):
+  """Checks a call's credentials from its metadata, before its body is read: a refused call is
+  answered by a handler that never asks gRPC for the request (a request-streaming one that aborts
+  at once), so an unauthenticated client cannot make the server receive or hold its message."""
+
+  def __init__(self, authenticate: Callable[[Mapping[str, str]], None]):
+    self._authenticate = authenticate
+
+  def intercept_service(self, continuation, handler_call_details):
+    metadata = {k: v for k, v in handler_call_details.invocation_metadata or () if isinstance(v, str)}
+    try:
+      self._authenticate(metadata)
+    except TransportError as e:
+      return _refusal(e.code, e.details)
+    return continuation(handler_call_details)
+
+
+def _refusal(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+  """A handler that answers `code` at once and never reads the request."""
+
+  def refuse(request_iterator, context):
+    del request_iterator  # never read
+    context.abort(code, details)
+
+  return grpc.stream_unary_rpc_method_handler(refuse)
+
+
 def server_credentials(certificate_chain: bytes, private_key: bytes, *,
                        client_ca: bytes | None = None) -> grpc.ServerCredentials:
   """TLS for the server: its PEM certificate chain and key; with `client_ca`, mutual TLS.
@@ -82,14 +112,33 @@ class RunningServer(NamedTuple):
 
 
 def serve(handler: wire.Handler, *, address: str = "127.0.0.1:0", credentials: grpc.ServerCredentials | None = None,
-          max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, max_workers: int = 16) -> RunningServer:
+          max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, max_workers: int = 16,
+          maximum_concurrent_rpcs: int | None = None,
+          authenticate: Callable[[Mapping[str, str]], None] | None = None) -> RunningServer:
   """Starts a gRPC server for `handler` (e.g. `SplitServer.handle`) on `address` ("host:port"; port 0 picks one).
 
   Requests above `max_message_bytes` are refused by gRPC itself with RESOURCE_EXHAUSTED.
   `max_workers` bounds the calls served at once; it must exceed the number of clients, since a
-  client waiting for its turn holds a worker for up to 30 s.
+  client waiting (for its turn, at a barrier) holds a worker for up to a lease; each client has at
+  most one call waiting at a time (see `ConcurrentServer`). `maximum_concurrent_rpcs` bounds the
+  calls served or queued for a worker: gRPC answers any further call at once with
+  RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" (which `GrpcTransport` retries); None: no bound.
+
+  `authenticate(metadata)` runs in a server interceptor before a call's body is read and refuses
+  it by raising a `TransportError` (UNAUTHENTICATED): unknown tokens never cost the server the
+  memory of their requests. By default it is the `authenticate_metadata` of the server whose
+  `handle` is `handler`, if it has one.
+
+  Example:
+    >>> running = serve(server.handle, max_workers=12, maximum_concurrent_rpcs=24)  # doctest: +SKIP
   """
-  server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_channel_options(max_message_bytes))
+  if authenticate is None:
+    authenticate = getattr(getattr(handler, "__self__", None), "authenticate_metadata", None)
+  interceptors = () if authenticate is None else (_Authenticator(authenticate),)
+  if maximum_concurrent_rpcs is not None and maximum_concurrent_rpcs < 1:
+    raise ValueError(f"maximum_concurrent_rpcs: expected a positive int or None, got {maximum_concurrent_rpcs}")
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_channel_options(max_message_bytes),
+                       interceptors=interceptors, maximum_concurrent_rpcs=maximum_concurrent_rpcs)
   server.add_generic_rpc_handlers((generic_handler(handler),))
   if credentials is None:
     host = address.rsplit(":", 1)[0].strip("[]")
@@ -139,12 +188,14 @@ class GrpcTransport:
     server_name: the name the server's certificate must carry, if not the host of `target`.
     max_message_bytes: the largest request and response allowed.
     deadline: seconds each attempt of a call may take, unless `call(timeout=...)` says otherwise.
-    retries: attempts after the first when the server is away (UNAVAILABLE) or slow
-      (DEADLINE_EXCEEDED). Every method is safe to repeat.
+    retries: attempts after the first when the server is away (UNAVAILABLE), slow
+      (DEADLINE_EXCEEDED) or at its limit of concurrent calls (RESOURCE_EXHAUSTED "Concurrent RPC
+      limit exceeded!"). Every method is safe to repeat.
     backoff, max_backoff: before attempt n + 1 the client waits up to min(max_backoff, backoff * 2**n)
       seconds (exponential backoff), and less when the server is back sooner: after a random pause
       of at most `backoff` (jitter), it tries again as soon as the channel connects (gRPC reconnects
-      every 0.1 to 1 s), so a restarted server is found within about a second of listening.
+      every 0.1 to 1 s), so a restarted server is found within about a second of listening. After
+      "Concurrent RPC limit exceeded!" it waits between half and all of that bound.
     seed: seeds the jitter (None: from the OS).
     allow_plaintext_token: send `token` over a channel without TLS to a host that is not this
       machine (not a loopback address, `localhost` or a Unix socket). Without it such a transport
@@ -193,6 +244,7 @@ class GrpcTransport:
     self.backoff = backoff
     self.max_backoff = max_backoff
     self._random = random.Random(seed)
+    self._polled_at = -1.0
 
   def call(self, method: str, request: bytes, *, timeout: float | None = None) -> bytes:
     """Calls `method` with the request's bytes; retries while the server is away or slow.
@@ -208,12 +260,16 @@ class GrpcTransport:
         return stub(request, timeout=self.deadline if timeout is None else timeout, metadata=self._metadata)
       except grpc.RpcError as e:
         code, details = e.code(), e.details() or ""
-        if code not in RETRYABLE or attempt == self.retries:
+        retryable = code in RETRYABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and details == CONCURRENCY_LIMIT)
+        if not retryable or attempt == self.retries:
           raise TransportError(code, details) from None
         cap = min(self.max_backoff, self.backoff * 2**attempt)
         logger.info("%s: %s (%s); retry %d of %d within %.2f s", method, code.name, details, attempt + 1,
                     self.retries, cap)
-        self._pause(cap)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the server is there and busy: back off in full
+          time.sleep(self._random.uniform(cap / 2, cap))
+        else:
+          self._pause(cap)
     raise AssertionError("unreachable")
 
   def _pause(self, cap: float) -> None:
@@ -228,6 +284,10 @@ class GrpcTransport:
       pass
     finally:
       ready.cancel()
+      self._polled_at = time.monotonic()
 
   def close(self) -> None:
+    # gRPC's connectivity poller, started by `channel_ready_future`, stops within 0.2 s of its last
+    # subscriber; a channel closed under it raises in the poller's thread.
+    time.sleep(max(0.0, self._polled_at + 0.3 - time.monotonic()))
     self._channel.close()

@@ -194,6 +194,18 @@ class ServiceBase:
 
   # ---- identity ---------------------------------------------------------------------------------------
 
+  def authenticate_metadata(self, metadata: Mapping[str, str]) -> None:
+    """What can be checked of a call's credentials before its body is read (`sljax.transport.serve`
+    runs it in a gRPC server interceptor): a bearer token must be one of this server's; a call
+    without one must be able to present a client certificate (the server knows certificate names;
+    mutual TLS checked the certificate before any byte of the call).
+
+    Raises:
+      TransportError: UNAUTHENTICATED, with the details `handle` would give.
+    """
+    if metadata.get(wire.TOKEN_METADATA) is not None or not self._certificate_names:
+      self._authenticate(metadata, ())
+
   def _authenticate(self, metadata: Mapping[str, str], peer_names: Sequence[str]) -> int:
     value = metadata.get(wire.TOKEN_METADATA)
     if value is not None:
