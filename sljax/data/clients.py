@@ -46,7 +46,9 @@ def stack_clients(x, y, parts: Sequence | None = None) -> ClientData:
   Either `x`, `y` hold the whole training set and `parts` the client index arrays (as returned by
   the partitioners in `sljax.data`), or `parts` is None and `x`, `y` are sequences with one array
   per client (a natural partition, e.g. by writer). Padding costs K * N_max rows of memory; under
-  strong quantity or label skew N_max nears N, so the stack nears K times the data.
+  strong quantity or label skew N_max nears N, so the stack nears K times the data. The padding
+  rows are never read nor sent: a client with fewer rows than the batch size fills its batches by
+  repeating its own rows (see `client_batches`), so it sends, and is counted for, full batches.
 
   Args:
     x: features, shape (N, *feature_shape); or a sequence of K arrays (N_k, *feature_shape).
@@ -144,7 +146,12 @@ def client_batches(
     one epoch and the start of the next).
   * If c < B, batch t holds all c rows once, in the order pi_e rotated to start at position
     t*B mod c with e = t*B // c, then repeats them cyclically to fill B rows. `mask` is True on
-    the first c rows exactly, so a masked mean counts every row once.
+    the first c rows exactly, so a masked mean counts every row once. The algorithms in
+    `sljax.algorithms` do not use the mask: such a client sends all B rows (smashed data, and
+    labels in vanilla SL, of B rows up; B rows of cut gradients down), is counted for those bytes,
+    and its loss is the plain mean over the B rows. With B = q*c + r (0 <= r < c), the batch's
+    first r rows weigh (q + 1)/B each in it and the other c - r rows q/B; which rows weigh more
+    changes with t (docs/algorithms.md, "Batches and small clients").
 
   Padding rows are never read. A client with count 0 (only possible when built by hand) gets
   row 0 and an all-False mask.
