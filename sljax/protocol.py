@@ -467,12 +467,35 @@ def vanilla(
   down_codec = downlink or codec_lib.identity()
 
   def init(key, x) -> SplitState:
+    """Both parties' initial state, as `model.compose()` would initialise the whole model.
+
+    Args:
+      key: PRNG key, split among the parts as `SplitModel.compose()` splits it.
+      x: an example batch (B, *input shape): the shapes the parties accept, and the batch size
+        the codecs' states are sized for (give one of the training batch size).
+
+    Returns:
+      A `SplitState`: client and server `PartyState`s and the step count 0.
+    """
     state = _init_parties(model, key, x, client_optimizer, server_optimizer, loss=loss)
     cut = jax.ShapeDtypeStruct((x.shape[0], *state.server.input_spec.shape), state.server.input_spec.dtype)
     return state.replace(client=state.client.replace(codec_state=up_codec.init(cut)),
                          server=state.server.replace(codec_state=down_codec.init(cut)))
 
   def client_forward(client: PartyState, x, labels, key) -> tuple[msgs.SmashedData, ClientPending]:
+    """The client's first leg: its half forward under `jax.vjp`, the smashed data through the uplink codec.
+
+    Args:
+      client: the client's `PartyState`.
+      x: a batch of inputs (B, *input shape), checked against `client.input_spec`.
+      labels: integer labels (B,), sent up with the smashed data.
+      key: the client's key of this step (its half's randomness, e.g. dropout; the codec's is
+        fold_in(key, CODEC_STREAM)).
+
+    Returns:
+      The message to send, `SmashedData(activations, labels)`, and the `ClientPending` the client
+      keeps for `client_backward` (the pullback, its new model and codec states): never sent.
+    """
     check_batch("x", x, client.input_spec)
     check_labels(labels, batch=x.shape[0])
     smashed, pullback, model_state, metrics = _client_vjp(model.client, client_loss, client.params,
@@ -481,6 +504,18 @@ def vanilla(
     return msgs.SmashedData(payload, labels), ClientPending(pullback, model_state, codec_state, payload, metrics)
 
   def server_step(server: PartyState, message: msgs.SmashedData, key) -> tuple[PartyState, msgs.CutGradient, dict]:
+    """The server's leg: the loss on the decoded smashed data, its update, and the cut gradient.
+
+    Args:
+      server: the server's `PartyState`.
+      message: the client's `SmashedData` (activations through the uplink codec, and labels).
+      key: the server's key of this step (its half's randomness; the downlink codec's is
+        fold_in(key, CODEC_STREAM), `cut_gradient_transform`'s fold_in(key, CUT_GRADIENT_STREAM)).
+
+    Returns:
+      The updated server, the message to send back, `CutGradient(d loss / d smashed)` (after
+      `cut_gradient_transform` and the downlink codec), and metrics `loss` and `accuracy`.
+    """
     activations = up_codec.decode(message.activations)
     check_batch("message.activations", activations, server.input_spec)
 
@@ -499,10 +534,31 @@ def vanilla(
     return server, msgs.CutGradient(payload), metrics
 
   def client_backward(client: PartyState, pending: ClientPending, message: msgs.CutGradient) -> PartyState:
+    """The client's last leg: the decoded cut gradient through its pullback, and its update.
+
+    Args:
+      client: the client's `PartyState`, as it was at `client_forward`.
+      pending: what `client_forward` returned to keep.
+      message: the server's `CutGradient`.
+
+    Returns:
+      The updated client (params, optimizer, model and codec states).
+    """
     (grads,) = pending.pullback(codec_lib.cotangent(up_codec, pending.sent, down_codec.decode(message.grad)))
     return apply_update(client, grads, client_optimizer, pending.model_state).replace(codec_state=pending.codec_state)
 
   def step(state: SplitState, batch, key) -> tuple[SplitState, dict]:
+    """One training step, the three legs fused: `client_forward`, `server_step`, `client_backward`.
+
+    Args:
+      state: the `SplitState`.
+      batch: `(x, labels)`, shapes (B, *input shape) and (B,).
+      key: the step key, split into the client's and the server's.
+
+    Returns:
+      The state advanced by one step, and `Metrics`: `loss`, `accuracy` (and `client_loss` with a
+      `client_loss` hook), and the exact wire bytes `bytes_up`, `bytes_down` of the two messages.
+    """
     x, labels = batch
     k_client, k_server = jax.random.split(key, 2)
     up, pending = client_forward(state.client, x, labels, k_client)
@@ -517,13 +573,29 @@ def vanilla(
 
     The codec starts from a fresh state (no error feedback at inference); its randomness is
     fold_in(key, CODEC_STREAM), with key(0) if `key` is None.
+
+    Args:
+      client: the client's `PartyState`.
+      x: a batch of inputs (B, *input shape).
+      key: the codec's randomness, or None.
+
+    Returns:
+      The message to send, `SmashedData(activations)` without labels.
     """
     check_batch("x", x, client.input_spec)
     smashed, _ = model.client.apply(client.params, client.model_state, x, key=None, train=False)
     return msgs.SmashedData(_fresh_encode(up_codec, smashed, key, CODEC_STREAM))
 
   def server_infer(server: PartyState, message: msgs.SmashedData) -> msgs.Prediction:
-    """Inference, the server's leg: its half in eval mode on the decoded smashed data."""
+    """Inference, the server's leg: its half in eval mode on the decoded smashed data.
+
+    Args:
+      server: the server's `PartyState`.
+      message: the client's `SmashedData` from `client_infer`.
+
+    Returns:
+      The message to send back, `Prediction(logits)`.
+    """
     activations = up_codec.decode(message.activations)
     check_batch("message.activations", activations, server.input_spec)
     out, _ = model.server.apply(server.params, server.model_state, activations, key=None, train=False)
@@ -613,6 +685,15 @@ def u_shaped(
   down_codec = downlink or codec_lib.identity()
 
   def init(key, x) -> SplitState:
+    """Both parties' initial state (the client's params `{"head", "tail"}`), as in `Vanilla.init`.
+
+    Args:
+      key: PRNG key, split among the head, body and tail as `SplitModel.compose()` splits it.
+      x: an example batch (B, *input shape); the codecs' states are sized for its batch size.
+
+    Returns:
+      A `SplitState`: the client (head and tail) and the server (body), and the step count 0.
+    """
     state = _init_parties(model, key, x, client_optimizer, server_optimizer, loss=loss)
     b = x.shape[0]
     cut = jax.ShapeDtypeStruct((b, *state.server.input_spec.shape), state.server.input_spec.dtype)
@@ -623,6 +704,17 @@ def u_shaped(
         server=state.server.replace(codec_state={"body": down_codec.init(body), "cut_grad": down_codec.init(cut)}))
 
   def client_forward(client: PartyState, x, key) -> tuple[msgs.SmashedData, ClientPending]:
+    """The client's first leg: the head forward under `jax.vjp`, through the uplink codec; no labels.
+
+    Args:
+      client: the client's `PartyState` (head and tail).
+      x: a batch of inputs (B, *input shape).
+      key: the head's key of this step (the codec's is fold_in(key, CODEC_STREAM)).
+
+    Returns:
+      The message to send, `SmashedData(activations)` (no labels: they stay on the client), and
+      the `ClientPending` kept for `client_tail_step` and `client_backward`.
+    """
     check_batch("x", x, client.input_spec)
     smashed, pullback, model_state, metrics = _client_vjp(model.client, client_loss, client.params["head"],
                                                           client.model_state["head"], x, key)
@@ -631,6 +723,17 @@ def u_shaped(
     return msgs.SmashedData(payload), ClientPending(pullback, model_state, codec_state, payload, metrics)
 
   def server_forward(server: PartyState, message: msgs.SmashedData, key) -> tuple[msgs.BodyOutput, ServerPending]:
+    """The server's first leg: the body forward under `jax.vjp` on the decoded smashed data.
+
+    Args:
+      server: the server's `PartyState` (the body).
+      message: the client's `SmashedData`.
+      key: the body's key of this step (the downlink codec's is fold_in(key, CODEC_STREAM)).
+
+    Returns:
+      The message to send, `BodyOutput(activations)` through the downlink codec, and the
+      `ServerPending` kept for `server_backward` (the body's pullback): never sent.
+    """
     activations = up_codec.decode(message.activations)
     check_batch("message.activations", activations, server.input_spec)
 
@@ -647,6 +750,20 @@ def u_shaped(
   def client_tail_step(
       client: PartyState, pending: ClientPending, message: msgs.BodyOutput, labels, key
   ) -> tuple[msgs.TailGradient, TailPending, dict]:
+    """The client's middle leg: the tail and the loss on the decoded body output, with its labels.
+
+    Args:
+      client: the client's `PartyState`.
+      pending: what `client_forward` returned to keep.
+      message: the server's `BodyOutput`.
+      labels: integer labels (B,); they never leave the client.
+      key: the tail's key of this step (the uplink codec's is fold_in(key, CODEC_STREAM)).
+
+    Returns:
+      The message to send, `TailGradient(d loss / d body output)` through the uplink codec; the
+      `TailPending` kept for `client_backward` (the tail's gradients, the head's pending); and
+      metrics `loss`, `accuracy` (and `client_loss` with a `client_loss` hook).
+    """
     body = down_codec.decode(message.activations)
     check_labels(labels, batch=body.shape[0])
 
@@ -666,6 +783,17 @@ def u_shaped(
   def server_backward(
       server: PartyState, pending: ServerPending, message: msgs.TailGradient
   ) -> tuple[PartyState, msgs.CutGradient]:
+    """The server's last leg: the decoded tail gradient through the body's pullback, and its update.
+
+    Args:
+      server: the server's `PartyState`, as it was at `server_forward`.
+      pending: what `server_forward` returned to keep.
+      message: the client's `TailGradient`.
+
+    Returns:
+      The updated server, and the message to send, `CutGradient(d loss / d smashed)` through the
+      downlink codec.
+    """
     g_body = codec_lib.cotangent(down_codec, pending.sent, up_codec.decode(message.grad))
     g_params, g_smashed = pending.pullback(g_body)
     payload, cut_codec = down_codec.encode(g_smashed, pending.codec_state["cut_grad"], pending.codec_key)
@@ -673,6 +801,16 @@ def u_shaped(
     return updated.replace(codec_state={**pending.codec_state, "cut_grad": cut_codec}), msgs.CutGradient(payload)
 
   def client_backward(client: PartyState, pending: TailPending, message: msgs.CutGradient) -> PartyState:
+    """The client's last leg: the cut gradient through the head's pullback; head and tail updated.
+
+    Args:
+      client: the client's `PartyState`, as it was at `client_forward`.
+      pending: what `client_tail_step` returned to keep.
+      message: the server's `CutGradient`.
+
+    Returns:
+      The updated client: head and tail params under the one client optimizer, model and codec states.
+    """
     (g_head,) = pending.head.pullback(codec_lib.cotangent(up_codec, pending.head.sent, down_codec.decode(message.grad)))
     grads = {"head": g_head, "tail": pending.tail_grads}
     updated = apply_update(client, grads, client_optimizer,
@@ -680,6 +818,18 @@ def u_shaped(
     return updated.replace(codec_state=pending.codec_state)
 
   def step(state: SplitState, batch, key) -> tuple[SplitState, dict]:
+    """One training step, the five legs fused: `client_forward`, `server_forward`, `client_tail_step`,
+    `server_backward`, `client_backward`.
+
+    Args:
+      state: the `SplitState`.
+      batch: `(x, labels)`, shapes (B, *input shape) and (B,); the labels stay on the client.
+      key: the step key, split into the head's, the body's and the tail's.
+
+    Returns:
+      The state advanced by one step, and `Metrics`: `loss`, `accuracy` (and `client_loss`), and
+      the exact wire bytes up (smashed data and tail gradient) and down (body output and cut gradient).
+    """
     x, labels = batch
     k_head, k_body, k_tail = jax.random.split(key, 3)
     up1, head_pending = client_forward(state.client, x, k_head)
@@ -695,21 +845,47 @@ def u_shaped(
 
   def client_infer(client: PartyState, x, key=None) -> msgs.SmashedData:
     """Inference, the head's leg: in eval mode, through the uplink codec from a fresh state, its
-    randomness fold_in(key, CODEC_STREAM) (key(0) if None), as `Vanilla.client_infer`."""
+    randomness fold_in(key, CODEC_STREAM) (key(0) if None), as `Vanilla.client_infer`.
+
+    Args:
+      client: the client's `PartyState`.
+      x: a batch of inputs (B, *input shape).
+      key: the codec's randomness, or None.
+
+    Returns:
+      The message to send, `SmashedData(activations)`.
+    """
     check_batch("x", x, client.input_spec)
     smashed, _ = model.client.apply(client.params["head"], client.model_state["head"], x, key=None, train=False)
     return msgs.SmashedData(_fresh_encode(up_codec, smashed, key, CODEC_STREAM))
 
   def server_infer(server: PartyState, message: msgs.SmashedData, key=None) -> msgs.BodyOutput:
     """Inference, the body's leg: in eval mode on the decoded smashed data; its output through the
-    downlink codec from a fresh state, its randomness fold_in(key, CODEC_STREAM + 1) (key(0) if None)."""
+    downlink codec from a fresh state, its randomness fold_in(key, CODEC_STREAM + 1) (key(0) if None).
+
+    Args:
+      server: the server's `PartyState`.
+      message: the client's `SmashedData` from `client_infer`.
+      key: the codec's randomness, or None.
+
+    Returns:
+      The message to send back, `BodyOutput(activations)`.
+    """
     activations = up_codec.decode(message.activations)
     check_batch("message.activations", activations, server.input_spec)
     body, _ = model.server.apply(server.params, server.model_state, activations, key=None, train=False)
     return msgs.BodyOutput(_fresh_encode(down_codec, body, key, CODEC_STREAM + 1))
 
   def client_tail_infer(client: PartyState, message: msgs.BodyOutput) -> jax.Array:
-    """Inference, the tail's leg: the outputs of the tail in eval mode on the decoded body output."""
+    """Inference, the tail's leg: the outputs of the tail in eval mode on the decoded body output.
+
+    Args:
+      client: the client's `PartyState`.
+      message: the server's `BodyOutput` from `server_infer`.
+
+    Returns:
+      The model's outputs (B, ...), e.g. logits; they never leave the client.
+    """
     body = down_codec.decode(message.activations)
     out, _ = model.tail.apply(client.params["tail"], client.model_state["tail"], body, key=None, train=False)
     return out
@@ -753,12 +929,26 @@ def centralized(
 
   @jax.jit
   def init(key, x) -> PartyState:
+    """The whole model's initial state: params and model state a tuple with one entry per part.
+
+    Args:
+      key: PRNG key, split among the parts as `SplitModel.compose()` splits it.
+      x: an example batch (B, *input shape).
+
+    Returns:
+      One `PartyState` holding the whole model.
+    """
     # The parts one by one, as `whole.init` would (same keys), with the checks of the split protocols.
     parts_vars = _init_parts(model, key, x, loss)
     params, model_state = tuple(p for p, _, _ in parts_vars), tuple(s for _, s, _ in parts_vars)
     return PartyState(params, model_state, optimizer.init(params), ArraySpec.of(x))
 
   def step(state: PartyState, batch, key) -> tuple[PartyState, dict]:
+    """One training step of the whole model on `batch = (x, labels)`; `key` split among the parts.
+
+    Returns:
+      The updated state, and `Metrics`: `loss`, `accuracy`, and `bytes_up`, `bytes_down` (0).
+    """
     x, labels = batch
     check_batch("x", x, state.input_spec)
     check_labels(labels, batch=x.shape[0])
@@ -772,6 +962,7 @@ def centralized(
     return apply_update(state, grads, optimizer, model_state), metrics
 
   def predict(state: PartyState, x) -> tuple[jax.Array, dict]:
+    """Inference in eval mode: the outputs (B, ...) on `x`, and `Metrics` of 0 bytes."""
     check_batch("x", x, state.input_spec)
     out, _ = whole.apply(state.params, state.model_state, x, key=None, train=False)
     return out, Metrics({}, {"bytes_up": 0, "bytes_down": 0})
