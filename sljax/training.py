@@ -161,8 +161,8 @@ def fit(
       records of the tested epochs, e.g. `sljax.evaluate` with another loss or other data; its
       names must differ from the record's own.
     eval_every: test (and call `evaluate`) after every `eval_every`-th epoch and after the last.
-    progress: show a progress bar (`sljax._progress.progress_bar`: a widget or text in a notebook,
-      one line per update in a log).
+    progress: show a progress bar: the widget in a notebook with ipywidgets, text in a notebook
+      without it or in a terminal, one line per update (at most one a second) in a log.
     description: the progress bar's label.
     transcript: None (the default: nothing recorded, nothing changes), or a path or a
       `sljax.privacy.transcript.Recorder` to record every message of the run into (round = epoch,
