@@ -3,6 +3,7 @@ changes nothing; the handshake has no side effects (no state, no checkpoint, no 
 
 import os
 import threading
+import time
 
 import grpc
 import jax
@@ -277,3 +278,32 @@ def test_calls_beyond_maximum_concurrent_rpcs_are_refused_at_once_and_retried():
   finally:
     release.set()
     running.stop()
+
+
+def test_long_polls_cannot_starve_other_calls(servers):
+  """Ten long polls of one client hold one worker: each ends the wait of the one before (ABORTED),
+  so a server with a few workers still answers another client at once, and nothing changes."""
+  server = servers("splitfed_v1")
+  before = server.snapshot()
+  running = T.serve(server.handle, max_workers=SCHEDULE.num_clients + 2)
+  get = {"client": 0, "round": 1, "op": "get", "steps": 0, "wait": 2.0, "message": None}  # round 1 has not begun
+  answers = []
+  try:
+    polls = [threading.Thread(target=lambda: answers.append(_raw(running.port, "Handover", wire.encode(get),
+                                                                 "token-zero"))) for _ in range(10)]
+    for t in polls:
+      t.start()
+      time.sleep(0.02)
+    start = time.monotonic()
+    code, response = _raw(running.port, "Status", wire.encode({"client": 1}), "token-one")
+    assert code == grpc.StatusCode.OK and time.monotonic() - start < 1.0
+    for t in polls:
+      t.join(20)
+  finally:
+    running.stop()
+  aborted = (grpc.StatusCode.ABORTED, "Handover: a newer call of client 0 waits in this one's place (a client has one "
+                                      "waiting call at a time)")
+  assert answers.count(aborted) == 9
+  (last,) = [a for a in answers if a != aborted]
+  assert last[0] == grpc.StatusCode.OK and not wire.decode("Handover", last[1], response=True)["ready"]
+  assert server.snapshot() == before

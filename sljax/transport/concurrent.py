@@ -37,12 +37,14 @@ same way, one lease after the first call of any client.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import grpc
 import jax
 import jax.numpy as jnp
 
@@ -54,6 +56,7 @@ from sljax.transport import schedule as sched
 from sljax.transport import wire
 from sljax.transport.coordinators import ConcurrentState
 from sljax.transport.server import MAX_SAMPLES, ServiceBase
+from sljax.transport.wire import TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +183,8 @@ class ConcurrentServer(ServiceBase):
         half_template=msgs.spec_of(sched.to_message(parties[0])))
     self._view_infer = None if view is None else jax.jit(view.server_infer, static_argnums=1)
 
+    self._waiting: dict[int, int] = {}  # client -> the ticket of its call that waits
+    self._tickets = itertools.count()
     self._progress_at: dict[int, float] = {}  # client -> when a call of it last changed the state
     self._waited_since: dict[int, float] = {}  # client -> since when others wait for it
     initial = self._restore(checkpoint_dir, self.coordinator.initial(sim))
@@ -197,17 +202,33 @@ class ConcurrentServer(ServiceBase):
 
   # ---- the shell: transitions, waits, leases, checkpoints -------------------------------------------
 
-  def _run(self, client: int, transition: Callable[[coord.CoordinatorState], tuple[Any, Any]]) -> dict:
+  def _run(self, client: int, transition: Callable[[coord.CoordinatorState], tuple[Any, Any]], *,
+           method: str) -> dict:
     """Applies a coordinator's transition, waits as it asks (releasing the lock), and returns the
     response's fields. A transition that changes the state is the caller's progress, which renews
-    its lease; waiting, like any call that changes nothing, does not. Called with the lock held."""
+    its lease; waiting, like any call that changes nothing, does not. Called with the lock held.
+
+    At most one call of a client waits at a time (so waiting calls hold at most `num_clients` of
+    the transport's workers): a call that waits ends the wait of the client's earlier one, which
+    answers ABORTED (a client's retry, after its deadline, takes the place of the call it gave up)."""
     outcome = self._step(client, transition)
-    while isinstance(outcome, coord.Wait):
-      end = self._clock() + outcome.seconds
-      while not outcome.until(self.s) and self._clock() < end:
-        self._cond.wait(timeout=min(0.05, max(0.0, end - self._clock())))
-        self._expire_if_due()
-      outcome = self._step(client, outcome.then)
+    ticket = next(self._tickets)
+    try:
+      while isinstance(outcome, coord.Wait):
+        if self._waiting.get(client) != ticket:
+          self._waiting[client] = ticket
+          self._cond.notify_all()  # the client's earlier waiting call, if any, stops waiting
+        end = self._clock() + outcome.seconds
+        while not outcome.until(self.s) and self._clock() < end and self._waiting.get(client) == ticket:
+          self._cond.wait(timeout=min(0.05, max(0.0, end - self._clock())))
+          self._expire_if_due()
+        if self._waiting.get(client) != ticket:
+          raise TransportError(grpc.StatusCode.ABORTED, f"{method}: a newer call of client {client} waits in this "
+                                                        "one's place (a client has one waiting call at a time)")
+        outcome = self._step(client, outcome.then)
+    finally:
+      if self._waiting.get(client) == ticket:
+        del self._waiting[client]
     fields = outcome.fields
     if fields is coord.POSITION:
       return self._position(client)
@@ -293,22 +314,23 @@ class ConcurrentServer(ServiceBase):
   def _handover(self, client: int, req: dict) -> bytes:
     if req["op"] == "get":
       return wire.encode(self._run(client, lambda s: self.coordinator.on_get(
-          s, client, req["round"], req["wait"], self._initial_halves[client])))
+          s, client, req["round"], req["wait"], self._initial_halves[client]), method="Handover"))
     if req["op"] == "put":
       return wire.encode(self._run(client, lambda s: self.coordinator.on_put(
-          s, client, req["round"], req["steps"], req["message"])))
+          s, client, req["round"], req["steps"], req["message"]), method="Handover"))
     raise wire.invalid(f"Handover request: field 'op' must be 'get' or 'put', got {req['op']!r}")
 
   def _forward(self, client: int, req: dict) -> bytes:
     return wire.encode(self._run(client, lambda s: self.coordinator.on_forward(
-        s, client, req["round"], req["step"], req["message"])))
+        s, client, req["round"], req["step"], req["message"]), method="Forward"))
 
   def _commit(self, client: int, req: dict) -> bytes:
-    return wire.encode(self._run(client, lambda s: self.coordinator.on_commit(s, client, req["round"], req["step"])))
+    return wire.encode(self._run(client, lambda s: self.coordinator.on_commit(s, client, req["round"], req["step"]),
+                                 method="Commit"))
 
   def _backward(self, client: int, req: dict) -> bytes:
     return wire.encode(self._run(client, lambda s: self.coordinator.on_backward(
-        s, client, req["round"], req["step"], req["message"])))
+        s, client, req["round"], req["step"], req["message"]), method="Backward"))
 
 
 class SplitServer(ConcurrentServer):
