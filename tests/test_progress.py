@@ -1,6 +1,8 @@
 """Progress bars: no tqdm warning in a notebook, a widget only with ipywidgets, lines in logs."""
 
 import io
+import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -8,6 +10,7 @@ import types
 import IPython
 import pytest
 
+import sljax
 from sljax import _progress
 from sljax._progress import bar_kind, progress_bar
 
@@ -15,9 +18,16 @@ from sljax._progress import bar_kind, progress_bar
 def test_import_in_a_kernel_without_ipywidgets_warns_nothing():
   # `ipykernel.zmqshell` imported is what tqdm.auto takes for a notebook: with tqdm.auto at import,
   # `import sljax` printed "TqdmWarning: IProgress not found" here (ipywidgets is not installed).
-  code = "import ipykernel.zmqshell, warnings; warnings.simplefilter('always'); import sljax, sljax.transport.client"
+  code = "import ipykernel.zmqshell, warnings; warnings.simplefilter('always'); import sljax"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert "IProgress" not in out.stderr and "Warning" not in out.stderr, out.stderr
+
+
+def test_only_the_progress_module_imports_tqdm():
+  root = pathlib.Path(sljax.__file__).parent
+  importers = sorted(str(path.relative_to(root)) for path in root.rglob("*.py")
+                     if re.search(r"^\s*(from|import) tqdm", path.read_text(), re.MULTILINE))
+  assert importers == ["_progress.py"]
 
 
 @pytest.fixture
