@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import numbers
@@ -298,9 +299,7 @@ def plot(runs: Any, metric: str, *, x: str | None = None, ax: Any = None, ddof: 
   runs = _as_runs(runs)
   by_label = curves(runs, metric, x=x, ddof=ddof)
   if ax is None:
-    from matplotlib.figure import Figure  # noqa: PLC0415 -- matplotlib is needed only to plot
-
-    ax = Figure(figsize=(5, 3.5), layout="constrained").subplots()
+    ax = _figure(figsize=(5, 3.5)).subplots()
   for name, curve in by_label.items():
     (line,) = ax.plot(curve.x, curve.mean, marker="." if len(curve.x) <= 50 else None, label=name)
     if curve.runs > 1:
@@ -334,13 +333,11 @@ def plot_runs(runs: Any, *, accuracy: str | None = None, loss: str | None = None
     >>> [ax.get_ylabel() for ax in fig.axes]
     ['train_batch_accuracy', 'train_batch_accuracy', 'train_batch_loss', 'train_batch_loss']
   """
-  from matplotlib.figure import Figure  # noqa: PLC0415 -- matplotlib is needed only to plot
-
   runs = _as_runs(runs)
   first = next(iter(runs.values()))[0]
   accuracy = accuracy or _first_held(first, ACCURACY_NAMES, "accuracy")
   loss = loss or _first_held(first, LOSS_NAMES, "loss")
-  fig = Figure(figsize=(10, 6.5), layout="constrained")
+  fig = _figure(figsize=(10, 6.5))
   axes = fig.subplots(2, 2)
   for row, metric in enumerate((accuracy, loss)):
     for col, x in enumerate((None, "bytes")):
@@ -348,6 +345,20 @@ def plot_runs(runs: Any, *, accuracy: str | None = None, loss: str | None = None
   if title:
     fig.suptitle(title)
   return fig
+
+
+def _figure(*, figsize: tuple[float, float]):
+  """A matplotlib `Figure` (no pyplot state) that a notebook shows as a PNG, pyplot imported or not."""
+  from matplotlib.figure import Figure  # noqa: PLC0415 -- matplotlib is needed only to plot
+
+  class _Figure(Figure):
+    def _repr_png_(self) -> bytes:
+      # IPython shows a Figure by the inline backend's formatter, which only importing pyplot installs
+      buffer = io.BytesIO()
+      self.savefig(buffer, format="png")
+      return buffer.getvalue()
+
+  return _Figure(figsize=figsize, layout="constrained")
 
 
 def _as_runs(runs: Any) -> Runs:

@@ -76,6 +76,7 @@ def test_a_fit_history_plots_by_epoch_skipping_the_epochs_not_tested():
   np.testing.assert_allclose(acc_step.lines[0].get_ydata(), [0.2, 0.4])
   assert acc_bytes.lines[0].get_xdata().tolist() == [20, 40] and acc_bytes.get_xlabel() == "bytes (up + down)"
   assert loss_step.get_ylabel() == "loss" and len(loss_step.lines[0].get_xdata()) == 4  # no test loss: training's
+  assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"  # a notebook shows it, without pyplot's inline backend
 
 
 def _counting_algorithm():
