@@ -805,7 +805,7 @@ def plot_cuts(table: CutTable, *, quantities: Sequence[str] | None = None, title
       "round_time_s"; by default those the table has (the attack's MSE only without its SSIM).
     title: the figure's title.
   """
-  from matplotlib.figure import Figure  # noqa: PLC0415 -- matplotlib is needed only to plot
+  from sljax.plots import _figure  # noqa: PLC0415 -- a Figure a notebook shows without pyplot
 
   if quantities is None:  # those the table has (the attack's MSE where it has no SSIM: not images)
     def has(q):
@@ -816,7 +816,7 @@ def plot_cuts(table: CutTable, *, quantities: Sequence[str] | None = None, title
   for q in quantities:
     if q not in _PANELS:
       raise ValueError(f"quantities: expected a subset of {sorted(_PANELS)}, got {q!r}")
-  fig = Figure(figsize=(3.2 * len(quantities), 3.2), layout="constrained")
+  fig = _figure(figsize=(3.2 * len(quantities), 3.2), layout="constrained")
   axes = fig.subplots(1, len(quantities), squeeze=False)[0]
   xs = np.arange(len(table.rows))
   labels = [f"{r.cut}\n{r.layer}" for r in table.rows]

@@ -299,7 +299,7 @@ def plot(runs: Any, metric: str, *, x: str | None = None, ax: Any = None, ddof: 
   runs = _as_runs(runs)
   by_label = curves(runs, metric, x=x, ddof=ddof)
   if ax is None:
-    ax = _figure(figsize=(5, 3.5)).subplots()
+    ax = _figure(figsize=(5, 3.5), layout="constrained").subplots()
   for name, curve in by_label.items():
     (line,) = ax.plot(curve.x, curve.mean, marker="." if len(curve.x) <= 50 else None, label=name)
     if curve.runs > 1:
@@ -337,7 +337,7 @@ def plot_runs(runs: Any, *, accuracy: str | None = None, loss: str | None = None
   first = next(iter(runs.values()))[0]
   accuracy = accuracy or _first_held(first, ACCURACY_NAMES, "accuracy")
   loss = loss or _first_held(first, LOSS_NAMES, "loss")
-  fig = _figure(figsize=(10, 6.5))
+  fig = _figure(figsize=(10, 6.5), layout="constrained")
   axes = fig.subplots(2, 2)
   for row, metric in enumerate((accuracy, loss)):
     for col, x in enumerate((None, "bytes")):
@@ -347,8 +347,8 @@ def plot_runs(runs: Any, *, accuracy: str | None = None, loss: str | None = None
   return fig
 
 
-def _figure(*, figsize: tuple[float, float]):
-  """A matplotlib `Figure` (no pyplot state) that a notebook shows as a PNG, pyplot imported or not."""
+def _figure(**kwargs: Any):
+  """A matplotlib `Figure(**kwargs)` (no pyplot state) that a notebook shows as a PNG, pyplot imported or not."""
   from matplotlib.figure import Figure  # noqa: PLC0415 -- matplotlib is needed only to plot
 
   class _Figure(Figure):
@@ -358,7 +358,7 @@ def _figure(*, figsize: tuple[float, float]):
       self.savefig(buffer, format="png")
       return buffer.getvalue()
 
-  return _Figure(figsize=figsize, layout="constrained")
+  return _Figure(**kwargs)
 
 
 def _as_runs(runs: Any) -> Runs:

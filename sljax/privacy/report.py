@@ -244,12 +244,12 @@ def privacy_utility_plot(points: Sequence[tuple[str, float, float]], *, privacy_
   Raises:
     ValueError: `points` is empty or a point is not (name, number, number).
   """
-  from matplotlib.figure import Figure  # noqa: PLC0415 -- only for plots
+  from sljax.plots import _figure  # noqa: PLC0415 -- a Figure a notebook shows without pyplot
 
   points = list(points)
   if not points or not all(len(p) == 3 and isinstance(p[0], str) for p in points):
     raise ValueError(f"points: expected a non-empty list of (name, utility cost, attack success), got {points[:3]!r}")
-  fig = Figure(figsize=(5, 4))
+  fig = _figure(figsize=(5, 4))
   ax = fig.add_subplot()
   for name, utility, success in points:
     ax.scatter([float(utility)], [float(success)])
