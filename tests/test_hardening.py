@@ -307,3 +307,39 @@ def test_long_polls_cannot_starve_other_calls(servers):
   (last,) = [a for a in answers if a != aborted]
   assert last[0] == grpc.StatusCode.OK and not wire.decode("Handover", last[1], response=True)["ready"]
   assert server.snapshot() == before
+
+
+@pytest.mark.parametrize("algorithm", ["parallel_sl", "splitfed_v1"])
+def test_predict_runs_programs_for_power_of_two_buckets_without_the_lock(servers, algorithm):
+  server = servers(algorithm)
+  party = jax.device_get(server._predict_party(0))
+  eval_ = server._server_eval
+  held = []
+
+  def unlocked(*args):  # the server's lock is free while inference runs: another thread can take it
+    took = []
+
+    def take():
+      took.append(server._cond.acquire(blocking=False))
+      if took[0]:
+        server._cond.release()
+
+    other = threading.Thread(target=take)
+    other.start()
+    other.join()
+    held.append(not took[0])
+    return eval_(*args)
+
+  server._server_eval = unlocked
+  try:
+    before, programs = server.snapshot(), eval_._cache_size()
+    x = np.random.default_rng(0).normal(size=(8, HIDDEN)).astype(np.float32)
+    expected = np.asarray(eval_(party, x).logits)  # each row's logits: rows do not mix
+    for batch in (1, 3, 5, 8, 7):
+      got = _call(server, "Predict", {"client": 0, "batch": batch, "message": msgs.to_bytes(msgs.SmashedData(x[:batch]))})
+      logits = msgs.from_bytes(msgs.Prediction(jax.ShapeDtypeStruct((batch, 10), np.float32)), got["message"]).logits
+      np.testing.assert_allclose(logits, expected[:batch], atol=1e-6, rtol=0)
+  finally:
+    server._server_eval = eval_
+  assert eval_._cache_size() - programs <= 3  # buckets 1, 4 and 8 (8 compiled for the reference)
+  assert held == [False] * 5 and server.snapshot() == before

@@ -300,10 +300,10 @@ class ConcurrentServer(ServiceBase):
   def _cut_spec_of(self, client: int) -> ArraySpec:
     return self._cut_specs[client]
 
-  def _answer(self, client: int, activations) -> Any:
+  def _answer(self, client: int, party: PartyState, activations) -> Any:
     if self._view_infer is None:
-      return super()._answer(client, activations)
-    return self._view_infer(self._predict_party(client), client, msgs.SmashedData(activations))
+      return super()._answer(client, party, activations)
+    return self._view_infer(party, client, msgs.SmashedData(activations))
 
   def _hello(self, client: int, req: dict) -> None:
     # nothing durable, no checkpoint, no lease renewed: only a step the others wait for is progress

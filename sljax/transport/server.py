@@ -40,9 +40,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from sljax import codecs
 from sljax import messages as msgs
 from sljax import simulation
-from sljax.protocol import ArraySpec, UShaped, Vanilla
+from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
 from sljax.transport import wire
@@ -157,6 +158,8 @@ class ServiceBase:
     if req["client"] != client:
       raise TransportError(grpc.StatusCode.PERMISSION_DENIED,
                            f"{method}: field 'client' is {req['client']}, but the credentials are client {client}'s")
+    if method == "Predict":  # takes the lock only to read the server half it runs
+      return self._predict(client, req)
     with self._cond:
       self._seen(client)
       self._expire_if_due()
@@ -277,10 +280,17 @@ class ServiceBase:
 
   def _configure_inference(self, model: SplitModel, sl: Vanilla | UShaped) -> None:
     """Predict: the smashed data comes through the uplink codec, as in `Vanilla.predict`; the answer
-    is `sched.inference_answer`'s (the logits, or a U-shaped body's output)."""
+    is `sched.inference_answer`'s (the logits, or a U-shaped body's output).
+
+    Where the codecs Predict goes through keep the rows apart (none, or `cast`), a batch is padded
+    with zero rows to the next power of two and the answer cut back to its rows, so inference runs
+    programs for at most log2(max_predict_batch) + 1 batch sizes; otherwise one per batch size."""
     self._uplink = sl.uplink
     self._server_eval = jax.jit(sched.inference_answer(model, sl))
     self._predict_templates: dict[tuple[int, ArraySpec], msgs.SmashedData] = {}
+    row_wise = ("identity", "cast")
+    self._buckets = codecs.describe(sl.uplink)["name"] in row_wise and (
+        not isinstance(sl, UShaped) or codecs.describe(sl.downlink)["name"] in row_wise)
     if self.num_classes == "auto":  # the labels a step may carry: as many classes as the model has outputs
       x1 = jax.ShapeDtypeStruct((1, *self.input_spec.shape), self.input_spec.dtype)
       out = jax.eval_shape(lambda x: sl.predict(sl.init(jax.random.key(0), x), x)[0], x1)
@@ -298,14 +308,27 @@ class ServiceBase:
       self._predict_templates[batch, spec] = msgs.SmashedData(payload)
     return self._predict_templates[batch, spec]
 
-  def _answer(self, client: int, activations) -> Any:
-    """The `Predict` answer (a message) to client `client`'s uplink payload."""
-    return self._server_eval(self._predict_party(client), activations)
+  def _answer(self, client: int, party: PartyState, activations) -> Any:
+    """The `Predict` answer (a message) to client `client`'s uplink payload, from the server half `party`."""
+    del client
+    return self._server_eval(party, activations)
 
   def _predict(self, client: int, req: dict) -> bytes:
+    """Inference on the committed server half. The lock is held only to read it: the message is
+    checked and the answer computed (and compiled, for a new batch bucket) without it, so inference
+    never holds up training."""
     batch = req["batch"]
     if not 1 <= batch <= self.max_predict_batch:
       raise wire.invalid(f"Predict: field 'batch' must be in [1, {self.max_predict_batch}], got {batch}")
     message = self._read(self._predict_template(batch, self._cut_spec_of(client)), req["message"], what="Predict")
-    answer = self._answer(client, message.activations)
-    return wire.encode({"message": msgs.to_bytes(jax.device_get(answer))})
+    with self._cond:
+      self._seen(client)
+      self._expire_if_due()
+      party = self._predict_party(client)
+    payload = message.activations
+    if not self._buckets:
+      return wire.encode({"message": msgs.to_bytes(jax.device_get(self._answer(client, party, payload)))})
+    bucket = 1 << (batch - 1).bit_length()  # the next power of two
+    padded = jax.tree.map(lambda a: np.concatenate([a, np.zeros((bucket - batch, *a.shape[1:]), a.dtype)]), payload)
+    answer = jax.device_get(self._answer(client, party, padded))
+    return wire.encode({"message": msgs.to_bytes(jax.tree.map(lambda a: a[:batch], answer))})
