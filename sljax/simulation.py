@@ -25,6 +25,7 @@ from sljax._progress import progress_bar
 from sljax.algorithms import Algorithm, SimState
 from sljax.data.clients import ClientData
 from sljax.execution import replicate, shard_clients
+from sljax.population import Population, PopulationState
 from sljax.training import algorithm_evaluator, reuse_program
 
 if TYPE_CHECKING:
@@ -124,16 +125,18 @@ def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int = 2) ->
 
 
 def restore(manager: ocp.CheckpointManager, like: SimState, step: int | None = None) -> SimState:
-  """The state saved at `step` (the latest by default), with the structure of `like`."""
+  """The state saved at `step` (the latest by default), with the structure of `like`: its jax
+  arrays restored as jax arrays placed as in `like`, its numpy arrays (a population's host stores)
+  as numpy arrays."""
   step = manager.latest_step() if step is None else step
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  abstract = jax.tree.map(lambda a: a if isinstance(a, np.ndarray) else ocp.utils.to_shape_dtype_struct(a), like)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 def run(
-    algorithm: Algorithm,
-    state: SimState,
-    data: ClientData,
+    algorithm: Algorithm | Population,
+    state: SimState | PopulationState,
+    data: ClientData | None,
     *,
     rounds: int,
     test: ClientData | tuple[Any, Any] | None = None,
@@ -150,9 +153,12 @@ def run(
   """Runs rounds until `state.round == rounds`, resuming from `checkpoint_dir` if it has a checkpoint.
 
   Args:
-    algorithm: from `sljax.algorithms`.
+    algorithm: from `sljax.algorithms`; or a `sljax.population.Population` (rounds on the
+      participants gathered from a population: its store is the data, and its host stores are in
+      the state and in its checkpoints).
     state: the initial state (`algorithm.init`); replaced by the latest checkpoint if there is one.
-    data: the clients' data (`sljax.data.stack_clients`), placed as the state is (see `shard`).
+    data: the clients' data (`sljax.data.stack_clients`), placed as the state is (see `shard`);
+      None for a `Population`.
     rounds: the total number of rounds (not the number still to run).
     test: held-out data, tested every `eval_every` rounds and after the last, as `sljax.evaluate`
       does (softmax cross-entropy for the loss): a test set `(x, y)`, or per-client data (a
@@ -212,13 +218,22 @@ def run(
   """
   if isinstance(eval_every, bool) or not isinstance(eval_every, numbers.Integral) or eval_every < 1:
     raise ValueError(f"eval_every: expected a positive int (test every that many rounds), got {eval_every!r}")
+  population = algorithm if isinstance(algorithm, Population) else None
+  if population is not None:
+    if data is not None:
+      raise ValueError(f"data: expected None for a Population (its store is the data), got {type(data).__name__}")
+    if test is not None and not population.algorithm.shared_model:
+      raise ValueError(f"test: a population of {population.algorithm.name} clients keeps a half per client, which "
+                       "`test` cannot test; pass evaluate=... (e.g. sljax.evaluate on chosen clients' halves)")
+    algorithm = population.algorithm
   manager = checkpoint_manager(checkpoint_dir) if checkpoint_dir is not None else None
   if manager is not None and manager.latest_step() is not None:
     state = restore(manager, state)
     logger.info("resumed from round %d", int(state.round))
   else:
     _check_live(state)
-  test_fn = None if test is None else _tester(algorithm, state, test, jit=jit)
+  sim_of = (lambda s: s.sim) if population is not None else (lambda s: s)  # noqa: E731
+  test_fn = None if test is None else _tester(algorithm, sim_of(state), test, jit=jit)
   start = int(state.round)
   stop = rounds
   if accountant is not None:
@@ -235,7 +250,9 @@ def run(
   if metrics_path is not None:
     _write_jsonl(metrics_path, [r for r in _read_jsonl(metrics_path) if r["round"] <= start])
   round_ = algorithm.round  # held for as long as the program runs (see reuse_program)
-  if jit:
+  if population is not None:
+    round_fn = lambda s, _: population.round(s)  # noqa: E731 -- jitted inside, around the host stores
+  elif jit:
     donated = (0,) if donate else ()
     round_fn = reuse_program(round_, ("round", donated), lambda f: jax.jit(f, donate_argnums=donated))
   else:
@@ -254,7 +271,7 @@ def run(
           record.update(accountant.record(r + 1))
         if (r + 1) % eval_every == 0 or r + 1 == stop:
           if test_fn is not None:
-            record.update(test_fn(state))
+            record.update(test_fn(sim_of(state)))
           if evaluate is not None:
             record.update(evaluate(state))
         history.append(record)
@@ -265,8 +282,9 @@ def run(
             f.write(json.dumps(record) + "\n")
         if manager is not None and ((r + 1) % checkpoint_every == 0 or r + 1 == stop):
           manager.save(r + 1, args=ocp.args.StandardSave(state))
-          if donate and jit:
-            # the next round overwrites these arrays: let orbax finish reading them first
+          if (donate and jit) or population is not None:
+            # the next round overwrites these arrays (donated, or a population's stores, written in place):
+            # let orbax finish reading them first
             manager.wait_until_finished()
   finally:
     if manager is not None:

@@ -85,16 +85,21 @@ class Schedule(NamedTuple):
 
   The fused `round`, the network server (`sljax.transport`) and the simulated clock
   (`sljax.network`) all read these; none derives a key, an order or an average of its own.
-  `run_key` is the run's raw key data (`SimState.key`), `round_` and `step` count from 0.
+  `run_key` is the run's raw key data (`SimState.key`), `round_` and `step` count from 0. The
+  functions of clients take `ids=None`: the clients' ids in their population (`ClientData.ids`);
+  None means all K clients, 0..K-1. What client k draws depends on its id, never on which other
+  clients take part, so a round on participants gathered out of a population (`sljax.population`)
+  equals the round on the whole stack with the others absent.
 
   Attributes:
-    client_keys: `(run_key, round_, step) -> (K,) keys`: the key of each client's legs in a step
-      (the client's forward pass, and its backward).
-    server_keys: `(run_key, round_, step) -> (K,) keys`: the key of the server's step that serves
-      client k (one server step on all clients reads entry 0; U-shaped parallel SL gives each
-      client's downlink codec its own entry).
-    order: `(run_key, round_) -> (K,) int32`: the order in which the server serves the clients
-      within a step (or, in sequential split learning, the order of the turns).
+    client_keys: `(run_key, round_, step, ids=None) -> (K,) keys`: the key of each client's legs
+      in a step (the client's forward pass, and its backward).
+    server_keys: `(run_key, round_, step, ids=None) -> (K,) keys`: the key of the server's step
+      that serves client k (one server step on all clients reads entry 0; U-shaped parallel SL
+      gives each client's downlink codec its own entry).
+    order: `(run_key, round_, ids=None) -> (K,) int32`: the order in which the server serves the
+      clients within a step (or, in sequential split learning, the order of the turns), as
+      positions among the clients given.
     server_step: the server's step on the clients present, with the keys above; its signature is
       the algorithm's (see its module), None where the server takes no step (FedAvg).
     aggregate: the end-of-round aggregation (FedAvg of client halves, of server copies), None if
@@ -138,10 +143,23 @@ class ClientView(NamedTuple):
 
 class ClientAxes(NamedTuple):
   """Which parts of a `SimState` carry a leading client axis (K, ...): what `simulation.shard`
-  places over the devices of the client mesh (the rest is replicated)."""
+  places over the devices of the client mesh (the rest is replicated), and what
+  `sljax.population` keeps per client.
+
+  Attributes:
+    clients: `SimState.clients` is stacked (K, ...) (not in sequential SL, which relays one half).
+    server: `SimState.server` is stacked too (SplitFed v1: one server copy per client).
+    server_codec: the server keeps one downlink codec state per client, stacked (K, ...) in
+      `SimState.server.codec_state` (parallel SL, U-shaped parallel SL).
+    averaged: the fields of the stacked parties (`PartyState` names, e.g. "params") that every
+      round ends with the same value for every client, participant or not (FedAvg's average,
+      sent to all): a population keeps one copy of them, not one per client.
+  """
 
   clients: bool = True
   server: bool = False  # SplitFed v1: one server copy per client
+  server_codec: bool = False
+  averaged: tuple[str, ...] = ()
 
 
 class Algorithm(NamedTuple):
@@ -158,7 +176,7 @@ class Algorithm(NamedTuple):
   `client_axes` says which parts of `SimState` carry a leading client axis. `shared_model` says
   that every client ends a round with the same model (averaged or relayed halves: SplitFed,
   FedAvg, sequential SL, centralized), so `sljax.evaluate` tests one model; otherwise each client
-  keeps its own half and is tested with it.
+  keeps its own half and is tested with it. `config` is the `ScheduleConfig` it was built with.
   """
 
   name: str
@@ -169,6 +187,7 @@ class Algorithm(NamedTuple):
   client_axes: ClientAxes = ClientAxes()
   schedule: Schedule | None = None
   shared_model: bool = False
+  config: ScheduleConfig | None = None
 
 
 def round_key(state: SimState) -> jax.Array:
@@ -185,12 +204,25 @@ def step_key(run_key, round_, step) -> jax.Array:
   return jax.random.fold_in(round_key_of(run_key, round_), step + 1)
 
 
-def lockstep_client_keys(num_clients: int) -> Callable[..., jax.Array]:
-  """`client_keys` of the algorithms whose clients all step at once: client k takes entry k of
-  `split(fold_in(step_key, 0), K)`."""
+def ids_or_all(ids, num_clients: int) -> jax.Array:
+  """`ids` as int32, or the ids 0..K-1 of a whole stack when `ids` is None."""
+  return jnp.arange(num_clients, dtype=jnp.int32) if ids is None else jnp.asarray(ids, jnp.int32)
 
-  def client_keys(run_key, round_, step):
-    return jax.random.split(jax.random.fold_in(step_key(run_key, round_, step), 0), num_clients)
+
+def per_client_keys(key, ids) -> jax.Array:
+  """`fold_in(key, id)` for each client id: (len(ids),) keys. A client's key depends on its id
+  only, not on which other clients are in the round (O(len(ids)), whatever the population)."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+
+
+def lockstep_client_keys(num_clients: int) -> Callable[..., jax.Array]:
+  """`client_keys` of the algorithms whose clients all step at once: client k's key is
+  `fold_in(fold_in(step_key, 0), k)`, k its id in the population (entry k of the K keys when
+  `ids` is None)."""
+
+  def client_keys(run_key, round_, step, ids=None):
+    base = jax.random.fold_in(step_key(run_key, round_, step), 0)
+    return per_client_keys(base, ids_or_all(ids, num_clients))
 
   return client_keys
 
@@ -198,19 +230,34 @@ def lockstep_client_keys(num_clients: int) -> Callable[..., jax.Array]:
 def lockstep_server_keys(num_clients: int) -> Callable[..., jax.Array]:
   """`server_keys` of one server step on all clients: `fold_in(step_key, 1)` for everyone."""
 
-  def server_keys(run_key, round_, step):
+  def server_keys(run_key, round_, step, ids=None):
     key = jax.random.fold_in(step_key(run_key, round_, step), 1)
-    return jnp.broadcast_to(key, (num_clients,))
+    return jnp.broadcast_to(key, ids_or_all(ids, num_clients).shape)
 
   return server_keys
 
 
 def index_order(num_clients: int) -> Callable[..., jax.Array]:
-  """The order 0, 1, ..., K-1 in every round."""
+  """The order 0, 1, ..., K-1 in every round (the clients by increasing id)."""
 
-  def order(run_key, round_):
+  def order(run_key, round_, ids=None):
     del run_key, round_
-    return jnp.arange(num_clients, dtype=jnp.int32)
+    return jnp.arange(ids_or_all(ids, num_clients).shape[0], dtype=jnp.int32)
+
+  return order
+
+
+def random_order(num_clients: int, stream: int) -> Callable[..., jax.Array]:
+  """A fresh random order of the clients every round: by increasing random priority, client k's
+  priority drawn from `fold_in(fold_in(round_key, stream), k)` (ties by id). The order of any
+  subset of the clients (ids sorted ascending) is the whole order restricted to them, so a round
+  on the participants gathered from a population serves them as the whole stack would."""
+
+  def order(run_key, round_, ids=None):
+    ids = ids_or_all(ids, num_clients)
+    base = jax.random.fold_in(round_key_of(run_key, round_), stream)
+    priority = jax.vmap(lambda k: jax.random.bits(k, (), jnp.uint32))(per_client_keys(base, ids))
+    return jnp.argsort(priority, stable=True).astype(jnp.int32)
 
   return order
 
@@ -234,13 +281,44 @@ def fedavg_exchange(ready, legs, participating, nbytes: int) -> float:
   return float(np.max((averaged + legs.down(nbytes))[p]))
 
 
+def num_participants(participation: float, num_clients: int) -> int:
+  """How many clients take part in a round: `max(1, round(participation * K))`."""
+  return max(1, int(round(participation * num_clients)))
+
+
+def participants(key, num_clients: int, m: int) -> jax.Array:
+  """`m` distinct client ids out of `num_clients`, drawn uniformly, sorted ascending: (m,) int32.
+
+  Floyd's sampling without replacement: O(m^2) work whatever `num_clients`, so a round that
+  draws 64 participants out of a million costs what it costs out of a hundred.
+  """
+  if not 1 <= m <= num_clients:
+    raise ValueError(f"participants: expected 1 <= m <= num_clients={num_clients}, got m={m}")
+
+  def draw(i, chosen):
+    top = num_clients - m + i  # draw t in [0, top]; if already chosen, take top (new by construction)
+    t = jax.random.randint(jax.random.fold_in(key, i), (), 0, top + 1, dtype=jnp.int32)
+    return chosen.at[i].set(jnp.where(jnp.any(chosen == t), top, t))
+
+  chosen = jax.lax.fori_loop(0, m, draw, jnp.full((m,), -1, jnp.int32))
+  return jnp.sort(chosen)
+
+
+def sample_drops(key, ids, *, local_steps: int, drop_rate: float) -> jax.Array:
+  """(local_steps, len(ids)) bools: client k drops in step s, drawn from `fold_in(key, k)`, k its id."""
+  return jax.vmap(lambda k: jax.random.bernoulli(k, drop_rate, (local_steps,)), out_axes=1)(
+      per_client_keys(key, ids))
+
+
 def sample_inputs(key, num_clients: int, *, local_steps: int, participation: float, drop_rate: float) -> RoundInputs:
-  """Exactly `max(1, round(participation * K))` clients take part; each may drop at each step."""
+  """Exactly `max(1, round(participation * K))` clients take part (`participants`); each may drop
+  at each step (`sample_drops`). A pure function of `(key, K)`: the same draws that
+  `sljax.population` makes for a round run on the participants alone."""
   k_part, k_drop = jax.random.split(key)
-  m = max(1, int(round(participation * num_clients)))
-  chosen = jax.random.permutation(k_part, num_clients)[:m]
+  chosen = participants(k_part, num_clients, num_participants(participation, num_clients))
   participating = jnp.zeros((num_clients,), bool).at[chosen].set(True)
-  dropped = jax.random.bernoulli(k_drop, drop_rate, (local_steps, num_clients)) & participating[None, :]
+  dropped = sample_drops(k_drop, jnp.arange(num_clients), local_steps=local_steps,
+                         drop_rate=drop_rate) & participating[None, :]
   return RoundInputs(participating, dropped)
 
 
@@ -349,10 +427,17 @@ def select(flag: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 
 
 def weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:
-  """Average over the leading client axis with weights (K,) (FedAvg)."""
+  """Average over the leading client axis with weights (K,) (FedAvg); zeros if every weight is 0."""
   w = weights / jnp.maximum(weights.sum(), 1e-12)
   return jax.tree.map(lambda a: jnp.tensordot(w.astype(a.dtype), a, axes=1) if jnp.issubdtype(a.dtype, jnp.inexact)
                       else a[0], tree)
+
+
+def averaged_or_kept(finished: jax.Array, average: PyTree, before: PyTree) -> PyTree:
+  """FedAvg's `average`, or, when no client finished the round (`finished` False), `before`: the
+  averages the round started from (stacked parties hold them in every entry at a round's start),
+  as the network server keeps the last average rather than average nothing."""
+  return select(finished, average, first(before))
 
 
 def broadcast(tree: PyTree, num_clients: int) -> PyTree:
@@ -376,9 +461,9 @@ def first(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda a: a[0], tree)
 
 
-def codec_keys(key, num_clients: int) -> jax.Array:
-  """Per-client keys for the server's downlink codec."""
-  return jax.random.split(jax.random.fold_in(key, 2), num_clients)
+def codec_keys(key, num_clients: int, ids=None) -> jax.Array:
+  """Per-client keys for the server's downlink codec: `fold_in(fold_in(key, 2), k)`, k the client's id."""
+  return per_client_keys(jax.random.fold_in(key, 2), ids_or_all(ids, num_clients))
 
 
 def model_bytes(params_one: PyTree) -> int:

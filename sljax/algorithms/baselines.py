@@ -66,17 +66,20 @@ def fedavg(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorit
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
+    ids = data.client_ids()
 
     def step(clients, s):
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
       active = inputs.active()[s]
       updated, m = executor(lambda p, x, y, k: central.step(p, (x, y), k), clients, x, y,
-                            client_keys(state.key, state.round, s))
+                            client_keys(state.key, state.round, s, ids))
       return c.where(active, updated, clients), (m["loss"], m["accuracy"], active)
 
     clients, (losses, accs, active) = jax.lax.scan(step, state.clients, jnp.arange(local_steps))
     weights = data.count.astype(jnp.float32) * inputs.completed()
     average, _ = aggregate({"params": clients.params, "model_state": clients.model_state}, None, weights)
+    average = c.averaged_or_kept(weights.sum() > 0, average, {"params": state.clients.params,
+                                                              "model_state": state.clients.model_state})
     average = c.broadcast(average, num_clients)
     clients = clients.replace(params=average["params"], model_state=average["model_state"])
     # the whole model up from those that finished, and the average down to every participant
@@ -88,7 +91,8 @@ def fedavg(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorit
   def predict(state: c.SimState, x, client: int = 0):
     return central.predict(jax.tree.map(lambda a: a[client], state.clients), x)[0]
 
-  return c.Algorithm("fedavg", init, round_fn, predict, local_steps, schedule=schedule, shared_model=True)
+  return c.Algorithm("fedavg", init, round_fn, predict, local_steps, c.ClientAxes(averaged=("params", "model_state")),
+                     schedule, shared_model=True, config=config)
 
 
 def centralized_baseline(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorithm:
@@ -108,8 +112,8 @@ def centralized_baseline(central: protocol.Centralized, config: c.ScheduleConfig
   config = c.check_config(config)
   num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
 
-  def server_keys(run_key, round_, step):
-    return jnp.broadcast_to(c.step_key(run_key, round_, step), (num_clients,))
+  def server_keys(run_key, round_, step, ids=None):
+    return jnp.broadcast_to(c.step_key(run_key, round_, step), c.ids_or_all(ids, num_clients).shape)
 
   schedule = c.Schedule(server_keys, server_keys, c.index_order(num_clients), None, None, None)
 
@@ -139,4 +143,4 @@ def centralized_baseline(central: protocol.Centralized, config: c.ScheduleConfig
     return central.predict(state.server, x)[0]
 
   return c.Algorithm("centralized", init, round_fn, predict, local_steps, c.ClientAxes(clients=False), schedule,
-                     shared_model=True)
+                     shared_model=True, config=config)

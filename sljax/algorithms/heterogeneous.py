@@ -231,5 +231,5 @@ def heterogeneous_parallel_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *,
     return server_infer(state.server, client, up).logits
 
   return c.Algorithm("heterogeneous_parallel_sl", init, round_fn, predict, local_steps, schedule=schedule,
-                     shared_model=False)
+                     shared_model=False, config=config)
 

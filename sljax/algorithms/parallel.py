@@ -152,23 +152,24 @@ def parallel_sl(
 
   client_keys, server_keys = c.lockstep_client_keys(num_clients), c.lockstep_server_keys(num_clients)
 
-  def downlink_keys(run_key, round_, step):
+  def downlink_keys(run_key, round_, step, ids=None):
     """The server's downlink codec key for each client's cut gradient."""
-    return c.codec_keys(c.step_key(run_key, round_, step), num_clients)
+    return c.codec_keys(c.step_key(run_key, round_, step), num_clients, ids)
 
-  def server_step(server, ups, weights, run_key, round_, step):
-    """The server's side of one step: `(server, ups (K, ...), weights (K,), run_key, round_, step) ->
-    (server, downlink payloads (K, ...), losses (K,), accuracies (K,))`.
+  def server_step(server, ups, weights, run_key, round_, step, ids=None):
+    """The server's side of one step: `(server, ups (K, ...), weights (K,), run_key, round_, step,
+    ids=None) -> (server, downlink payloads (K, ...), losses (K,), accuracies (K,))`.
 
     One update from the weighted mean of the clients' losses (weight 0: a client absent or whose
-    step is discarded; its downlink codec state stays as it was).
+    step is discarded; its downlink codec state stays as it was). `ids`: the clients' ids (None:
+    0..K-1), which key their downlink codecs.
     """
     h = jax.vmap(up_codec.decode)(ups.activations)
     new, g_h, losses, accs = c.server_step_on_all(
         model.server, server, h, ups.labels, weights, server_keys(run_key, round_, step)[0], loss=loss,
         optimizer=sl.server_optimizer)
     payload, codec_state = jax.vmap(down_codec.encode)(g_h, server.codec_state,
-                                                       downlink_keys(run_key, round_, step))
+                                                       downlink_keys(run_key, round_, step, ids))
     new = new.replace(codec_state=c.where(weights > 0, codec_state, server.codec_state))
     return new, payload, losses, accs
 
@@ -189,14 +190,16 @@ def parallel_sl(
 
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
+    ids = data.client_ids()
 
     def step(carry, s):
       clients, server = carry
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
-      keys = client_keys(state.key, state.round, s)
+      keys = client_keys(state.key, state.round, s, ids)
       active = inputs.active()[s]
       ups = executor(lambda *a: sl.client_forward(*a)[0], clients, x, y, keys)
-      server, payload, losses, accs = server_step(server, ups, active.astype(jnp.float32), state.key, state.round, s)
+      server, payload, losses, accs = server_step(server, ups, active.astype(jnp.float32), state.key, state.round, s,
+                                                  ids)
       g_cut = jax.vmap(down_codec.decode)(payload)
       if sync_clients:
         grads, model_states, codec_states = executor(c.client_gradient(sl), clients, x, y, keys, g_cut)
@@ -222,10 +225,12 @@ def parallel_sl(
     size, num_chunks = server_chunk, num_clients // server_chunk
     data_key = jax.random.wrap_key_data(state.key)
 
+    ids = data.client_ids()
+
     def step(carry, s):
       clients, server = carry
-      keys_K = client_keys(state.key, state.round, s)
-      codec_keys_K = downlink_keys(state.key, state.round, s)
+      keys_K = client_keys(state.key, state.round, s, ids)
+      codec_keys_K = downlink_keys(state.key, state.round, s, ids)
       active_K = inputs.active()[s]
       weights_K = active_K.astype(jnp.float32)
       total = weights_K.sum()
@@ -238,7 +243,7 @@ def parallel_sl(
         take = lambda tree: jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), tree)  # noqa: E731
         part, codec_part = take(clients), take(server_codec)
         keys, active, weights = take(keys_K), take(active_K), take(weights_K)
-        x, y, _ = client_batches(take(data), data_step, batch_size=batch_size, key=data_key, first_client=start)
+        x, y, _ = client_batches(take(data.replace(ids=ids)), data_step, batch_size=batch_size, key=data_key)
         ups = jax.vmap(lambda *a: sl.client_forward(*a)[0])(part, x, y, keys)
         h = jax.vmap(up_codec.decode)(ups.activations)
 
@@ -286,7 +291,8 @@ def parallel_sl(
     one = jax.tree.map(lambda a: a[client], state.clients)
     return sl.predict(protocol.SplitState(one, state.server, state.round), x)[0]
 
-  return c.Algorithm("parallel_sl", init, round_fn, predict, local_steps, schedule=schedule, shared_model=False)
+  return c.Algorithm("parallel_sl", init, round_fn, predict, local_steps, c.ClientAxes(server_codec=True), schedule,
+                     shared_model=False, config=config)
 
 
 def linear_head(num_classes: int) -> Stage:
@@ -397,11 +403,13 @@ def local_loss_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, aux_head: S
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
+    ids = data.client_ids()
+
     def step(carry, s):
       clients, server = carry
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
       active = inputs.active()[s]
-      updated, ups = executor(client_local_step, clients, x, y, client_keys(state.key, state.round, s))
+      updated, ups = executor(client_local_step, clients, x, y, client_keys(state.key, state.round, s, ids))
       server, losses, accs = server_step(server, ups, active.astype(jnp.float32), state.key, state.round, s)
       clients = c.where(active, updated, clients)
       traffic = c.Traffic(up=[(msgs.wire_size(c.first(ups)), inputs.participating)])  # nothing comes down
@@ -416,5 +424,6 @@ def local_loss_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, aux_head: S
     one = client_half(jax.tree.map(lambda a: a[client], state.clients))
     return sl.predict(protocol.SplitState(one, state.server, state.round), x)[0]
 
-  return c.Algorithm("local_loss_sl", init, round_fn, predict, local_steps, schedule=schedule, shared_model=False)
+  return c.Algorithm("local_loss_sl", init, round_fn, predict, local_steps, schedule=schedule, shared_model=False,
+                     config=config)
 

@@ -151,13 +151,14 @@ def u_shaped_parallel_sl(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Al
 
   client_keys = c.lockstep_client_keys(num_clients)
 
-  def server_keys(run_key, round_, step):
+  def server_keys(run_key, round_, step, ids=None):
     """Client k's body key; the body pass on all clients reads entry 0."""
-    return jax.vmap(lambda key: u_step_keys(key)[1])(client_keys(run_key, round_, step))
+    return jax.vmap(lambda key: u_step_keys(key)[1])(client_keys(run_key, round_, step, ids))
 
-  def server_forward(server, ups, run_key, round_, step):
-    """The body on every client's smashed data at once (see `ServerLegs.forward`)."""
-    keys = server_keys(run_key, round_, step)
+  def server_forward(server, ups, run_key, round_, step, ids=None):
+    """The body on every client's smashed data at once (see `ServerLegs.forward`); `ids` the
+    clients' ids (None: 0..K-1), which key their downlink codecs."""
+    keys = server_keys(run_key, round_, step, ids)
     h_KxB = jax.vmap(up_codec.decode)(ups.activations)
     protocol.check_batch("ups.activations (per client)", h_KxB[0], server.input_spec)
     k, b = h_KxB.shape[:2]
@@ -224,14 +225,15 @@ def u_shaped_parallel_sl(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Al
     # who sends smashed data in step s: the participants not gone in an earlier step
     dropped = inputs.dropped.astype(jnp.int32)
     started = inputs.participating[None, :] & (jnp.cumsum(dropped, axis=0) - dropped == 0)
+    ids = data.client_ids()
 
     def step(carry, s):
       clients, server = carry
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
-      keys = client_keys(state.key, state.round, s)
+      keys = client_keys(state.key, state.round, s, ids)
       active = inputs.active()[s]
       ups = executor(client_head, clients, x, keys)
-      bodies, pending = server_forward(server, ups, state.key, state.round, s)
+      bodies, pending = server_forward(server, ups, state.key, state.round, s, ids)
       tail_grads, losses, accs = executor(client_tail_grad, clients, x, y, keys, bodies)
       server, cut_grads = server_backward(server, pending, tail_grads, active.astype(jnp.float32))
       clients = executor(client_backward, clients, x, y, keys, bodies, cut_grads, active)
@@ -249,4 +251,5 @@ def u_shaped_parallel_sl(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Al
     one = jax.tree.map(lambda a: a[client], state.clients)
     return sl.predict(protocol.SplitState(one, state.server, state.round), x)[0]  # fresh codec states
 
-  return c.Algorithm("parallel_sl_u", init, round_fn, predict, local_steps, schedule=schedule, shared_model=False)
+  return c.Algorithm("parallel_sl_u", init, round_fn, predict, local_steps, c.ClientAxes(server_codec=True), schedule,
+                     shared_model=False, config=config)

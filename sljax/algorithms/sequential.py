@@ -109,13 +109,13 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
   config = c.check_config(config)
   num_clients, local_steps = config.num_clients, config.local_steps
 
-  def client_keys(run_key, round_, step):
+  def client_keys(run_key, round_, step, ids=None):
     return jax.vmap(lambda k: jax.random.split(turn_step_key(run_key, round_, k, step), 2)[0])(
-        jnp.arange(num_clients))
+        c.ids_or_all(ids, num_clients))
 
-  def server_keys(run_key, round_, step):
+  def server_keys(run_key, round_, step, ids=None):
     return jax.vmap(lambda k: jax.random.split(turn_step_key(run_key, round_, k, step), 2)[1])(
-        jnp.arange(num_clients))
+        c.ids_or_all(ids, num_clients))
 
   def server_step(server, message, key):
     """The server's step in a client's turn: `(server, SmashedData, key) -> (server, CutGradient,
@@ -130,26 +130,25 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
+    ids = data.client_ids()
+
     def one_step(carry, x, y, s, k):
       client, server = carry
-      up, pending = sl.client_forward(client, x, y, client_keys(state.key, state.round, s)[k])
-      new_server, down, loss, acc = server_step(server, up, server_keys(state.key, state.round, s)[k])
+      up, pending = sl.client_forward(client, x, y, client_keys(state.key, state.round, s, ids)[k])
+      new_server, down, loss, acc = server_step(server, up, server_keys(state.key, state.round, s, ids)[k])
       new_client = sl.client_backward(client, pending, down)
       traffic = c.Traffic(up=[(msgs.wire_size(up), inputs.participating[k])],
                           down=[(msgs.wire_size(down), inputs.active()[s, k])])
       return (new_client, new_server), (loss, acc, traffic)
 
-    return _relay_round(state, data, inputs, order_of(state), config, one_step)
-
-  def order_of(state):
-    return schedule.order(state.key, state.round)
+    return _relay_round(state, data, inputs, schedule.order(state.key, state.round, ids), config, one_step)
 
   def predict(state: c.SimState, x, client: int = 0):
     del client  # one client half, shared by all
     return sl.predict(protocol.SplitState(state.clients, state.server, state.round), x)[0]
 
   return c.Algorithm("sequential_sl", init, round_fn, predict, local_steps, c.ClientAxes(clients=False), schedule,
-                     shared_model=True)
+                     shared_model=True, config=config)
 
 
 def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorithm:
@@ -178,11 +177,11 @@ def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorit
   config = c.check_config(config)
   num_clients, local_steps = config.num_clients, config.local_steps
 
-  def client_keys(run_key, round_, step):
-    return jax.vmap(lambda k: turn_step_key(run_key, round_, k, step))(jnp.arange(num_clients))
+  def client_keys(run_key, round_, step, ids=None):
+    return jax.vmap(lambda k: turn_step_key(run_key, round_, k, step))(c.ids_or_all(ids, num_clients))
 
-  def server_keys(run_key, round_, step):
-    return jax.vmap(lambda key: u_step_keys(key)[1])(client_keys(run_key, round_, step))
+  def server_keys(run_key, round_, step, ids=None):
+    return jax.vmap(lambda key: u_step_keys(key)[1])(client_keys(run_key, round_, step, ids))
 
   # The server's two legs in a client's turn, with `key` the client's entry of `server_keys`:
   # forward(server, SmashedData, key) -> (BodyOutput, pending),
@@ -195,9 +194,11 @@ def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorit
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
+    ids = data.client_ids()
+
     def one_step(carry, x, y, s, k):
       client, server = carry
-      k_head, k_body, k_tail = u_step_keys(client_keys(state.key, state.round, s)[k])
+      k_head, k_body, k_tail = u_step_keys(client_keys(state.key, state.round, s, ids)[k])
       up, head = sl.client_forward(client, x, k_head)
       body, pending = server_step.forward(server, up, k_body)
       tail_grad, tail, metrics = sl.client_tail_step(client, head, body, y, k_tail)
@@ -208,11 +209,11 @@ def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorit
                           down=[(msgs.wire_size(body), active), (msgs.wire_size(down), active)])
       return (new_client, new_server), (metrics["loss"], metrics["accuracy"], traffic)
 
-    return _relay_round(state, data, inputs, schedule.order(state.key, state.round), config, one_step)
+    return _relay_round(state, data, inputs, schedule.order(state.key, state.round, ids), config, one_step)
 
   def predict(state: c.SimState, x, client: int = 0):
     del client  # one client half, shared by all
     return sl.predict(protocol.SplitState(state.clients, state.server, state.round), x)[0]
 
   return c.Algorithm("sequential_sl_u", init, round_fn, predict, local_steps, c.ClientAxes(clients=False), schedule,
-                     shared_model=True)
+                     shared_model=True, config=config)

@@ -116,23 +116,21 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) ->
   lockstep_keys = c.lockstep_client_keys(num_clients)
   if version == 1:
     # each client runs `vanilla.step` with its own server copy: its key split in two, as `step` splits it
-    def client_keys(run_key, round_, step):
-      return jax.vmap(lambda k: jax.random.split(k, 2)[0])(lockstep_keys(run_key, round_, step))
+    def client_keys(run_key, round_, step, ids=None):
+      return jax.vmap(lambda k: jax.random.split(k, 2)[0])(lockstep_keys(run_key, round_, step, ids))
 
-    def server_keys(run_key, round_, step):
-      return jax.vmap(lambda k: jax.random.split(k, 2)[1])(lockstep_keys(run_key, round_, step))
+    def server_keys(run_key, round_, step, ids=None):
+      return jax.vmap(lambda k: jax.random.split(k, 2)[1])(lockstep_keys(run_key, round_, step, ids))
 
     order = c.index_order(num_clients)  # no order: each copy serves its own client
   else:
     client_keys = lockstep_keys
 
-    def server_keys(run_key, round_, step):
-      return jax.vmap(lambda k: jax.random.fold_in(k, 1))(lockstep_keys(run_key, round_, step))
+    def server_keys(run_key, round_, step, ids=None):
+      return jax.vmap(lambda k: jax.random.fold_in(k, 1))(lockstep_keys(run_key, round_, step, ids))
 
-    def order(run_key, round_):
-      """The per-round order in which the one server half takes the clients."""
-      return jax.random.permutation(jax.random.fold_in(c.round_key_of(run_key, round_), local_steps + 1),
-                                    num_clients).astype(jnp.int32)
+    # the per-round order in which the one server half takes the clients
+    order = c.random_order(num_clients, local_steps + 1)
 
   def server_step(server, message, key):
     """The server's step for one client: `(server half, SmashedData, key) -> (server half,
@@ -193,12 +191,13 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) ->
   def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
-    rank = order(state.key, state.round)
+    ids = data.client_ids()
+    rank = order(state.key, state.round, ids)
 
     def step(carry, s):
       clients, server = carry
       x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
-      keys, server_keys_K = client_keys(state.key, state.round, s), server_keys(state.key, state.round, s)
+      keys, server_keys_K = client_keys(state.key, state.round, s, ids), server_keys(state.key, state.round, s, ids)
       active = inputs.active()[s]
       if version == 1:
         new_clients, new_server, ups, downs, losses, accs = step_v1(clients, server, x, y, keys, server_keys_K)
@@ -214,7 +213,15 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) ->
     (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
     weights = data.count.astype(jnp.float32) * inputs.completed()
-    average, server = aggregate({"params": clients.params, "model_state": clients.model_state}, server, weights)
+    average, new_server = aggregate({"params": clients.params, "model_state": clients.model_state}, server, weights)
+    finished = weights.sum() > 0
+    average = c.averaged_or_kept(finished, average, {"params": state.clients.params,
+                                                     "model_state": state.clients.model_state})
+    if version == 1:  # the server copies too
+      kept = c.broadcast(c.first((state.server.params, state.server.model_state)), num_clients)
+      params, model_state = c.select(finished, (new_server.params, new_server.model_state), kept)
+      new_server = new_server.replace(params=params, model_state=model_state)
+    server = new_server
     average = c.broadcast(average, num_clients)
     clients = clients.replace(params=average["params"], model_state=average["model_state"])
     # the client halves up for the average from those that finished, and the average down to every participant
@@ -229,6 +236,7 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) ->
     server = jax.tree.map(lambda a: a[client], state.server) if version == 1 else state.server
     return sl.predict(protocol.SplitState(one, server, state.round), x)[0]
 
-  axes = c.ClientAxes(server=version == 1)  # v1: a server copy per client
+  # v1: a server copy per client; the halves (and v1's server copies) averaged and sent to all every round
+  axes = c.ClientAxes(server=version == 1, averaged=("params", "model_state"))
   return c.Algorithm(f"splitfed_v{version}", init, round_fn, predict, local_steps, axes, schedule,
-                     shared_model=True)
+                     shared_model=True, config=config)

@@ -28,6 +28,9 @@ class ClientData:
     x: features, shape (K, N_max, *feature_shape).
     y: int32 labels, shape (K, N_max).
     count: int32 number of real rows of each client, shape (K,).
+    ids: int32 ids of the clients in their population, shape (K,), sorted ascending; None (the
+      default, what `stack_clients` gives) means 0..K-1. Set by `sljax.population` for the clients
+      it gathers for a round.
 
   Example:
     >>> data = stack_clients(np.ones((5, 3)), np.arange(5), [np.array([0, 1, 2]), np.array([3, 4])])
@@ -38,6 +41,18 @@ class ClientData:
   x: jax.Array
   y: jax.Array
   count: jax.Array
+  ids: jax.Array | None = None
+
+  def client_ids(self) -> jax.Array:
+    """(K,) int32: which clients of the population these are (`ids`), or 0..K-1 when `ids` is None.
+
+    A client's data order and keys depend on its id, not on its place in the stack, so a round run
+    on the clients gathered from a larger population (`sljax.population`) draws what the same
+    clients draw in the whole stack.
+    """
+    if self.ids is not None:
+      return jnp.asarray(self.ids, jnp.int32)
+    return jnp.arange(self.y.shape[0], dtype=jnp.int32)
 
 
 def stack_clients(x, y, parts: Sequence | None = None) -> ClientData:
@@ -171,7 +186,7 @@ def client_batches(
     key: the data-order key; keep it fixed for the whole run.
     first_client: the index k of `data`'s first client (an int, or an int32 scalar that may be
       traced): with a slice of clients k0, k0 + 1, ..., pass k0 to get their batches as in the
-      whole stack.
+      whole stack. Not used when `data.ids` is set: client k is then `data.ids[k]`.
 
   Returns:
     x of shape (K, B, *feature_shape), y of shape (K, B), and the bool mask of shape (K, B).
@@ -196,7 +211,7 @@ def client_batches(
   epoch_K = start // c_Kx1[:, 0]
   # With c >= B a batch spans at most two epochs; with c < B all of it uses pi_e (see above).
   in_next_KxB = (pos_1xB // c_Kx1 > epoch_K[:, None]) & (c_Kx1 >= batch_size)
-  clients_K = first_client + jnp.arange(num_clients)
+  clients_K = data.ids if data.ids is not None else first_client + jnp.arange(num_clients)
   now_KxR, now_keys_KxR = jax.vmap(_round_constants)(_epoch_seeds(key, clients_K, epoch_K), c_Kx1[:, 0])
   next_KxR, next_keys_KxR = jax.vmap(_round_constants)(_epoch_seeds(key, clients_K, epoch_K + 1), c_Kx1[:, 0])
   row_KxB = pos_1xB % c_Kx1  # the slot in the epoch; the rounds map it to a row
