@@ -98,8 +98,8 @@ def read_metrics(path: str | os.PathLike) -> Records:
         raise ValueError(f"{os.fspath(path)}, line {i}: expected a JSON object (a record), got {line.strip()[:60]!r}")
       records.append(record)
   if not records:
-    raise ValueError(f"{os.fspath(path)}: expected JSON lines, one record per round (simulation.run(metrics_path=...)), "
-                     f"got an empty file")
+    raise ValueError(f"{os.fspath(path)}: expected JSON lines, one record per round "
+                     f"(simulation.run(metrics_path=...)), got an empty file")
   return records
 
 

@@ -71,11 +71,16 @@ class _Vertical(NamedTuple):
 
 
 def test_a_pytree_of_party_columns_is_tested_by_vertical_evaluate():
-  step = lambda s, batch, key: (s + 1, {"loss": 0.0, "accuracy": 0.0, "bytes_up": 0, "bytes_down": 0})  # noqa: E731
-  predict = lambda s, xs: (jnp.concatenate([xs[0][:, :2], xs[1][:, :1]], -1), {"bytes_up": 1, "bytes_down": 2})  # noqa: E731
+  def step(s, batch, key):
+    return s + 1, {"loss": 0.0, "accuracy": 0.0, "bytes_up": 0, "bytes_down": 0}
+
+  def predict(s, xs):
+    return jnp.concatenate([xs[0][:, :2], xs[1][:, :1]], -1), {"bytes_up": 1, "bytes_down": 2}
+
   trainer = _Vertical(step, predict)
   x, y = _xy(40)
-  xs, test = (x[:32, :5], x[:32, 5:]), ((x[32:, :5], x[32:, 5:]), y[32:] % 3)  # three classes: no AUC (it imports sklearn)
+  # three classes: no AUC (it imports sklearn)
+  xs, test = (x[:32, :5], x[:32, 5:]), ((x[32:, :5], x[32:, 5:]), y[32:] % 3)
   _, history = sljax.fit(trainer, jnp.zeros(()), xs, y[:32], key=jax.random.key(1), epochs=1, batch_size=B, test=test)
   after = sljax.vertical_evaluate(trainer, jnp.zeros(()), *test)
   assert {k: history[-1][f"test_{k}"] for k in after} == after and after["bytes_down"] == 2

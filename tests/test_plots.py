@@ -164,7 +164,8 @@ def test_errors_say_what_was_expected(tmp_path):
                                        r"'train_batch_accuracy', 'accuracy'\] in the records, or a name, got records "
                                        r"with \['loss', 'round'\]$"):
     plots.plot_runs(no_bytes)
-  with pytest.raises(ValueError, match=r"^runs: expected a dict from labels to runs, a run or a list of runs, got int$"):
+  with pytest.raises(ValueError, match=r"^runs: expected a dict from labels to runs, a run or a list of runs, "
+                                       r"got int$"):
     plots.table(3)
   with pytest.raises(ValueError, match=r"^runs\['a'\]: expected a run \(a path or a list of records\) or a list of "
                                        r"runs, got dict$"):
