@@ -924,6 +924,25 @@ def centralized(
 
   With the same optimizer on both halves (any element-wise optax transformation, e.g. sgd or
   adam), split training follows this exactly; the tests hold it to that.
+
+  Args:
+    model: the split model whose parts are trained as one (`SplitModel.compose()`).
+    optimizer: the optax optimizer of the whole model.
+    loss: `loss(outputs, labels) -> scalar`, as for the split protocols.
+
+  Returns:
+    A `Centralized`: `init(key, x)`, `step(state, (x, labels), key)` and `predict(state, x)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sljax
+    >>> model = sljax.cut(sljax.models.mlp(hidden=(16,)), 1)
+    >>> x, y = jnp.ones((4, 8)), jnp.array([0, 1, 2, 3])
+    >>> whole = centralized(model, optimizer=optax.sgd(0.1))
+    >>> sl = sljax.vanilla(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+    >>> _, whole_metrics = whole.step(whole.init(jax.random.key(0), x), (x, y), jax.random.key(1))
+    >>> _, split_metrics = sl.step(sl.init(jax.random.key(0), x), (x, y), jax.random.key(1))
+    >>> bool(jnp.allclose(whole_metrics["loss"], split_metrics["loss"]))  # split equals centralized
+    True
   """
   whole = model.compose()
 

@@ -458,7 +458,23 @@ class SplitModel(NamedTuple):
 
 
 def split_model(client: Any, server: Any, tail: Any = None) -> SplitModel:
-  """A split model from its parts: Stages, Linen or NNX modules, or parameter-free functions."""
+  """A split model from its parts: Stages, Linen or NNX modules, or parameter-free functions.
+
+  Args:
+    client: the client's part, before the cut.
+    server: the server's part, after the cut (in U-shaped split learning, the body between the cuts).
+    tail: in U-shaped split learning, the client's last part; None otherwise.
+
+  Returns:
+    A `SplitModel` of Stages (`as_stage` of each part).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> model = split_model(nn.Sequential([nn.Dense(16), nn.relu]), nn.Dense(10))
+    >>> params, state = model.compose().init(jax.random.key(0), jnp.ones((2, 8)))
+    >>> model.compose().apply(params, state, jnp.ones((2, 8)), key=None, train=False)[0].shape
+    (2, 10)
+  """
   return SplitModel(as_stage(client), as_stage(server), None if tail is None else as_stage(tail))
 
 
