@@ -95,6 +95,25 @@ def cnn(*, channels: Sequence[int] = (16, 32), hidden: int = 64, num_classes: in
 
   For 8x8 digits with the defaults: conv 16, conv 32 + pool -> 4x4x32, dense 64, dense 10. The
   layers are named `conv_0`, `conv_1`, ..., `hidden` (flatten, then dense), `output`.
+
+  Args:
+    channels: output channels of each conv block (3x3 kernels); the last block pools 2x2.
+    hidden: width of the dense layer before the output.
+    num_classes: width of the output layer (logits).
+    dropout: dropout rate of the dense layer.
+    batch_norm: batch norm after each conv and dense layer (its statistics are model state).
+
+  Returns:
+    The stack of layers (Stages), to `cut`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, sljax
+    >>> model = sljax.cut(sljax.models.cnn(), 1)  # the first conv block on the client
+    >>> model.client.layer_names, model.server.layer_names
+    (('conv_0',), ('conv_1', 'hidden', 'output'))
+    >>> params, state = model.compose().init(jax.random.key(0), jnp.ones((2, 8, 8, 1)))
+    >>> model.compose().apply(params, state, jnp.ones((2, 8, 8, 1)), key=None, train=False)[0].shape
+    (2, 10)
   """
   convs = [linen_stage(_ConvBlock(c, (3, 3), pool=i == len(channels) - 1, batch_norm=batch_norm), name=f"conv_{i}")
            for i, c in enumerate(channels)]
@@ -107,6 +126,22 @@ def cnn1d(*, channels: Sequence[int] = (32, 32), hidden: int = 64, num_classes: 
   """A small 1-D CNN for (B, L, C) signals such as MNIST-1D: conv blocks with pooling, dense, output.
 
   The layers are named as in `cnn`.
+
+  Args:
+    channels: output channels of each conv block; every block pools by 2.
+    hidden: width of the dense layer before the output.
+    num_classes: width of the output layer (logits).
+    kernel: the convolutions' kernel size.
+
+  Returns:
+    The stack of layers (Stages), to `cut`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, sljax
+    >>> model = sljax.cut(sljax.models.cnn1d(channels=(8, 8)), 2)  # both conv blocks on the client
+    >>> params, state = model.client.init(jax.random.key(0), jnp.ones((2, 40, 1)))
+    >>> model.client.apply(params, state, jnp.ones((2, 40, 1)), key=None, train=False)[0].shape  # smashed data
+    (2, 10, 8)
   """
   convs = [linen_stage(_ConvBlock(c, (kernel,), pool=True), name=f"conv_{i}") for i, c in enumerate(channels)]
   return convs + [_flat_hidden(_DenseBlock(hidden)), linen_stage(_Output(num_classes), name="output")]
