@@ -10,6 +10,7 @@ from sljax.data.datasets import (
     make_mnist1d,
     make_synthetic,
 )
+from sljax.data.federated import federated_mnist1d, federated_synthetic, power_law_sizes
 from sljax.data.maintenance import MaintenanceData, make_maintenance
 from sljax.data.partition import dirichlet, iid, label_shards, quantity_skew, vertical_split
 from sljax.data.vertical import VerticalDataset, load_breast_cancer_vertical, make_credit_fraud
@@ -21,6 +22,8 @@ __all__ = [
     "VerticalDataset",
     "client_batches",
     "dirichlet",
+    "federated_mnist1d",
+    "federated_synthetic",
     "from_arrays",
     "iid",
     "label_shards",
@@ -32,6 +35,7 @@ __all__ = [
     "make_maintenance",
     "make_mnist1d",
     "make_synthetic",
+    "power_law_sizes",
     "quantity_skew",
     "stack_clients",
     "vertical_split",
