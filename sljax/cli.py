@@ -137,6 +137,21 @@ def _transport_setup(args):
   return setup._replace(model=model, sl=protocol.u_shaped(model, client_optimizer=opt, server_optimizer=opt))
 
 
+def _aggregation(text: str):
+  """`--aggregation`: mean, median, trimmed_mean:F or centered_clipping:R, as an aggregator."""
+  from sljax.algorithms import aggregation
+
+  name, _, value = text.partition(":")
+  try:
+    if name in ("mean", "median") and not value:
+      return getattr(aggregation, name)()
+    if name in ("trimmed_mean", "centered_clipping") and value:
+      return getattr(aggregation, name)(float(value))
+  except ValueError as e:
+    raise SystemExit(f"--aggregation {text}: {e}") from None
+  raise SystemExit(f"--aggregation: expected mean, median, trimmed_mean:F or centered_clipping:R, got {text!r}")
+
+
 def _cuts(args, client: int | None = None):
   """`--cuts` (heterogeneous parallel SL): the algorithm's options and, for a client, the demo model
   cut at its own cut with the demo's optimizers; ({}, the setup) without it."""
@@ -184,6 +199,11 @@ def serve(args) -> int:
     raise SystemExit(f"--cuts: given with --algorithm heterogeneous_parallel_sl, and only then; got --algorithm "
                      f"{args.algorithm} and --cuts {args.cuts!r}")
   options, setup = _cuts(args)
+  if args.aggregation != "mean":
+    if args.algorithm not in ("splitfed_v1", "splitfed_v2"):
+      raise SystemExit(f"--aggregation: SplitFed's (--algorithm splitfed_v1 or splitfed_v2), got --algorithm "
+                       f"{args.algorithm}")
+    options["aggregation"] = _aggregation(args.aggregation)
   tokens = None
   if args.token_file:
     tokens = {token: client for client, token in demo_setup.read_tokens(args.token_file).items()}
@@ -379,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                  help="refuse client messages holding a value beyond this magnitude (0: no bound)")
   p.add_argument("--max-samples", type=int, default=2**31 - 1,
                  help="the most training rows a client may declare (SplitFed weighs clients by them)")
+  p.add_argument("--aggregation", default="mean",
+                 help="SplitFed's average of the client halves: mean (FedAvg), median, trimmed_mean:F (trim the "
+                      "share F at each end) or centered_clipping:R (clip to radius R around the median)")
   p.add_argument("--max-message-mb", type=float, default=64.0)
   p.add_argument("--max-concurrent-rpcs", type=int, default=0,
                  help="calls served or queued at once; more are refused (RESOURCE_EXHAUSTED, retried by clients). "

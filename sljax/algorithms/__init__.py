@@ -9,7 +9,7 @@ module and one line here.
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from sljax.algorithms import baselines, parallel, parallel_u, sequential, splitfed as _splitfed
+from sljax.algorithms import aggregation, baselines, parallel, parallel_u, sequential, splitfed as _splitfed
 from sljax.algorithms._common import (Algorithm, ClientAxes, ClientView, RoundInputs, RoundMetrics, Schedule,
                                      ScheduleConfig, SimState, Timeline, Traffic)
 from sljax.algorithms.baselines import centralized_baseline, fedavg
@@ -65,6 +65,7 @@ __all__ = [
     "SimState",
     "Timeline",
     "Traffic",
+    "aggregation",
     "centralized_baseline",
     "fedavg",
     "heterogeneous_parallel_sl",

@@ -427,10 +427,17 @@ def select(flag: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 
 
 def weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:
-  """Average over the leading client axis with weights (K,) (FedAvg); zeros if every weight is 0."""
+  """Average over the leading client axis with weights (K,) (FedAvg); zeros if every weight is 0.
+  Entries of weight 0 are left out, even when they hold NaN or infinities."""
   w = weights / jnp.maximum(weights.sum(), 1e-12)
-  return jax.tree.map(lambda a: jnp.tensordot(w.astype(a.dtype), a, axes=1) if jnp.issubdtype(a.dtype, jnp.inexact)
-                      else a[0], tree)
+
+  def leaf(a):
+    if not jnp.issubdtype(a.dtype, jnp.inexact):
+      return a[0]
+    present = (weights > 0).reshape(weights.shape + (1,) * (a.ndim - 1))
+    return jnp.tensordot(w.astype(a.dtype), jnp.where(present, a, jnp.zeros((), a.dtype)), axes=1)
+
+  return jax.tree.map(leaf, tree)
 
 
 def averaged_or_kept(finished: jax.Array, average: PyTree, before: PyTree) -> PyTree:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from sljax import protocol
 from sljax.algorithms import _common as c
+from sljax.algorithms import aggregation as agg
 from sljax.data.clients import ClientData
 
 
@@ -26,7 +27,8 @@ TIMELINE = c.Timeline(
     lambda costs, s: s * costs.model_step_flops)
 
 
-def fedavg(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorithm:
+def fedavg(central: protocol.Centralized, config: c.ScheduleConfig, *,
+           aggregation: agg.Aggregator | None = None) -> c.Algorithm:
   """FedAvg: every client trains the whole model locally; the server averages the models.
 
   Who updates what, per round: each participating client runs `local_steps` steps of the whole
@@ -36,7 +38,9 @@ def fedavg(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorit
   participant per round. `SimState.server` is unused (None).
 
   Each client's step is `central`'s (`sljax.centralized(model, optimizer=...)`: the whole model,
-  its optimizer and loss); the schedule comes from `config`.
+  its optimizer and loss); the schedule comes from `config`. `aggregation` replaces the weighted
+  mean with a robust aggregator from `sljax.algorithms.aggregation` (`median()`,
+  `trimmed_mean(f)`, `centered_clipping(r)`).
 
   Example:
     >>> import optax, sljax
@@ -45,6 +49,7 @@ def fedavg(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorit
   """
   c.check_protocol(central, protocol.Centralized, "fedavg", name="central")
   config = c.check_config(config)
+  aggregation = agg.mean() if aggregation is None else agg.check(aggregation)
   num_clients, batch_size, local_steps, executor = (config.num_clients, config.batch_size, config.local_steps,
                                                     config.executor)
 
@@ -53,7 +58,7 @@ def fedavg(central: protocol.Centralized, config: c.ScheduleConfig) -> c.Algorit
   def aggregate(weights, server, w):
     """End of round: FedAvg of the clients' {"params", "model_state"} (K, ...) with weights `w`
     (sample counts of the clients that finished the round); there is no server half."""
-    return c.weighted_mean(weights, w), server
+    return aggregation(weights, w), server
 
   schedule = c.Schedule(client_keys, c.lockstep_server_keys(num_clients), c.index_order(num_clients), None,
                         aggregate, TIMELINE)

@@ -23,6 +23,7 @@ import numpy as np
 from sljax import messages as msgs
 from sljax import protocol
 from sljax.algorithms import _common as c
+from sljax.algorithms import aggregation as agg
 from sljax.algorithms.parallel import _init_stacked
 from sljax.data.clients import ClientData
 
@@ -78,7 +79,8 @@ TIMELINE_V1 = c.Timeline(_splitfed_v1_timeline, _split_traffic, _split_client_fl
 TIMELINE_V2 = c.Timeline(_splitfed_v2_timeline, _split_traffic, _split_client_flops)
 
 
-def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) -> c.Algorithm:
+def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int,
+             aggregation: agg.Aggregator | None = None) -> c.Algorithm:
   """SplitFed v1 (`version=1`) or v2 (`version=2`).
 
   Who updates what:
@@ -98,7 +100,10 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) ->
   Traffic per round adds the client half's weights, up and down, for each participant.
   Each client's legs and the server's step are `sl`'s (`sljax.vanilla(...)`): its model,
   optimizers, loss, codecs (on the smashed data and the cut gradient; each client keeps its own
-  codec state) and defense hooks. The schedule comes from `config`.
+  codec state) and defense hooks. The schedule comes from `config`. `aggregation` replaces
+  FedAvg's weighted mean of the client halves (and of v1's server copies) with a robust
+  aggregator from `sljax.algorithms.aggregation` (`median()`, `trimmed_mean(f)`,
+  `centered_clipping(r)`), which bounds what one poisoning client can do to the shared model.
 
   Example:
     >>> import optax, sljax
@@ -108,6 +113,7 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) ->
   """
   if version not in (1, 2):
     raise ValueError(f"version: expected 1 or 2, got {version}")
+  aggregation = agg.mean() if aggregation is None else agg.check(aggregation)
   c.check_protocol(sl, protocol.Vanilla, f"splitfed_v{version}")
   config = c.check_config(config)
   num_clients, batch_size, local_steps, executor = (config.num_clients, config.batch_size, config.local_steps,
@@ -142,12 +148,12 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int) ->
 
   def aggregate(weights, server, w):
     """End of round: `(handed-in client weights {"params", "model_state"} stacked (K, ...), server,
-    w (K,)) -> (average client weights, server)`: FedAvg with weights `w` (sample counts of the
-    clients that finished the round). v1 also averages the server copies' params and model state
-    (optimizer states stay per copy); v2's one server half is left as it is."""
-    average = c.weighted_mean(weights, w)
+    w (K,)) -> (average client weights, server)`: FedAvg (or `aggregation`) with weights `w` (sample
+    counts of the clients that finished the round). v1 also averages the server copies' params and
+    model state (optimizer states stay per copy); v2's one server half is left as it is."""
+    average = aggregation(weights, w)
     if version == 1:
-      params, model_state = c.broadcast(c.weighted_mean((server.params, server.model_state), w), num_clients)
+      params, model_state = c.broadcast(aggregation((server.params, server.model_state), w), num_clients)
       server = server.replace(params=params, model_state=model_state)
     return average, server
 
