@@ -11,6 +11,7 @@ persistent compilation cache, also for the processes a notebook starts (`sljax s
 import importlib.util
 import os
 import pathlib
+import sys
 
 import nbformat
 import pytest
@@ -32,11 +33,13 @@ def test_notebook_runs_without_error(name):
   assert path.read_bytes() == before, f"{name}: running it changed the stored notebook"
 
 
-def test_kernels_inherit_the_test_environment(tmp_path):
-  """A notebook's kernel sees the XLA flags and the compilation cache of tests/conftest.py."""
-  cell = nbformat.v4.new_code_cell("import os; print(os.environ['XLA_FLAGS']); "
+def test_kernels_run_in_this_environment_and_inherit_the_test_settings(tmp_path):
+  """A notebook's kernel runs this Python environment (not another `python3` kernel registered for the
+  user) and sees the XLA flags and the compilation cache of tests/conftest.py."""
+  cell = nbformat.v4.new_code_cell("import os, sys; print(sys.prefix); print(os.environ['XLA_FLAGS']); "
                                    "print(os.environ['JAX_COMPILATION_CACHE_DIR'])")
   notebook = execute.execute(nbformat.v4.new_notebook(cells=[cell]), timeout=TIMEOUT, cwd=tmp_path)
-  flags, cache = notebook.cells[0].outputs[0]["text"].splitlines()
+  prefix, flags, cache = notebook.cells[0].outputs[0]["text"].splitlines()
+  assert prefix == sys.prefix
   assert "--xla_backend_optimization_level=0" in flags.split()
   assert cache == os.environ["JAX_COMPILATION_CACHE_DIR"]
