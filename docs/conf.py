@@ -46,6 +46,8 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"  # types joined to the documented arguments only
+autodoc_typehints_format = "short"
 autodoc_default_options = {"members": True, "show-inheritance": False}
 napoleon_use_ivar = True  # attributes as fields: a NamedTuple's fields are not described twice
 # `name` in a docstring links to the object of that name; where several share it, to the first.
