@@ -43,6 +43,7 @@ from flax import struct
 
 from sljax.algorithms import _common as c
 from sljax.data.clients import ClientData
+from sljax.execution import shard_clients
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,8 @@ class Population:
       SL (its clients differ by index) nor the centralized baseline (no clients).
     store: the population's data (a `ClientStore`).
     prefetch: gather and send the next round's data to the device while a round runs.
+    mesh: a client mesh (`sljax.execution.client_mesh`) to shard the M participants over, as
+      `sljax.simulation.shard` places a stacked run (M a multiple of its size); None: one device.
 
   Example:
     >>> import optax, sljax
@@ -240,7 +243,7 @@ class Population:
     ((8,), 1)
   """
 
-  def __init__(self, algorithm: c.Algorithm, store: ClientStore, *, prefetch: bool = True):
+  def __init__(self, algorithm: c.Algorithm, store: ClientStore, *, prefetch: bool = True, mesh=None):
     if not isinstance(algorithm, c.Algorithm) or algorithm.config is None:
       raise TypeError(f"algorithm: expected a sljax.algorithms algorithm, got {type(algorithm).__name__}")
     if algorithm.name in ("heterogeneous_parallel_sl", "centralized"):
@@ -256,7 +259,10 @@ class Population:
     if store.num_clients < config.num_clients:
       raise ValueError(f"store: expected a population of at least config.num_clients={config.num_clients} clients "
                        f"(the participants of a round), got {store.num_clients}")
-    self.algorithm, self.store, self.prefetch = algorithm, store, prefetch
+    if mesh is not None and config.num_clients % mesh.size:
+      raise ValueError(f"mesh: expected a mesh whose {mesh.size} devices divide the {config.num_clients} participants "
+                       "of a round (config.num_clients)")
+    self.algorithm, self.store, self.prefetch, self.mesh = algorithm, store, prefetch, mesh
     self.num_participants, self.num_clients = config.num_clients, store.num_clients
     self._round = jax.jit(algorithm.round, donate_argnums=0)
     self._draw = jax.jit(self._inputs)
@@ -299,7 +305,7 @@ class Population:
     """Round `round_`'s participants, drops and data on the device."""
     ids, dropped = self._draw(state_key, jnp.int32(round_))
     data = self.store.gather(np.asarray(ids))
-    return ids, dropped, jax.device_put(data)
+    return ids, dropped, (jax.device_put(data) if self.mesh is None else shard_clients(data, self.mesh))
 
   def round(self, state: PopulationState) -> tuple[PopulationState, dict]:
     """One round on the participants: `(state, metrics)`. The metrics are the algorithm's for the M
@@ -332,7 +338,12 @@ class Population:
     gathered = iter(np.where(seen.reshape(-1, *(1,) * (init.ndim)), store[ids], init[None])
                     for store, init in zip(state.store, state.initial))
     out = [jnp.asarray(next(gathered)) if keep else leaf for leaf, keep in zip(leaves, split.per_client)]
-    return jax.tree.unflatten(split.treedef, out)
+    sim = jax.tree.unflatten(split.treedef, out)
+    if self.mesh is not None:
+      from sljax.simulation import shard  # noqa: PLC0415 -- sljax.simulation imports this module
+
+      sim, _ = shard(self.algorithm, sim, (), self.mesh)
+    return sim
 
   def _scatter_state(self, state: PopulationState, sim: c.SimState, ids: np.ndarray) -> PopulationState:
     split = self._split_of(sim)

@@ -40,6 +40,8 @@ def shard(algorithm: Algorithm, state: SimState, data: ClientData, mesh: Mesh) -
   for name in ("clients", "server"):
     part = getattr(state, name)
     placed[name] = shard_clients(part, mesh) if getattr(algorithm.client_axes, name) else replicate(part, mesh)
+  if algorithm.client_axes.server_codec and not algorithm.client_axes.server:  # one downlink codec state per client
+    placed["server"] = placed["server"].replace(codec_state=shard_clients(state.server.codec_state, mesh))
   state = state.replace(**placed, round=replicate(state.round, mesh), key=replicate(state.key, mesh))
   return state, shard_clients(data, mesh)
 

@@ -171,3 +171,23 @@ def test_bad_populations_get_clear_errors():
   with pytest.raises(ValueError, match=r"store: expected features of the model's input \(B, 6\) float32, got \(B, 4\) float32"):
     wrong.round(state)
   wrong.close()
+
+
+def test_a_population_sharded_over_devices_equals_one_on_a_single_device():
+  config = ScheduleConfig(num_clients=4, batch_size=4, local_steps=2, drop_rate=0.3)
+  mesh = sljax.execution.client_mesh(jax.devices()[:4])
+  finals = []
+  for placement in (None, mesh):
+    population = P.Population(MAKERS["parallel_sl"](config), STORE, mesh=placement, prefetch=False)
+    state = population.init(jax.random.key(3))
+    for _ in range(2):
+      state, metrics = population.round(state)
+    population.close()
+    if placement is not None:  # the participants' halves are spread over the 4 devices
+      assert len(jax.tree.leaves(state.sim.clients)[0].sharding.device_set) == 4
+    finals.append((state, float(metrics["loss"])))
+  np.testing.assert_allclose(finals[0][1], finals[1][1], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(finals[0][0]), jax.tree.leaves(finals[1][0])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"mesh: expected a mesh whose 4 devices divide the 3 participants"):
+    P.Population(MAKERS["parallel_sl"](CONFIG), STORE, mesh=mesh)
