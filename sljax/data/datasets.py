@@ -160,6 +160,11 @@ def load_breast_cancer(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
 
   Returns:
     A 2-class `Dataset` named "breast_cancer", features standardized with training statistics.
+
+  Example:
+    >>> ds = load_breast_cancer()
+    >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
+    ((455, 30), (114, 30), 2)
   """
   from sklearn import datasets
 
@@ -177,6 +182,11 @@ def load_wine(*, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
 
   Returns:
     A 3-class `Dataset` named "wine", features standardized with training statistics.
+
+  Example:
+    >>> ds = load_wine()
+    >>> ds.x_train.shape[1], ds.num_classes, len(ds.x_train) + len(ds.x_test)
+    (13, 3, 178)
   """
   from sklearn import datasets
 
