@@ -99,7 +99,26 @@ MESSAGE_TYPES = {
 
 
 def to_bytes(message: Any) -> bytes:
-  """Serializes a message (with its kind and the protocol version) to bytes."""
+  """Serializes a message (with its kind and the protocol version) to bytes.
+
+  Args:
+    message: one of the message types of this module (`SmashedData`, `CutGradient`, ...).
+
+  Returns:
+    One msgpack map, `{"sljax": PROTOCOL_VERSION, "kind": <class name>, "body": {<field>: ...}}`.
+
+  Raises:
+    TypeError: `message` is not a message type.
+
+  Example:
+    >>> import numpy as np
+    >>> up = SmashedData(np.ones((32, 16), np.float32), np.zeros((32,), np.int32))
+    >>> data = to_bytes(up)
+    >>> len(data), wire_size(up)  # 2048 bytes of activations, 128 of labels, 83 of framing
+    (2259, 2259)
+    >>> from_bytes(up, data).activations.shape
+    (32, 16)
+  """
   kind = type(message).__name__
   if kind not in MESSAGE_TYPES:
     raise TypeError(f"message: expected one of {sorted(MESSAGE_TYPES)}, got {kind}")
@@ -226,7 +245,19 @@ def _check_body(kind: str, expected: Any, got: Any, path: str) -> None:
 
 
 def wire_size(message: Any) -> int:
-  """The exact number of bytes `to_bytes(message)` produces; works on tracers and shape structs."""
+  """The exact number of bytes `to_bytes(message)` produces; works on tracers and shape structs.
+
+  Args:
+    message: a message whose fields are arrays, tracers or `jax.ShapeDtypeStruct`s.
+
+  Returns:
+    The length of its bytes, a Python int: it depends only on the fields' shapes and dtypes.
+
+  Example:
+    >>> import jax, numpy as np
+    >>> wire_size(CutGradient(jax.ShapeDtypeStruct((32, 16), np.float32)))  # from the shape alone
+    2103
+  """
   leaves, treedef = jax.tree.flatten(message)
   signature = tuple((tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in leaves)
   return _wire_size(treedef, signature)
