@@ -64,12 +64,16 @@ PyTree = Any
 class VerticalState:
   """The state of a vertical split: every party's `PartyState`, the label party's (merge and top), the step.
 
-  The top's `input_spec` is a tuple of `ArraySpec`s, one per party's smashed data.
+  The top's `input_spec` is a tuple of `ArraySpec`s, one per party's smashed data. `replacement`
+  (with `vertical_sl(..., replacement="learned")`): per party, the label party's learned stand-in
+  for that party's embedding of one sample (params of the party's smashed shape, with the top's
+  optimizer), used where the party is absent; None with zero stand-ins.
   """
 
   parties: tuple[PartyState, ...]
   top: PartyState
   step: jax.Array
+  replacement: tuple[PartyState, ...] | None = None
 
   @property
   def params(self) -> tuple:
@@ -106,6 +110,7 @@ class VerticalSL(NamedTuple):
   client_losses: tuple[Callable | None, ...] = ()
   cut_gradient_transforms: tuple[Callable | None, ...] = ()
   vectorize: bool = False
+  replacement: str = "zero"
 
 
 def vertical_sl(
@@ -119,6 +124,7 @@ def vertical_sl(
     client_loss: Callable[..., jax.Array] | Sequence[Callable | None] | None = None,
     cut_gradient_transform: Callable[..., Any] | Sequence[Callable | None] | None = None,
     vectorize: bool = False,
+    replacement: str = "zero",
 ) -> VerticalSL:
   """The legs of one vertical split-learning step over the parties of `model`.
 
@@ -150,6 +156,17 @@ def vertical_sl(
       differs). The same math; the states are stacked and unstacked inside the step, so on a
       2-core CPU it was no faster than the loop for 2 and 4 small MLP bottoms
       (experiments/benchmarks/vertical.py); it is there for many parties or an accelerator.
+    replacement: what the label party puts in an absent party's place (`step` and `predict` with
+      `absent=`): "zero", a zero embedding; or "learned", a vector per party of its smashed
+      data's shape, learned with `top_optimizer` in the steps where that party is absent (train
+      some steps with `absent=` to learn it: `sljax.vertical.without(sl, names)` for `fit`).
+
+  Parties that fail: `step(state, batch, key, absent=names)` trains without the parties `names`
+  (static): their embeddings replaced as above, their states and downlink codec states left as
+  they are, nothing sent to or from them, their bytes not counted. `step(..., dropped=flags)`
+  with (P,) bools (traced) discards the whole step everywhere when any party dropped during it
+  (after its forward, as in horizontal SL): the state comes back as it was, `metrics["discarded"]`
+  says so, and the bytes sent before the drop are still counted.
 
   Returns:
     A `VerticalSL`: `init(key, xs) -> VerticalState`; the legs
@@ -186,6 +203,9 @@ def vertical_sl(
   if not isinstance(top_optimizer, optax.GradientTransformation):
     raise TypeError(f"top_optimizer: expected an optax.GradientTransformation, got {type(top_optimizer).__name__}")
   label_stage = model.label_stage
+  if replacement not in ("zero", "learned"):
+    raise ValueError(f"replacement: expected 'zero' or 'learned' (what stands in for an absent party), got "
+                     f"{replacement!r}")
   remote = tuple(name != model.label_party for name in model.names)  # whose messages cross the network
   is_codec = lambda c: isinstance(c, codec_lib.Codec)  # noqa: E731
   identity = codec_lib.identity()  # one object for every party without a codec (see _check_vectorizable)
@@ -211,7 +231,11 @@ def vertical_sl(
                                                       strict=True))
     top = PartyState(params[n], model_state[n], top_optimizer.init(params[n]), tuple(ArraySpec.of(h) for h in hs),
                      tuple(codec.init(h) for codec, h in zip(down_codecs, hs, strict=True)))
-    return VerticalState(parties, top, jnp.zeros((), jnp.int32))
+    stand_ins = None
+    if replacement == "learned":
+      zeros = tuple(jnp.zeros(h.shape[1:], h.dtype) for h in hs)
+      stand_ins = tuple(PartyState(z, (), top_optimizer.init(z), ArraySpec.of(h)) for z, h in zip(zeros, hs, strict=True))
+    return VerticalState(parties, top, jnp.zeros((), jnp.int32), stand_ins)
 
   def make_party_forward(p: int):
     bottom, name, codec = model.bottoms[p], model.names[p], up_codecs[p]
@@ -294,7 +318,21 @@ def vertical_sl(
         raise ValueError(f"vectorize: party {model.names[p]!r} differs from party {model.names[0]!r} in its {what}; "
                          f"vectorize=True runs party 0's legs for every party, vmapped")
 
-  def step(state: VerticalState, batch, key) -> tuple[VerticalState, Metrics]:
+  def stand_in(state: VerticalState, p: int, batch: int) -> jax.Array:
+    """What stands in for absent party p's smashed data: its learned vector, or zeros, per sample."""
+    spec = state.top.input_spec[p]
+    if state.replacement is None:
+      return jnp.zeros((batch, *spec.shape), spec.dtype)
+    return jnp.broadcast_to(state.replacement[p].params, (batch, *spec.shape))
+
+  def step(state: VerticalState, batch, key, *, absent: Sequence[str] = (),
+           dropped=None) -> tuple[VerticalState, Metrics]:
+    absent = _check_absent(model, absent) if absent else ()
+    if model.label_party in absent:
+      raise ValueError(f"absent: party {model.label_party!r} is the label party, which runs the step; it cannot be "
+                       "absent in training")
+    if absent:
+      return _step_without(state, batch, key, absent, dropped)
     xs, labels = batch
     xs = _party_inputs(model, xs)
     keys = jax.random.split(key, n + 1)
@@ -312,22 +350,63 @@ def vertical_sl(
       parties = tuple(party_backward[p](state.parties[p], pendings[p], downs[p]) for p in range(n))
     for name, pending in zip(model.names, pendings, strict=True):
       metrics.update({f"client_loss_{name}": v for v in pending.metrics.values()})
-    metrics = Metrics(metrics, _traffic(model.names, ups, downs, remote))
-    return VerticalState(parties, top, state.step + 1), metrics
+    new = VerticalState(parties, top, state.step + 1, state.replacement)
+    return _discard_if(dropped, new, state, metrics, _traffic(model.names, ups, downs, remote))
+
+  def _discard_if(dropped, new: VerticalState, old: VerticalState, metrics: dict, traffic: dict):
+    """`new`, or `old` where any party dropped during the step (`dropped`, (P,) bools, traced)."""
+    if dropped is None:
+      return new, Metrics(metrics, traffic)
+    dropped = jnp.asarray(dropped)
+    if dropped.shape != (n,) or dropped.dtype != jnp.bool_:
+      raise ValueError(f"dropped: expected ({n},) bools, one per party {model.names}, got {dropped.shape} "
+                       f"{dropped.dtype}")
+    discarded = jnp.any(dropped)
+    new = jax.tree.map(lambda a, b: jnp.where(discarded, b, a), new, old)
+    return new, Metrics({**metrics, "discarded": discarded}, traffic)
+
+  def _step_without(state: VerticalState, batch, key, absent: tuple[str, ...], dropped):
+    """`step` without the parties `absent`: their embeddings stood in for (see `stand_in`), their
+    states, and the downlink codec states of their gradients, left as they are."""
+    xs, labels = batch
+    xs = _party_inputs(model, xs, absent)
+    keys = jax.random.split(key, n + 1)
+    on = tuple(name not in absent for name in model.names)
+    batch_size = next(jnp.shape(x)[0] for x in xs if x is not None)
+    forwards = {p: party_forward[p](state.parties[p], xs[p], keys[p]) for p in range(n) if on[p]}
+    ups = tuple(forwards[p][0] if on[p] else msgs.SmashedData(
+        _fresh_encode(up_codecs[p], stand_in(state, p, batch_size), keys[p], CODEC_STREAM)) for p in range(n))
+    top, downs, metrics = top_step(state.top, ups, labels, keys[n])
+    top = top.replace(codec_state=tuple(c if on[p] else state.top.codec_state[p]
+                                        for p, c in enumerate(top.codec_state)))
+    parties = tuple(party_backward[p](state.parties[p], forwards[p][1], downs[p]) if on[p] else state.parties[p]
+                    for p in range(n))
+    stand_ins = state.replacement
+    if stand_ins is not None:  # the absent parties' vectors learn from the gradient at their place
+      stand_ins = tuple(
+          r if on[p] else apply_update(r, down_codecs[p].decode(downs[p].grad).sum(0), top_optimizer, ())
+          for p, r in enumerate(stand_ins))
+    for p in forwards:
+      metrics.update({f"client_loss_{model.names[p]}": v for v in forwards[p][1].metrics.values()})
+    present = [p for p in range(n) if on[p]]
+    traffic = _traffic([model.names[p] for p in present], [ups[p] for p in present], [downs[p] for p in present],
+                       tuple(remote[p] for p in present))
+    new = VerticalState(parties, top, state.step + 1, stand_ins)
+    return _discard_if(dropped, new, state, metrics, traffic)
 
   def predict(state: VerticalState, xs, key=None, *, absent: Sequence[str] = ()) -> tuple[jax.Array, Metrics]:
     """Collaborative inference in eval mode: every bottom on its columns (through its uplink codec,
     from a fresh codec state), then the label party's merge and top. `xs`: a tuple in party order
     or a dict by party name; every party must take part, unless named in `absent`: the label party
-    then puts a zero embedding in that party's place (its columns may be left out, or None)."""
+    then puts its stand-in in that party's place (zeros, or the learned vector with
+    `replacement="learned"`; its columns may be left out, or None)."""
     absent = _check_absent(model, absent)
     xs = _party_inputs(model, xs, absent)
     batch = next(jnp.shape(x)[0] for x in xs if x is not None)
     hs, traffic_ups, traffic_remote = [], [], []
     for p, (bottom, party, x) in enumerate(zip(model.bottoms, state.parties, xs, strict=True)):
       if model.names[p] in absent:
-        spec = state.top.input_spec[p]
-        hs.append(jnp.zeros((batch, *spec.shape), spec.dtype))
+        hs.append(stand_in(state, p, batch))
         continue
       check_batch(f"xs[{p}] (party {model.names[p]!r})", x, party.input_spec)
       smashed = bottom.apply(party.params, party.model_state, x, key=None, train=False)[0]
@@ -343,7 +422,28 @@ def vertical_sl(
   return VerticalSL(init=init, party_forward=party_forward, top_step=top_step, party_backward=party_backward,
                     step=step, predict=predict, model=model, party_optimizers=optimizers,
                     top_optimizer=top_optimizer, loss=loss, uplinks=up_codecs, downlinks=down_codecs,
-                    client_losses=client_losses, cut_gradient_transforms=transforms, vectorize=vectorize)
+                    client_losses=client_losses, cut_gradient_transforms=transforms, vectorize=vectorize,
+                    replacement=replacement)
+
+
+def without(sl: VerticalSL, absent: Sequence[str]) -> VerticalSL:
+  """`sl` whose `step` trains without the parties `absent` (`step(..., absent=absent)`), for
+  `sljax.fit`: e.g. a few epochs that learn `replacement="learned"` stand-ins, or training on when
+  a party has gone for good.
+
+  Example:
+    >>> import jax.numpy as jnp, flax.linen as nn, optax, sljax
+    >>> model = sljax.vertical_model([nn.Dense(4), nn.Dense(4)], sljax.merges.concat(), nn.Dense(2), names=("a", "b"))
+    >>> sl = sljax.vertical_sl(model, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1),
+    ...                        replacement="learned")
+    >>> xs, y = (jnp.ones((8, 3)), jnp.ones((8, 2))), jnp.zeros((8,), jnp.int32)
+    >>> state, _ = sljax.fit(without(sl, ["b"]), sl.init(jax.random.key(0)
+    ...                      , xs), xs, y, key=jax.random.key(1), epochs=1, batch_size=4)
+    >>> bool(jnp.any(state.replacement[1].params != 0))  # b's stand-in learned; a's untouched
+    True
+  """
+  absent = _check_absent(sl.model, absent)
+  return sl._replace(step=functools.partial(sl.step, absent=absent))
 
 
 def vertical_centralized(

@@ -199,3 +199,56 @@ def test_inference_without_a_party(data):
     sl.predict(state, {}, absent=["a", "b"])
   with pytest.raises(ValueError, match=r"^absent: unknown party 'c', expected some of the parties \('a', 'b'\)$"):
     sl.predict(state, xs, absent="c")
+
+
+def test_training_without_a_party_equals_training_with_its_embedding_zero(data):
+  """`step(absent=)`: the absent party's embedding is zero (its state untouched, nothing sent to or from it), so
+  the others and the top move as in a full step where that party's bottom outputs zeros."""
+  xs, y = data
+  model = _model(merges.concat())
+  sl = sljax.vertical_sl(model, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1))
+  batch = (tuple(x[:BATCH] for x in xs), y[:BATCH])
+  state = sl.init(jax.random.key(0), batch[0])
+  step = jax.jit(sl.step, static_argnames="absent")
+  without_b, metrics = step(state, batch, jax.random.key(1), absent=("b",))
+  silent_b = state.replace(parties=(state.parties[0], state.parties[1].replace(
+      params=jax.tree.map(jnp.zeros_like, state.parties[1].params))))
+  full, full_metrics = step(silent_b, batch, jax.random.key(1))
+  chex.assert_trees_all_close((without_b.parties[0], without_b.top), (full.parties[0], full.top), atol=1e-6)
+  chex.assert_trees_all_equal(without_b.parties[1], state.parties[1])
+  assert metrics["bytes_up"] == metrics["bytes_up_a"] == full_metrics["bytes_up_a"] and "bytes_up_b" not in metrics
+  with pytest.raises(ValueError, match=r"absent: party 'b' is the label party"):
+    sljax.vertical_sl(sljax.vertical_model([nn.Dense(4), nn.Dense(4)], merges.concat(), nn.Dense(2), names=["a", "b"],
+                                           label_party="b"),
+                      party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1)).step(
+                          state, batch, jax.random.key(1), absent=("b",))
+
+
+def test_a_learned_stand_in_learns_where_its_party_is_absent_and_a_dropped_step_is_discarded(data):
+  xs, y = data
+  sl = sljax.vertical_sl(_model(merges.concat()), party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1),
+                         replacement="learned")
+  state = sl.init(jax.random.key(0), tuple(x[:BATCH] for x in xs))
+  trained, _ = sljax.fit(sljax.vertical.without(sl, ["b"]), state, xs, y, key=jax.random.key(1), epochs=2,
+                         batch_size=BATCH)
+  assert float(jnp.abs(trained.replacement[1].params).sum()) > 0
+  chex.assert_trees_all_equal(trained.replacement[0], state.replacement[0])  # a was never absent
+  out, _ = sl.predict(trained, {"a": xs[0][:4]}, absent=["b"])
+  h_a, _ = sl.model.bottoms[0].apply(trained.parties[0].params, trained.parties[0].model_state, xs[0][:4], key=None,
+                                     train=False)
+  stand_in = jnp.broadcast_to(trained.replacement[1].params, h_a.shape)
+  want, _ = sl.model.label_stage.apply(trained.top.params, trained.top.model_state, (h_a, stand_in), key=None,
+                                       train=False)
+  np.testing.assert_allclose(out, want, atol=1e-6)
+  # a party dropping during a step: the step is discarded everywhere
+  batch = (tuple(x[:BATCH] for x in xs), y[:BATCH])
+  kept, metrics = jax.jit(sl.step)(state, batch, jax.random.key(1), dropped=jnp.array([False, True]))
+  chex.assert_trees_all_equal(kept, state)
+  assert bool(metrics["discarded"])
+  moved, metrics = jax.jit(sl.step)(state, batch, jax.random.key(1), dropped=jnp.array([False, False]))
+  assert not bool(metrics["discarded"]) and int(moved.step) == 1
+  with pytest.raises(ValueError, match=r"dropped: expected \(2,\) bools, one per party \('a', 'b'\), got \(3,\) bool"):
+    sl.step(state, batch, jax.random.key(1), dropped=jnp.zeros(3, bool))
+  with pytest.raises(ValueError, match=r"replacement: expected 'zero' or 'learned'"):
+    sljax.vertical_sl(_model(merges.concat()), party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1),
+                      replacement="mean")
