@@ -35,8 +35,8 @@ def execute(notebook: nbformat.NotebookNode, *, timeout: float, cwd: str | pathl
     kernel_name: the Jupyter kernel to run it in.
 
   Raises:
-    nbclient.exceptions.CellExecutionError: a cell raised (the message holds its traceback).
-    nbclient.exceptions.CellTimeoutError: the notebook ran past `timeout`.
+    nbclient.exceptions.CellExecutionError: a cell raised (the message holds its traceback), or the
+      notebook ran past `timeout` (the running cell is interrupted first; the message says so).
   """
   deadline = None
 
@@ -50,6 +50,11 @@ def execute(notebook: nbformat.NotebookNode, *, timeout: float, cwd: str | pathl
 
   client = NotebookClient(
       notebook, kernel_name=kernel_name, resources={"metadata": {"path": str(cwd)}}, timeout_func=cell_timeout,
+      # Past the time, interrupt the cell (its `finally` blocks run: e.g. it stops the processes it started), then
+      # fail as a cell that raised.
+      interrupt_on_timeout=True,
+      error_on_timeout={"ename": "TimeoutError", "evalue": f"the notebook ran past its {timeout:g} s",
+                        "traceback": [f"TimeoutError: the notebook ran past its {timeout:g} s (cell interrupted)"]},
       record_timing=False,  # no timestamps in the stored notebooks: a re-run changes only what it computes
   )
   client.execute()
