@@ -299,7 +299,8 @@ def _docstring_dialect(app, what, name, obj, options, lines) -> None:
 
   - a block indented under a paragraph after a blank line (not a list, not a doctest) is code: a literal block;
   - a list, or an indented block, that starts or ends without a blank line gets one;
-  - `*`, `|` and plurals of interpreted text are escaped outside literals.
+  - `*`, `|` and plurals of interpreted text are escaped outside literals;
+  - a Returns section is prose: napoleon takes no type from its first line.
   """
   del app, what, name, obj, options
   out = []
@@ -347,7 +348,13 @@ def _docstring_dialect(app, what, name, obj, options, lines) -> None:
       list_indent = None
     if stripped.endswith("::"):
       literal_indent = _indent(line)
-    out.append(_escape_inline(line) if not stripped.endswith("::") else line)
+    else:
+      line = _escape_inline(line)
+      if previous is not None and not after_blank and out[previous].strip().lower() in ("returns:", "yields:"):
+        # Napoleon reads "type: description" from a Returns section's first line, splitting at its first
+        # colon even inside `...`; sljax's Returns are prose, so an empty type comes first.
+        line = " " * _indent(line) + ": " + line.lstrip()
+    out.append(line)
   lines[:] = out
 
 
