@@ -101,7 +101,14 @@ def _api_pages() -> dict[pathlib.Path, bytes]:
   import importlib  # noqa: PLC0415
   import types  # noqa: PLC0415
 
+  import pkgutil  # noqa: PLC0415
+
   modules = [(name, title) for name, title in API if _exists(name)]
+  # A new module of sljax.privacy gets its page without being listed above.
+  privacy = importlib.import_module("sljax.privacy")
+  for info in pkgutil.iter_modules(privacy.__path__, "sljax.privacy."):
+    if not info.name.rsplit(".", 1)[1].startswith("_") and info.name not in dict(modules):
+      modules.append((info.name, f"Privacy: {info.name.rsplit('.', 1)[1]}"))
   pages = {}
   for name, title in modules:
     options = ":no-members:" if name in API_NO_MEMBERS else ":members:"
