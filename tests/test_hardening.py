@@ -131,7 +131,8 @@ def test_malformed_control_maps_are_invalid_argument(setup, servers, algorithm):
            "Handshake request: field 'cut_shape' must be an array of ints, got [[16]]")
   _refused(server, "Handshake", wire.encode(_hello(setup, cut_shape=[True])),
            "Handshake request: field 'cut_shape' must be an array of ints, got [true]")
-  _refused(server, "Status", msgpack.packb({"client": _nested(1000)}), "Status request: nested more than 64 levels deep")
+  _refused(server, "Status", msgpack.packb({"client": _nested(1000)}),
+           "Status request: nested more than 64 levels deep")
   for samples in (2**31, 2**64 - 1, -(2**63)):
     _refused(server, "Handshake", wire.encode(_hello(setup, samples=samples)),
              f"Handshake request: field 'samples' must be an int in [1, 2147483647] (max_samples), got {samples}")
@@ -336,7 +337,8 @@ def test_predict_runs_programs_for_power_of_two_buckets_without_the_lock(servers
     x = np.random.default_rng(0).normal(size=(8, HIDDEN)).astype(np.float32)
     expected = np.asarray(eval_(party, x).logits)  # each row's logits: rows do not mix
     for batch in (1, 3, 5, 8, 7):
-      got = _call(server, "Predict", {"client": 0, "batch": batch, "message": msgs.to_bytes(msgs.SmashedData(x[:batch]))})
+      message = msgs.to_bytes(msgs.SmashedData(x[:batch]))
+      got = _call(server, "Predict", {"client": 0, "batch": batch, "message": message})
       logits = msgs.from_bytes(msgs.Prediction(jax.ShapeDtypeStruct((batch, 10), np.float32)), got["message"]).logits
       np.testing.assert_allclose(logits, expected[:batch], atol=1e-6, rtol=0)
   finally:
