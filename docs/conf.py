@@ -182,6 +182,8 @@ Jupyter to run them yourself.
 ```
 """ if notebooks else "# Notebooks\n\nThe tutorials will be in `notebooks/`, at the repository's root.\n").encode()
   listed = "\n".join(f"{s.name}/README" for s in studies)
+  _own_index(ROOT / "notebooks" / "README.md", notebook_pages, DOCS / "notebooks" / "index.md", kept,
+             "\n".join(nb.stem for nb in notebooks))
   study_pages[DOCS / "studies" / "index.md"] = f"""# Studies
 
 Each study is a folder of `experiments/` with one command that runs it, fixed seeds, a JSON file of
@@ -194,7 +196,16 @@ measured; `experiments/benchmarks/` holds the speed and scale measurements.
 {listed}
 ```
 """.encode()
+  _own_index(ROOT / "experiments" / "README.md", study_pages, DOCS / "studies" / "index.md", kept, listed)
   return notebook_pages, study_pages
+
+
+def _own_index(readme: pathlib.Path, pages: dict[pathlib.Path, bytes], index: pathlib.Path, kept: set[pathlib.Path],
+               listed: str) -> None:
+  """Where the folder has a README of its own, it is the index page; a hidden table of contents lists every page."""
+  if readme.exists() and listed:
+    text = _copied(readme, index, kept).decode().rstrip()
+    pages[index] = f"{text}\n\n```{{toctree}}\n:hidden:\n:maxdepth: 1\n\n{listed}\n```\n".encode()
 
 
 _LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
