@@ -532,6 +532,17 @@ def vertical_evaluate(trainer: VerticalSL | Centralized, state: Any, xs: Any, y:
     `accuracy`, `loss` (the mean softmax cross-entropy per sample), `auc` (the ROC AUC of the
     class-1 probability, for two classes; NaN if the labels hold one class only), and the
     inference traffic `bytes_up`, `bytes_down`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, sljax
+    >>> model = sljax.vertical_model([nn.Dense(8), nn.Dense(8)], sljax.merges.concat(), nn.Dense(2))
+    >>> sl = sljax.vertical_sl(model, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1))
+    >>> xs, y = (jnp.ones((4, 5)), jnp.ones((4, 3))), jnp.array([0, 1, 0, 1])
+    >>> figures = vertical_evaluate(sl, sl.init(jax.random.key(0), xs), xs, y)
+    >>> sorted(figures)
+    ['accuracy', 'auc', 'bytes_down', 'bytes_up', 'loss']
+    >>> figures["bytes_up"] == 2 * sljax.wire_size(sljax.SmashedData(jnp.ones((4, 8))))  # each party's embeddings
+    True
   """
   from sljax.training import _check_labels, reuse_program  # noqa: PLC0415 -- training imports the algorithms
 
