@@ -4,7 +4,9 @@ Built offline with myst-nb, as jax, flax and optax build theirs: Markdown pages,
 from their stored outputs (never executed here: the test suite runs them), and an API reference from
 the Google-style docstrings. The notebooks (notebooks/*.ipynb) and the studies (experiments/*/README.md
 and their plots) live outside docs/, so each build first copies whatever of them exists into
-docs/notebooks/ and docs/studies/ (both ignored by git) and writes the pages that list them.
+docs/notebooks/ and docs/studies/ and writes the pages that list them, and writes one API page per
+public module into docs/api/ (all three ignored by git). A hook reads the docstrings' plain-text
+dialect as reStructuredText (`_docstring_dialect`), so the reference shows them as written.
 """
 
 import os
