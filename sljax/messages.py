@@ -135,10 +135,21 @@ def from_bytes(template: M, data: bytes, *, max_bytes: int | None = None) -> M:
     data: the bytes.
     max_bytes: reject larger payloads before decoding.
 
+  Returns:
+    The message, of the template's kind, with numpy arrays as its fields.
+
   Raises:
     MessageError: the bytes are oversized, malformed or truncated, carry another protocol version
       or kind, or a field's shape or dtype differs from the template's. The message names what was
       expected and what came.
+
+  Example:
+    >>> import numpy as np
+    >>> data = to_bytes(SmashedData(np.ones((32, 16), np.float32), np.zeros((32,), np.int32)))
+    >>> from_bytes(SmashedData(np.ones((32, 8), np.float32), np.zeros((32,), np.int32)), data)
+    Traceback (most recent call last):
+    ...
+    sljax.messages.MessageError: SmashedData: field activations: expected shape (32, 8) float32, got (32, 16) float32
   """
   kind = type(template).__name__
   if max_bytes is not None and len(data) > max_bytes:

@@ -238,6 +238,23 @@ def linen_stage(module: linen.Module, *, train_kwarg: str | None = "auto", name:
       mode (`train=True` in training, False in inference), None if it has none, or "auto" to use
       `train` when `__call__` takes it.
     name: its name as a layer of a stack (see `sequential`).
+
+  Returns:
+    The `Stage`: `init(key, x) -> (params, model_state)` and `apply(params, model_state, x, *, key, train)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train):
+    ...     return nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x)))
+    >>> stage = linen_stage(Block(), name="block")  # `train` is found and switched
+    >>> params, state = stage.init(jax.random.key(0), jnp.ones((4, 3)))
+    >>> sorted(state)  # batch statistics: model state, not trained
+    ['batch_stats']
+    >>> y, state = stage.apply(params, state, jnp.ones((4, 3)), key=None, train=True)
+    >>> y.shape
+    (4, 8)
   """
   if train_kwarg == "auto":
     train_kwarg = "train" if _accepts(module.__call__, "train") else None
