@@ -27,8 +27,8 @@ Inversion Attacks against Collaborative Inference", ACSAC 2019):
 - `white_box_inversion`: knowing the client half (sequential SL hands it through the server), find
   inputs whose smashed data match the recorded ones, with a total-variation prior.
 
-Not done: feature-space hijacking by a malicious server (Pasquini et al., CCS 2021), which needs a
-malicious server algorithm rather than a recorded honest run.
+Feature-space hijacking by a malicious server (Pasquini et al., CCS 2021) is not a function of a
+recorded honest run: it runs as the server, against the client's legs (`sljax.privacy.hijacking`).
 """
 
 from __future__ import annotations
