@@ -42,6 +42,7 @@ import numpy as np
 from flax import struct
 
 from sljax.algorithms import _common as c
+from sljax.data.checks import check_finite, check_label_values
 from sljax.data.clients import ClientData
 from sljax.execution import shard_clients
 
@@ -83,6 +84,9 @@ class ClientStore:
     if len(empty):
       raise ValueError(f"offsets: expected every client to hold at least one sample, got {len(empty)} empty "
                        f"client(s), e.g. client {int(empty[0])}")
+    if not isinstance(x, np.memmap):  # a store opened from disk is read where gathered, not scanned here
+      check_finite("x", x)
+      check_label_values("y", y)
     self.x, self.y, self.offsets = x, y.astype(np.int32, copy=False), offsets.astype(np.int64)
 
   @classmethod

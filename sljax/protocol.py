@@ -304,6 +304,21 @@ def _transform_cut_gradient(transform: Callable, grad, labels, key):
   return out
 
 
+def _check_split_model(model) -> None:
+  """Raises a TypeError unless `model` is a `SplitModel`."""
+  if not isinstance(model, SplitModel):
+    raise TypeError(f"model: expected a SplitModel (sljax.cut(layers, k), sljax.split_model(...)), got "
+                    f"{type(model).__name__}")
+
+
+def _check_optimizers(**optimizers) -> None:
+  """Raises a TypeError naming the argument that is not an optax transformation."""
+  for name, opt in optimizers.items():
+    if not isinstance(opt, optax.GradientTransformation):
+      raise TypeError(f"{name}: expected an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
+                      f"{type(opt).__name__}")
+
+
 def _fresh_encode(codec: codec_lib.Codec, value, key, stream: int):
   """`value` through `codec` from a fresh state (inference keeps no codec state), its randomness
   from fold_in(key, stream), key(0) if `key` is None."""
@@ -485,6 +500,8 @@ def vanilla(
     >>> sorted(metrics)
     ['accuracy', 'bytes_down', 'bytes_up', 'client_loss', 'loss']
   """
+  _check_split_model(model)
+  _check_optimizers(client_optimizer=client_optimizer, server_optimizer=server_optimizer)
   if model.is_u_shaped:
     raise ValueError("model: vanilla split learning takes a two-part model; this one has a tail (use u_shaped)")
   _check_hook("client_loss", client_loss, "(x, smashed[, key]) -> scalar")
@@ -703,6 +720,8 @@ def u_shaped(
     >>> float(metrics["client_loss"]) >= 0
     True
   """
+  _check_split_model(model)
+  _check_optimizers(client_optimizer=client_optimizer, server_optimizer=server_optimizer)
   if not model.is_u_shaped:
     raise ValueError("model: U-shaped split learning takes a three-part model (cut(layers, k, k2))")
   _check_hook("client_loss", client_loss, "(x, smashed[, key]) -> scalar")
@@ -970,6 +989,8 @@ def centralized(
     >>> bool(jnp.allclose(whole_metrics["loss"], split_metrics["loss"]))  # split equals centralized
     True
   """
+  _check_split_model(model)
+  _check_optimizers(optimizer=optimizer)
   whole = model.compose()
 
   @jax.jit

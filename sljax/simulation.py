@@ -218,8 +218,11 @@ def run(
   Returns:
     The final state and the records of the rounds run in this call.
   """
-  if isinstance(eval_every, bool) or not isinstance(eval_every, numbers.Integral) or eval_every < 1:
-    raise ValueError(f"eval_every: expected a positive int (test every that many rounds), got {eval_every!r}")
+  for name, value, low, what in (("rounds", rounds, 0, "a non-negative int (the total number of rounds)"),
+                                 ("eval_every", eval_every, 1, "a positive int (test every that many rounds)"),
+                                 ("checkpoint_every", checkpoint_every, 1, "a positive int (save every that many rounds)")):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+      raise ValueError(f"{name}: expected {what}, got {value!r}")
   population = algorithm if isinstance(algorithm, Population) else None
   if population is not None:
     if data is not None:

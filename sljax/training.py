@@ -22,6 +22,7 @@ import numpy as np
 from sljax._progress import progress_bar
 from sljax.algorithms import Algorithm
 from sljax.algorithms._common import _host
+from sljax.data.checks import check_finite, check_label_values
 from sljax.data.clients import ClientData
 from sljax.protocol import ArraySpec, PartyState, softmax_cross_entropy
 
@@ -80,6 +81,26 @@ def _check_labels(x, y) -> None:
   if y.ndim == 0 or y.shape[0] != first.shape[0]:
     got = y.shape[0] if y.ndim else f"shape {y.shape}"
     raise ValueError(f"y: expected {first.shape[0]} labels, one per sample of x, got {got}")
+
+
+def _num_classes(trainer: Any, state: Any, x: Any) -> int | None:
+  """The width of the trainer's outputs (its classes) where `predict` gives (B, C) logits; None else."""
+  predict = getattr(trainer, "predict", None)
+  if predict is None:
+    return None
+  try:  # a program reused across calls (see reuse_program): its abstract evaluation is traced once per shape
+    outputs = reuse_program(predict, ("outputs",), lambda f: jax.jit(lambda s, x: f(s, x)[0]))
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), x)
+    out = outputs.eval_shape(state, one)
+  except Exception:  # noqa: BLE001 -- a trainer without a (state, x) predict: the labels' range is left unchecked
+    return None
+  return int(out.shape[-1]) if getattr(out, "ndim", 0) == 2 else None
+
+
+def _check_values(trainer: Any, state: Any, x: Any, y: Any) -> None:
+  """Raises a ValueError on a non-finite feature or a label outside the model's classes."""
+  check_finite("x", x)
+  check_label_values("y", y, _num_classes(trainer, state, x))
 
 
 def _check_batch_size(n: int, batch_size: int) -> None:
@@ -192,8 +213,11 @@ def fit(
     raise ValueError(f"eval_every: expected a positive int (test every that many epochs), got {eval_every!r}")
   if evaluate is not None and not callable(evaluate):
     raise TypeError(f"evaluate: expected a function of the state returning a dict, got {type(evaluate).__name__}")
+  if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+    raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
   x, y = jax.tree.map(jnp.asarray, x), jnp.asarray(y)
   _check_labels(x, y)
+  _check_values(trainer, state, x, y)
   n = y.shape[0]
   _check_batch_size(n, batch_size)
   test_fn = None if test is None else _fit_tester(trainer, x, test)
@@ -333,6 +357,11 @@ def evaluate(trainer: Any, state: Any, x: Any, y: Any = None, *, batch_size: int
     raise ValueError("y: expected one label per sample of x, got None")
   x, y = np.asarray(x), np.asarray(y)
   _check_labels(x, y)
+  if len(y) == 0:
+    raise ValueError("x, y: expected at least one test sample, got 0")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+    raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+  _check_values(trainer, state, x, y)
   correct, loss_sum, bytes_up, bytes_down = 0, 0.0, 0, 0
   for start in range(0, len(x), batch_size):
     hits, batch_loss, traffic = predict(state, jnp.asarray(x[start : start + batch_size]),

@@ -45,7 +45,8 @@ def test_fit_and_evaluate_again_neither_trace_nor_compile():
   x, y = _xy(64)
   sl = sljax.vanilla(_model(), client_optimizer=OPT, server_optimizer=OPT)
   # what a notebook cell re-run does: the same trainer, the same shapes
-  sl = sl._replace(step=chex.assert_max_traces(sl.step, n=1), predict=chex.assert_max_traces(sl.predict, n=1))
+  # predict: traced once for the outputs' width (fit's check of the labels' range) and once by evaluate's program
+  sl = sl._replace(step=chex.assert_max_traces(sl.step, n=1), predict=chex.assert_max_traces(sl.predict, n=2))
   state = sl.init(jax.random.key(0), x[:1])
   first, first_history = sljax.fit(sl, state, x, y, key=jax.random.key(1), epochs=2, batch_size=B)
   first_eval = sljax.evaluate(sl, first, x, y, batch_size=32)

@@ -81,7 +81,8 @@ def test_a_pytree_of_party_columns_is_tested_by_vertical_evaluate():
   x, y = _xy(40)
   # three classes: no AUC (it imports sklearn)
   xs, test = (x[:32, :5], x[:32, 5:]), ((x[32:, :5], x[32:, 5:]), y[32:] % 3)
-  _, history = sljax.fit(trainer, jnp.zeros(()), xs, y[:32], key=jax.random.key(1), epochs=1, batch_size=B, test=test)
+  _, history = sljax.fit(trainer, jnp.zeros(()), xs, y[:32] % 3, key=jax.random.key(1), epochs=1, batch_size=B,
+                         test=test)
   after = sljax.vertical_evaluate(trainer, jnp.zeros(()), *test)
   assert {k: history[-1][f"test_{k}"] for k in after} == after and after["bytes_down"] == 2
 

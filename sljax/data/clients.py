@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from sljax.data.checks import check_finite, check_label_values
+
 
 @struct.dataclass
 class ClientData:
@@ -111,6 +113,9 @@ def stack_clients(x, y, parts: Sequence | None = None) -> ClientData:
           f"{y_k.shape} of dtype {y_k.dtype}")
     if len(y_k) == 0:
       raise ValueError(f"client {k} has no samples; every client needs at least one")
+
+    check_finite(f"x (client {k})", x_k)
+    check_label_values(f"y (client {k})", y_k)
 
   count = np.array([len(y_k) for y_k in ys], np.int32)
   x_KxN = np.zeros((len(xs), count.max(), *feature_shape), np.result_type(*xs))
