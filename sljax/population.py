@@ -88,6 +88,8 @@ class ClientStore:
       check_finite("x", x)
       check_label_values("y", y)
     self.x, self.y, self.offsets = x, y.astype(np.int32, copy=False), offsets.astype(np.int64)
+    self._counts = np.diff(self.offsets)  # computed once: a round gathers its clients' counts in O(M)
+    self._max_count = int(self._counts.max())
 
   @classmethod
   def from_clients(cls, xs: Sequence, ys: Sequence) -> ClientStore:
@@ -132,11 +134,12 @@ class ClientStore:
   @property
   def counts(self) -> np.ndarray:
     """(num_clients,) int64: each client's number of samples."""
-    return np.diff(self.offsets)
+    return self._counts
 
   @property
   def max_count(self) -> int:
-    return int(self.counts.max())
+    """The largest client's number of samples: the rows each gathered client is padded to."""
+    return self._max_count
 
   def gather(self, ids, *, rows: int | None = None) -> ClientData:
     """The clients `ids` (sorted ascending) as a `ClientData` on the host (numpy), padded to `rows`
