@@ -9,7 +9,7 @@ extra) is tracked per example and reported by `sljax.simulation.run(..., account
 FILE`) runs those that apply and returns one table (docs/attacks.md).
 """
 
-from sljax.privacy import attacks, defenses, hijacking, metrics, report, transcript
+from sljax.privacy import attacks, defenses, handoff, hijacking, metrics, report, transcript
 from sljax.privacy.defenses import (
     gaussian_noise,
     laplace_noise,
@@ -31,6 +31,7 @@ __all__ = [
     "defenses",
     "distance_correlation",
     "gaussian_noise",
+    "handoff",
     "hijacking",
     "laplace_noise",
     "marvell",

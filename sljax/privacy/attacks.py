@@ -481,3 +481,89 @@ def _inversion_program(knowledge: WhiteBoxKnowledge) -> Callable[[jax.Array], ja
     return x
 
   return invert
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Relayed weights
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelInference:
+  """A label attack that names each example's class.
+
+  Attributes:
+    attack: the attack's name.
+    labels: (N,) the predicted labels.
+    accuracy: the share predicted right (NaN when no true labels were given).
+  """
+
+  attack: str
+  labels: np.ndarray
+  accuracy: float = float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayedWeightsKnowledge:
+  """What a server that relays the client halves of U-shaped sequential SL holds: the tail.
+
+  Attributes:
+    tail_apply: `logits = tail_apply(params, body_output)` for a batch, e.g.
+      `lambda p, h: model.tail.apply(p, model_state["tail"], h, key=None, train=False)[0]`.
+    tail_params: the tail's params as relayed (`ClientHalf.params["tail"]` of the hand-off before
+      the steps attacked; a few local steps later they are stale, which the inversion tolerates).
+  """
+
+  tail_apply: Callable[[Any, jax.Array], jax.Array]
+  tail_params: Any
+
+
+def relayed_weights_labels(body_outputs: Any, tail_grads: Any, knowledge: RelayedWeightsKnowledge, *,
+                           labels: Any = None) -> LabelInference:
+  """The labels of U-shaped SL from the relayed tail and the tail gradient: a least-squares inversion.
+
+  In U-shaped SL the labels stay on the client, but the server sees the tail gradient
+  `g = d loss / d body output` the client sends back, and the body output it computed itself; in
+  sequential SL it also relays the client half, tail included. For softmax cross-entropy,
+  `g_i = J_i^T (softmax(logits_i) - onehot(y_i)) / B` with `J_i` the tail's Jacobian at example i.
+  Knowing the tail, the server computes `J_i`, solves `J_i^T e_i = g_i` for `e_i` by least squares,
+  and reads the label off as `argmin(e_i)`: the only negative entry of `softmax - onehot` is at the
+  true class. It needs the tail's input at least as wide as the number of classes.
+
+  Args:
+    body_outputs: (N, ...) the body's outputs the server sent (decoded).
+    tail_grads: (N, ...) the tail gradients the client sent back (decoded), of the same shape.
+    knowledge: the tail, as relayed.
+    labels: (N,) the true labels, to score; None to skip scoring.
+
+  Raises:
+    ValueError: the body outputs and the tail gradients differ in shape.
+
+  Example:
+    >>> import numpy as np
+    >>> w = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)  # a linear tail, 3 classes
+    >>> h, y = np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32), np.array([0, 2, 1, 1, 0])
+    >>> p = np.exp(h @ w) / np.exp(h @ w).sum(1, keepdims=True)
+    >>> g = (p - np.eye(3)[y]) @ w.T / 5  # what the client sends back
+    >>> k = RelayedWeightsKnowledge(tail_apply=lambda w, h: h @ w, tail_params=w)
+    >>> relayed_weights_labels(h, g, k, labels=y).accuracy
+    1.0
+  """
+  h, g = np.asarray(body_outputs, np.float32), np.asarray(tail_grads, np.float32)
+  if h.shape != g.shape:
+    raise ValueError(f"body_outputs, tail_grads: expected the same shape, got {h.shape} and {g.shape}")
+  jacobians = np.asarray(_tail_jacobians(knowledge.tail_apply, knowledge.tail_params, h), np.float64)  # (N, C, D)
+  rows = g.reshape(g.shape[0], -1).astype(np.float64)
+  errors = np.stack([np.linalg.lstsq(j.T, r, rcond=None)[0] for j, r in zip(jacobians, rows)])
+  predicted = errors.argmin(1).astype(np.int32)
+  accuracy = float("nan") if labels is None else float(np.mean(predicted == np.asarray(labels)))
+  return LabelInference("relayed_weights_labels", predicted, accuracy)
+
+
+def _tail_jacobians(tail_apply, params, h) -> jax.Array:
+  """Per example, d logits / d input of the tail, flattened: (N, C, D)."""
+
+  def one(row):
+    jac = jax.jacrev(lambda r: tail_apply(params, r[None])[0])(row)
+    return jac.reshape(jac.shape[0], -1)
+
+  return jax.jit(jax.vmap(one))(jnp.asarray(h))
