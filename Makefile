@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench docs clean
+.PHONY: demo test install bench experiments docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/benchmarks/step_overhead.py
+
+# The studies (experiments/README.md), each with --quick, writing to build/experiments/<study>/ so the
+# committed full results stay; the full runs: `make experiments STUDY_ARGS= STUDY_OUT=experiments`.
+STUDIES := splitfed_accuracy communication compression gpsl_pitfall
+STUDY_ARGS ?= --quick
+STUDY_OUT ?= build/experiments
+experiments: $(STAMP)
+	for s in $(STUDIES); do $(BIN)/python experiments/$$s/run.py $(STUDY_ARGS) --out $(STUDY_OUT)/$$s/results.json || exit 1; done
 
 # The documentation site, offline, warnings as errors: docs/_build/html/index.html
 docs: $(STAMP)
