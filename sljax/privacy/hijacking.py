@@ -114,16 +114,16 @@ def feature_space_hijacking(sl, client, batches, knowledge: HijackingKnowledge, 
 
   Example:
     >>> import flax.linen as nn, jax, optax, sljax
-    >>> ds = sljax.data.load_digits()
-    >>> sl = sljax.vanilla(sljax.cut(sljax.models.cnn(channels=(4, 8)), 1), client_optimizer=optax.adam(1e-2),
+    >>> ds = sljax.data.load_digits(image=False)  # flat: 64 pixels
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(16,)), 1), client_optimizer=optax.adam(1e-2),
     ...                    server_optimizer=optax.adam(1e-2))
-    >>> k = HijackingKnowledge(aux_inputs=ds.x_train[256:], pilot=nn.Sequential([nn.Conv(4, (3, 3)), nn.relu]),
-    ...                        inverse=nn.Conv(1, (3, 3)), discriminator=nn.Conv(1, (8, 8), padding="VALID"))
-    >>> batches = (ds.x_train[:256].reshape(4, 64, 8, 8, 1), ds.y_train[:256].reshape(4, 64))
+    >>> k = HijackingKnowledge(aux_inputs=ds.x_train[256:], pilot=nn.Sequential([nn.Dense(16), nn.relu]),
+    ...                        inverse=nn.Dense(64), discriminator=nn.Dense(1))
+    >>> batches = (ds.x_train[:256].reshape(4, 64, 64), ds.y_train[:256].reshape(4, 64))
     >>> out = feature_space_hijacking(sl, sl.init(jax.random.key(0), batches[0][0]).client, batches, k,
     ...                               key=jax.random.key(1))
     >>> out.invert(sl.client_infer(out.client, ds.x_test[:5]).activations).shape, out.losses["autoencoder"].shape
-    ((5, 8, 8, 1), (4,))
+    ((5, 64), (4,))
   """
   x_SxB, y_SxB = (jnp.asarray(a) for a in batches)
   if x_SxB.ndim < 3 or y_SxB.shape != x_SxB.shape[:2]:
