@@ -136,9 +136,9 @@ def feature_space_hijacking(sl, client, batches, knowledge: HijackingKnowledge, 
                      f"{aux.shape[1:]}")
   steps, batch = x_SxB.shape[0], min(knowledge.batch_size, aux.shape[0])
   k_pilot, k_inverse, k_disc = jax.random.split(jax.random.key(knowledge.seed), 3)
-  smashed = jax.eval_shape(lambda c, x, y: sl.client_forward(c, x, y, jax.random.key(0))[0], client, x_SxB[0],
-                           y_SxB[0])
-  smashed_shape = sl.uplink.decode(smashed.activations).shape
+  smashed_shape = jax.eval_shape(
+      lambda c, x, y: sl.uplink.decode(sl.client_forward(c, x, y, jax.random.key(0))[0].activations), client,
+      x_SxB[0], y_SxB[0]).shape
   features = jax.eval_shape(lambda: knowledge.pilot.init(k_pilot, aux[:batch]))
   feature_shape = jax.eval_shape(lambda p: knowledge.pilot.apply(p, aux[:batch]), features).shape
   if feature_shape[1:] != smashed_shape[1:]:
