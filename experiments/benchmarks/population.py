@@ -25,10 +25,12 @@ Timing (see `common.py`): every variant of an algorithm is built and its first r
 (the programs of the population variants are the same for every N: a temporary persistent
 compilation cache spares compiling them again), then `--early` rounds are timed one by one
 (`early ms`, their median: what the first rounds cost), then chunks of `--rounds-per-chunk`
-rounds (one round for the masked variants) of all variants run interleaved, the order rotated from
-chunk to chunk; a chunk blocks until the device is done. Per-round medians of the chunks
-(`round ms`), and the ratio of each N's median to N = 64's with the quartiles of the paired
-ratios (target: N = 10^5 within 1.2x of N = 64).
+rounds of the population variants run interleaved, the order rotated from chunk to chunk; a chunk
+blocks until the device is done. Per-round medians of the chunks (`round ms`), and the ratio of
+each N's median to N = 64's with the quartiles of the paired ratios (target: N = 10^5 within 1.2x
+of N = 64). The masked variants, 10 to 1000 times slower at large N, are timed after them, round
+by round (their 3 early rounds and 4 more; `round ms` is the median of those 7, and their ratio to
+population/64 is a ratio of medians, unpaired).
 
 Memory, per variant, measured while the variant is built and its early rounds run (the others idle):
 `device`: the largest sum of `nbytes` over `jax.live_arrays()` after a round, above what was live
@@ -103,7 +105,7 @@ def memory_stats() -> dict | None:
 class Variant:
   """One algorithm over one population, either formulation: `run(n)` does n rounds and blocks."""
 
-  def __init__(self, algorithm: str, n: int, store: ClientStore, *, masked: bool, early: int):
+  def __init__(self, algorithm: str, n: int, store: ClientStore, *, masked: bool, early: int, prefetch: bool = True):
     gc.collect()
     base_live, base_rss = live_bytes(), rss_bytes()
     config = sljax.algorithms.ScheduleConfig(num_clients=M, batch_size=BATCH, local_steps=LOCAL_STEPS)
@@ -118,7 +120,7 @@ class Variant:
       self._step = lambda state: round_(state, self.data)[0]
       self._block = lambda: jax.block_until_ready(self.state)
     else:
-      self.population = Population(make_algorithm(algorithm, config), store)
+      self.population = Population(make_algorithm(algorithm, config), store, prefetch=prefetch)
       self.state = self.population.init(jax.random.key(0))
       self._step = lambda state: self.population.round(state)[0]
       self._block = lambda: jax.block_until_ready(self.state.sim)
@@ -152,21 +154,35 @@ class Variant:
       self.population.close()
 
 
-def measure(algorithm: str, stores: dict, ns, masked_ns, *, rounds: int, rounds_per_chunk: int, early: int) -> dict:
+def common_time(run) -> float:
+  start = time.perf_counter()
+  run(1)
+  return time.perf_counter() - start
+
+
+def measure(algorithm: str, stores: dict, ns, masked_ns, *, rounds: int, rounds_per_chunk: int, early: int,
+            masked_rounds: int, prefetch: bool) -> dict:
   variants = {}
   for n in ns:
-    variants[f"population/{n}"] = Variant(algorithm, n, stores[n], masked=False, early=early)
+    variants[f"population/{n}"] = Variant(algorithm, n, stores[n], masked=False, early=early, prefetch=prefetch)
   for n in masked_ns:
     variants[f"masked/{n}"] = Variant(algorithm, n, stores[n], masked=True, early=min(early, 3))
-  steps = {name: (rounds_per_chunk if name.startswith("population") else 1) for name in variants}
-  times = interleave({name: v.run for name, v in variants.items()}, rounds=rounds, steps=steps)
+  # the population variants interleaved; the masked ones (10 to 1000x slower at large N, and hard on the caches
+  # of whatever runs next) after them, one round at a time
+  population = {name: v.run for name, v in variants.items() if not v.masked}
+  times = interleave(population, rounds=rounds, steps=rounds_per_chunk)
+  for name, v in variants.items():
+    if v.masked:
+      times[name] = np.array(v.early + [common_time(v.run) for _ in range(masked_rounds)])
   out = {}
   base = times[f"population/{ns[0]}"]
   for name, v in variants.items():
     kind, n = name.split("/")
     q1, q2, q3 = quartiles(times[name])
     out[name] = {"kind": kind, "n": int(n), "round_ms": 1e3 * q2, "round_ms_q1": 1e3 * q1, "round_ms_q3": 1e3 * q3,
-                 "client_updates_per_s": M / q2, "vs_population_64": compare(times[name], base),
+                 "client_updates_per_s": M / q2,
+                 "vs_population_64": compare(times[name], base) if kind == "population" else
+                 {"ratio": q2 / float(np.median(base)), "paired_q1": float("nan"), "paired_q3": float("nan")},
                  "device_bytes": v.device_bytes, "memory_stats": v.memory_stats, "store_bytes": v.store_bytes,
                  "state_bytes_touched": v.state_bytes, "rss_growth_bytes": v.rss_growth,
                  "compile_seconds": v.compile_seconds, "early_round_ms": [1e3 * t for t in v.early],
@@ -255,18 +271,19 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--masked-ns", type=lambda s: tuple(int(n) for n in s.split(",") if n),
                       help="N at which to run the masked formulation too")
   parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (chunks per variant)")
-  parser.add_argument("--rounds-per-chunk", type=int, default=3, help="population rounds per timed chunk")
+  parser.add_argument("--rounds-per-chunk", type=int, default=5, help="population rounds per timed chunk")
   parser.add_argument("--early", type=int, default=None, help="rounds timed one by one right after the compiling one (20; --quick 10)")
+  parser.add_argument("--no-prefetch", action="store_true", help="Population(prefetch=False)")
   parser.add_argument("--fedjax-python", help="a Python with fedjax installed (its own venv): run FedJAX's FedAvg")
   parser.add_argument("--fedjax-n", type=int, default=None, help="the population FedJAX runs on (10^4; --quick 10^3)")
   parser.add_argument("--fedjax-rounds", type=int, default=None)
   args = parser.parse_args(argv)
-  rounds = args.rounds or (5 if args.quick else 11)
+  rounds = args.rounds or (9 if args.quick else 21)
   masked_ns = args.masked_ns if args.masked_ns is not None else (QUICK_MASKED_NS if args.quick else MASKED_NS)
   algorithms = [a for a in args.algorithms.split(",") if a]
   fedjax_n = args.fedjax_n or (1_000 if args.quick else 10_000)
   ns_of = {a: args.ns or (QUICK_NS if args.quick else NS[a]) for a in algorithms}
-  result = {"environment": environment(), "m": M, "batch_size": BATCH, "local_steps": LOCAL_STEPS,
+  result = {"environment": environment(), "prefetch": not args.no_prefetch, "m": M, "batch_size": BATCH, "local_steps": LOCAL_STEPS,
             "features": FEATURES, "hidden": list(HIDDEN), "algorithms": {}, "store_build_seconds": {}}
   start = time.perf_counter()
   cache = tempfile.TemporaryDirectory()  # the same round program at every N: compiled once
@@ -282,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
   for algorithm in algorithms:
     result["algorithms"][algorithm] = measure(algorithm, stores, ns_of[algorithm], [n for n in masked_ns],
                                               rounds=rounds, rounds_per_chunk=args.rounds_per_chunk,
-                                              early=args.early or (10 if args.quick else 20))
+                                              early=args.early or (10 if args.quick else 20),
+                                              masked_rounds=2 if args.quick else 4, prefetch=not args.no_prefetch)
     gc.collect()
   if args.fedjax_python:
     result["fedjax"] = run_fedjax(args.fedjax_python, stores[fedjax_n], rounds=args.fedjax_rounds or
