@@ -34,6 +34,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -145,13 +146,16 @@ def study(cut: int, client_counts, *, task: str = TASK, schemes=SCHEMES, log=lam
 def plot(results: dict, path: str) -> None:
   fig = studies.figure(figsize=(5.2 * len(results), 4.4), layout="constrained")
   colors = dict(zip(SCHEMES, ("tab:blue", "tab:purple", "tab:green", "tab:red")))
+  # hollow, larger markers for the hand-off: its measured bytes equal SplitFed's (see the README)
+  markers = {"SL + weight hand-off": dict(marker="s", ms=9, mfc="none")}
   for i, (name, result) in enumerate(results.items()):
     ax = fig.add_subplot(1, len(results), i + 1)
     ks = np.array(result["client_counts"], np.float64)
     fine = np.geomspace(ks.min(), ks.max(), 200)
     model = analytic(result["p"], fine, result["sizes"])
     for label, rows in result["measured"].items():
-      ax.plot(ks, [r["bytes"] for r in rows], "o", color=colors[label], label=f"{label} (measured)")
+      ax.plot(ks, [r["bytes"] for r in rows], ls="none", color=colors[label], label=f"{label} (measured)",
+              **markers.get(label, dict(marker="o")))
       ax.plot(fine, model[label], "--", color=colors[label], lw=1, label=f"{label} (model)")
     for label, c in result["crossovers"].items():
       ax.axvline(c["analytic_K"], color=colors[label], ls=":", lw=1)
@@ -193,12 +197,20 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", type=int, default=1, help="unused: bytes do not depend on the seed (seed 0)")
   parser.add_argument("--clients", default=",".join(map(str, CLIENTS)), help="values of K (divisors of 3200)")
   parser.add_argument("--cuts", default=",".join(map(str, CUTS.values())), help="cut layers of the cnn1d")
+  parser.add_argument("--replot", action="store_true", help="only redraw the plot and tables from --out")
   parser.add_argument("--task", default=TASK, choices=list(studies.TASKS),
                       help="the data set (its size must be divisible by every K)")
   parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"a subset of {','.join(SCHEMES)}")
   parser.add_argument("--out", default=os.path.join(HERE, "results.json"), help="the JSON file; the plot goes "
                       "next to it (communication.png)")
   args = parser.parse_args(argv)
+  if args.replot:
+    with open(args.out) as f:
+      cuts = json.load(f)["cuts"]
+    plot(cuts, os.path.join(os.path.dirname(os.path.abspath(args.out)), "communication.png"))
+    for name, r in cuts.items():
+      print(table(name, r))
+    return 0
   client_counts = QUICK_CLIENTS if args.quick else [int(k) for k in args.clients.split(",")]
   cut_list = ["3"] if args.quick else args.cuts.split(",")
   unknown = sorted(set(args.schemes.split(",")) - set(SCHEMES))
