@@ -62,7 +62,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from common import compare, emit, environment, interleave, quartiles, rss_bytes
@@ -238,7 +237,8 @@ def _print_table(result: dict) -> None:
     if "error" in fj:
       print(f"FedJAX: did not run: {fj['error']}")
     else:
-      print(f"FedJAX FedAvg (fedjax {fj['versions']['fedjax']}, jax {fj['versions']['jax']}) at N = {fj['num_clients']}: "
+      print(f"FedJAX FedAvg (fedjax {fj['versions']['fedjax']}, jax {fj['versions']['jax']}) "
+            f"at N = {fj['num_clients']}: "
             f"{fj['round_ms']:.1f} ms per round, {fj['client_updates_per_s']:.0f} client updates/s")
 
 
@@ -248,9 +248,11 @@ def _checks(result: dict) -> list[str]:
     pops = {row["n"]: row for row in rows.values() if row["kind"] == "population"}
     if 100_000 in pops:
       ratio = pops[100_000]["vs_population_64"]["ratio"]
-      lines.append(f"{algorithm}: round at N=10^5 / N=64 = {ratio:.2f} (target <= 1.2: {'met' if ratio <= 1.2 else 'missed'})")
+      verdict = "met" if ratio <= 1.2 else "missed"
+      lines.append(f"{algorithm}: round at N=10^5 / N=64 = {ratio:.2f} (target <= 1.2: {verdict})")
     device = [row["device_bytes"] for row in pops.values()]
-    lines.append(f"{algorithm}: device bytes over N = {sorted(pops)}: {min(device) / 1e6:.2f} to {max(device) / 1e6:.2f} MB")
+    lines.append(f"{algorithm}: device bytes over N = {sorted(pops)}: "
+                 f"{min(device) / 1e6:.2f} to {max(device) / 1e6:.2f} MB")
   fj = result.get("fedjax")
   if fj is not None and "client_updates_per_s" in fj:
     ours = result["algorithms"]["fedavg"].get(f"population/{fj['num_clients']}")
@@ -264,15 +266,18 @@ def _checks(result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help=f"N in {QUICK_NS}, masked at {QUICK_MASKED_NS}, fewer rounds")
+  parser.add_argument("--quick", action="store_true",
+                      help=f"N in {QUICK_NS}, masked at {QUICK_MASKED_NS}, fewer rounds")
   parser.add_argument("--json", action="store_true", help="print one JSON line instead of tables")
   parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
-  parser.add_argument("--ns", type=lambda s: tuple(int(n) for n in s.split(",")), help="populations N (first: the base)")
+  parser.add_argument("--ns", type=lambda s: tuple(int(n) for n in s.split(",")),
+                      help="populations N (first: the base)")
   parser.add_argument("--masked-ns", type=lambda s: tuple(int(n) for n in s.split(",") if n),
                       help="N at which to run the masked formulation too")
   parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (chunks per variant)")
   parser.add_argument("--rounds-per-chunk", type=int, default=5, help="population rounds per timed chunk")
-  parser.add_argument("--early", type=int, default=None, help="rounds timed one by one right after the compiling one (20; --quick 10)")
+  parser.add_argument("--early", type=int, default=None,
+                      help="rounds timed one by one right after the compiling one (20; --quick 10)")
   parser.add_argument("--no-prefetch", action="store_true", help="Population(prefetch=False)")
   parser.add_argument("--fedjax-python", help="a Python with fedjax installed (its own venv): run FedJAX's FedAvg")
   parser.add_argument("--fedjax-n", type=int, default=None, help="the population FedJAX runs on (10^4; --quick 10^3)")
@@ -283,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
   algorithms = [a for a in args.algorithms.split(",") if a]
   fedjax_n = args.fedjax_n or (1_000 if args.quick else 10_000)
   ns_of = {a: args.ns or (QUICK_NS if args.quick else NS[a]) for a in algorithms}
-  result = {"environment": environment(), "prefetch": not args.no_prefetch, "m": M, "batch_size": BATCH, "local_steps": LOCAL_STEPS,
+  result = {"environment": environment(), "prefetch": not args.no_prefetch, "m": M, "batch_size": BATCH,
+            "local_steps": LOCAL_STEPS,
             "features": FEATURES, "hidden": list(HIDDEN), "algorithms": {}, "store_build_seconds": {}}
   start = time.perf_counter()
   cache = tempfile.TemporaryDirectory()  # the same round program at every N: compiled once
