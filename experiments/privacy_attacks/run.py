@@ -11,13 +11,22 @@
                   transcript for each defense (none, max-norm, Marvell at several power scales, Gaussian
                   noise on the cut gradient at several scales), then norm and direction scoring on the
                   transcript (mean AUC from the third step on, p95 leak) against the test AUC each costs.
+  frontier        The privacy-utility frontier on digits (MLP, the client one dense layer of 64): NoPeek at
+                  several alphas and Gaussian noise on the smashed data at several multipliers (clipped at
+                  the rows' median norm), each against the distance correlation of inputs and what the
+                  server receives, the black-box inverse network's reconstruction error, and test accuracy.
+  hijacking       Feature-space hijacking by a malicious server (Pasquini et al.) on digits (CNN, the client
+                  one convolution of 16 channels) against the honest server's black-box inverse network
+                  after as many steps, undefended and with Gaussian noise on the uplink.
 
 Usage:
-  .venv/bin/python experiments/privacy_attacks/run.py [--quick] [--studies cut_depth,label_leakage] [--out DIR]
+  .venv/bin/python experiments/privacy_attacks/run.py [--quick] [--studies cut_depth,label_leakage,frontier,hijacking]
+      [--out DIR]
 
-Writes DIR/results.json, DIR/cut_depth.png, DIR/label_leakage.png (DIR: this folder by default) and
-prints the tables. `--quick` trains fewer epochs and runs fewer defense strengths (a few minutes on
-a loaded 2-core CPU).
+Writes DIR/results.json (the studies not rerun are kept), DIR/cut_depth.png,
+DIR/label_leakage_<dataset>.png, DIR/frontier.png (DIR: this folder by default) and prints the
+tables. `--quick` trains fewer epochs and runs fewer defense strengths (a few minutes on a loaded
+2-core CPU; `--quick --studies frontier` about a minute).
 """
 
 from __future__ import annotations
@@ -141,6 +150,97 @@ def label_leakage(args) -> list[dict]:
   return rows
 
 
+def _flat_digits(args):
+  ds = sljax.data.load_digits(seed=args.seed)
+  flat = lambda a: np.asarray(a).reshape(len(a), -1)  # noqa: E731
+  return ds, flat(ds.x_train), flat(ds.x_test)
+
+
+def frontier(args) -> list[dict]:
+  """NoPeek alpha and Gaussian noise on the smashed data against dCor, reconstruction error and accuracy."""
+  ds, x_train, x_test = _flat_digits(args)
+  model = sljax.cut(sljax.models.mlp(hidden=(64, 64)), 1)  # client: dense 64 + ReLU on the 64 pixels
+  opt = optax.adam(3e-3)
+  probe = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt)
+  init = probe.init(jax.random.key(args.seed), x_train[:64])
+  z0 = probe.client_infer(init.client, x_train[:256]).activations
+  clip = float(np.median(np.linalg.norm(np.asarray(z0), axis=1)))  # rows' median norm at initialisation
+  settings = [("none", 0.0, {})]
+  settings += [("nopeek", a, {"client_loss": defenses.nopeek(alpha=a)})
+               for a in ([1.0, 4.0] if args.quick else [0.5, 1.0, 2.0, 4.0, 8.0])]
+  settings += [("gaussian", s, {"uplink": defenses.gaussian_noise(clip_norm=clip, noise_multiplier=s)})
+               for s in ([0.03, 0.1] if args.quick else [0.01, 0.02, 0.03, 0.05, 0.1, 0.3])]
+  x, aux = x_test[:128], x_train[-512:]
+  rows = []
+  for name, strength, hooks in settings:
+    sl = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt, **hooks)
+    state, _ = sljax.fit(sl, init, x_train, ds.y_train, key=jax.random.key(args.seed + 1),
+                         epochs=3 if args.quick else 10, batch_size=64)
+    accuracy = sljax.evaluate(sl, state, x_test, ds.y_test)["accuracy"]
+
+    def sent(inputs, k, sl=sl, state=state):
+      return sl.client_infer(state.client, inputs, jax.random.key(k)).activations
+
+    z = sent(x, 2)  # what the server receives (noisy under the Gaussian codec)
+    black = attacks.inverse_network(z, attacks.InverseNetworkKnowledge(
+        aux_inputs=aux, aux_smashed=sent(aux, 3), hidden=(128,), steps=400 if args.quick else 1500), inputs=x)
+    rows.append({"defense": name, "strength": strength, "test_accuracy": accuracy,
+                 "dcor": float(metrics.distance_correlation(x, z)), "inverse_network_mse": black.mse,
+                 "inverse_network_psnr": black.psnr, "clip_norm": clip if name == "gaussian" else None})
+  base = rows[0]["test_accuracy"]
+  for row in rows:
+    row["accuracy_cost"] = base - row["test_accuracy"]
+  return rows
+
+
+def hijacking_study(args) -> list[dict]:
+  """Feature-space hijacking (malicious server) against the honest server's black-box inverse network."""
+  import flax.linen as nn  # noqa: PLC0415
+
+  from sljax.privacy import hijacking  # noqa: PLC0415
+
+  ds = sljax.data.load_digits(seed=args.seed)
+  model = sljax.cut(sljax.models.cnn(), 1)  # client: one 3x3 convolution, 16 channels, ReLU
+  opt = optax.adam(1e-3)
+  steps = 300 if args.quick else 1500
+  private, aux = (ds.x_train[:700], ds.y_train[:700]), ds.x_train[700:]  # the client's data; the attacker's
+  x = ds.x_test[:64]
+  flat = lambda v: v.reshape(v.shape[0], -1)  # noqa: E731
+  rows = []
+  for name, uplink in (("none", None), ("gaussian 0.5", "noise")):
+    sl = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt)
+    start = sl.init(jax.random.key(args.seed), private[0][:32])
+    if uplink is not None:
+      z0 = sl.client_infer(start.client, private[0][:256]).activations
+      clip = float(np.median(np.linalg.norm(np.asarray(z0).reshape(256, -1), axis=1)))
+      sl = sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt,
+                         uplink=defenses.gaussian_noise(clip_norm=clip, noise_multiplier=0.5))
+    # the honest server: trains its half, then (black box, He et al.) an inverse network from auxiliary pairs
+    t0 = time.perf_counter()
+    honest, _ = sljax.fit(sl, start, *private, key=jax.random.key(args.seed + 1), epochs=max(1, steps * 32 // 700),
+                          batch_size=32)
+    sent = lambda inputs, client, k, sl=sl: sl.client_infer(client, inputs, jax.random.key(k)).activations  # noqa: E731
+    black = attacks.inverse_network(sent(x, honest.client, 2), attacks.InverseNetworkKnowledge(
+        aux_inputs=aux, aux_smashed=sent(aux, honest.client, 3), steps=500 if args.quick else 2000), inputs=x)
+    honest_seconds = time.perf_counter() - t0
+    # the malicious server: the same number of steps, hijacking the client half
+    t0 = time.perf_counter()
+    order = np.random.default_rng(args.seed).integers(0, 700, (steps, 32))
+    knowledge = hijacking.HijackingKnowledge(
+        aux_inputs=aux, pilot=nn.Sequential([nn.Conv(16, (3, 3)), nn.relu]),
+        inverse=nn.Sequential([nn.Conv(32, (3, 3)), nn.relu, nn.Conv(1, (3, 3)), nn.sigmoid]),
+        discriminator=nn.Sequential([flat, nn.Dense(64), nn.leaky_relu, nn.Dense(1)]),
+        discriminator_learning_rate=1e-4, batch_size=32, pretrain_steps=300, seed=args.seed)
+    out = hijacking.feature_space_hijacking(sl, start.client, (private[0][order], private[1][order]), knowledge,
+                                            key=jax.random.key(args.seed + 1))
+    found = metrics.reconstruction_metrics(x, out.invert(sent(x, out.client, 2)))
+    rows.append({"defense": name, "steps": steps, "honest_inverse_network_mse": black.mse,
+                 "honest_inverse_network_ssim": black.ssim, "hijacking_mse": found["mse"],
+                 "hijacking_ssim": found["ssim"], "honest_seconds": honest_seconds,
+                 "hijacking_seconds": time.perf_counter() - t0})
+  return rows
+
+
 def _plots(results: dict, out: str) -> None:
   from matplotlib.figure import Figure
 
@@ -168,6 +268,25 @@ def _plots(results: dict, out: str) -> None:
       fig = report.privacy_utility_plot(points, privacy_label="norm-scoring AUC (label leakage)",
                                         utility_label="test AUC lost", title=dataset)
       fig.savefig(os.path.join(out, f"label_leakage_{dataset}.png"), dpi=120)
+  if "frontier" in results:
+    rows = results["frontier"]
+    fig = Figure(figsize=(9, 3.5))
+    for ax, key, label in zip(fig.subplots(1, 2), ("dcor", "inverse_network_mse"),
+                              ("distance correlation (input, smashed)", "inverse-network MSE")):
+      for defense, marker in (("nopeek", "o-"), ("gaussian", "s-")):
+        points = [rows[0]] + [r for r in rows if r["defense"] == defense]
+        ax.plot([r["accuracy_cost"] for r in points], [r[key] for r in points], marker,
+                label={"nopeek": "NoPeek (alpha)", "gaussian": "Gaussian noise (multiplier)"}[defense])
+        for r in points[1:]:
+          ax.annotate(f"{r['strength']:g}", (r["accuracy_cost"], r[key]), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+      ax.set_xlabel("test accuracy lost")
+      ax.set_ylabel(label)
+      ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=8)
+    fig.suptitle("digits, MLP cut after one dense layer: privacy-utility frontier")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
 
 
 def _print(results: dict) -> None:
@@ -189,26 +308,49 @@ def _print(results: dict) -> None:
             f"{r['norm_auc']:8.3f} {r['norm_leak_p95']:5.2f} {r['direction_auc']:7.3f} {r['direction_leak_p95']:5.2f}")
 
 
+def _print_new(results: dict) -> None:
+  if "frontier" in results:
+    print("privacy-utility frontier (digits, MLP, cut after one dense layer):")
+    print(f"{'defense':9} {'strength':>8} {'accuracy':>8} {'cost':>6} {'dCor':>6} {'inv-net MSE':>11} {'PSNR':>6}")
+    for r in results["frontier"]:
+      print(f"{r['defense']:9} {r['strength']:8g} {r['test_accuracy']:8.3f} {r['accuracy_cost']:6.3f} "
+            f"{r['dcor']:6.3f} {r['inverse_network_mse']:11.4f} {r['inverse_network_psnr']:6.1f}")
+  if "hijacking" in results:
+    print("feature-space hijacking (digits, CNN cut 1) against the honest server's inverse network:")
+    print(f"{'defense':13} {'steps':>5} {'honest MSE':>10} {'SSIM':>6} {'hijack MSE':>10} {'SSIM':>6}")
+    for r in results["hijacking"]:
+      print(f"{r['defense']:13} {r['steps']:5d} {r['honest_inverse_network_mse']:10.4f} "
+            f"{r['honest_inverse_network_ssim']:6.3f} {r['hijacking_mse']:10.4f} {r['hijacking_ssim']:6.3f}")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--studies", default="cut_depth,label_leakage")
+  parser.add_argument("--studies", default="cut_depth,label_leakage,frontier,hijacking")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=HERE)
   args = parser.parse_args(argv)
-  studies = {"cut_depth": cut_depth, "label_leakage": label_leakage}
-  results = {"quick": args.quick, "seed": args.seed}
+  studies = {"cut_depth": cut_depth, "label_leakage": label_leakage, "frontier": frontier,
+             "hijacking": hijacking_study}
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "results.json")
+  results = {}
+  if os.path.exists(path):  # keep the studies not rerun
+    with open(path) as f:
+      results = json.load(f)
+  results.update({"quick": args.quick, "seed": args.seed})
   for name in args.studies.split(","):
     if name not in studies:
       raise SystemExit(f"--studies: expected names among {sorted(studies)}, got {name!r}")
     start = time.perf_counter()
     results[name] = studies[name](args)
     results[f"{name}_seconds"] = time.perf_counter() - start
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+    results[f"{name}_quick"] = args.quick
+    with open(path, "w") as f:  # after each study: a later one that fails loses nothing
+      json.dump(results, f, indent=1)
   _plots(results, args.out)
   _print(results)
+  _print_new(results)
   return 0
 
 
