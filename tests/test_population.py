@@ -150,7 +150,8 @@ def test_participants_are_a_pure_uniform_draw_of_distinct_clients():
   from sljax.algorithms._common import participants
 
   key = jax.random.key(0)
-  draws = np.stack([np.asarray(participants(jax.random.fold_in(key, r), 20, 5)) for r in range(400)])
+  draw = jax.jit(jax.vmap(lambda r: participants(jax.random.fold_in(key, r), 20, 5)))  # one program, 400 draws
+  draws = np.asarray(draw(jnp.arange(400)))
   assert all(len(set(d)) == 5 and list(d) == sorted(d) for d in draws)
   np.testing.assert_array_equal(participants(key, 20, 5), participants(key, 20, 5))
   frequency = np.bincount(draws.ravel(), minlength=20) / len(draws)
