@@ -125,6 +125,16 @@ def parallel_sl(
   its masks per chunk (`fold_in(key, chunk)`). `config.executor` is not used then: each chunk
   is vmapped. Not with `sync_clients`.
 
+  Args:
+    sl: the protocol (`sljax.vanilla(...)`), without a `cut_gradient_transform`.
+    config: the schedule: clients, batch size, local steps, participation, drops, executor.
+    sync_clients: average the client gradients over the clients that completed each step.
+    server_chunk: run each step this many clients at a time (it divides `config.num_clients`);
+      None runs all at once.
+
+  Returns:
+    An `Algorithm` (`init`, `round`, `predict`) whose state holds one client half per client.
+
   Example:
     >>> import optax, sljax
     >>> ds = sljax.data.load_digits(image=False)
@@ -296,7 +306,22 @@ def parallel_sl(
 
 
 def linear_head(num_classes: int) -> Stage:
-  """The default auxiliary head of local-loss split learning: flatten, then one dense layer."""
+  """The default auxiliary head of local-loss split learning: flatten, then one dense layer.
+
+  Args:
+    num_classes: the head's outputs (the dense layer's width), as many as the model's.
+
+  Returns:
+    A `Stage` mapping smashed data (B, ...) to logits (B, num_classes).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> head = linear_head(10)
+    >>> params, state = head.init(jax.random.key(0), jnp.ones((2, 4, 4)))
+    >>> logits, state = head.apply(params, state, jnp.ones((2, 4, 4)), key=None, train=False)
+    >>> logits.shape
+    (2, 10)
+  """
   from flax import linen as nn
 
   from sljax.split import flatten, function_stage, linen_stage, sequential
@@ -318,6 +343,30 @@ def local_loss_client_step(sl: protocol.Vanilla, aux_head: Stage):
   The client half (`sl.model.client`) and the auxiliary head learn from the head's loss
   (`sl.loss`) with `sl.client_optimizer`; the smashed data goes up detached (and encoded with
   `sl.uplink`), labels with it.
+
+  Args:
+    sl: the protocol (`sljax.vanilla(...)`): its model's client half, loss, client optimizer and
+      uplink codec.
+    aux_head: the client's auxiliary head on the smashed data (e.g. `linear_head(10)`).
+
+  Returns:
+    `step(client, x, y, key) -> (client, SmashedData)`, where `client` is a `PartyState` whose
+    params, model state and optimizer state are `{"client": ..., "aux": ...}`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sljax
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(8,)), 1), client_optimizer=optax.sgd(0.1),
+    ...                    server_optimizer=optax.sgd(0.1))
+    >>> x, y = jnp.ones((4, 5)), jnp.zeros((4,), jnp.int32)
+    >>> party = sl.init(jax.random.key(0), x).client
+    >>> head = linear_head(10)
+    >>> aux_params, aux_state = head.init(jax.random.key(1), jnp.ones((4, 8)))
+    >>> params = {"client": party.params, "aux": aux_params}
+    >>> party = party.replace(params=params, model_state={"client": party.model_state, "aux": aux_state},
+    ...                       opt_state=sl.client_optimizer.init(params))
+    >>> party, up = local_loss_client_step(sl, head)(party, x, y, jax.random.key(2))
+    >>> up.activations.shape
+    (4, 8)
   """
   c.check_protocol(sl, protocol.Vanilla, "local_loss_client_step")
   model, loss, client_optimizer, up_codec = sl.model, sl.loss, sl.client_optimizer, sl.uplink
@@ -356,6 +405,14 @@ def local_loss_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, aux_head: S
   The model, the optimizers, the loss and the uplink codec on the smashed data come from the
   protocol `sl` (`sljax.vanilla(...)`; nothing goes down, so its downlink is unused, and its
   defense hooks have no place here: `sl` must have none); the schedule from `config`.
+
+  Args:
+    sl: the protocol (`sljax.vanilla(...)`), without `client_loss` or `cut_gradient_transform`.
+    config: the schedule: clients, batch size, local steps, participation, drops, executor.
+    aux_head: each client's auxiliary head on its smashed data (e.g. `linear_head(10)`).
+
+  Returns:
+    An `Algorithm` (`init`, `round`, `predict`); `predict` runs the client half without its head.
 
   Example:
     >>> import optax, sljax
