@@ -42,6 +42,14 @@ def fedavg(central: protocol.Centralized, config: c.ScheduleConfig, *,
   mean with a robust aggregator from `sljax.algorithms.aggregation` (`median()`,
   `trimmed_mean(f)`, `centered_clipping(r)`).
 
+  Args:
+    central: `sljax.centralized(model, optimizer=...)`: the whole model, its optimizer and loss.
+    config: a `ScheduleConfig`: clients, batch size, local steps, participation, drops, executor.
+    aggregation: the aggregator of the clients' models; None is the weighted mean.
+
+  Returns:
+    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`; its state holds one model per client.
+
   Example:
     >>> import optax, sljax
     >>> central = sljax.centralized(sljax.cut(sljax.models.mlp(), 1), optimizer=optax.adam(1e-3))
@@ -107,6 +115,13 @@ def centralized_baseline(central: protocol.Centralized, config: c.ScheduleConfig
   the whole model in `SimState.server`. Its step is `central`'s (`sljax.centralized(...)`); of
   `config` it takes the clients, the batch size and the steps per round (everyone takes part,
   nobody drops, and there is no client axis to execute).
+
+  Args:
+    central: `sljax.centralized(model, optimizer=...)`: the whole model, its optimizer and loss.
+    config: a `ScheduleConfig`: of it, the clients, the batch size and the local steps.
+
+  Returns:
+    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`; its state holds the one model in `SimState.server`.
 
   Example:
     >>> import optax, sljax

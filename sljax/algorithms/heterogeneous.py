@@ -54,6 +54,9 @@ def heterogeneous_parallel_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *,
     config: a `ScheduleConfig`, whose `num_clients` is `len(cuts)`.
     cuts: client k's cut index into the layer stack, 1 <= cuts[k] < len(layers).
 
+  Returns:
+    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`.
+
   Example:
     >>> import optax, sljax
     >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(16, 16)), 1), client_optimizer=optax.adam(1e-3),

@@ -132,6 +132,9 @@ def u_shaped_parallel_sl(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Al
     sl: the U-shaped protocol, `sljax.u_shaped(model, ...)`: model, optimizers, loss, codecs.
     config: a `ScheduleConfig`: clients, batch size, local steps, participation, drops, executor.
 
+  Returns:
+    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`.
+
   Example:
     >>> import optax, sljax
     >>> ds = sljax.data.load_digits(image=False)

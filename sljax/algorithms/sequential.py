@@ -99,6 +99,13 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
   Each step is `sl`'s (`sljax.vanilla(...)`): its model, optimizers, loss, codecs and defense
   hooks. `config.executor` is ignored: the clients run one at a time.
 
+  Args:
+    sl: the vanilla protocol, `sljax.vanilla(model, ...)`: model, optimizers, loss, codecs, hooks.
+    config: a `ScheduleConfig`: clients, batch size, local steps, participation, drops.
+
+  Returns:
+    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`; its state holds one client half.
+
   Example:
     >>> import optax, sljax
     >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(), 1), client_optimizer=optax.adam(1e-3),
@@ -166,6 +173,13 @@ def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorit
   Keys: step s of client k's turn in round r takes `turn_step_key(run_key, r, k, s)`, split in
   three as `sl.step` splits its key (head, body, tail): `Schedule.client_keys` gives the whole
   turn step key, `Schedule.server_keys` the body's.
+
+  Args:
+    sl: the U-shaped protocol, `sljax.u_shaped(model, ...)`: model, optimizers, loss, codecs.
+    config: a `ScheduleConfig`: clients, batch size, local steps, participation, drops.
+
+  Returns:
+    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`; its state holds one client half (head and tail).
 
   Example:
     >>> import optax, sljax

@@ -105,6 +105,16 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int,
   aggregator from `sljax.algorithms.aggregation` (`median()`, `trimmed_mean(f)`,
   `centered_clipping(r)`), which bounds what one poisoning client can do to the shared model.
 
+  Args:
+    sl: the vanilla protocol, `sljax.vanilla(model, ...)`: model, optimizers, loss, codecs, hooks.
+    config: a `ScheduleConfig`: clients, batch size, local steps, participation, drops, executor.
+    version: 1 (a server copy per client, averaged each round) or 2 (one server, clients in turn).
+    aggregation: the aggregator of the client halves (and v1's server copies); None is FedAvg's
+      weighted mean.
+
+  Returns:
+    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`.
+
   Example:
     >>> import optax, sljax
     >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(), 1), client_optimizer=optax.adam(1e-3),
