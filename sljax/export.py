@@ -232,6 +232,24 @@ def restore_client(client: Any, state: DeviceState) -> Any:
   Args:
     client: the client's `PartyState` the artifact was exported from (its structure is the template).
     state: a `DeviceState` from a `ClientDevice`.
+
+  Returns:
+    `client` with the params, model state and optimizer state of `state`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sljax
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(8, 8)), 1),
+    ...                    client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+    >>> x = jnp.ones((4, 64))
+    >>> state = sl.init(jax.random.key(0), x)
+    >>> dev = load_client(export_client(sl, state.client, x))
+    >>> smashed, pending = dev.forward(dev.state, x, jax.random.key(1))
+    >>> trained = dev.backward(dev.state, pending, jnp.ones_like(smashed))
+    >>> client = restore_client(state.client, trained)
+    >>> type(client).__name__, jax.tree.structure(client.params) == jax.tree.structure(state.client.params)
+    ('PartyState', True)
+    >>> any(bool((a != b).any()) for a, b in zip(jax.tree.leaves(client.params), jax.tree.leaves(state.client.params)))
+    True
   """
   return client.replace(params=serialization.from_state_dict(client.params, state.params),
                         model_state=serialization.from_state_dict(client.model_state, state.model_state),
@@ -243,9 +261,24 @@ def load_client(artifact: bytes) -> ClientDevice:
 
   Needs jax and flax.serialization only, not the model's code nor the rest of sljax.
 
+  Args:
+    artifact: the bytes `export_client` (or `ClientDevice.to_bytes`) wrote.
+
+  Returns:
+    The `ClientDevice`: the state the artifact holds and the half's pure legs.
+
   Raises:
     ArtifactError: if `artifact` is not an sljax client artifact, is truncated or corrupted (its
       sha256 does not match), or was written by a newer format version.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sljax
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(8, 8)), 1),
+    ...                    client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+    >>> x = jnp.ones((4, 64))
+    >>> dev = load_client(export_client(sl, sl.init(jax.random.key(0), x).client, x))
+    >>> dev.layer_names, dev.input_shape, dev.infer(dev.state, x).shape
+    (('hidden_0',), (None, 64), (4, 8))
   """
   if not isinstance(artifact, (bytes, bytearray, memoryview)):
     raise TypeError(f"artifact: expected bytes, got {type(artifact).__name__}")
