@@ -74,6 +74,15 @@ def stack_clients(x, y, parts: Sequence | None = None) -> ClientData:
 
   Returns:
     The stacked `ClientData`, on the default device.
+
+  Example:
+    >>> import numpy as np
+    >>> x, y = np.arange(12.0).reshape(6, 2), np.array([0, 1, 0, 1, 2, 2])
+    >>> data = stack_clients(x, y, [np.array([0, 1, 2, 3]), np.array([4, 5])])
+    >>> data.x.shape, data.count.tolist(), data.y.tolist()
+    ((2, 4, 2), [4, 2], [[0, 1, 0, 1], [2, 2, 0, 0]])
+    >>> stack_clients([x[:1], x[1:]], [y[:1], y[1:]]).count.tolist()  # one array per client
+    [1, 5]
   """
   if parts is None and not isinstance(x, (list, tuple)):
     raise ValueError(
