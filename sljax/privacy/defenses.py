@@ -476,6 +476,13 @@ def _check_rr(epsilon, num_classes) -> tuple[float, int]:
 def randomized_response_keep_probability(*, epsilon: float, num_classes: int) -> float:
   """The probability that k-ary randomized response keeps a label: ``e^eps / (e^eps + k - 1)``.
 
+  Args:
+    epsilon: the label-DP epsilon, positive.
+    num_classes: k, the number of classes, at least 2.
+
+  Returns:
+    The probability, a float in (1/k, 1).
+
   Example:
     >>> round(randomized_response_keep_probability(epsilon=math.log(3), num_classes=2), 4)
     0.75

@@ -45,6 +45,10 @@ def distance_correlation(x: Any, z: Any) -> jax.Array:
     x: (B, ...) a batch, e.g. the client's inputs.
     z: (B, ...) a batch with the same leading axis, e.g. the smashed data.
 
+  Returns:
+    The distance correlation, a float32 scalar in [0, 1]: near 0 for independent batches, 1 for batches
+    related by a similarity (a shift, a scaling and an orthogonal map).
+
   Raises:
     ValueError: if `x` or `z` has no batch axis or their batch sizes differ, naming both shapes.
 

@@ -152,8 +152,26 @@ def privacy_report(
       auxiliary data (the rest are its targets).
     uplink, downlink: the codecs, to decode messages sent through one (see `Transcript.exchanges`).
 
+  Returns:
+    A `PrivacyReport`: one `Row` per attack run, and the attacks skipped with the reason.
+
   Raises:
     ValueError: `aux_fraction` is not in (0, 1).
+
+  Example:
+    >>> import os, tempfile, numpy as np
+    >>> from sljax import messages
+    >>> from sljax.privacy.transcript import Recorder
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.sljt")
+    >>> y = np.array([0, 1, 0, 0, 1, 0, 0, 0], np.int32)
+    >>> with Recorder(path) as rec:
+    ...   for step in range(4):  # a server whose cut gradients are larger for the positives
+    ...     h = np.random.default_rng(step).normal(size=(8, 3)).astype(np.float32)
+    ...     rec.record("up", 0, step, 0, messages.SmashedData(h, y))
+    ...     rec.record("down", 0, step, 0, messages.CutGradient(np.where(y[:, None] == 1, 1.0, -0.1) * np.ones((8, 3))))
+    >>> report = privacy_report(path, completion=None)
+    >>> [(row.attack, row.metrics["auc_mean"]) for row in report.rows]
+    [('norm_scoring', 1.0), ('direction_scoring', 1.0)]
   """
   if not 0 < aux_fraction < 1:
     raise ValueError(f"aux_fraction: expected a share in (0, 1), got {aux_fraction!r}")
