@@ -79,6 +79,16 @@ def mlp(*, hidden: Sequence[int] = (128, 128), num_classes: int = 10, dropout: f
   `cut(mlp(hidden=(128, 128)), 1)` is the digits model of the benchmarks: client 64->128 ReLU,
   server 128->128 ReLU->10. The layers are named `hidden_0`, `hidden_1`, ..., `output`.
 
+  Args:
+    hidden: the width of each hidden block (dense, then ReLU).
+    num_classes: the outputs of the last layer (logits).
+    dropout: the dropout rate after each hidden block's ReLU, in training; 0 for none.
+    batch_norm: batch norm between each hidden block's dense layer and its ReLU (its statistics
+      are model state).
+
+  Returns:
+    The layers, a list of named `Stage`s: cut it with `sljax.cut`.
+
   Example:
     >>> import sljax
     >>> model = sljax.cut(sljax.models.mlp(hidden=(128, 128)), 1)
@@ -165,6 +175,12 @@ def cut_points(layers: Sequence[Any]) -> list[CutPoint]:
 
   `name` is the last layer on the client at that cut ("cut after `name`"): a layer's own name,
   else `layer_<i>`, as `cut` names them.
+
+  Args:
+    layers: the stack of layers (`Stage`s), at least two.
+
+  Returns:
+    A list of `CutPoint(index, name)`, one per valid cut, in order.
 
   Example:
     >>> import sljax

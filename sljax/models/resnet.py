@@ -59,6 +59,16 @@ def resnet(*, channels: Sequence[int] = (16, 32, 64), num_classes: int = 10) -> 
 
   Batch statistics are model state (`PartyState.model_state`), updated in training steps.
 
+  Args:
+    channels: the filters of each residual block, one block per entry; `channels[0]` also the stem's.
+    num_classes: the outputs of the last layer (logits).
+
+  Returns:
+    The layers, a list of named `Stage`s: cut it with `sljax.cut`.
+
+  Raises:
+    ValueError: `channels` is empty or holds a non-positive entry.
+
   Example:
     >>> import sljax
     >>> layers = sljax.models.resnet(channels=(8, 16))

@@ -48,6 +48,19 @@ def ds_cnn1d(*, stem: int = 16, channels: Sequence[int] = (32, 32, 32), strides:
   `pool` (global average pooling over the length, no params), `output` (dense). On MNIST-1D
   (B, 40, 1) with the defaults the signal is 40x16 after the stem, then 20x32, 10x32, 10x32, 32.
 
+  Args:
+    stem: the filters of the stem's conv.
+    channels: the pointwise filters of each depthwise-separable block, one block per entry.
+    strides: the depthwise conv's stride of each block, one per entry of `channels`.
+    kernel: the width of the stem's and the depthwise convs' kernels.
+    num_classes: the outputs of the last layer (logits).
+
+  Returns:
+    The layers, a list of named `Stage`s: cut it with `sljax.cut`.
+
+  Raises:
+    ValueError: `strides` and `channels` differ in length.
+
   Example:
     >>> import sljax
     >>> layers = sljax.models.ds_cnn1d(stem=8, channels=(8, 8), strides=(2, 1))

@@ -93,6 +93,22 @@ def vit(*, patch: int = 4, dim: int = 64, depth: int = 4, heads: int = 4, mlp_di
   then the class token or, with `pool="mean"`, the mean over the tokens), `output` (dense).
   On 8x8 digits with `patch=4` the sequence is 4 patches (+1 class token).
 
+  Args:
+    patch: the side of the square patches.
+    dim: the width of the tokens; `heads` divides it.
+    depth: the number of encoder blocks, at least 1.
+    heads: the attention heads of each block.
+    mlp_dim: the hidden width of each block's MLP.
+    num_classes: the outputs of the last layer (logits).
+    pool: "cls" (a class token) or "mean" (the mean over the tokens).
+    dropout: the dropout rate on the residual branches, in training; 0 for none.
+
+  Returns:
+    The layers, a list of named `Stage`s: cut it with `sljax.cut`.
+
+  Raises:
+    ValueError: an unknown `pool`, `depth` below 1, or `heads` that does not divide `dim`.
+
   Example:
     >>> import sljax
     >>> layers = sljax.models.vit(dim=16, depth=2, heads=2, mlp_dim=32)
