@@ -60,6 +60,12 @@ def concat(*, axis: int = -1) -> Merge:
     axis: the axis to join along; any but the batch axis 0. The outputs must agree on every other
       axis; along `axis` their sizes may differ.
 
+  Returns:
+    A parameter-free `Merge` named "concat".
+
+  Raises:
+    ValueError: `axis` is the batch axis 0 or not an int.
+
   Example:
     >>> import jax.numpy as jnp, sljax
     >>> hs = (jnp.ones((2, 3)), jnp.zeros((2, 1)))
@@ -88,6 +94,9 @@ def concat(*, axis: int = -1) -> Merge:
 def sum() -> Merge:  # noqa: A001 -- sljax.merges.sum, as jnp.sum
   """Adds the bottoms' outputs element-wise; they must have equal shapes.
 
+  Returns:
+    A parameter-free `Merge` named "sum".
+
   Example:
     >>> import jax.numpy as jnp, sljax
     >>> sljax.merges.sum().apply({}, {}, (jnp.ones((1, 2)), jnp.ones((1, 2))), key=None, train=False)[0].tolist()
@@ -99,6 +108,9 @@ def sum() -> Merge:  # noqa: A001 -- sljax.merges.sum, as jnp.sum
 
 def mean() -> Merge:
   """Averages the bottoms' outputs element-wise; they must have equal shapes.
+
+  Returns:
+    A parameter-free `Merge` named "mean".
 
   Example:
     >>> import jax.numpy as jnp, sljax
@@ -120,6 +132,12 @@ def attention(*, hidden: int | None = None) -> Merge:
 
   Args:
     hidden: the width of the scoring layer; the embedding width by default.
+
+  Returns:
+    A `Merge` with the params above (`init(key, hs)` makes them for the bottoms' outputs `hs`).
+
+  Raises:
+    ValueError: `hidden` is not a positive int or None.
 
   Example:
     >>> import jax, jax.numpy as jnp, sljax
