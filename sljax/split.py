@@ -190,6 +190,9 @@ def function_stage(apply: Callable[..., jax.Array], init: Callable[..., PyTree] 
     init: `init(key, x) -> params`; None for a parameter-free stage.
     name: its name as a layer of a stack (see `sequential`).
 
+  Returns:
+    A `Stage` without model state (`{}`) that ignores the key and the train flag.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> s = function_stage(lambda p, x: x @ p, lambda key, x: jnp.ones((x.shape[-1], 2)))
@@ -303,6 +306,10 @@ def nnx_stage(module: nnx.Module | Callable[..., nnx.Module], *, name: str | Non
       built `nnx.Module`.
     name: its name as a layer of a stack (see `sequential`).
 
+  Returns:
+    A `Stage` whose params are the module's `nnx.Param` variables and whose model state is the
+    rest of its variables but its RNG streams, as plain nested dicts.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
@@ -388,6 +395,12 @@ def sequential(*parts: Any, name: str | None = None) -> Stage:
   Args:
     *parts: Stages, Linen or NNX modules, or parameter-free functions, in order.
     name: the stack's own name as a layer of a bigger stack.
+
+  Returns:
+    The stack, a `Stage` whose `layers` are the parts (as Stages) and `layer_names` their names.
+
+  Raises:
+    ValueError: no parts.
 
   Example:
     >>> import jax, flax.linen as nn
@@ -509,6 +522,12 @@ def cut(layers: Sequence[Any], k: int, k2: int | None = None) -> SplitModel:
     layers: the layers in order: Stages, Linen or NNX modules, or parameter-free functions.
     k: the cut layer index, 1 <= k < len(layers).
     k2: for U-shaped, the second cut, k < k2 < len(layers).
+
+  Returns:
+    A `SplitModel`: `client` and `server` stacks, and the client's `tail` when `k2` is given.
+
+  Raises:
+    ValueError: fewer than 2 layers, or a cut index out of range.
 
   Example:
     >>> import flax.linen as nn
@@ -711,6 +730,10 @@ def vertical_model(bottoms: Sequence[Any], merge: Any, top: Any, *, names: Seque
       `party_<p>` by default.
     label_party: the name of the bottom the label party holds itself, if it holds features of its
       own; None if it holds only the labels.
+
+  Returns:
+    A `VerticalModel`: its `init(key, xs)` and `apply(params, state, xs, ...)` take one input per
+    party; `compose()` gives the whole model as one stack.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, sljax
