@@ -160,6 +160,14 @@ def cotangent(codec: Codec, payload: PyTree, g: PyTree) -> PyTree:
   Maps the gradient with respect to the decoded message to the gradient with respect to what
   was encoded: the sender of ``payload`` calls it before its own pullback.
 
+  Args:
+    codec: the codec ``payload`` was encoded with.
+    payload: what ``codec.encode`` sent.
+    g: the gradient with respect to the decoded message.
+
+  Returns:
+    The gradient with respect to the encoded input, a pytree like it.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> codec = top_k(k=1)

@@ -335,6 +335,9 @@ def evaluate(trainer: Any, state: Any, x: Any, y: Any = None, *, batch_size: int
     loss: the per-batch mean loss that `loss` (a trainer) or `test_loss` (an algorithm) reports;
       softmax cross-entropy unless given.
 
+  Returns:
+    A dict with the keys above: numbers, and lists with one entry per client where each has its own half.
+
   Example:
     >>> import optax, numpy as np, jax, sljax
     >>> x = np.random.default_rng(0).normal(size=(64, 12)).astype(np.float32)

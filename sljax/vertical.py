@@ -459,6 +459,17 @@ def vertical_centralized(
   `vertical_sl(...).step`, so `sljax.fit` and `vertical_evaluate` drive both alike. With the same
   element-wise optimizer everywhere and no codec or hook, the two follow each other exactly.
 
+  Args:
+    model: the vertical model (`sljax.vertical_model`), trained whole as `model.compose()`.
+    optimizer: the optax optimizer of the whole model.
+    loss: `loss(outputs, labels)`, the per-batch mean loss; softmax cross-entropy unless given.
+
+  Returns:
+    A `Centralized` trainer: `init(key, xs)`, `step(state, (xs, labels), key)`, `predict(state, xs)`.
+
+  Raises:
+    TypeError: `model` is not a `VerticalModel` or `optimizer` not an optax optimizer.
+
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, sljax
     >>> model = sljax.vertical_model([nn.Dense(8), nn.Dense(8)], sljax.merges.concat(), nn.Dense(2))
