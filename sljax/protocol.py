@@ -469,6 +469,10 @@ def vanilla(
       perturbation (max-norm, Marvell). Pure and jittable; it must keep the gradient's shape and
       dtype. Its key is fold_in(server key, CUT_GRADIENT_STREAM).
 
+  Returns:
+    A `Vanilla` trainer: `init(key, x)`, `step(state, (x, y), key)`, `predict(state, x)`, and the
+    legs they fuse.
+
   Stateful codecs (error feedback) size their state from the batch given to `init`: initialise
   with a batch of the training batch size. Error feedback keeps a residual per batch row; rows
   hold different examples from step to step, so on smashed data or cut gradients it mixes
@@ -708,6 +712,19 @@ def u_shaped(
   `client_loss(x, smashed[, key]) -> scalar` is a term the client adds to its objective on the
   head's smashed data, as in `vanilla`; reported as metrics["client_loss"] (by `client_tail_step`).
   A label-protecting `cut_gradient_transform` has no place here: the labels never leave the client.
+
+  Args:
+    model: a three-part `SplitModel` (client head, server body, client tail): `cut(layers, k, k2)`.
+    client_optimizer: optax transformation for the client's head and tail together.
+    server_optimizer: optax transformation for the server's body.
+    loss: `loss(outputs, labels) -> scalar`, computed on the client.
+    uplink: codec of the messages the client sends; None sends them as they are.
+    downlink: codec of the messages the server sends; None sends them as they are.
+    client_loss: `client_loss(x, smashed[, key]) -> scalar`, a term of the client's objective.
+
+  Returns:
+    A `UShaped` trainer: `init(key, x)`, `step(state, (x, y), key)`, `predict(state, x)`, and the
+    legs they fuse.
 
   Example:
     >>> import flax.linen as nn, optax
