@@ -156,6 +156,26 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
       is not.
     ValueError: if `sl.uplink` or `sl.downlink` carries no configuration (a `Codec` built by hand without
       `config`).
+
+  Returns:
+    The `Session`: the schedule and run key from the handshake, this client's data and its compiled legs.
+
+  Example:
+    Not run by the doctests: building the server and compiling both sides' legs takes seconds
+    (tests/test_transport.py runs this flow).
+
+    >>> import jax, numpy as np, optax, sljax
+    >>> from sljax.protocol import ArraySpec
+    >>> from sljax.transport import InProcessTransport, Schedule, SplitServer
+    >>> model = sljax.cut(sljax.models.mlp(hidden=(8,), num_classes=2), 1)
+    >>> sl = sljax.vanilla(model, client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(0.1))
+    >>> x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    >>> y = (x[:, 0] > 0).astype(np.int32)
+    >>> server = SplitServer(model, sl, schedule=Schedule(1, 2, 2, 8), input_spec=ArraySpec((4,), "float32"),
+    ...                      key=jax.random.key(0), tokens={"t": 0})  # doctest: +SKIP
+    >>> session = connect(InProcessTransport(server.handle, token="t"), model, sl, client=0, x=x, y=y)  # doctest: +SKIP
+    >>> session.algorithm, session.schedule.rounds  # doctest: +SKIP
+    ('sequential_sl', 2)
   """
   x, y = np.asarray(x), np.asarray(y).astype(np.int32)
   if x.ndim < 1 or y.shape != x.shape[:1] or len(y) == 0:
@@ -271,7 +291,22 @@ def _batch(session: Session, data_step: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def status(session: Session) -> dict:
-  """The server's position: round, turn, steps committed, the last checkpointed step, done."""
+  """The server's position: round, turn, steps committed, the last checkpointed step, done.
+
+  Args:
+    session: from `connect`.
+
+  Returns:
+    A dict with "round", "turn" (the client whose turn it is), "step" (steps committed in the turn
+    or round), "durable" (the last step checkpointed) and "done".
+
+  Example:
+    Not run by the doctests (it needs a server): `session` as in `connect`'s example
+    (before any step).
+
+    >>> status(session)  # doctest: +SKIP
+    {'done': False, 'durable': 0, 'round': 0, 'step': 0, 'turn': 0}
+  """
   return _call(session, "Status", {})
 
 
@@ -285,6 +320,28 @@ def fetch_half(session: Session, round_: int, *, wait: float = 10.0) -> PartySta
   None if that turn is over (the client was late and its turn given away).
 
   `round_ == schedule.rounds` fetches the final client half once training is over.
+
+  Args:
+    session: from `connect`.
+    round_: the round of the turn.
+    wait: seconds the server may hold each call while the turn has not come; the client calls
+      again until it comes.
+
+  Returns:
+    The client half (`PartyState`), or None.
+
+  Raises:
+    TransportError: as the server answered, but for a turn that is over.
+
+  Example:
+    Not run by the doctests (it needs a server): `session` as in `connect`'s example
+    (one turn taken by hand, as `run` does).
+
+    >>> half = fetch_half(session, 0)  # doctest: +SKIP
+    >>> for step in range(session.schedule.local_steps):  # doctest: +SKIP
+    ...   half, position, metrics = train_step(session, half, 0, step)
+    >>> hand_over(session, half, 0)  # doctest: +SKIP
+    {'done': False, 'durable': 0, 'round': 1, 'step': 0, 'turn': 0}
   """
   while True:
     try:
@@ -301,7 +358,23 @@ def fetch_half(session: Session, round_: int, *, wait: float = 10.0) -> PartySta
 
 
 def hand_over(session: Session, half: PartyState, round_: int) -> dict:
-  """Ends this client's turn in `round_`: uploads the client half for the next client."""
+  """Ends this client's turn in `round_`: uploads the client half for the next client.
+
+  Args:
+    session: from `connect`.
+    half: the client half after the turn's last step.
+    round_: the round of the turn.
+
+  Returns:
+    The server's position after the hand-over, as `status` gives it.
+
+  Example:
+    Not run by the doctests (it needs a server): `session` as in `connect`'s example.
+
+    >>> half, history = run_turn(session, fetch_half(session, 0), 0)  # doctest: +SKIP
+    >>> hand_over(session, half, 0)["round"]  # doctest: +SKIP
+    1
+  """
   response = _call(session, "Handover", {"round": round_, "op": "put", "steps": session.schedule.local_steps,
                                          "wait": 0.0, "message": msgs.to_bytes(sched.to_message(half))})
   return response["position"]
@@ -310,11 +383,24 @@ def hand_over(session: Session, half: PartyState, round_: int) -> dict:
 def train_step(session: Session, half: PartyState, round_: int, step: int) -> tuple[PartyState, dict, dict]:
   """One step of this client's turn: forward, `Forward`, backward, `Commit`.
 
+  Args:
+    session: from `connect`.
+    half: the client half before the step.
+    round_, step: the round, and the step within the turn (0 .. local_steps - 1).
+
   Returns:
     (the client half after the step, the server's position after the commit, metrics).
 
   Raises:
     TransportError: as the server answered (see `run_turn` for the recovery).
+
+  Example:
+    Not run by the doctests (it needs a server): `session` as in `connect`'s example
+    (at the start of its first turn).
+
+    >>> half, position, metrics = train_step(session, fetch_half(session, 0), 0, 0)  # doctest: +SKIP
+    >>> position["step"], sorted(metrics)  # doctest: +SKIP
+    (1, ['accuracy', 'bytes_down', 'bytes_up', 'client', 'loss', 'round', 'step'])
   """
   x, y = _batch(session, sched.data_step(session.schedule, round_, step))
   if session.tail_step is not None:
@@ -368,6 +454,25 @@ def run_turn(session: Session, half: PartyState, round_: int,
   client asks for the server's position. Same step: it forwards the step again. The server's last
   checkpointed step, which the client kept: it rolls back to it and replays. Its turn is over (or,
   training with all clients at once, it was dropped from the round): it stops.
+
+  Args:
+    session: from `connect`.
+    half: the client half at the start of the turn (`fetch_half`).
+    round_: the round of the turn.
+    on_step: called with each step's record once the step is committed.
+
+  Returns:
+    (the client half after the turn, or None, the records of its steps, as `train_step`'s metrics).
+
+  Raises:
+    TransportError: an error the client cannot recover from.
+
+  Example:
+    Not run by the doctests (it needs a server): `session` as in `connect`'s example.
+
+    >>> half, history = run_turn(session, fetch_half(session, 0), 0)  # doctest: +SKIP
+    >>> [record["step"] for record in history]  # doctest: +SKIP
+    [0, 1]
   """
   half, completed, history = _train_round(session, half, round_, on_step)
   return (half if completed else None), history
@@ -439,6 +544,22 @@ def run(session: Session, *, wait: float = 10.0, progress: bool = False,
   client costs nothing when it is back within the server's lease; otherwise it joins its next
   turn or round with the half it saved (parallel SL: its own half, as in simulation when a client
   drops). `Result.history` then holds the steps of this process only.
+
+  Args:
+    session: from `connect`.
+    wait: seconds the server may hold a call that waits for the turn or the other clients.
+    progress: show a progress bar of the steps (tqdm).
+    checkpoint_dir: where to checkpoint the client half; None for no checkpoints.
+
+  Returns:
+    A `Result`: the final client half and one record per step this client committed.
+
+  Example:
+    Not run by the doctests (it needs a server): `session` as in `connect`'s example, fresh.
+
+    >>> result = run(session)  # doctest: +SKIP
+    >>> len(result.history), status(session)["done"]  # doctest: +SKIP
+    (4, True)
   """
   schedule = session.schedule
   saver = None if checkpoint_dir is None else _HalfCheckpoints(checkpoint_dir, session)
@@ -627,6 +748,22 @@ def predict(session: Session, half: PartyState, x, *, batch_size: int = 1024) ->
   Returns the model's outputs (e.g. logits) for every row of `x`: the server's (vanilla), or, in
   U-shaped split learning, those of this client's tail on the body's output the server returns. No
   labels are sent; the smashed data goes through the uplink codec, as in `Vanilla.predict`.
+
+  Args:
+    session: from `connect`.
+    half: the client half to run (e.g. `run(session).half`).
+    x: the inputs, (N, *input shape).
+    batch_size: the rows sent per `Predict` call.
+
+  Returns:
+    The outputs, a numpy array (N, *output shape).
+
+  Example:
+    Not run by the doctests (it needs a server): `session` as in `connect`'s example.
+
+    >>> result = run(session)  # doctest: +SKIP
+    >>> predict(session, result.half, x[:3]).shape  # doctest: +SKIP
+    (3, 2)
   """
   x, outputs = np.asarray(x), []
   for start in range(0, len(x), batch_size):

@@ -96,6 +96,22 @@ def server_credentials(certificate_chain: bytes, private_key: bytes, *,
   With `client_ca` every client must present a certificate signed by it
   (`require_client_auth=True`), and the server can identify clients by the certificate's common
   name (`SplitServer(certificate_names=...)`).
+
+  Args:
+    certificate_chain: the server's certificate chain, PEM bytes.
+    private_key: the server's private key, PEM bytes.
+    client_ca: the PEM certificate of the CA that signs the clients' certificates; None for TLS
+      without client certificates.
+
+  Returns:
+    The `grpc.ServerCredentials` to pass to `serve(..., credentials=...)`.
+
+  Example:
+    Not run by the doctests: it needs certificate files (tests/test_transport.py makes some).
+
+    >>> chain, key = open("server.pem", "rb").read(), open("server.key", "rb").read()  # doctest: +SKIP
+    >>> credentials = server_credentials(chain, key)  # doctest: +SKIP
+    >>> running = serve(server.handle, address="0.0.0.0:50051", credentials=credentials)  # doctest: +SKIP
   """
   return grpc.ssl_server_credentials([(private_key, certificate_chain)], root_certificates=client_ca,
                                      require_client_auth=client_ca is not None)
@@ -128,6 +144,19 @@ def serve(handler: wire.Handler, *, address: str = "127.0.0.1:0", credentials: g
   it by raising a `TransportError` (UNAUTHENTICATED): unknown tokens never cost the server the
   memory of their requests. By default it is the `authenticate_metadata` of the server whose
   `handle` is `handler`, if it has one.
+
+  Args:
+    handler: `handler(method, request, *, metadata, peer_names) -> response` on bytes, e.g.
+      `SplitServer.handle`.
+    address: "host:port" to listen on; port 0 picks a free one.
+    credentials: TLS (`server_credentials`); None listens without TLS.
+    max_message_bytes: the largest request or response.
+    max_workers: the calls served at once.
+    maximum_concurrent_rpcs: the calls served or queued; None for no bound.
+    authenticate: `authenticate(metadata)`, raising `TransportError` to refuse a call.
+
+  Returns:
+    The `RunningServer`: the started gRPC server and its port (`running.stop()` stops it).
 
   Example:
     >>> running = serve(server.handle, max_workers=12, maximum_concurrent_rpcs=24)  # doctest: +SKIP
