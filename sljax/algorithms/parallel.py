@@ -364,7 +364,7 @@ def local_loss_client_step(sl: protocol.Vanilla, aux_head: Stage):
     >>> params = {"client": party.params, "aux": aux_params}
     >>> party = party.replace(params=params, model_state={"client": party.model_state, "aux": aux_state},
     ...                       opt_state=sl.client_optimizer.init(params))
-    >>> party, up = local_loss_client_step(sl, head)(party, x, y, jax.random.key(2))
+    >>> party, up = jax.jit(local_loss_client_step(sl, head))(party, x, y, jax.random.key(2))
     >>> up.activations.shape
     (4, 8)
   """
