@@ -293,7 +293,7 @@ class Population:
     self._round = jax.jit(algorithm.round, donate_argnums=0)
     self._draw = jax.jit(self._inputs)
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sljax-prefetch") if prefetch else None
-    self._next: tuple[int, concurrent.futures.Future] | None = None
+    self._next: tuple[tuple[int, bytes], concurrent.futures.Future] | None = None  # (round, run key): its data
     self._split: _Split | None = None
 
   def _inputs(self, run_key, round_):
@@ -335,7 +335,11 @@ class Population:
 
   def round(self, state: PopulationState) -> tuple[PopulationState, dict]:
     """One round on the participants: `(state, metrics)`. The metrics are the algorithm's for the M
-    participants (per-client figures in the order of `metrics["participants"]`, their ids)."""
+    participants (per-client figures in the order of `metrics["participants"]`, their ids).
+
+    The state is consumed: its device arrays are donated to the jitted round and its host stores
+    are written in place (keep the returned state, as with `simulation.run`'s donation).
+    """
     if not isinstance(state, PopulationState):
       raise TypeError(f"state: expected a PopulationState (from Population.init), got {type(state).__name__}")
     spec = state.sim.clients.input_spec
