@@ -8,6 +8,7 @@ bit-identical to the uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import numbers
@@ -151,6 +152,7 @@ def run(
     progress: bool = False,
     donate: bool = True,
     accountant: Accountant | None = None,
+    transcript: Any = None,
 ) -> tuple[SimState, list[dict]]:
   """Runs rounds until `state.round == rounds`, resuming from `checkpoint_dir` if it has a checkpoint.
 
@@ -190,6 +192,13 @@ def run(
       `target_epsilon`, the run stops after the last round within the target (that round is tested
       and checkpointed as the last), and a ValueError is raised before any round if the target is
       already spent at the start.
+    transcript: None (the default: nothing recorded, the round compiled as always), or a path or a
+      `sljax.privacy.transcript.Recorder`: every message of the run (each present client's smashed
+      data up and cut gradient down, per step) is recorded with its round, step and client id, as
+      `sljax.fit` and the network server record them. The round is compiled with `record=True`
+      (it then also returns its messages); each round's messages reach the host in one transfer
+      and a writer thread serializes them. A path's recorder is closed at the end. Algorithms
+      whose round does not record raise a ValueError naming `transcript`.
 
   Records hold the round's number and metrics as Python numbers: `train_batch_loss` and
   `train_batch_accuracy` (the round's `loss` and `accuracy`: means over its training batches,
@@ -255,8 +264,19 @@ def run(
   if metrics_path is not None:
     _write_jsonl(metrics_path, [r for r in _read_jsonl(metrics_path) if r["round"] <= start])
   round_ = algorithm.round  # held for as long as the program runs (see reuse_program)
+  recording = None
+  if transcript is not None:
+    from sljax.privacy.transcript import RoundRecording  # noqa: PLC0415 -- only when recording
+
+    if population is not None or not jit:
+      raise ValueError("transcript: recording runs the jitted round of a stacked simulation (jit=True, no Population)")
+    recording = RoundRecording(algorithm, transcript)
   if population is not None:
     round_fn = lambda s, _: population.round(s)  # noqa: E731 -- jitted inside, around the host stores
+  elif jit and recording is not None:  # another program: the round that also returns its messages
+    donated = (0,) if donate else ()
+    round_fn = reuse_program(round_, ("round", donated, "record"),
+                             lambda f: jax.jit(functools.partial(f, record=True), donate_argnums=donated))
   elif jit:
     donated = (0,) if donate else ()
     round_fn = reuse_program(round_, ("round", donated), lambda f: jax.jit(f, donate_argnums=donated))
@@ -266,7 +286,10 @@ def run(
   try:
     with progress_bar(range(start, stop), desc=algorithm.name, disable=not progress) as bar:
       for r in bar:
-        state, metrics = round_fn(state, data)
+        if recording is None:
+          state, metrics = round_fn(state, data)
+        else:
+          state, metrics = recording.write(r, *round_fn(state, data))
         record = _record(metrics, r + 1)
         for name in _CUMULATIVE:
           if name in cumulative and name in record:
@@ -292,6 +315,8 @@ def run(
             # let orbax finish reading them first
             manager.wait_until_finished()
   finally:
+    if recording is not None:
+      recording.finish()
     if manager is not None:
       manager.wait_until_finished()
       manager.close()

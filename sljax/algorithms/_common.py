@@ -616,6 +616,20 @@ class RoundMetrics(Mapping):
     return cls(*children)
 
 
+class RoundMessages(NamedTuple):
+  """The messages of a round, returned by `round(..., record=True)` (and only then: recording
+  compiles another program, and the plain round carries nothing extra).
+
+  `up` and `down` are the messages each client sent and got in each step, stacked (S, K, ...);
+  `active` (S, K) says which were sent (an absent client's rows are placeholders); `ids` (K,) the
+  clients' ids."""
+
+  up: Any
+  down: Any
+  active: jax.Array
+  ids: jax.Array
+
+
 def round_metrics(losses_SxK, accs_SxK, active_SxK, traffic: Traffic, participating_K) -> RoundMetrics:
   """Per-round metrics from per-step, per-client values (S steps, K clients) and the round's
   `traffic` (counts per client, (K,): sum a per-step `Traffic` over the steps first)."""

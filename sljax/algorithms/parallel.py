@@ -198,9 +198,11 @@ def parallel_sl(
     grads, model_state, codec_state = c.client_gradient(sl)(party, x, y, key, g_cut)
     return c.select(active, update(party, grads, model_state, codec_state), party)
 
-  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None, *, record: bool = False):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
     ids = data.client_ids()
+    if record and server_chunk is not None:
+      raise ValueError("record: a round whose server steps in chunks (server_chunk) does not return its messages")
 
     def step(carry, s):
       clients, server = carry
@@ -221,14 +223,18 @@ def parallel_sl(
         clients = executor(backward_and_update, clients, x, y, keys, g_cut, active)
       traffic = _traffic(msgs.wire_size(c.first(ups)), msgs.wire_size(msgs.CutGradient(c.first(payload))),
                          inputs.participating, active)
-      return (clients, server), (losses, accs, active, traffic)
+      sent = (ups, msgs.CutGradient(payload)) if record else ()  # the step's messages, (K, ...) each
+      return (clients, server), (losses, accs, active, traffic, sent)
 
     if server_chunk is not None:
       step = _chunked_step(state, data, inputs)
-    (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
+    (clients, server), (losses, accs, active, traffic, sent) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
     metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
-    return state.replace(clients=clients, server=server, round=state.round + 1), metrics
+    state = state.replace(clients=clients, server=server, round=state.round + 1)
+    if record:
+      return state, metrics, c.RoundMessages(sent[0], sent[1], active, ids)
+    return state, metrics
 
   def _chunked_step(state: c.SimState, data: ClientData, inputs: c.RoundInputs):
     """One step, `server_chunk` clients at a time (see the docstring); the schedule's keys."""
@@ -293,7 +299,7 @@ def parallel_sl(
       updated = c.apply_update(server, g_sum, sl.server_optimizer, model_state)
       server = c.select(total > 0, updated, server).replace(codec_state=server_codec)
       traffic = _traffic(sizes["up"], sizes["down"], inputs.participating, active_K)
-      return (clients, server), (losses.reshape(num_clients), accs.reshape(num_clients), active_K, traffic)
+      return (clients, server), (losses.reshape(num_clients), accs.reshape(num_clients), active_K, traffic, ())
 
     return step
 

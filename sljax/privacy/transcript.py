@@ -531,3 +531,32 @@ class FitRecording:
                           "train_accuracy": history[-1]["accuracy"]})
     if self.owned:
       self.recorder.close()
+
+
+class RoundRecording:
+  """`simulation.run(..., transcript=)`: writes the messages the round returns with `record=True`.
+
+  `write` takes what the jitted round returned, moves the messages to the host in one transfer and queues one record per
+  message of a present client (round, step, client id); the writer thread serializes them.
+  """
+
+  def __init__(self, algorithm: Any, transcript: str | os.PathLike | Recorder):
+    import inspect  # noqa: PLC0415
+
+    if "record" not in inspect.signature(algorithm.round).parameters:
+      raise ValueError(f"transcript: the round of {algorithm.name} does not return its messages (record=True); "
+                       "record it over the network (a server's recorder=) instead")
+    self.owned = not isinstance(transcript, Recorder)
+    self.recorder = Recorder(transcript, meta={"algorithm": algorithm.name}) if self.owned else transcript
+
+  def write(self, round_: int, state: Any, metrics: Any, sent: Any) -> tuple[Any, Any]:
+    up, down, active, ids = jax.device_get((sent.up, sent.down, sent.active, sent.ids))
+    for s, k in zip(*np.nonzero(np.asarray(active))):
+      client = int(ids[k])
+      self.recorder.record("up", round_, int(s), client, _row(_row(up, s), k))
+      self.recorder.record("down", round_, int(s), client, _row(_row(down, s), k))
+    return state, metrics
+
+  def finish(self) -> None:
+    if self.owned:
+      self.recorder.close()
