@@ -229,7 +229,8 @@ def run(
   """
   for name, value, low, what in (("rounds", rounds, 0, "a non-negative int (the total number of rounds)"),
                                  ("eval_every", eval_every, 1, "a positive int (test every that many rounds)"),
-                                 ("checkpoint_every", checkpoint_every, 1, "a positive int (save every that many rounds)")):
+                                 ("checkpoint_every", checkpoint_every, 1,
+                                  "a positive int (save every that many rounds)")):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
       raise ValueError(f"{name}: expected {what}, got {value!r}")
   population = algorithm if isinstance(algorithm, Population) else None

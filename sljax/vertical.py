@@ -234,7 +234,8 @@ def vertical_sl(
     stand_ins = None
     if replacement == "learned":
       zeros = tuple(jnp.zeros(h.shape[1:], h.dtype) for h in hs)
-      stand_ins = tuple(PartyState(z, (), top_optimizer.init(z), ArraySpec.of(h)) for z, h in zip(zeros, hs, strict=True))
+      stand_ins = tuple(PartyState(z, (), top_optimizer.init(z), ArraySpec.of(h))
+                        for z, h in zip(zeros, hs, strict=True))
     return VerticalState(parties, top, jnp.zeros((), jnp.int32), stand_ins)
 
   def make_party_forward(p: int):

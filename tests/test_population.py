@@ -47,8 +47,9 @@ MAKERS = {
     "splitfed_v2": lambda cfg: sljax.algorithms.splitfed(_vanilla(**TOP_K), cfg, version=2),
     "sequential_sl": lambda cfg: sljax.algorithms.sequential_sl(_vanilla(**TOP_K), cfg),
     "sequential_sl_u": lambda cfg: sljax.algorithms.sequential_sl_u(_u_shaped(), cfg),
-    "fedavg": lambda cfg: sljax.algorithms.fedavg(sljax.centralized(sljax.cut(sljax.models.mlp(hidden=(8,), num_classes=CLASSES), 1),
-                                                                    optimizer=optax.adam(0.05)), cfg),
+    "fedavg": lambda cfg: sljax.algorithms.fedavg(
+        sljax.centralized(sljax.cut(sljax.models.mlp(hidden=(8,), num_classes=CLASSES), 1), optimizer=optax.adam(0.05)),
+        cfg),
 }
 CONFIG = ScheduleConfig(num_clients=M, batch_size=4, local_steps=2, drop_rate=0.3)
 
@@ -161,7 +162,8 @@ def test_participants_are_a_pure_uniform_draw_of_distinct_clients():
 def test_bad_populations_get_clear_errors():
   with pytest.raises(ValueError, match=r"store: expected a population of at least config.num_clients=3 clients"):
     P.Population(MAKERS["parallel_sl"](CONFIG), P.ClientStore.from_clients(XS[:2], YS[:2]))
-  with pytest.raises(ValueError, match=r"every client to hold at least one sample, got 1 empty client\(s\), e.g. client 1"):
+  with pytest.raises(ValueError,
+                     match=r"every client to hold at least one sample, got 1 empty client\(s\), e.g. client 1"):
     P.ClientStore(np.zeros((2, 3), np.float32), np.zeros(2, np.int32), np.array([0, 2, 2]))
   with pytest.raises(ValueError, match=r"expected one built for the round's participants"):
     P.Population(MAKERS["parallel_sl"](ScheduleConfig(num_clients=3, batch_size=4, participation=0.5)), STORE)
@@ -169,7 +171,8 @@ def test_bad_populations_get_clear_errors():
     P.Population(sljax.algorithms.heterogeneous_parallel_sl(_vanilla(), CONFIG, cuts=(1, 1, 1)), STORE)
   state = P.Population(MAKERS["parallel_sl"](CONFIG), STORE).init(jax.random.key(0))
   wrong = P.Population(MAKERS["parallel_sl"](CONFIG), P.ClientStore.from_clients([x[:, :4] for x in XS], YS))
-  with pytest.raises(ValueError, match=r"store: expected features of the model's input \(B, 6\) float32, got \(B, 4\) float32"):
+  with pytest.raises(ValueError,
+                     match=r"store: expected features of the model's input \(B, 6\) float32, got \(B, 4\) float32"):
     wrong.round(state)
   wrong.close()
 

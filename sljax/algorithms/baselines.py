@@ -121,7 +121,8 @@ def centralized_baseline(central: protocol.Centralized, config: c.ScheduleConfig
     config: a `ScheduleConfig`: of it, the clients, the batch size and the local steps.
 
   Returns:
-    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`; its state holds the one model in `SimState.server`.
+    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`; its state holds the one
+    model in `SimState.server`.
 
   Example:
     >>> import optax, sljax

@@ -179,7 +179,8 @@ def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorit
     config: a `ScheduleConfig`: clients, batch size, local steps, participation, drops.
 
   Returns:
-    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`; its state holds one client half (head and tail).
+    An `Algorithm` (`init`, `round`, `predict`) for `sljax.simulation.run`; its state holds one
+    client half (head and tail).
 
   Example:
     >>> import optax, sljax
