@@ -332,23 +332,18 @@ def vertical_sl(
     if model.label_party in absent:
       raise ValueError(f"absent: party {model.label_party!r} is the label party, which runs the step; it cannot be "
                        "absent in training")
-    if absent:
-      return _step_without(state, batch, key, absent, dropped)
+    if absent or not vectorize:
+      return _step_in_a_loop(state, batch, key, absent, dropped)
+    # party 0's legs vmapped over the parties' stacked states: one batched program
     xs, labels = batch
     xs = _party_inputs(model, xs)
     keys = jax.random.split(key, n + 1)
-    if vectorize:  # party 0's legs vmapped over the parties' stacked states: one batched program
-      _check_vectorizable(state, xs, keys)
-      stacked = _stack(state.parties)
-      ups_P, pendings_P = jax.vmap(party_forward[0])(stacked, jnp.stack(xs), keys[:n])
-      ups, pendings = _unstack(ups_P, n), _unstack(pendings_P, n)
-    else:  # a Python loop over the parties, inside the one jitted program
-      ups, pendings = zip(*(party_forward[p](state.parties[p], xs[p], keys[p]) for p in range(n)), strict=True)
+    _check_vectorizable(state, xs, keys)
+    stacked = _stack(state.parties)
+    ups_P, pendings_P = jax.vmap(party_forward[0])(stacked, jnp.stack(xs), keys[:n])
+    ups, pendings = _unstack(ups_P, n), _unstack(pendings_P, n)
     top, downs, metrics = top_step(state.top, ups, labels, keys[n])
-    if vectorize:
-      parties = _unstack(jax.vmap(party_backward[0])(stacked, pendings_P, _stack(downs)), n)
-    else:
-      parties = tuple(party_backward[p](state.parties[p], pendings[p], downs[p]) for p in range(n))
+    parties = _unstack(jax.vmap(party_backward[0])(stacked, pendings_P, _stack(downs)), n)
     for name, pending in zip(model.names, pendings, strict=True):
       metrics.update({f"client_loss_{name}": v for v in pending.metrics.values()})
     new = VerticalState(parties, top, state.step + 1, state.replacement)
@@ -366,8 +361,9 @@ def vertical_sl(
     new = jax.tree.map(lambda a, b: jnp.where(discarded, b, a), new, old)
     return new, Metrics({**metrics, "discarded": discarded}, traffic)
 
-  def _step_without(state: VerticalState, batch, key, absent: tuple[str, ...], dropped):
-    """`step` without the parties `absent`: their embeddings stood in for (see `stand_in`), their
+  def _step_in_a_loop(state: VerticalState, batch, key, absent: tuple[str, ...], dropped):
+    """`step` with a Python loop over the parties (inside the one jitted program), without the
+    parties `absent` (none: every party): their embeddings stood in for (see `stand_in`), their
     states, and the downlink codec states of their gradients, left as they are."""
     xs, labels = batch
     xs = _party_inputs(model, xs, absent)

@@ -141,8 +141,9 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
 
     def one_step(carry, x, y, s, k):
       client, server = carry
-      up, pending = sl.client_forward(client, x, y, client_keys(state.key, state.round, s, ids)[k])
-      new_server, down, loss, acc = server_step(server, up, server_keys(state.key, state.round, s, ids)[k])
+      one = ids[k][None]  # this turn's client: its keys only, not every client's
+      up, pending = sl.client_forward(client, x, y, client_keys(state.key, state.round, s, one)[0])
+      new_server, down, loss, acc = server_step(server, up, server_keys(state.key, state.round, s, one)[0])
       new_client = sl.client_backward(client, pending, down)
       traffic = c.Traffic(up=[(msgs.wire_size(up), inputs.participating[k])],
                           down=[(msgs.wire_size(down), inputs.active()[s, k])])
@@ -213,7 +214,7 @@ def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorit
 
     def one_step(carry, x, y, s, k):
       client, server = carry
-      k_head, k_body, k_tail = u_step_keys(client_keys(state.key, state.round, s, ids)[k])
+      k_head, k_body, k_tail = u_step_keys(client_keys(state.key, state.round, s, ids[k][None])[0])
       up, head = sl.client_forward(client, x, k_head)
       body, pending = server_step.forward(server, up, k_body)
       tail_grad, tail, metrics = sl.client_tail_step(client, head, body, y, k_tail)
