@@ -103,7 +103,7 @@ def test_bad_input_gets_errors_naming_the_argument(relay):
     handoff.unseal(template, b"abc", key, run="r", round=0, client=0)
   sealed = bytearray(handoff.seal(template, key, run="r", round=0, client=0))
   sealed[8] = 9
-  with pytest.raises(handoff.HandoffError, match="data: sealed hand-off version 9 is not supported; expected 1"):
+  with pytest.raises(handoff.HandoffError, match="data: sealed hand-off version 9 is not supported; expected 2"):
     handoff.unseal(template, bytes(sealed), key, run="r", round=0, client=0)
   with pytest.raises(ValueError, match=r"body_outputs, tail_grads: expected the same shape, got \(2, 3\) and \(2, 4\)"):
     attacks.relayed_weights_labels(np.zeros((2, 3)), np.zeros((2, 4)), attacks.RelayedWeightsKnowledge(
