@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from sljax import messages as msgs
+from sljax.algorithms import Algorithm
 from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import coordinators as coord
@@ -107,6 +108,11 @@ class ConcurrentServer(ServiceBase):
     options: the algorithm's own options, as its factory takes them (local-loss SL: `aux_head`,
       `sljax.algorithms.linear_head(num_classes)` by default; heterogeneous parallel SL: `cuts`);
       the clients pass the same to `connect`.
+    simulated: the simulated algorithm to serve in place of the registry's `algorithm` (None: the
+      registry's, built from `sl`, `schedule` and `options`), built for this schedule: a research server
+      whose `init` (the server's state) and `Schedule.server_step` are its own while its clients run
+      `algorithm`'s legs, keys and order, e.g. the malicious `sljax.privacy.hijacking.hijacking_server`.
+      The clients are told `algorithm`; `algorithm`'s coordinator serves it.
 
   Example:
     >>> server = ConcurrentServer(model, sl, algorithm="parallel_sl", schedule=Schedule(4, 10, 5, 32),
@@ -137,6 +143,7 @@ class ConcurrentServer(ServiceBase):
       max_samples: int = MAX_SAMPLES,
       recorder=None,
       options: Mapping[str, Any] | None = None,
+      simulated: Algorithm | None = None,
   ):
     if algorithm not in coord.COORDINATORS:
       raise ValueError(f"algorithm: expected one of {tuple(coord.COORDINATORS)}, got {algorithm!r}")
@@ -147,7 +154,11 @@ class ConcurrentServer(ServiceBase):
                     max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock,
                     max_abs_value=max_abs_value, num_classes=num_classes, max_samples=max_samples, recorder=recorder)
     self.options = dict(options or {})
-    algo = sched.algorithm(algorithm, sl, schedule, input_spec, **self.options)
+    algo = simulated or sched.algorithm(algorithm, sl, schedule, input_spec, **self.options)
+    built = None if algo.config is None else (algo.config.num_clients, algo.config.batch_size, algo.local_steps)
+    if built != (schedule.num_clients, schedule.batch_size, schedule.local_steps):
+      raise ValueError(f"simulated: expected an algorithm built for {schedule.num_clients} clients, batches of "
+                       f"{schedule.batch_size} and {schedule.local_steps} local steps, got {built}")
     # the server starts where the simulation's `init` does: its server part, the clients' halves, the run key
     sim = jax.jit(algo.init)(key, sched.stand_in_data(schedule, input_spec))
     k = schedule.num_clients
@@ -182,12 +193,16 @@ class ConcurrentServer(ServiceBase):
         tail_template=tail, max_abs_value=self.max_abs_value, num_classes=self.num_classes,
         half_template=msgs.spec_of(sched.to_message(parties[0])))
     self._view_infer = None if view is None else jax.jit(view.server_infer, static_argnums=1)
+    self._begin(checkpoint_dir, self.coordinator.initial(sim))
 
+  def _begin(self, checkpoint_dir, initial: Any) -> None:
+    """Starts the shell around `self.coordinator` from `initial` (its durable state), or from the
+    latest checkpoint in `checkpoint_dir`: leases, waits, the first checkpoint, the warm-up."""
     self._waiting: dict[int, int] = {}  # client -> the ticket of its call that waits
     self._tickets = itertools.count()
     self._progress_at: dict[int, float] = {}  # client -> when a call of it last changed the state
     self._waited_since: dict[int, float] = {}  # client -> since when others wait for it
-    initial = self._restore(checkpoint_dir, self.coordinator.initial(sim))
+    initial = self._restore(checkpoint_dir, initial)
     if self._version:
       logger.info("resumed from checkpoint %d at round %d", self._version, int(initial.round))
     self.s = self.coordinator.start(initial)

@@ -243,6 +243,15 @@ class ServiceBase:
     del client
     return self.cut_spec
 
+  def _codecs_of(self, client: int) -> dict[str, dict[str, Any]]:
+    """The codec descriptions client `client` must run (one for all, unless the clients differ)."""
+    del client
+    return self.codecs
+
+  def _who(self, client: int) -> str:
+    """How errors name client `client` (vertical SL: by its party's name)."""
+    return f"client {client}"
+
   def _handshake(self, client: int, req: dict) -> bytes:
     spec = self._cut_spec_of(client)
     if not all(type(d) is int for d in req["cut_shape"]):
@@ -251,10 +260,10 @@ class ServiceBase:
     if req["cut_shape"] != list(spec.shape) or req["cut_dtype"] != spec.dtype:
       got = ArraySpec(tuple(req["cut_shape"]), req["cut_dtype"]).describe()
       raise TransportError(_FAILED, f"model signature: the server's half takes cut activations of shape "
-                                    f"{spec.describe()} from client {client}, the client's half makes {got}")
+                                    f"{spec.describe()} from {self._who(client)}, the client's half makes {got}")
     differ = [f"{link}: the server's is {wire.show_configuration(mine)}, the client's is "
               f"{wire.show_configuration(req[link])}"
-              for link, mine in self.codecs.items() if not wire.same_configuration(req[link], mine)]
+              for link, mine in self._codecs_of(client).items() if not wire.same_configuration(req[link], mine)]
     if differ:
       raise TransportError(_FAILED, "codec configuration differs: " + "; ".join(differ))
     if not 1 <= req["samples"] <= self.max_samples:
