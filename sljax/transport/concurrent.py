@@ -154,11 +154,11 @@ class ConcurrentServer(ServiceBase):
                     max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock,
                     max_abs_value=max_abs_value, num_classes=num_classes, max_samples=max_samples, recorder=recorder)
     self.options = dict(options or {})
-    algo = simulated or sched.algorithm(algorithm, sl, schedule, input_spec, **self.options)
+    algo = simulated if simulated is not None else sched.algorithm(algorithm, sl, schedule, input_spec, **self.options)
     built = None if algo.config is None else (algo.config.num_clients, algo.config.batch_size, algo.local_steps)
-    if built != (schedule.num_clients, schedule.batch_size, schedule.local_steps):
-      raise ValueError(f"simulated: expected an algorithm built for {schedule.num_clients} clients, batches of "
-                       f"{schedule.batch_size} and {schedule.local_steps} local steps, got {built}")
+    if simulated is not None and built != (schedule.num_clients, schedule.batch_size, schedule.local_steps):
+      raise ValueError(f"simulated: expected an algorithm built for (clients, batch size, local steps) "
+                       f"{(schedule.num_clients, schedule.batch_size, schedule.local_steps)}, got {built}")
     # the server starts where the simulation's `init` does: its server part, the clients' halves, the run key
     sim = jax.jit(algo.init)(key, sched.stand_in_data(schedule, input_spec))
     k = schedule.num_clients
