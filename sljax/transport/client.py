@@ -36,6 +36,7 @@ from sljax import messages as msgs
 from sljax import simulation
 from sljax._progress import progress_bar
 from sljax.algorithms import parallel_u
+from sljax.privacy import handoff
 from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
@@ -86,6 +87,11 @@ class Session(NamedTuple):
       the schedule's client key split in three (`sljax.algorithms.parallel_u.u_step_keys`).
     handshake: the fields of this client's Handshake request, to declare its sample count again to
       a SplitFed server that restarted since (`Handover put` says so).
+    handoff_key: sequential SL with sealed hand-offs: the clients' shared key (`connect`'s
+      `handoff_key`); None: the half is handed over in the clear.
+    initial_half: sealed hand-offs: `initial_half() -> PartyState`, the run's initial client half
+      (the simulated algorithm's `init` on the handshake's `init_key`), for the client that takes the
+      first turn: the server holds none.
   """
 
   transport: Transport
@@ -115,6 +121,8 @@ class Session(NamedTuple):
   client_half: Callable[..., Any] | None = None
   u_keys: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] | None = None
   handshake: Mapping[str, Any] | None = None
+  handoff_key: bytes | None = None
+  initial_half: Callable[[], PartyState] | None = None
 
 
 class Result(NamedTuple):
@@ -135,7 +143,8 @@ def _call(session: Session, method: str, fields: dict, *, extra_seconds: float =
 
 
 def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, client: int, x, y,
-            timeout: float = 60.0, options: Mapping[str, Any] | None = None) -> Session:
+            timeout: float = 60.0, options: Mapping[str, Any] | None = None,
+            handoff_key: bytes | None = None) -> Session:
   """Handshakes with the server and compiles this client's legs.
 
   Args:
@@ -148,14 +157,18 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
     timeout: seconds per call.
     options: the algorithm's own options, the same as the server's (local-loss SL: `aux_head`;
       heterogeneous parallel SL: `cuts`, and `sl` is then this client's own cut of the layer stack).
+    handoff_key: sequential SL: the 32-byte key the clients share out of band
+      (`sljax.privacy.handoff.new_key()`, never given to the server): the client half is sealed
+      before `Handover put` and opened after `Handover get` (`sljax.privacy.handoff`), so the server
+      relays ciphertext; the server must be started with `sealed_handoffs=True`. None: in the clear.
 
   Raises:
     TransportError: UNAUTHENTICATED, PERMISSION_DENIED, or FAILED_PRECONDITION when the server's
       protocol version, cut signature or codec configuration differ from this client's (the details say
       which: for codecs, the direction and both configurations), or when one side is U-shaped and the other
-      is not.
+      is not, or when one side seals hand-offs and the other does not ("handoff: ...").
     ValueError: if `sl.uplink` or `sl.downlink` carries no configuration (a `Codec` built by hand without
-      `config`).
+      `config`), or `handoff_key` is not 32 bytes.
 
   Returns:
     The `Session`: the schedule and run key from the handshake, this client's data and its compiled legs.
@@ -186,7 +199,15 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
   cut = whole.server.input_spec
   handshake = {"protocol": msgs.PROTOCOL_VERSION, "client": client, "cut_shape": list(cut.shape),
                "cut_dtype": cut.dtype, **codec_fields, "samples": len(x)}
+  if handoff_key is not None:
+    if not isinstance(handoff_key, (bytes, bytearray)) or len(handoff_key) != 32:
+      got = f"{len(handoff_key)} bytes" if isinstance(handoff_key, (bytes, bytearray)) else type(handoff_key).__name__
+      raise ValueError(f"handoff_key: expected 32 bytes (sljax.privacy.handoff.new_key()), got {got}")
+    handshake["handoff"] = "sealed"
   hello = call(transport, "Handshake", handshake, timeout=timeout)
+  if handoff_key is not None and "init_key" not in hello:
+    raise TransportError(_FAILED, "handoff: the client seals its hand-offs, the server's answer gives no init_key "
+                                  "(a server that does not seal them)")
   u_shaped = isinstance(sl, UShaped)
   if u_shaped != (hello["algorithm"] in U_SHAPED):
     raise TransportError(_FAILED, f"algorithm: the server runs {hello['algorithm']!r}, this client's legs are "
@@ -200,6 +221,10 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
   half_struct = None  # the client's party, where it is not the protocol's client half
   algo = sched.algorithm(hello["algorithm"], sl, schedule, spec, **(options or {}))
   legs["client_key"] = sched.leg_keys(algo)[0]
+  if handoff_key is not None:
+    legs["handoff_key"] = bytes(handoff_key)
+    legs["initial_half"] = functools.partial(_initial_half, algo, schedule, spec,
+                                             np.asarray(hello["init_key"], np.uint32), whole.client.input_spec)
   view = algo.schedule.clients
   if view is not None:  # the clients differ (heterogeneous cuts): this one must run its own legs
     want = view.protocol(client).model.client.layer_names
@@ -237,6 +262,59 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
       finish=jax.jit(functools.partial(_finish, sl)), handshake=handshake, **legs)
   _warm_up(session, half_struct)
   return session
+
+
+def _initial_half(algo, schedule: sched.Schedule, spec: ArraySpec, init_key: np.ndarray,
+                  input_spec: ArraySpec) -> PartyState:
+  """Sealed hand-offs: the run's initial client half, as the server's `init` makes it (and the
+  simulation's): the simulated algorithm's `init` on the key whose data the handshake gave."""
+  sim = jax.jit(algo.init)(jax.random.wrap_key_data(init_key), sched.stand_in_data(schedule, spec))
+  half = jax.tree.map(lambda a: a[0], sim.clients) if algo.client_axes.clients else sim.clients
+  return sched.from_message(jax.device_get(sched.to_message(half)), input_spec)
+
+
+def _run_name(session: Session) -> str:
+  """What names the run in a sealed hand-off's associated data: its run key."""
+  return "sljax-run-" + "-".join(str(int(v)) for v in np.asarray(session.run_key).ravel())
+
+
+def _open_half(session: Session, round_: int, message: bytes | None, *, what: str) -> PartyState:
+  """The client half of a `Handover get` answer for this client's turn in `round_` (`schedule.rounds`:
+  the final half). Sealed: opened with the clients' key, for the round and the client that sealed
+  it (its clear header), which must come before this turn; no message: no half was handed over
+  yet, the run's initial half.
+
+  Raises:
+    TransportError: INVALID_ARGUMENT, a plain half that is not a valid `ClientHalf`.
+    sljax.privacy.handoff.HandoffError: a sealed half that does not open (changed on the way,
+      sealed with another key or for another run), or claims a hand-off that is not before this turn.
+  """
+  if session.handoff_key is None:
+    half = wire.read_message(session.half_template, message, what=what)
+    return sched.from_message(half, session.input_spec)
+  if message is None:
+    return session.initial_half()
+  try:
+    sealed_round, sender = handoff.sender(message)
+    if (sealed_round, sender) >= (round_, session.client):
+      raise handoff.HandoffError(f"data: the half says it was sealed by client {sender} in round {sealed_round}, "
+                                 "not before this turn")
+    opened = handoff.unseal(session.half_template, message, session.handoff_key, run=_run_name(session),
+                            round=sealed_round, client=sender)
+  except (handoff.HandoffError, msgs.MessageError) as e:
+    raise handoff.HandoffError(f"{what}: client {session.client} cannot open the sealed client half of round "
+                               f"{round_}: {e}") from None
+  return sched.from_message(opened, session.input_spec)
+
+
+def _half_message(session: Session, half: PartyState, round_: int) -> bytes:
+  """What `Handover put` carries: the client half's `ClientHalf` message, sealed for this round and
+  client if the hand-offs are sealed."""
+  message = sched.to_message(half)
+  if session.handoff_key is None:
+    return msgs.to_bytes(message)
+  return handoff.seal(jax.device_get(message), session.handoff_key, run=_run_name(session), round=round_,
+                      client=session.client)
 
 
 def _infer(sl: Vanilla | UShaped, client_half: Callable | None, half: PartyState, x) -> Any:
@@ -353,8 +431,7 @@ def fetch_half(session: Session, round_: int, *, wait: float = 10.0) -> PartySta
         return None
       raise
     if response["ready"]:
-      half = wire.read_message(session.half_template, response["message"], what="Handover get")
-      return sched.from_message(half, session.input_spec)
+      return _open_half(session, round_, response["message"], what="Handover get")
 
 
 def hand_over(session: Session, half: PartyState, round_: int) -> dict:
@@ -376,7 +453,7 @@ def hand_over(session: Session, half: PartyState, round_: int) -> dict:
     1
   """
   response = _call(session, "Handover", {"round": round_, "op": "put", "steps": session.schedule.local_steps,
-                                         "wait": 0.0, "message": msgs.to_bytes(sched.to_message(half))})
+                                         "wait": 0.0, "message": _half_message(session, half, round_)})
   return response["position"]
 
 

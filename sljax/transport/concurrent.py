@@ -47,9 +47,11 @@ from typing import Any
 import grpc
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sljax import messages as msgs
 from sljax.algorithms import Algorithm
+from sljax.privacy import handoff
 from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import coordinators as coord
@@ -108,6 +110,11 @@ class ConcurrentServer(ServiceBase):
     options: the algorithm's own options, as its factory takes them (local-loss SL: `aux_head`,
       `sljax.algorithms.linear_head(num_classes)` by default; heterogeneous parallel SL: `cuts`);
       the clients pass the same to `connect`.
+    sealed_handoffs: sequential SL: the clients seal the client half among themselves
+      (`sljax.privacy.handoff`; `connect(..., handoff_key=...)`), and the server stores and relays
+      the sealed bytes, never a readable half: the first client makes the initial half from the
+      run's key (the handshake gives it the key's data, `init_key`). The handshake refuses a client
+      that does not seal, and a client that seals is refused by a server that does not.
     simulated: the simulated algorithm to serve in place of the registry's `algorithm` (None: the
       registry's, built from `sl`, `schedule` and `options`), built for this schedule: a research server
       whose `init` (the server's state) and `Schedule.server_step` are its own while its clients run
@@ -143,6 +150,7 @@ class ConcurrentServer(ServiceBase):
       max_samples: int = MAX_SAMPLES,
       recorder=None,
       options: Mapping[str, Any] | None = None,
+      sealed_handoffs: bool = False,
       simulated: Algorithm | None = None,
   ):
     if algorithm not in coord.COORDINATORS:
@@ -154,6 +162,12 @@ class ConcurrentServer(ServiceBase):
                     max_message_bytes=max_message_bytes, max_predict_batch=max_predict_batch, clock=clock,
                     max_abs_value=max_abs_value, num_classes=num_classes, max_samples=max_samples, recorder=recorder)
     self.options = dict(options or {})
+    if sealed_handoffs and coord.COORDINATORS[algorithm] is not coord.Turns:
+      raise ValueError(f"sealed_handoffs: only sequential SL hands client halves over through the server "
+                       f"('sequential_sl', 'sequential_sl_u'), this server runs {algorithm!r}")
+    self.handoff = "sealed" if sealed_handoffs else "plain"
+    if sealed_handoffs:  # the key `init` takes, for the first client to make the initial half as the simulation does
+      self._init_key = [int(v) for v in np.asarray(jax.random.key_data(key), np.uint32).ravel()]
     algo = simulated if simulated is not None else sched.algorithm(algorithm, sl, schedule, input_spec, **self.options)
     built = None if algo.config is None else (algo.config.num_clients, algo.config.batch_size, algo.local_steps)
     if simulated is not None and built != (schedule.num_clients, schedule.batch_size, schedule.local_steps):
@@ -183,7 +197,8 @@ class ConcurrentServer(ServiceBase):
     self.input_spec = halves.client.input_spec
     self.cut_spec = specs[0]
     self._cut_specs = specs * k if len(specs) == 1 else specs  # one per client
-    initial = [msgs.to_bytes(sched.to_message(party)) for party in parties]
+    # sealed: no readable half is kept (Turns ignores this argument)
+    initial = [None if sealed_handoffs else msgs.to_bytes(sched.to_message(party)) for party in parties]
     self._initial_halves = initial * k if len(initial) == 1 else initial
     self._configure_inference(model, legs[0])  # also resolves num_classes="auto"
     self.coordinator = coord.COORDINATORS[algorithm](
@@ -191,7 +206,8 @@ class ConcurrentServer(ServiceBase):
         smashed_template=smashed[0] if len(smashed) == 1 else tuple(smashed),
         weights_template=msgs.spec_of(coord.weights_of(parties[0])), max_message_bytes=self.max_message_bytes,
         tail_template=tail, max_abs_value=self.max_abs_value, num_classes=self.num_classes,
-        half_template=msgs.spec_of(sched.to_message(parties[0])))
+        half_template=msgs.spec_of(sched.to_message(parties[0])),
+        sealed_bytes=handoff.sealed_size(sched.to_message(parties[0])) if sealed_handoffs else None)
     self._view_infer = None if view is None else jax.jit(view.server_infer, static_argnums=1)
     self._begin(checkpoint_dir, self.coordinator.initial(sim))
 

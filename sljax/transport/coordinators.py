@@ -45,6 +45,7 @@ from flax import serialization, struct
 from sljax import messages as msgs
 from sljax.algorithms import Algorithm
 from sljax.algorithms import _common as c
+from sljax.privacy import handoff
 from sljax.protocol import PartyState
 from sljax.transport import schedule as sched
 from sljax.transport import wire
@@ -190,6 +191,9 @@ class Coordinator:
       Forward's: one for every client, or a tuple with one per client where the clients differ);
     tail_template: U-shaped, of the Backward message (a TailGradient); half_template: sequential
       SL, of the client half handed back (`Handover put`).
+    sealed_bytes: sequential SL with sealed hand-offs (`sljax.privacy.handoff`): the size of a sealed
+      client half, which the server stores and relays without reading it; None: the half is relayed
+      in the clear, checked against `half_template`.
     max_message_bytes: the largest message accepted.
     max_abs_value, num_classes: the largest magnitude of a floating value, and the labels' bound,
       in a client's message (see `SplitServer`); None: unchecked.
@@ -199,10 +203,11 @@ class Coordinator:
 
   def __init__(self, algo: Algorithm, *, schedule: sched.Schedule, lease_seconds: float, smashed_template,
                weights_template, max_message_bytes: int, tail_template=None, max_abs_value: float | None = None,
-               num_classes: int | None = None, half_template=None):
+               num_classes: int | None = None, half_template=None, sealed_bytes: int | None = None):
     self.algo = algo
     self.tail_template = tail_template
     self.half_template = half_template
+    self.sealed_bytes = sealed_bytes
     self.schedule = schedule
     self.lease_seconds = lease_seconds
     k = schedule.num_clients
@@ -890,7 +895,9 @@ class ServerState:
 
   Attributes:
     server: the server half.
-    client_half: the client half as last handed over (at the start of the current turn).
+    client_half: the client half as last handed over (at the start of the current turn); with
+      sealed hand-offs, its sealed bytes (uint8, `Coordinator.sealed_bytes` of them), all zeros
+      until the first hand-over (the first client makes the initial half itself).
     round, turn, step: the position: round `round`, client `turn`'s turn, `step` steps of it
       committed. Training is over when `round` equals the schedule's rounds.
     key: the run key data (uint32): data order and step keys derive from it.
@@ -930,8 +937,10 @@ class Turns(Coordinator):
 
   def initial(self, sim) -> ServerState:
     k = self.num_clients
+    # sealed: the server holds no readable half, not even the initial one
+    half = sim.clients if self.sealed_bytes is None else np.zeros((self.sealed_bytes,), np.uint8)
     return jax.device_get(ServerState(
-        sim.server, sim.clients, _i32(0), _i32(0), _i32(0), np.asarray(sim.key), np.full((k,), -1, np.int32),
+        sim.server, half, _i32(0), _i32(0), _i32(0), np.asarray(sim.key), np.full((k,), -1, np.int32),
         np.zeros((k,), np.int32), np.zeros((k,), bool)))
 
   def start(self, durable: ServerState) -> CoordinatorState:
@@ -983,8 +992,13 @@ class Turns(Coordinator):
                   last_completed=_set(d.last_completed, k, completed))
     return s.set(staged={}, must_save=True)
 
-  def _half_bytes(self, s: CoordinatorState) -> bytes:
-    return msgs.to_bytes(sched.to_message(s.durable.client_half))
+  def _half_bytes(self, s: CoordinatorState) -> bytes | None:
+    """The half to hand out: a `ClientHalf` message; sealed, its sealed bytes, or None before the
+    first hand-over (the client makes the initial half)."""
+    half = s.durable.client_half
+    if self.sealed_bytes is None:
+      return msgs.to_bytes(sched.to_message(half))
+    return bytes(np.asarray(half)) if np.asarray(half)[0] else None
 
   def _check_step(self, s: CoordinatorState, method: str, client: int, round_: int, step: int) -> None:
     """Raises unless (round_, client, step) is the next step to run: this client's turn, this step."""
@@ -1042,13 +1056,31 @@ class Turns(Coordinator):
       raise TransportError(_FAILED, f"Handover: it is not client {client}'s turn in round {round_}; {self.where(s)}")
     if message is None:
       raise wire.invalid("Handover put: field 'message' must hold the client half")
-    half = self.read(self.half_template, message, what="Handover put")
+    half = self._read_half(message, client, round_)
     local_steps = self.schedule.local_steps
     if steps != local_steps or int(d.step) != local_steps:
       raise TransportError(_FAILED, f"Handover put: a turn hands over after {local_steps} committed steps; the "
                                     f"request says {steps}, and {self.where(s)}")
-    s = self._end_turn(s, completed=True, half=sched.from_message(half, d.client_half.input_spec))
+    if self.sealed_bytes is None:
+      half = sched.from_message(half, d.client_half.input_spec)
+    s = self._end_turn(s, completed=True, half=half)
     return s, Reply({"ready": True, "message": None, "position": POSITION})
+
+  def _read_half(self, message: bytes, client: int, round_: int) -> Any:
+    """The half of a `Handover put`: a checked `ClientHalf`; sealed, its bytes as a uint8 array,
+    checked only for their size and clear header (the server cannot open them)."""
+    if self.sealed_bytes is None:
+      return self.read(self.half_template, message, what="Handover put")
+    if len(message) != self.sealed_bytes:
+      raise wire.invalid(f"Handover put: a sealed client half is {self.sealed_bytes} bytes, got {len(message)}")
+    try:
+      sealed_for = handoff.sender(message)
+    except handoff.HandoffError as e:
+      raise wire.invalid(f"Handover put: {e}") from None
+    if sealed_for != (round_, client):
+      raise wire.invalid(f"Handover put: the sealed half says it was sealed by client {sealed_for[1]} in round "
+                         f"{sealed_for[0]}, not by client {client} in round {round_}")
+    return np.frombuffer(message, np.uint8).copy()
 
   def on_forward(self, s: CoordinatorState, client: int, round_: int, step: int, message: bytes):
     self._check_step(s, "Forward", client, round_, step)

@@ -73,6 +73,8 @@ class ServiceBase:
   """
 
   algorithm = ""
+  handoff = "plain"  # how sequential SL's client halves are handed over: "plain" or "sealed"
+  _init_key: list[int] | None = None  # sealed: the data of the key the run's init takes
 
   def _configure(self, *, num_clients: int, tokens, certificate_names, sl: Vanilla | UShaped, checkpoint_every: int,
                  lease_seconds: float, max_message_bytes: int, max_predict_batch: int,
@@ -266,6 +268,13 @@ class ServiceBase:
               for link, mine in self._codecs_of(client).items() if not wire.same_configuration(req[link], mine)]
     if differ:
       raise TransportError(_FAILED, "codec configuration differs: " + "; ".join(differ))
+    asked = req.get("handoff", "plain")
+    if asked != self.handoff:
+      how = {"plain": "plain (the server relays the client half in the clear)",
+             "sealed": "sealed (the clients seal the client half, sljax.privacy.handoff)"}
+      raise TransportError(_FAILED, f"handoff: the server's hand-offs are {how[self.handoff]}, the client's are "
+                                    f"{how.get(asked, wire.show_configuration(asked, limit=40))}: give both sides "
+                                    "the same setting (sealed_handoffs= on the server, handoff_key= on the client)")
     if not 1 <= req["samples"] <= self.max_samples:
       raise wire.invalid(f"Handshake request: field 'samples' must be an int in [1, {self.max_samples}] "
                          f"(max_samples), got {req['samples']}")
@@ -273,7 +282,8 @@ class ServiceBase:
     return wire.encode({
         "protocol": msgs.PROTOCOL_VERSION, "client": client, "algorithm": self.algorithm, **self.schedule._asdict(),
         "lease_seconds": self.lease_seconds,
-        "run_key": [int(v) for v in np.asarray(self.state.key).ravel()], "position": self._position(client)})
+        "run_key": [int(v) for v in np.asarray(self.state.key).ravel()], "position": self._position(client),
+        **({} if self._init_key is None else {"init_key": self._init_key})})
 
   def _hello(self, client: int, req: dict) -> None:
     """A handshake that passed its checks; subclasses record what they need."""

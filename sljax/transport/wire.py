@@ -59,6 +59,11 @@ RESPONSES: dict[str, dict[str, tuple[type, ...]]] = {
     "Commit": _POSITION,
     "Predict": {"message": _BIN},
 }
+# Fields a map may leave out (absent: the default the method's section of docs/protocol.md gives).
+# Handshake: "handoff", "plain" (absent) or "sealed", how sequential SL's client halves are handed
+# over; "init_key", answered when they are sealed: the data of the key the run's `init` takes.
+OPTIONAL_REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {"Handshake": {"handoff": (str,)}}
+OPTIONAL_RESPONSES: dict[str, dict[str, tuple[type, ...]]] = {"Handshake": {"init_key": (list,)}}
 METHODS = tuple(REQUESTS)
 
 # Metadata key of the bearer token ("authorization: Bearer <token>"), as in HTTP.
@@ -132,9 +137,11 @@ def decode(method: str, data: bytes, *, response: bool = False) -> dict[str, Any
 
   Raises:
     TransportError: INVALID_ARGUMENT if the bytes are not a msgpack map with exactly the fields
-      of `REQUESTS[method]` (`RESPONSES[method]`), each of an allowed type.
+      of `REQUESTS[method]` (`RESPONSES[method]`), and any of `OPTIONAL_REQUESTS[method]`
+      (`OPTIONAL_RESPONSES`), each of an allowed type.
   """
   fields = (RESPONSES if response else REQUESTS)[method]
+  optional = (OPTIONAL_RESPONSES if response else OPTIONAL_REQUESTS).get(method, {})
   what = f"{method} {'response' if response else 'request'}"
   try:
     # Plain msgpack, no ext types: a control map never holds arrays.
@@ -143,10 +150,13 @@ def decode(method: str, data: bytes, *, response: bool = False) -> dict[str, Any
     raise invalid(f"{what}: malformed or truncated msgpack ({len(data)} bytes): {e}") from None
   if msgs.nesting_depth(value, limit=msgs.MAX_DEPTH) > msgs.MAX_DEPTH:
     raise invalid(f"{what}: nested more than {msgs.MAX_DEPTH} levels deep")
-  if not isinstance(value, dict) or set(value) != set(fields):
+  if not isinstance(value, dict) or not set(fields) <= set(value) <= set(fields) | set(optional):
     got = sorted(value) if isinstance(value, dict) else type(value).__name__
-    raise invalid(f"{what}: expected a map with fields {sorted(fields)}, got {got}")
-  for name, types in fields.items():
+    also = f" (and optionally {sorted(optional)})" if optional else ""
+    raise invalid(f"{what}: expected a map with fields {sorted(fields)}{also}, got {got}")
+  for name, types in {**fields, **optional}.items():
+    if name not in value:
+      continue
     v = value[name]
     # bool is an int in Python; a field typed int must not take a bool, and the reverse.
     if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
