@@ -199,6 +199,9 @@ def serve(args) -> int:
     raise SystemExit(f"--cuts: given with --algorithm heterogeneous_parallel_sl, and only then; got --algorithm "
                      f"{args.algorithm} and --cuts {args.cuts!r}")
   options, setup = _cuts(args)
+  if args.sealed_handoffs and args.algorithm != "sequential_sl":
+    raise SystemExit(f"--sealed-handoffs: only sequential SL hands client halves over through the server "
+                     f"(--algorithm sequential_sl), got --algorithm {args.algorithm}")
   if args.aggregation != "mean":
     if args.algorithm not in ("splitfed_v1", "splitfed_v2"):
       raise SystemExit(f"--aggregation: SplitFed's (--algorithm splitfed_v1 or splitfed_v2), got --algorithm "
@@ -217,7 +220,7 @@ def serve(args) -> int:
                 max_abs_value=args.max_abs_value if args.max_abs_value > 0 else None, max_samples=args.max_samples,
                 recorder=_recorder(args))
   if args.algorithm == "sequential_sl":
-    server = transport.SplitServer(setup.model, setup.sl, **common)
+    server = transport.SplitServer(setup.model, setup.sl, sealed_handoffs=args.sealed_handoffs, **common)
   else:
     server = transport.ConcurrentServer(setup.model, setup.sl, algorithm=args.algorithm, options=options, **common)
   credentials = None
@@ -248,8 +251,15 @@ def client(args) -> int:
   from sljax import transport
   from sljax.transport import demo as demo_setup
 
+  from sljax.privacy import handoff
+
   options, setup = _cuts(args, args.client_id)
   token = demo_setup.read_tokens(args.token_file)[args.client_id] if args.token_file else None
+  try:
+    handoff_key = handoff.read_key(args.handoff_key_file) if args.handoff_key_file else None
+  except (OSError, ValueError) as e:
+    print(f"sljax client: --handoff-key-file: {e}", file=sys.stderr)
+    return 2
   ds = setup.dataset
   part = data.iid(ds.y_train, num_clients=args.num_clients, seed=args.partition_seed)[args.client_id]
   try:
@@ -263,12 +273,12 @@ def client(args) -> int:
   start = time.perf_counter()
   try:
     session = transport.connect(link, setup.model, setup.sl, client=args.client_id, x=ds.x_train[part],
-                                y=ds.y_train[part], options=options)
+                                y=ds.y_train[part], options=options, handoff_key=handoff_key)
     if session.schedule.num_clients != args.num_clients:
       raise SystemExit(f"--num-clients {args.num_clients}: the server runs {session.schedule.num_clients} clients")
     result = transport.run(session, progress=args.progress, checkpoint_dir=args.checkpoint_dir)
     logits = transport.predict(session, result.half, ds.x_test)
-  except transport.TransportError as e:
+  except (transport.TransportError, handoff.HandoffError) as e:
     print(f"sljax client: {e}", file=sys.stderr)
     return 1
   finally:
@@ -409,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--transcript", metavar="PATH",
                  help="record every training message the server receives and sends into this transcript "
                       "(for sljax privacy-report); written when the server stops")
+  p.add_argument("--sealed-handoffs", action="store_true",
+                 help="sequential SL: the clients seal the client half among themselves (sljax client "
+                      "--handoff-key-file); the server relays what it cannot read")
   _add_cache_args(p)
   p.set_defaults(run=serve)
 
@@ -427,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--deadline", type=float, default=60.0, help="seconds per call attempt")
   p.add_argument("--retries", type=int, default=10, help="retries of a call while the server is away")
   p.add_argument("--checkpoint-dir", help="checkpoint this client's half here; resume from here after a restart")
+  p.add_argument("--handoff-key-file", metavar="PATH",
+                 help="sequential SL with sealed hand-offs (sljax serve --sealed-handoffs): the key the clients "
+                      "share, 64 hex digits (sljax.privacy.handoff.new_key().hex()); never give it to the server")
   p.add_argument("--progress", action="store_true", help="show a progress bar")
   p.add_argument("--json", action="store_true", help="print one JSON line instead of a sentence")
   _add_cache_args(p)
