@@ -8,7 +8,9 @@ split-learning algorithm: `SplitServer` is it for sequential SL, clients taking 
 or U-shaped legs; `ALGORITHMS` names those whose clients train all at once: parallel SL (vanilla,
 U-shaped, a cut per client), local-loss SL, SplitFed v1 and v2)
 and the client driver
-(`connect`, `run`, `predict`, which follows the algorithm the handshake names) do not know which
+(`connect`, `run`, `predict`, which follows the algorithm the handshake names; vertical SL:
+`VerticalServer` on the label party, `connect_party`, `run_party`, `predict_party` on the others)
+do not know which
 transport they use, so a run over gRPC is tested against the same run in process, bit for bit,
 and against the fused simulation (`sljax.algorithms`). The wire protocol is specified in docs/protocol.md.
 
@@ -39,6 +41,15 @@ from sljax.transport.concurrent import ALGORITHMS, ConcurrentServer, ConcurrentS
 from sljax.transport.coordinators import ServerState
 from sljax.transport.rpc import GrpcTransport, RunningServer, serve, server_credentials
 from sljax.transport.schedule import Schedule
+from sljax.transport.vertical import (
+    PartyResult,
+    PartySession,
+    VerticalServer,
+    connect_party,
+    predict_party,
+    run_party,
+    vertical_schedule,
+)
 from sljax.transport.wire import METHODS, SERVICE, InProcessTransport, Transport, TransportError
 
 __all__ = [
@@ -49,6 +60,8 @@ __all__ = [
     "SERVICE",
     "GrpcTransport",
     "InProcessTransport",
+    "PartyResult",
+    "PartySession",
     "Result",
     "RunningServer",
     "Schedule",
@@ -57,14 +70,19 @@ __all__ = [
     "SplitServer",
     "Transport",
     "TransportError",
+    "VerticalServer",
     "connect",
+    "connect_party",
     "fetch_half",
     "hand_over",
     "predict",
+    "predict_party",
     "run",
+    "run_party",
     "run_turn",
     "serve",
     "server_credentials",
     "status",
     "train_step",
+    "vertical_schedule",
 ]

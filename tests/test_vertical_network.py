@@ -1,0 +1,258 @@
+"""Vertical split learning over the network (`sljax.transport.vertical`): the label party serves,
+the other parties are clients in threads. Over InProcessTransport the run equals the fused
+`vertical_sl` simulation (`sljax.fit` with the schedule's keys) bit for bit; over gRPC it equals the
+in-process run bit for bit; no party's ID crosses in any message; a party that drops mid-step has
+the step discarded everywhere, as `step(..., dropped=)` does; bad parties get errors naming them.
+
+Set-up: three parties (the label party "bank" with a bottom of its own, "network" and "merchant"
+as clients), MLP bottoms with dropout (so every key matters), concat, a dense top, Adam; the
+parties' IDs overlap partly and are aligned first (`sljax.align`); 2 rounds of 3 steps of 16 rows.
+"""
+
+import re
+import threading
+import time
+
+import grpc
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import sljax
+from sljax import transport as T
+from sljax.protocol import ArraySpec
+from sljax.transport import vertical as V
+from sljax.transport import wire
+from transport_helpers import Clock, assert_bitwise, run_in_threads
+
+NAMES = ("bank", "network", "merchant")
+WIDTHS = {"bank": 5, "network": 3, "merchant": 4}
+SHARED, EXTRA, BATCH, ROUNDS = 48, 12, 16, 2
+TOKENS = {1: "token-network", 2: "token-merchant"}
+LEASE = 60.0
+KEY = jax.random.key(7)
+TIMEOUT = 120
+
+
+def _bottom():
+  return sljax.sequential(*sljax.models.mlp(hidden=(8,), num_classes=6, dropout=0.25))
+
+
+def _sl(merchant_width=6):
+  bottoms = [_bottom(), _bottom(), sljax.sequential(*sljax.models.mlp(hidden=(8,), num_classes=merchant_width))]
+  model = sljax.vertical_model(bottoms, sljax.merges.concat(), nn.Dense(2), names=NAMES, label_party="bank")
+  return sljax.vertical_sl(model, party_optimizers=optax.adam(1e-2), top_optimizer=optax.adam(1e-2))
+
+
+class Recording:
+  """A transport that keeps the bytes of every request and response."""
+
+  def __init__(self, inner, seen):
+    self.inner, self.seen = inner, seen
+
+  def call(self, method, request, *, timeout=None):
+    self.seen.append(request)
+    response = self.inner.call(method, request, timeout=timeout)
+    self.seen.append(response)
+    return response
+
+
+@pytest.fixture(scope="module")
+def data():
+  """Each party holds the SHARED customers and EXTRA of its own, in its own order, with its columns;
+  the bank holds the labels. Aligned by PSI: every party's shared rows in one order."""
+  rng = np.random.default_rng(0)
+  shared = [f"customer-{i:05d}" for i in rng.choice(10**5, SHARED, replace=False)]
+  ids, cols = {}, {}
+  for p, name in enumerate(NAMES):
+    own = shared + [f"{name}-only-{i:04d}" for i in range(EXTRA)]
+    ids[name] = [own[i] for i in rng.permutation(len(own))]
+    cols[name] = rng.normal(size=(len(own), WIDTHS[name])).astype(np.float32)
+  aligned = sljax.align(ids, leader="bank")
+  assert aligned.size == SHARED
+  xs = tuple(aligned.take(name, cols[name]) for name in NAMES)
+  y = (xs[0][:, 0] + xs[1][:, 1] - xs[2][:, 2] > 0).astype(np.int32)
+  test = tuple(np.random.default_rng(1).normal(size=(10, WIDTHS[name])).astype(np.float32) for name in NAMES)
+  return {"ids": ids, "xs": xs, "y": y, "test": test}
+
+
+def _server(sl, data, **kw):
+  xs = data["xs"]
+  return V.VerticalServer(sl, labels=data["y"], input_specs={n: ArraySpec.of(x) for n, x in zip(NAMES, xs)}, key=KEY,
+                          rounds=ROUNDS, batch_size=BATCH, local_steps=3, features=xs[0],
+                          predict_features=data["test"][0], tokens={t: k for k, t in TOKENS.items()},
+                          lease_seconds=LEASE, **kw)
+
+
+def _run_parties(sl, data, transports, *, wrap=lambda p, t: t):
+  def work(p):
+    session = V.connect_party(wrap(p, transports(p)), sl, party=NAMES[p], x=data["xs"][p])
+    return session, V.run_party(session)
+
+  return run_in_threads(work, [1, 2], timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def in_process(data):
+  sl = _sl()
+  clock = Clock()
+  server = _server(sl, data, clock=clock)
+  seen = []
+  runs = _run_parties(sl, data, lambda p: T.InProcessTransport(server.handle, token=TOKENS[p]),
+                      wrap=lambda p, t: Recording(t, seen))
+  return {"sl": sl, "server": server, "runs": runs, "seen": seen, "clock": clock}
+
+
+def _simulate(sl, data, dropped=None):
+  """The fused simulation of the same steps: `fit`'s epochs (keys and rows from `vertical_schedule`)."""
+  init_key, epoch = V.vertical_schedule(jax.random.key_data(KEY), samples=SHARED, batch_size=BATCH)
+  xs, y = data["xs"], data["y"]
+  state = sl.init(init_key, tuple(x[:BATCH] for x in xs))
+  if dropped is None:
+    # local_steps = 3 = SHARED // BATCH: each round is one epoch of `fit`, the simulation as users run it
+    _, fit_key = jax.random.split(KEY)
+    return sljax.fit(sl, state, xs, y, key=fit_key, epochs=ROUNDS, batch_size=BATCH)[0]
+  step = jax.jit(sl.step)
+  for r in range(ROUNDS):
+    rows, keys = epoch(r)
+    for s in range(3):
+      batch = (tuple(x[rows[s]] for x in xs), y[rows[s]])
+      state, _ = step(state, batch, jax.random.wrap_key_data(keys[s]), dropped=np.asarray(dropped(r, s)))
+  return state
+
+
+def _states(server, runs):
+  own, top = server.state.server
+  return (own, runs[1][1].state, runs[2][1].state), top
+
+
+def test_in_process_equals_the_fused_simulation_bitwise(data, in_process):
+  sl, server, runs = in_process["sl"], in_process["server"], in_process["runs"]
+  parties, top = _states(server, runs)
+  sim = _simulate(sl, data)
+  assert_bitwise(parties, sim.parties)  # the bank's own bottom (on the server) and each party's (its own)
+  assert_bitwise(top, sim.top)
+  assert all(r["applied"] for p in (1, 2) for r in runs[p][1].history)
+  assert server.coordinator.done(server.s) and len(runs[1][1].history) == ROUNDS * 3
+  # bytes per step: the party's smashed data up (16 x 6 float32 and framing), its gradient down
+  record = runs[1][1].history[0]
+  assert record["bytes_up"] == sljax.wire_size(sljax.SmashedData(np.zeros((BATCH, 6), np.float32)))
+  assert record["bytes_down"] == sljax.wire_size(sljax.CutGradient(np.zeros((BATCH, 6), np.float32)))
+  # collaborative inference: every party's rows, the bank's own from predict_features; as `sl.predict`
+  test = data["test"]
+  out = run_in_threads(lambda p: V.predict_party(runs[p][0], runs[p][1].state, test[p], batch_size=6), [1, 2],
+                       timeout=TIMEOUT)
+  expected, _ = jax.jit(sl.predict)(sim, test)
+  np.testing.assert_allclose(out[1], expected, atol=1e-6, rtol=0)
+  np.testing.assert_array_equal(out[1], out[2])
+
+
+def test_over_grpc_equals_in_process_bitwise(data, in_process):
+  sl = in_process["sl"]
+  server = _server(sl, data)
+  running = T.serve(server.handle, address="127.0.0.1:0")
+  try:
+    runs = _run_parties(sl, data, lambda p: T.GrpcTransport(f"127.0.0.1:{running.port}", token=TOKENS[p]))
+  finally:
+    running.stop()
+  assert_bitwise(_states(server, runs), _states(in_process["server"], in_process["runs"]))
+
+
+def test_no_id_crosses_in_any_message(data, in_process):
+  """Aligned first, then trained: no party's ID, shared or not, is in the bytes of any call."""
+  seen = b"".join(in_process["seen"])
+  assert len(in_process["seen"]) > 4 * ROUNDS * 3  # every Handshake, Handover, Forward, Commit, Status, both ways
+  for name, ids in data["ids"].items():
+    for i in ids:
+      assert i.encode() not in seen, (name, i)
+      assert i.split("-")[-1].encode() not in seen or len(i.split("-")[-1]) < 5, (name, i)
+
+
+class DropsCommit:
+  """A party's transport that holds back its Commit of (round, step) until the server has gone past
+  the step (the test lets the lease run out meanwhile), then sends it."""
+
+  def __init__(self, inner, at, server):
+    self.inner, self.at, self.server, self.held = inner, at, server, threading.Event()
+
+  def call(self, method, request, *, timeout=None):
+    if method == "Commit" and (wire.decode(method, request)["round"], wire.decode(method, request)["step"]) == self.at:
+      self.held.set()
+      deadline = time.monotonic() + TIMEOUT
+      while (int(self.server.s.durable.round), int(self.server.s.durable.step)) <= self.at:
+        assert time.monotonic() < deadline, "the step was never discarded"
+        time.sleep(0.02)
+    return self.inner.call(method, request, timeout=timeout)
+
+
+def test_a_party_that_drops_mid_step_has_the_step_discarded_everywhere(data, in_process):
+  sl, clock = in_process["sl"], Clock()
+  server = _server(sl, data, clock=clock)
+  at = (0, 1)
+  drops = DropsCommit(T.InProcessTransport(server.handle, token=TOKENS[2]), at, server)
+
+  def jump_when_waiting():  # the network waits at the Commit barrier for the merchant: its lease runs out
+    assert drops.held.wait(TIMEOUT)
+    while 1 not in server.s.volatile.committed:
+      time.sleep(0.02)
+    clock.offset += LEASE + 5
+
+  jumper = threading.Thread(target=jump_when_waiting)
+  jumper.start()
+  runs = _run_parties(sl, data, lambda p: drops if p == 2 else T.InProcessTransport(server.handle, token=TOKENS[p]))
+  jumper.join(TIMEOUT)
+  for p in (1, 2):
+    assert [r["applied"] for r in runs[p][1].history] == [True, False, True, True, True, True]
+  sim = _simulate(sl, data, dropped=lambda r, s: [False, False, (r, s) == at])
+  parties, top = _states(server, runs)
+  assert_bitwise((parties, top), (sim.parties, sim.top))
+
+
+def test_bad_parties_get_errors_naming_them(data, in_process):
+  sl, server, xs = in_process["sl"], in_process["server"], data["xs"]
+  link = lambda p: T.InProcessTransport(server.handle, token=TOKENS[p])  # noqa: E731
+  with pytest.raises(ValueError, match=re.escape("party: expected one of the parties ('bank', 'network', "
+                                                 "'merchant'), got 'shop'")):
+    V.connect_party(link(1), sl, party="shop", x=xs[1])
+  with pytest.raises(ValueError, match="party: 'bank' is the label party, which runs the server"):
+    V.connect_party(link(1), sl, party="bank", x=xs[0])
+  with pytest.raises(T.TransportError, match="PERMISSION_DENIED: Handshake: field 'client' is 2, but the "
+                                             "credentials are client 1's"):
+    V.connect_party(link(1), sl, party="merchant", x=xs[2])
+  with pytest.raises(T.TransportError, match=re.escape("FAILED_PRECONDITION: model signature: the server's half "
+                                                       "takes cut activations of shape (B, 6) float32 from party "
+                                                       "'merchant', the client's half makes (B, 4) float32")):
+    V.connect_party(link(2), _sl(merchant_width=4), party="merchant", x=xs[2])
+  with pytest.raises(T.TransportError, match=re.escape("FAILED_PRECONDITION: Handshake: party 'merchant' holds 47 "
+                                                       "aligned samples, the label party 48")):
+    V.connect_party(link(2), sl, party="merchant", x=xs[2][:-1])
+  with pytest.raises(ValueError, match=re.escape("x (party 'merchant'): the server's model was built for other "
+                                                 "columns than these, of shape (B, 5) float32")):
+    V.connect_party(link(2), sl, party="merchant", x=np.zeros((SHARED, 5), np.float32))
+
+
+def test_inference_without_a_party_names_it(data, in_process):
+  server, runs, clock = in_process["server"], in_process["runs"], in_process["clock"]
+  session, result = runs[1]
+  errors = []
+
+  def alone():
+    try:
+      V.predict_party(session, result.state, data["test"][1])
+    except T.TransportError as e:
+      errors.append(e)
+
+  caller = threading.Thread(target=alone)
+  caller.start()
+  deadline = time.monotonic() + TIMEOUT
+  while 1 not in server.s.volatile.inference:
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+  clock.offset += LEASE + 5
+  caller.join(TIMEOUT)
+  assert len(errors) == 1 and errors[0].code == grpc.StatusCode.FAILED_PRECONDITION
+  assert errors[0].details == ("Predict: collaborative inference needs every party ('bank', 'network', 'merchant'); "
+                               "party 'merchant' sent no rows within the lease (60.0 s)")
+  assert not server.s.volatile.inference  # nothing left waiting
