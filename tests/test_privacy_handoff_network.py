@@ -186,7 +186,7 @@ def test_the_relayed_weights_attack_names_the_labels_from_plain_hand_offs_only(r
   guess = model.tail.init(jax.random.key(7), np.zeros((2, 16), np.float32))[0]
   blind = attacks.relayed_weights_labels(outputs, grads, attacks.RelayedWeightsKnowledge(
       tail_apply=tail_apply, tail_params=guess), labels=labels)
-  assert blind.accuracy <= 0.35, blind.accuracy  # measured 0.09; chance: 0.1
+  assert blind.accuracy <= 0.35, blind.accuracy  # measured 0.05 (5 of 96); chance: 0.1
 
 
 class _Switch:
