@@ -149,15 +149,21 @@ def test_in_process_equals_the_fused_simulation_bitwise(data, in_process):
   np.testing.assert_array_equal(out[1], out[2])
 
 
-def test_over_grpc_equals_in_process_bitwise(data, in_process):
+def test_over_grpc_equals_in_process_bitwise(data, in_process, tmp_path):
+  """Over gRPC (threads, a real channel), checkpointing: the run in process, bit for bit; a server
+  restarted on the checkpoints resumes the final state."""
   sl = in_process["sl"]
-  server = _server(sl, data)
+  server = _server(sl, data, checkpoint_dir=tmp_path)
   running = T.serve(server.handle, address="127.0.0.1:0")
   try:
     runs = _run_parties(sl, data, lambda p: T.GrpcTransport(f"127.0.0.1:{running.port}", token=TOKENS[p]))
   finally:
     running.stop()
+    server.close()
   assert_bitwise(_states(server, runs), _states(in_process["server"], in_process["runs"]))
+  restarted = _server(sl, data, checkpoint_dir=tmp_path)
+  assert_bitwise(restarted.state, server.state)
+  assert restarted.coordinator.done(restarted.s)
 
 
 def test_no_id_crosses_in_any_message(data, in_process):

@@ -46,6 +46,7 @@ import grpc
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from sljax import codecs as codec_lib
 from sljax import messages as msgs
@@ -56,7 +57,7 @@ from sljax.transport import schedule as sched
 from sljax.transport import wire
 from sljax.transport.client import call
 from sljax.transport.concurrent import ConcurrentServer
-from sljax.transport.coordinators import POSITION, ConcurrentState, CoordinatorState, Reply, Wait
+from sljax.transport.coordinators import POSITION, CoordinatorState, Reply, Wait
 from sljax.transport.wire import Transport, TransportError
 from sljax.vertical import VerticalSL
 
@@ -144,6 +145,32 @@ def _server_infer(sl: VerticalSL, label: int | None, server, payloads, x_own):
 # ---- the coordinator: pure transitions ---------------------------------------------------------------
 
 
+@struct.dataclass
+class PartiesState:
+  """Everything the label party's server holds that a checkpoint saves.
+
+  Attributes:
+    server: `(own, top)`: the label party's own bottom (a `PartyState`, or `()` without one) and
+      its merge and top (`VerticalState.top`).
+    round: the current round; equals the schedule's rounds when training is over.
+    step: the steps of this round done (applied or discarded).
+    upto: (P,) int32, the steps done since the start of the run, the same for every party (counting
+      a round as `local_steps` steps), as the position reports them.
+    gone: (P,) bool, the parties dropped from the step under way.
+    applied: the steps done since the start of the run when the latest applied step was done:
+      a step done and not applied was discarded.
+    key: the run key data (uint32).
+  """
+
+  server: Any
+  round: np.ndarray
+  step: np.ndarray
+  upto: np.ndarray
+  gone: np.ndarray
+  applied: np.ndarray
+  key: np.ndarray
+
+
 class StepUnderWay(NamedTuple):
   """The step under way (not checkpointed: a restart discards it)."""
 
@@ -201,9 +228,7 @@ class Parties(coord.Coordinator):
   step discarded everywhere: the server keeps its state and every party its own. Client ids are
   the parties' indices in `sl.model.names`; the label party's index is no client's.
 
-  The durable state is a `ConcurrentState` whose `server` is `(own, top)`: the label party's own
-  bottom (a `PartyState`, or `()` without one) and its merge and top; `upto` counts the steps done
-  (applied or discarded), the same for every party.
+  The durable state is a `PartiesState`.
   """
 
   def __init__(self, plan: _Plan, *, labels: np.ndarray, features: np.ndarray | None,
@@ -233,15 +258,13 @@ class Parties(coord.Coordinator):
 
   # ---- the state -----------------------------------------------------------------------------------
 
-  def initial(self, server: Any, run_key: np.ndarray) -> ConcurrentState:  # noqa: D102 -- see Coordinator
+  def initial(self, server: Any, run_key: np.ndarray) -> PartiesState:  # noqa: D102 -- see Coordinator
     k = self.num_clients
-    state = ConcurrentState(
-        server=server, round=coord._i32(0), step=coord._i32(0), turn=coord._i32(0),
-        upto=np.zeros((k,), np.int32), gone=np.zeros((k,), bool), samples=np.zeros((k,), np.int32),
-        handed=np.zeros((k,), bool), weights=(), average=(), key=np.asarray(run_key))
-    return jax.device_get(state)
+    return jax.device_get(PartiesState(server=server, round=coord._i32(0), step=coord._i32(0),
+                                       upto=np.zeros((k,), np.int32), gone=np.zeros((k,), bool),
+                                       applied=coord._i32(0), key=np.asarray(run_key)))
 
-  def start(self, durable: ConcurrentState) -> CoordinatorState:
+  def start(self, durable: PartiesState) -> CoordinatorState:
     return CoordinatorState(durable, PartiesVolatile(durable_upto=np.array(durable.upto)))
 
   def where(self, s: CoordinatorState, client: int) -> str:
@@ -264,12 +287,19 @@ class Parties(coord.Coordinator):
       raise TransportError(_FAILED, f"{method}: step {step} of round {round_} is not the next step; "
                                     f"{self.where(s, client)}")
 
-  def _outcome(self, s: CoordinatorState, round_: int, step: int) -> str:
+  def _applied(self, s: CoordinatorState, round_: int, step: int) -> bool:
+    """Whether step `step` of round `round_`, which is done, was applied (not discarded)."""
     outcomes = s.volatile.outcomes
-    if (round_, step) not in outcomes:
-      return "its outcome is no longer known (the server restarted since)"
-    why = outcomes[round_, step]
-    return "applied" if why is None else f"discarded: {why}"
+    if (round_, step) in outcomes:
+      return outcomes[round_, step] is None
+    # since a restart: the latest applied step is known; a party retries its latest commit only
+    return int(s.durable.applied) == round_ * self.schedule.local_steps + step + 1
+
+  def _outcome(self, s: CoordinatorState, round_: int, step: int) -> str:
+    if self._applied(s, round_, step):
+      return "applied"
+    why = s.volatile.outcomes.get((round_, step))
+    return f"discarded: {why}" if why is not None else "discarded (why is no longer known: the server restarted)"
 
   # ---- drops and steps -----------------------------------------------------------------------------
 
@@ -332,12 +362,18 @@ class Parties(coord.Coordinator):
     server = d.server if why is not None else p.server
     upto = np.full_like(d.upto, p.round * steps + p.step + 1)
     outcomes = {key: v for key, v in s.volatile.outcomes.items() if key >= (p.round - 1, 0)}
-    s = s.replace(server=server, step=coord._i32(p.step + 1), upto=upto, gone=np.zeros_like(d.gone))
+    s = s.replace(server=server, step=coord._i32(p.step + 1), upto=upto, gone=np.zeros_like(d.gone),
+                  applied=d.applied if why is not None else coord._i32(upto[0]))
     s = s.set(pending=None, committed=frozenset(), outcomes={**outcomes, (p.round, p.step): why})
     if why is not None:
       logger.warning("step %d of round %d discarded everywhere: %s", p.step, p.round, why)
     s = self.count_commit(s)
     return self.next_round(s) if p.step + 1 == steps else s
+
+  def next_round(self, s: CoordinatorState) -> CoordinatorState:
+    s = s.replace(round=coord._i32(int(s.durable.round) + 1), step=coord._i32(0)).set(must_save=True)
+    logger.info("round %d begins", int(s.durable.round))
+    return s
 
   # ---- methods -------------------------------------------------------------------------------------
 
@@ -373,7 +409,7 @@ class Parties(coord.Coordinator):
   def on_commit(self, s: CoordinatorState, client: int, round_: int, step: int):
     d = s.durable
     if (round_, step) < (int(d.round), int(d.step)):
-      if s.volatile.outcomes.get((round_, step), "") is None:
+      if self._applied(s, round_, step):
         return s, Reply(POSITION)  # a retry of a commit that went through
       raise TransportError(_FAILED, f"Commit: step {step} of round {round_} was {self._outcome(s, round_, step)}; "
                                     f"keep the party's state from before it. {self.where(s, client)}")
@@ -388,7 +424,7 @@ class Parties(coord.Coordinator):
       return (int(d.round), int(d.step)) > (round_, step) or self.done(s)
 
     def answer(s):
-      if not over(s) or s.volatile.outcomes.get((round_, step), "") is not None:
+      if not over(s) or not self._applied(s, round_, step):
         raise TransportError(_FAILED, f"Commit: step {step} of round {round_} was "
                                       f"{self._outcome(s, round_, step)}; keep the party's state from before it. "
                                       f"{self.where(s, client)}")
