@@ -37,7 +37,6 @@ from sljax import simulation
 from sljax._progress import progress_bar
 from sljax.algorithms import parallel_u
 from sljax.privacy import handoff
-from sljax.privacy import handoff
 from sljax.protocol import ArraySpec, PartyState, UShaped, Vanilla
 from sljax.split import SplitModel
 from sljax.transport import schedule as sched
@@ -124,8 +123,6 @@ class Session(NamedTuple):
   handshake: Mapping[str, Any] | None = None
   handoff_key: bytes | None = None
   initial_half: Callable[[], PartyState] | None = None
-  handoff_key: bytes | None = None
-  initial_half: Callable[[], PartyState] | None = None
 
 
 class Result(NamedTuple):
@@ -160,10 +157,6 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
     timeout: seconds per call.
     options: the algorithm's own options, the same as the server's (local-loss SL: `aux_head`;
       heterogeneous parallel SL: `cuts`, and `sl` is then this client's own cut of the layer stack).
-    handoff_key: sequential SL: the 32-byte key the clients share out of band
-      (`sljax.privacy.handoff.new_key()`, never given to the server): the client half is sealed
-      before `Handover put` and opened after `Handover get` (`sljax.privacy.handoff`), so the server
-      relays ciphertext; the server must be started with `sealed_handoffs=True`. None: in the clear.
     handoff_key: sequential SL: the 32-byte key the clients share out of band
       (`sljax.privacy.handoff.new_key()`, never given to the server): the client half is sealed
       before `Handover put` and opened after `Handover get` (`sljax.privacy.handoff`), so the server
@@ -232,10 +225,6 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
     legs["handoff_key"] = bytes(handoff_key)
     legs["initial_half"] = functools.partial(_initial_half, algo, schedule, spec,
                                              np.asarray(hello["init_key"], np.uint32), whole.client.input_spec)
-  if handoff_key is not None:
-    legs["handoff_key"] = bytes(handoff_key)
-    legs["initial_half"] = functools.partial(_initial_half, algo, schedule, spec,
-                                             np.asarray(hello["init_key"], np.uint32), whole.client.input_spec)
   view = algo.schedule.clients
   if view is not None:  # the clients differ (heterogeneous cuts): this one must run its own legs
     want = view.protocol(client).model.client.layer_names
@@ -273,59 +262,6 @@ def connect(transport: Transport, model: SplitModel, sl: Vanilla | UShaped, *, c
       finish=jax.jit(functools.partial(_finish, sl)), handshake=handshake, **legs)
   _warm_up(session, half_struct)
   return session
-
-
-def _initial_half(algo, schedule: sched.Schedule, spec: ArraySpec, init_key: np.ndarray,
-                  input_spec: ArraySpec) -> PartyState:
-  """Sealed hand-offs: the run's initial client half, as the server's `init` makes it (and the
-  simulation's): the simulated algorithm's `init` on the key whose data the handshake gave."""
-  sim = jax.jit(algo.init)(jax.random.wrap_key_data(init_key), sched.stand_in_data(schedule, spec))
-  half = jax.tree.map(lambda a: a[0], sim.clients) if algo.client_axes.clients else sim.clients
-  return sched.from_message(jax.device_get(sched.to_message(half)), input_spec)
-
-
-def _run_name(session: Session) -> str:
-  """What names the run in a sealed hand-off's associated data: its run key."""
-  return "sljax-run-" + "-".join(str(int(v)) for v in np.asarray(session.run_key).ravel())
-
-
-def _open_half(session: Session, round_: int, message: bytes | None, *, what: str) -> PartyState:
-  """The client half of a `Handover get` answer for this client's turn in `round_` (`schedule.rounds`:
-  the final half). Sealed: opened with the clients' key, for the round and the client that sealed
-  it (its clear header), which must come before this turn; no message: no half was handed over
-  yet, the run's initial half.
-
-  Raises:
-    TransportError: INVALID_ARGUMENT, a plain half that is not a valid `ClientHalf`.
-    sljax.privacy.handoff.HandoffError: a sealed half that does not open (changed on the way,
-      sealed with another key or for another run), or claims a hand-off that is not before this turn.
-  """
-  if session.handoff_key is None:
-    half = wire.read_message(session.half_template, message, what=what)
-    return sched.from_message(half, session.input_spec)
-  if message is None:
-    return session.initial_half()
-  try:
-    sealed_round, sender = handoff.sender(message)
-    if (sealed_round, sender) >= (round_, session.client):
-      raise handoff.HandoffError(f"data: the half says it was sealed by client {sender} in round {sealed_round}, "
-                                 "not before this turn")
-    opened = handoff.unseal(session.half_template, message, session.handoff_key, run=_run_name(session),
-                            round=sealed_round, client=sender)
-  except (handoff.HandoffError, msgs.MessageError) as e:
-    raise handoff.HandoffError(f"{what}: client {session.client} cannot open the sealed client half of round "
-                               f"{round_}: {e}") from None
-  return sched.from_message(opened, session.input_spec)
-
-
-def _half_message(session: Session, half: PartyState, round_: int) -> bytes:
-  """What `Handover put` carries: the client half's `ClientHalf` message, sealed for this round and
-  client if the hand-offs are sealed."""
-  message = sched.to_message(half)
-  if session.handoff_key is None:
-    return msgs.to_bytes(message)
-  return handoff.seal(jax.device_get(message), session.handoff_key, run=_run_name(session), round=round_,
-                      client=session.client)
 
 
 def _initial_half(algo, schedule: sched.Schedule, spec: ArraySpec, init_key: np.ndarray,
