@@ -363,7 +363,7 @@ def _bad_requests(setup, server):
                                 "message": msgs.to_bytes(half)}), TOKENS[0], code.INVALID_ARGUMENT,
        "Handover put.*NaN or infinite"),
       ("Handover", wire.encode({"client": 0, "round": 0, "op": "steal", "steps": 0, "wait": 0.0, "message": None}),
-       TOKENS[0], code.INVALID_ARGUMENT, "'get' or 'put'"),
+       TOKENS[0], code.INVALID_ARGUMENT, "'get', 'put' or 'leave'"),
       ("Predict", wire.encode({"client": 0, "batch": 0, "message": good}), TOKENS[0], code.INVALID_ARGUMENT,
        r"'batch' must be in \[1, 4096\]"),
       ("Predict", wire.encode({"client": 0, "batch": 8, "message": good}), TOKENS[0], code.INVALID_ARGUMENT,

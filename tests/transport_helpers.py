@@ -6,6 +6,7 @@ import threading
 import time
 
 import chex
+import grpc
 import jax
 import numpy as np
 
@@ -95,4 +96,77 @@ class CrashesAfterCommit:
       fields = wire.decode(method, request)
       if (fields["round"], fields["step"]) == self.at:
         self.crashed.set()
+    return response
+
+
+# The points of a client's step where the fault tests kill it: before its Forward is sent; once its
+# Forward is answered (the step staged on the server); once the server committed its Commit, before
+# the client heard so (and so before it could save anything after it).
+KILL_POINTS = ("before forward", "after forward", "after commit")
+
+
+def _kill_here(point, method, request, at):
+  """Whether call (`method`, `request`) of a client is at kill point `point` of step `at` (round, step),
+  and so whether to kill before the call ("before forward") or after it."""
+  if method != {"before forward": "Forward", "after forward": "Forward", "after commit": "Commit"}[point]:
+    return False
+  fields = wire.decode(method, request)
+  return (fields["round"], fields["step"]) == at
+
+
+class KillAt:
+  """A client transport whose "process" is killed at `point` (one of `KILL_POINTS`) of step
+  (round_, step): its thread ends there with SystemExit, so whatever the client held in memory is
+  lost, and every later call of this transport raises SystemExit too. `committed` lists the
+  (round, step) of the Commits answered before the kill."""
+
+  def __init__(self, inner, point, round_, step):
+    if point not in KILL_POINTS:
+      raise ValueError(f"point: expected one of {KILL_POINTS}, got {point!r}")
+    self.inner, self.point, self.at = inner, point, (round_, step)
+    self.killed, self.committed = threading.Event(), []
+
+  def call(self, method, request, *, timeout=None):
+    if self.killed.is_set():
+      raise SystemExit
+    here = _kill_here(self.point, method, request, self.at)
+    if here and self.point == "before forward":
+      self.killed.set()
+      raise SystemExit
+    response = self.inner.call(method, request, timeout=timeout)
+    if method == "Commit":
+      fields = wire.decode(method, request)
+      self.committed.append((fields["round"], fields["step"]))
+    if here:
+      self.killed.set()
+      raise SystemExit
+    return response
+
+
+class KillsProcessAt:
+  """Wraps a server's `handle` so that it SIGKILLs the process of client `client` (set `process`
+  once started) at `point` of its step (round_, step), as the server sees the calls: before serving
+  that Forward (the call then fails UNAVAILABLE, like a call cut by the process's death), or after
+  serving that Forward or Commit and before its answer is returned to the dead process."""
+
+  def __init__(self, handle, point, client, round_, step):
+    if point not in KILL_POINTS:
+      raise ValueError(f"point: expected one of {KILL_POINTS}, got {point!r}")
+    self.inner, self.point, self.client, self.at = handle, point, client, (round_, step)
+    self.process, self.killed = None, threading.Event()
+
+  def _kill(self):
+    self.process.send_signal(signal.SIGKILL)
+    self.process.wait(timeout=20)
+    self.killed.set()
+
+  def handle(self, method, request, *, metadata, peer_names=()):
+    here = (not self.killed.is_set() and method in ("Forward", "Commit")
+            and wire.decode(method, request)["client"] == self.client and _kill_here(self.point, method, request, self.at))
+    if here and self.point == "before forward":
+      self._kill()
+      raise wire.TransportError(grpc.StatusCode.UNAVAILABLE, "the client process was killed")
+    response = self.inner(method, request, metadata=metadata, peer_names=peer_names)
+    if here:
+      self._kill()
     return response

@@ -482,9 +482,16 @@ def train_step(session: Session, half: PartyState, round_: int, step: int) -> tu
     >>> position["step"], sorted(metrics)  # doctest: +SKIP
     (1, ['accuracy', 'bytes_down', 'bytes_up', 'client', 'loss', 'round', 'step'])
   """
+  return _train_step(session, half, round_, step)
+
+
+def _train_step(session: Session, half: PartyState, round_: int, step: int,
+                before_commit: Callable[[PartyState], None] | None = None) -> tuple[PartyState, dict, dict]:
+  """`train_step`; `before_commit(half after the step)` runs before the `Commit` is sent (a client
+  with checkpoints saves that half there, so a crash after the server's commit loses nothing)."""
   x, y = _batch(session, sched.data_step(session.schedule, round_, step))
   if session.tail_step is not None:
-    return _train_step_u_shaped(session, half, round_, step, x, y)
+    return _train_step_u_shaped(session, half, round_, step, x, y, before_commit)
   wait = 0.0 if session.algorithm in SEQUENTIAL else session.lease_seconds + 1.0  # held for the others
   if session.local_step is not None:  # local-loss SL: its own update first; nothing comes back
     new_half, up = session.local_step(half, x, y, _client_key(session, round_, step))
@@ -496,13 +503,16 @@ def train_step(session: Session, half: PartyState, round_: int, step: int) -> tu
     response = _call(session, "Forward", {"round": round_, "step": step, "message": up_bytes}, extra_seconds=wait)
     down = wire.read_message(session.down_template, response["message"], what="Forward response")
     new_half = session.backward(half, pending, down)
+  if before_commit is not None:
+    before_commit(new_half)
   position = _call(session, "Commit", {"round": round_, "step": step}, extra_seconds=wait)
   metrics = {"round": round_, "client": session.client, "step": step, "loss": response["loss"],
              "accuracy": response["accuracy"], "bytes_up": len(up_bytes), "bytes_down": len(response["message"])}
   return new_half, position, metrics
 
 
-def _train_step_u_shaped(session: Session, half: PartyState, round_: int, step: int, x, y):
+def _train_step_u_shaped(session: Session, half: PartyState, round_: int, step: int, x, y,
+                         before_commit: Callable[[PartyState], None] | None = None):
   """`train_step` of U-shaped split learning: the labels and the loss stay here."""
   k_head, _, k_tail = session.u_keys(session.run_key, round_, session.client, step)
   wait = 0.0 if session.algorithm in SEQUENTIAL else session.lease_seconds + 1.0  # held for the others
@@ -515,6 +525,8 @@ def _train_step_u_shaped(session: Session, half: PartyState, round_: int, step: 
   backward = _call(session, "Backward", {"round": round_, "step": step, "message": tail_bytes}, extra_seconds=wait)
   down = wire.read_message(session.down_template, backward["message"], what="Backward response")
   new_half = session.backward(half, pending, down)
+  if before_commit is not None:
+    before_commit(new_half)
   position = _call(session, "Commit", {"round": round_, "step": step}, extra_seconds=wait)
   metrics = {"round": round_, "client": session.client, "step": step, "loss": float(metrics["loss"]),
              "accuracy": float(metrics["accuracy"]), "bytes_up": len(up_bytes) + len(tail_bytes),
@@ -559,13 +571,14 @@ def run_turn(session: Session, half: PartyState, round_: int,
 
 
 def _train_round(session: Session, half: PartyState, round_: int, on_step: Callable[[dict], None] | None, *,
-                 start: int = 0, on_durable: Callable[[int, int, PartyState], None] | None = None
+                 start: int = 0, save: Callable[[int, int, PartyState], None] | None = None
                  ) -> tuple[PartyState, bool, list[dict]]:
   """`run_turn`, returning the last half the server committed and whether the turn completed.
 
-  `start`: the step to begin at (a client resuming from its own checkpoint; that step is durable
-  on the server). `on_durable(round, step, half)` is called whenever the server reports the step
-  the client just committed as checkpointed. The client keeps its half after every step since the
+  `start`: the step to begin at (a client resuming from its own checkpoint at the server's
+  position). `save(round, step, half)` checkpoints the half after each step, before that step's
+  `Commit` is sent: a client killed once the server committed the step, before it heard so,
+  restarts with the half the server expects. The client keeps its half after every step since the
   last one reported checkpointed, so it can roll back to any step a restarted server resumes from.
   """
   # The halves since the last step the server reported checkpointed (the turn's start always is):
@@ -576,7 +589,8 @@ def _train_round(session: Session, half: PartyState, round_: int, on_step: Calla
   step = start
   while step < session.schedule.local_steps:
     try:
-      new_half, position, metrics = train_step(session, half, round_, step)
+      new_half, position, metrics = _train_step(session, half, round_, step,
+                                                None if save is None else functools.partial(save, round_, step + 1))
     except TransportError as e:
       if e.code not in (grpc.StatusCode.ABORTED, _FAILED, grpc.StatusCode.ALREADY_EXISTS):
         raise
@@ -605,8 +619,6 @@ def _train_round(session: Session, half: PartyState, round_: int, on_step: Calla
       on_step(metrics)
     if position["durable"] == step:
       kept = {step: half}
-      if on_durable is not None:
-        on_durable(round_, step, half)
   return half, True, history
 
 
@@ -668,10 +680,12 @@ def _run_in_turns(session: Session, *, wait: float, on_step: Callable[[dict], No
     start, half = 0, None
     if resume is not None and resume[0] == round_:
       position = status(session)
-      if (position["round"], position["turn"], position["step"]) == (round_, session.client, resume[1]):
-        logger.info("client %d: resuming its turn of round %d at step %d from its checkpoint", session.client,
-                    round_, resume[1])
-        start, half = resume[1], resume[2]
+      if (position["round"], position["turn"]) == (round_, session.client):
+        half = saver.at(round_, position["step"])  # the half after the server's last committed step, if saved
+        if half is not None:
+          start = position["step"]
+          logger.info("client %d: resuming its turn of round %d at step %d from its checkpoint", session.client,
+                      round_, start)
       resume = None
     if half is None:
       half = fetch_half(session, round_, wait=wait)
@@ -680,7 +694,7 @@ def _run_in_turns(session: Session, *, wait: float, on_step: Callable[[dict], No
       if saver is not None:
         saver.save(round_, 0, half)
     half, completed, turn = _train_round(session, half, round_, on_step, start=start,
-                                         on_durable=None if saver is None else saver.save)
+                                         save=None if saver is None else saver.save)
     history += turn
     if not completed:
       continue
@@ -742,26 +756,36 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
   schedule, history = session.schedule, []
   resume = None if saver is None else saver.latest()
   start, in_round = 0, True
-  if resume is not None:  # this client's own half, as last checkpointed
-    round_, start, half = resume
+  if resume is not None:  # this client's own half, as checkpointed at the server's position
     position = status(session)
-    in_round = (position["round"], position["turn"], position["step"]) == (round_, session.client, start)
-    if in_round:
+    found = None
+    if position["turn"] == session.client and not position["done"]:
+      found = saver.at(position["round"], position["step"])
+    if found is not None:
+      round_, start, half = position["round"], position["step"], found
       logger.info("client %d: resuming round %d at step %d from its checkpoint", session.client, round_, start)
+    else:  # the server is elsewhere: out of this round with its latest half, as in simulation when a client drops
+      round_, _, half = resume
+      in_round = False
+      _leave(session, position)
   else:
     response = _await_round(session, 0, wait=wait)
     half = sched.from_message(wire.read_message(session.half_template, response["message"], what="Handover get"),
                               session.input_spec)
-    round_ = response["position"]["round"]
-    if round_ > 0 and session.algorithm in _AVERAGED:  # joining late: start from the latest average
+    position = response["position"]
+    round_ = position["round"]
+    if position["turn"] != session.client or position["step"] > 0:  # its steps of this round died with it
+      in_round = False
+      _leave(session, position)
+    elif round_ > 0 and session.algorithm in _AVERAGED:  # joining late: start from the latest average
       half = _merge_average(session, half, _await_round(session, round_, wait=wait))
-    if saver is not None:
+    if saver is not None and in_round:
       saver.save(round_, 0, half)
   while round_ < schedule.rounds:
     completed, steps = in_round, []  # resumed after its last step: it still hands in its weights
     if in_round and start < schedule.local_steps:
       half, completed, steps = _train_round(session, half, round_, on_step, start=start,
-                                            on_durable=None if saver is None else saver.save)
+                                            save=None if saver is None else saver.save)
     start, in_round = 0, True
     history += steps
     if completed and session.algorithm in _AVERAGED:
@@ -780,6 +804,18 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
     if saver is not None and round_ < schedule.rounds:
       saver.save(round_, 0, half)
   return Result(half, history)
+
+
+def _leave(session: Session, position: dict) -> None:
+  """Restarted without the half of the round under way (`position`, the server's for this client):
+  tells the server to drop the client from that round now (`Handover leave`) rather than after a
+  lease, so the others go on; the client takes part again from the next round."""
+  if position["done"] or position["turn"] != session.client:
+    return  # training is over, or the client is already out of the round
+  logger.warning("client %d: restarted without its half of round %d after %d committed step(s); it leaves the "
+                 "round and joins the next", session.client, position["round"], position["step"])
+  _call(session, "Handover", {"round": position["round"], "op": "leave", "steps": position["step"], "wait": 0.0,
+                              "message": None})
 
 
 # Orbax's asynchronous saves signal each other through process-wide keys: two managers saving at
@@ -807,6 +843,15 @@ class _HalfCheckpoints:
     with _SAVING:
       self._manager.save(number, args=ocp.args.StandardSave(item), force=True)
       self._manager.wait_until_finished()
+
+  def at(self, round_: int, step: int) -> PartyState | None:
+    """The half saved at (round_, step), if it is among the checkpoints kept; else None."""
+    number = round_ * (self._steps + 1) + step
+    if number not in self._manager.all_steps():
+      return None
+    with _SAVING:
+      item = simulation.restore(self._manager, self._like, number)
+    return sched.from_message(item["half"], self._input_spec)
 
   def latest(self) -> tuple[int, int, PartyState] | None:
     if self._manager.latest_step() is None:

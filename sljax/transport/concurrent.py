@@ -349,7 +349,10 @@ class ConcurrentServer(ServiceBase):
     if req["op"] == "put":
       return wire.encode(self._run(client, lambda s: self.coordinator.on_put(
           s, client, req["round"], req["steps"], req["message"]), method="Handover"))
-    raise wire.invalid(f"Handover request: field 'op' must be 'get' or 'put', got {req['op']!r}")
+    if req["op"] == "leave":
+      return wire.encode(self._run(client, lambda s: self.coordinator.on_leave(s, client, req["round"]),
+                                   method="Handover"))
+    raise wire.invalid(f"Handover request: field 'op' must be 'get', 'put' or 'leave', got {req['op']!r}")
 
   def _forward(self, client: int, req: dict) -> bytes:
     return wire.encode(self._run(client, lambda s: self.coordinator.on_forward(

@@ -379,6 +379,15 @@ class Coordinator:
     del s, client, round_, steps, message
     raise TransportError(_FAILED, f"Handover put: {self.algo.name} averages nothing; clients keep their halves")
 
+  def on_leave(self, s: CoordinatorState, client: int, round_: int):
+    """Handover leave: `client` restarted without its state of `round_` (no checkpoint): it is
+    dropped from the round at once, as a lease would drop it, and takes part again from the next.
+    Nothing to do (a retry, or the round is over): the position."""
+    d = s.durable
+    if not self.done(s) and round_ == int(d.round) and not d.gone[client]:
+      s = self.advance(self.drop(s, client, "it restarted without its state of the round"))
+    return s, Reply({"ready": True, "message": None, "position": POSITION})
+
   def predict_party(self, s: CoordinatorState, client: int) -> PartyState:
     del client
     return s.durable.server
@@ -774,7 +783,9 @@ class _Averaging(Coordinator):
     """The client's staged step becomes state; a client's last step of the round is always made
     durable (it then waits for the average)."""
     staged = {k: v for k, v in s.volatile.staged.items() if k != client}
-    s = s.replace(server=half, upto=_set(s.durable.upto, client, int(s.durable.upto[client]) + 1), **fields)
+    # the position of the step, not the count plus one: a client that left the last round part-way counts from 0
+    upto = int(s.durable.round) * self.schedule.local_steps + self.steps_of(s, client) + 1
+    s = s.replace(server=half, upto=_set(s.durable.upto, client, upto), **fields)
     s = s.set(staged=staged)
     return self.count_commit(s, save=self.steps_of(s, client) == self.schedule.local_steps)
 
@@ -903,6 +914,8 @@ class ServerState:
     key: the run key data (uint32): data order and step keys derive from it.
     last_round, last_steps, last_completed: (K,) per client, its last finished turn: the round,
       the steps committed, and whether it handed the client half back (False: it was dropped).
+    turn_server: the server half at the start of the current turn: a client that restarts in the
+      middle of its turn without its half redoes the turn from there (`Turns.on_get`).
   """
 
   server: PartyState
@@ -914,6 +927,7 @@ class ServerState:
   last_round: np.ndarray
   last_steps: np.ndarray
   last_completed: np.ndarray
+  turn_server: PartyState
 
 
 class Turns(Coordinator):
@@ -941,7 +955,7 @@ class Turns(Coordinator):
     half = sim.clients if self.sealed_bytes is None else np.zeros((self.sealed_bytes,), np.uint8)
     return jax.device_get(ServerState(
         sim.server, half, _i32(0), _i32(0), _i32(0), np.asarray(sim.key), np.full((k,), -1, np.int32),
-        np.zeros((k,), np.int32), np.zeros((k,), bool)))
+        np.zeros((k,), np.int32), np.zeros((k,), bool), sim.server))
 
   def start(self, durable: ServerState) -> CoordinatorState:
     return CoordinatorState(durable, Volatile(durable_upto=np.array(durable.step)))
@@ -977,6 +991,12 @@ class Turns(Coordinator):
   def droppable(self, s: CoordinatorState, client: int) -> bool:
     return self.waited_for(s, client)  # the client whose turn it is
 
+  def on_leave(self, s: CoordinatorState, client: int, round_: int):
+    """Handover leave: the client gives up its turn in `round_` (as a lease would end it)."""
+    if self.turn_of(s, client, round_) == 0:
+      s = self.drop(s, client, "it left its turn")
+    return s, Reply({"ready": True, "message": None, "position": POSITION})
+
   def drop(self, s: CoordinatorState, client: int, why: str) -> CoordinatorState:
     d = s.durable
     staged = s.volatile.staged.get(client)
@@ -989,7 +1009,7 @@ class Turns(Coordinator):
     turn, round_ = (k + 1) % self.num_clients, int(d.round) + (k + 1) // self.num_clients
     s = s.replace(client_half=half, round=_i32(round_), turn=_i32(turn), step=_i32(0),
                   last_round=_set(d.last_round, k, d.round), last_steps=_set(d.last_steps, k, d.step),
-                  last_completed=_set(d.last_completed, k, completed))
+                  last_completed=_set(d.last_completed, k, completed), turn_server=d.server)
     return s.set(staged={}, must_save=True)
 
   def _half_bytes(self, s: CoordinatorState) -> bytes | None:
@@ -1037,9 +1057,10 @@ class Turns(Coordinator):
         raise TransportError(_FAILED, f"Handover: client {client}'s turn in round {round_} is over; {self.where(s)}")
       if where > 0:
         return s, Reply({"ready": False, "message": None, "position": POSITION})
-      if int(s.durable.step) > 0:
-        raise TransportError(_FAILED, f"Handover: client {client}'s turn is under way ({self.where(s)}); "
-                                      "the client half of this turn is with the client")
+      if int(s.durable.step) > 0:  # the client restarted without its half: it redoes the turn from its start
+        logger.warning("client %d fetches the half of its turn in round %d after %d committed step(s): the turn "
+                       "starts over", client, round_, int(s.durable.step))
+        s = s.replace(server=s.durable.turn_server, step=_i32(0)).set(staged={}, must_save=True)
       return s, Reply({"ready": True, "message": self._half_bytes(s), "position": POSITION})
 
     return s, Wait(lambda s: self.turn_of(s, client, round_) <= 0, answer, seconds)
