@@ -193,12 +193,16 @@ def run(
       and checkpointed as the last), and a ValueError is raised before any round if the target is
       already spent at the start.
     transcript: None (the default: nothing recorded, the round compiled as always), or a path or a
-      `sljax.privacy.transcript.Recorder`: every message of the run (each present client's smashed
-      data up and cut gradient down, per step) is recorded with its round, step and client id, as
-      `sljax.fit` and the network server record them. The round is compiled with `record=True`
-      (it then also returns its messages); each round's messages reach the host in one transfer
-      and a writer thread serializes them. A path's recorder is closed at the end. Algorithms
-      whose round does not record raise a ValueError naming `transcript`.
+      `sljax.privacy.transcript.Recorder`: every message of the run is recorded with its round,
+      step and client id, as the network server records the same run (`sljax.transport`): each
+      step's messages (smashed data up, cut gradient down; U-shaped: body output down, tail
+      gradient up too), the client halves handed over (sequential SL, each turn) or handed in and
+      averaged (SplitFed), and the initial halves (before round 0) or, in sequential SL, the final
+      half (after the last round) that each client fetches. The round is compiled with
+      `record=True` (it then also returns its messages); each round's messages reach the host in
+      one transfer and a writer thread serializes them. A path's recorder is closed at the end.
+      Every split-learning algorithm of `sljax.algorithms.REGISTRY` records; FedAvg and the
+      centralized baseline raise a ValueError naming `transcript`.
 
   Records hold the round's number and metrics as Python numbers: `train_batch_loss` and
   `train_batch_accuracy` (the round's `loss` and `accuracy`: means over its training batches,
@@ -272,6 +276,7 @@ def run(
     if population is not None or not jit:
       raise ValueError("transcript: recording runs the jitted round of a stacked simulation (jit=True, no Population)")
     recording = RoundRecording(algorithm, transcript)
+    recording.start(state, data)
   if population is not None:
     round_fn = lambda s, _: population.round(s)  # noqa: E731 -- jitted inside, around the host stores
   elif jit and recording is not None:  # another program: the round that also returns its messages
@@ -284,6 +289,7 @@ def run(
   else:
     round_fn = round_
   history = []
+  finished = False
   try:
     with progress_bar(range(start, stop), desc=algorithm.name, disable=not progress) as bar:
       for r in bar:
@@ -315,9 +321,10 @@ def run(
             # the next round overwrites these arrays (donated, or a population's stores, written in place):
             # let orbax finish reading them first
             manager.wait_until_finished()
+    finished = True
   finally:
     if recording is not None:
-      recording.finish()
+      recording.finish(state, last=finished)
     if manager is not None:
       manager.wait_until_finished()
       manager.close()

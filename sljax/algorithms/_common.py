@@ -63,6 +63,12 @@ class RoundInputs(NamedTuple):
     """(K,): the clients that took part and finished the round."""
     return self.active()[-1]
 
+  def started(self) -> jax.Array:
+    """(local_steps, K): the clients that begin step s, sending its first message (those that drop
+    in step s included; gone only from the next)."""
+    dropped = self.dropped.astype(jnp.int32)
+    return self.participating[None, :] & (jnp.cumsum(dropped, axis=0) - dropped == 0)
+
 
 class Timeline(NamedTuple):
   """An algorithm's round on the simulated clock (`sljax.network.round_time`), next to its `round`.
@@ -169,6 +175,8 @@ class Algorithm(NamedTuple):
   - `round(state, data, inputs=None) -> (state, metrics)`: one round, a pure function to jit.
     `inputs` (a `RoundInputs`) overrides the participation and drops sampled from the round key.
     `metrics` is a `RoundMetrics`: arrays, and the exact int64 bytes computed on the host.
+    Every split-learning algorithm's round also takes `record=True` (static) and then returns
+    `(state, metrics, RoundMessages)`: the messages it exchanged, for a transcript.
   - `predict(state, x, client=0) -> logits`: inference with client `client`'s half, an array
     (B, ...) of the model's outputs (`client` may be traced, except where the halves differ in shape).
   - `schedule`: its `Schedule` (keys, order, server step, aggregation, timeline), which `round`
@@ -616,18 +624,60 @@ class RoundMetrics(Mapping):
     return cls(*children)
 
 
+@struct.dataclass
+class Sent:
+  """Messages of one kind that a round sent, stacked, with who sent (or got) each one.
+
+  Attributes:
+    direction: "up" (client to server) or "down".
+    messages: a message of `sljax.messages` whose arrays are stacked (S, K, ...) (one per step and
+      client) when `step` is None, else (K, ...) (once in the round, at step `step`).
+    mask: (S, K) or (K,) bools: which of them were sent (an absent client's entries are placeholders).
+    step: None (every step), or the step a once-per-round message is recorded at, as the network
+      server records it (a hand-over after the last step: `local_steps`).
+    next_round: the message belongs to the next round (what the clients fetch before it: the average
+      of the client halves), as the network server records it.
+    clients: the positions (among the round's K clients) of the K entries, where they are only some
+      of them (heterogeneous parallel SL: one stack per group of clients with the same cut); None: all.
+  """
+
+  direction: str = struct.field(pytree_node=False)
+  messages: Any
+  mask: jax.Array
+  step: int | None = struct.field(pytree_node=False, default=None)
+  next_round: bool = struct.field(pytree_node=False, default=False)
+  clients: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
+
+
 class RoundMessages(NamedTuple):
   """The messages of a round, returned by `round(..., record=True)` (and only then: recording
-  compiles another program, and the plain round carries nothing extra).
+  compiles another program, and the plain round carries nothing extra): one `Sent` per kind of
+  message, in the order a client sends and gets them within a step, and `ids` (K,) the clients' ids.
+  `sljax.simulation.run(..., transcript=)` writes them (`sljax.privacy.transcript.RoundRecording`)."""
 
-  `up` and `down` are the messages each client sent and got in each step, stacked (S, K, ...);
-  `active` (S, K) says which were sent (an absent client's rows are placeholders); `ids` (K,) the
-  clients' ids."""
-
-  up: Any
-  down: Any
-  active: jax.Array
+  sent: tuple[Sent, ...]
   ids: jax.Array
+
+
+def step_exchange(up: Any, down: Any, inputs: RoundInputs) -> tuple[Sent, Sent]:
+  """The messages of steps in which each client sends one message and gets one back (smashed data
+  up, cut gradient down), stacked (S, K, ...): sent up by each client that began the step, down
+  to each that completed it."""
+  return Sent("up", up, inputs.started()), Sent("down", down, inputs.active())
+
+
+def half_message(party: PartyState) -> msgs.ClientHalf:
+  """A client half as it travels (from the server at the start, or relayed): everything but the
+  static input spec."""
+  return msgs.ClientHalf(party.params, party.model_state, party.opt_state, party.codec_state)
+
+
+def client_party(algorithm: Algorithm, state: SimState, client: int) -> PartyState:
+  """Client `client`'s party (its position on the client axis) in a `SimState` of `algorithm`."""
+  view = algorithm.schedule.clients if algorithm.schedule is not None else None
+  if view is not None:
+    return view.party(state, client)
+  return jax.tree.map(lambda a: a[client], state.clients) if algorithm.client_axes.clients else state.clients
 
 
 def round_metrics(losses_SxK, accs_SxK, active_SxK, traffic: Traffic, participating_K) -> RoundMetrics:

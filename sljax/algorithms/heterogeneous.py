@@ -199,7 +199,7 @@ def heterogeneous_parallel_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *,
   schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, TIMELINE,
                         clients=view)
 
-  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None, *, record: bool = False):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients[0].input_spec, config=config)
     active_all = inputs.active()
 
@@ -222,12 +222,20 @@ def heterogeneous_parallel_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *,
         up.append((msgs.wire_size(c.first(u)), inputs.participating & member))
         down.append((msgs.wire_size(msgs.CutGradient(c.first(payload))), active_all[s] & member))
       traffic = c.Traffic(up=up, down=down)
-      return (tuple(new_clients), server), (losses[inverse], accs[inverse], active_all[s], traffic)
+      sent = tuple((u, msgs.CutGradient(p)) for u, p in zip(ups, payloads)) if record else ()  # per group
+      return (tuple(new_clients), server), (losses[inverse], accs[inverse], active_all[s], traffic, sent)
 
-    (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
+    (clients, server), (losses, accs, active, traffic, sent) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
     metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
-    return state.replace(clients=clients, server=server, round=state.round + 1), metrics
+    state = state.replace(clients=clients, server=server, round=state.round + 1)
+    if record:  # each group's messages have its own shapes: one stack per group and direction
+      started = inputs.started()
+      return state, metrics, c.RoundMessages(tuple(
+          c.Sent(direction, messages, mask[:, g], clients=tuple(int(k) for k in g))
+          for g, group_sent in zip(groups, sent)
+          for direction, messages, mask in zip(("up", "down"), group_sent, (started, active))), data.client_ids())
+    return state, metrics
 
   def predict(state: c.SimState, x, client: int = 0):
     up = protocols[group_of[client]].client_infer(party(state, client), x)  # the client's inference leg

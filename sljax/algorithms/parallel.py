@@ -233,7 +233,7 @@ def parallel_sl(
     metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
     state = state.replace(clients=clients, server=server, round=state.round + 1)
     if record:
-      return state, metrics, c.RoundMessages(sent[0], sent[1], active, ids)
+      return state, metrics, c.RoundMessages(c.step_exchange(*sent, inputs), ids)
     return state, metrics
 
   def _chunked_step(state: c.SimState, data: ClientData, inputs: c.RoundInputs):
@@ -463,7 +463,7 @@ def local_loss_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, aux_head: S
   schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, LOCAL_LOSS_TIMELINE,
                         client_step=client_local_step, client_half=client_half)
 
-  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None, *, record: bool = False):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
     ids = data.client_ids()
@@ -476,12 +476,15 @@ def local_loss_sl(sl: protocol.Vanilla, config: c.ScheduleConfig, *, aux_head: S
       server, losses, accs = server_step(server, ups, active.astype(jnp.float32), state.key, state.round, s)
       clients = c.where(active, updated, clients)
       traffic = c.Traffic(up=[(msgs.wire_size(c.first(ups)), inputs.participating)])  # nothing comes down
-      return (clients, server), (losses, accs, active, traffic)
+      return (clients, server), (losses, accs, active, traffic, ups if record else ())
 
-    (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
+    (clients, server), (losses, accs, active, traffic, ups) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
     metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
-    return state.replace(clients=clients, server=server, round=state.round + 1), metrics
+    state = state.replace(clients=clients, server=server, round=state.round + 1)
+    if record:  # smashed data up from each client that began the step; nothing comes down
+      return state, metrics, c.RoundMessages((c.Sent("up", ups, inputs.started()),), ids)
+    return state, metrics
 
   def predict(state: c.SimState, x, client: int = 0):
     one = client_half(jax.tree.map(lambda a: a[client], state.clients))

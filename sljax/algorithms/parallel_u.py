@@ -222,12 +222,10 @@ def u_shaped_parallel_sl(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Al
     _, tail, _ = client_tail(client, x, y, key, body)
     return c.select(active, sl.client_backward(client, tail, cut_grad), client)
 
-  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None, *, record: bool = False):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
-    # who sends smashed data in step s: the participants not gone in an earlier step
-    dropped = inputs.dropped.astype(jnp.int32)
-    started = inputs.participating[None, :] & (jnp.cumsum(dropped, axis=0) - dropped == 0)
+    started = inputs.started()  # who sends smashed data in step s: the participants not gone in an earlier step
     ids = data.client_ids()
 
     def step(carry, s):
@@ -243,12 +241,18 @@ def u_shaped_parallel_sl(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Al
       size = lambda messages: msgs.wire_size(c.first(messages))  # noqa: E731
       traffic = c.Traffic(up=[(size(ups), started[s]), (size(tail_grads), active)],
                           down=[(size(bodies), active), (size(cut_grads), active)])
-      return (clients, server), (losses, accs, active, traffic)
+      sent = (ups, bodies, tail_grads, cut_grads) if record else ()  # the step's messages, (K, ...) each
+      return (clients, server), (losses, accs, active, traffic, sent)
 
-    (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
+    (clients, server), (losses, accs, active, traffic, sent) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
     metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
-    return state.replace(clients=clients, server=server, round=state.round + 1), metrics
+    state = state.replace(clients=clients, server=server, round=state.round + 1)
+    if record:  # in a client's order: smashed data up, body output down, tail gradient up, cut gradient down
+      ups, bodies, tail_grads, cut_grads = sent
+      return state, metrics, c.RoundMessages((c.Sent("up", ups, started), c.Sent("down", bodies, active),
+                                              c.Sent("up", tail_grads, active), c.Sent("down", cut_grads, active)), ids)
+    return state, metrics
 
   def predict(state: c.SimState, x, client: int = 0):
     one = jax.tree.map(lambda a: a[client], state.clients)

@@ -59,31 +59,47 @@ def _relay_init(sl, config: c.ScheduleConfig):
 
 
 def _relay_round(state: c.SimState, data: ClientData, inputs: c.RoundInputs, order, config: c.ScheduleConfig,
-                 one_step):
+                 one_step, record: tuple[str, ...] = ()):
   """One round of turns: the clients in `order`, each `local_steps` steps of
-  `one_step((client, server), x, y, s, k) -> ((client, server), (loss, accuracy, Traffic))` on its
+  `one_step((client, server), x, y, s, k) -> ((client, server), (loss, accuracy, Traffic, sent))` on its
   own batches, a step kept only where client k is active in it. Metrics in client order; each
-  participant also receives the client half and hands it on."""
+  participant also receives the client half and hands it on.
+
+  `record`: the directions of the messages `sent` by a step (`one_step` returns () when it is
+  empty); then the round also returns its `RoundMessages`: the client half each participant
+  receives at the start of its turn, each step's messages, the half it hands back after its last
+  step (if it completed the turn), as the network server records a turn."""
   steps = jnp.arange(config.local_steps)
   xs, ys = jax.vmap(lambda s: c.batches(state, data, s, local_steps=config.local_steps,
                                         batch_size=config.batch_size))(steps)  # (S, K, ...)
 
   def turn(carry, k):
     def step(carry, s):
-      new, (loss, acc, traffic) = one_step(carry, xs[s, k], ys[s, k], s, k)
+      new, (loss, acc, traffic, sent) = one_step(carry, xs[s, k], ys[s, k], s, k)
       active = inputs.active()[s, k]
-      return c.select(active, new, carry), (loss, acc, active, traffic)
+      return c.select(active, new, carry), (loss, acc, active, traffic, sent)
 
-    return jax.lax.scan(step, carry, steps)
+    end, outputs = jax.lax.scan(step, carry, steps)
+    halves = (c.half_message(carry[0]), c.half_message(end[0])) if record else ()  # received, handed back
+    return end, (outputs, halves)
 
-  (client, server), (losses, accs, active, traffic) = jax.lax.scan(turn, (state.clients, state.server), order)
-  # a scan over clients gives (K, S) in turn order: metrics want (S, K) in client order
+  (client, server), (outputs, halves) = jax.lax.scan(turn, (state.clients, state.server), order)
+  # a scan over clients gives (K, S, ...) in turn order: metrics and messages want (S, K, ...) in client order
   back = jnp.argsort(order)
-  losses, accs, active, traffic = jax.tree.map(lambda a: a[back].T, (losses, accs, active, traffic))
+  losses, accs, active, traffic, sent = jax.tree.map(lambda a: jnp.swapaxes(a[back], 0, 1), outputs)
   relay = c.model_bytes(state.clients.params)
   traffic = traffic.sum(0) + c.Traffic(up=[(relay, inputs.participating)], down=[(relay, inputs.participating)])
   metrics = c.round_metrics(losses, accs, active, traffic, inputs.participating)
-  return state.replace(clients=client, server=server, round=state.round + 1), metrics
+  state = state.replace(clients=client, server=server, round=state.round + 1)
+  if not record:
+    return state, metrics
+  received, handed = jax.tree.map(lambda a: a[back], halves)
+  # a step's first message (smashed data up) is sent by a client that began the step, the rest where it completes
+  masks = [inputs.started()] + [active] * (len(record) - 1)
+  return state, metrics, c.RoundMessages((
+      c.Sent("down", received, inputs.participating, step=0),
+      *(c.Sent(d, m, mask) for d, m, mask in zip(record, sent, masks, strict=True)),
+      c.Sent("up", handed, inputs.completed(), step=config.local_steps)), data.client_ids())
 
 
 def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm:
@@ -134,7 +150,7 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
 
   init = _relay_init(sl, config)
 
-  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None, *, record: bool = False):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
     ids = data.client_ids()
@@ -147,9 +163,10 @@ def sequential_sl(sl: protocol.Vanilla, config: c.ScheduleConfig) -> c.Algorithm
       new_client = sl.client_backward(client, pending, down)
       traffic = c.Traffic(up=[(msgs.wire_size(up), inputs.participating[k])],
                           down=[(msgs.wire_size(down), inputs.active()[s, k])])
-      return (new_client, new_server), (loss, acc, traffic)
+      return (new_client, new_server), (loss, acc, traffic, (up, down) if record else ())
 
-    return _relay_round(state, data, inputs, schedule.order(state.key, state.round, ids), config, one_step)
+    return _relay_round(state, data, inputs, schedule.order(state.key, state.round, ids), config, one_step,
+                        ("up", "down") if record else ())
 
   def predict(state: c.SimState, x, client: int = 0):
     del client  # one client half, shared by all
@@ -207,7 +224,7 @@ def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorit
 
   init = _relay_init(sl, config)
 
-  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None, *, record: bool = False):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
     ids = data.client_ids()
@@ -223,9 +240,11 @@ def sequential_sl_u(sl: protocol.UShaped, config: c.ScheduleConfig) -> c.Algorit
       active = inputs.active()[s, k]
       traffic = c.Traffic(up=[(msgs.wire_size(up), inputs.participating[k]), (msgs.wire_size(tail_grad), active)],
                           down=[(msgs.wire_size(body), active), (msgs.wire_size(down), active)])
-      return (new_client, new_server), (metrics["loss"], metrics["accuracy"], traffic)
+      sent = (up, body, tail_grad, down) if record else ()
+      return (new_client, new_server), (metrics["loss"], metrics["accuracy"], traffic, sent)
 
-    return _relay_round(state, data, inputs, schedule.order(state.key, state.round, ids), config, one_step)
+    return _relay_round(state, data, inputs, schedule.order(state.key, state.round, ids), config, one_step,
+                        ("up", "down", "up", "down") if record else ())
 
   def predict(state: c.SimState, x, client: int = 0):
     del client  # one client half, shared by all

@@ -204,7 +204,7 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int,
 
     return executor(backward, clients, x, y, keys, downs), server, ups, downs, losses, accs
 
-  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None):
+  def round_fn(state: c.SimState, data: ClientData, inputs: c.RoundInputs | None = None, *, record: bool = False):
     _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
 
     ids = data.client_ids()
@@ -224,12 +224,13 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int,
       clients = c.where(active, new_clients, clients)
       traffic = c.Traffic(up=[(msgs.wire_size(c.first(ups)), inputs.participating)],
                           down=[(msgs.wire_size(c.first(downs)), active)])
-      return (clients, server), (losses, accs, active, traffic)
+      return (clients, server), (losses, accs, active, traffic, (ups, downs) if record else ())
 
-    (clients, server), (losses, accs, active, traffic) = jax.lax.scan(
+    (clients, server), (losses, accs, active, traffic, sent) = jax.lax.scan(
         step, (state.clients, state.server), jnp.arange(local_steps))
     weights = data.count.astype(jnp.float32) * inputs.completed()
-    average, new_server = aggregate({"params": clients.params, "model_state": clients.model_state}, server, weights)
+    handed = {"params": clients.params, "model_state": clients.model_state}  # what each client hands in
+    average, new_server = aggregate(handed, server, weights)
     finished = weights.sum() > 0
     average = c.averaged_or_kept(finished, average, {"params": state.clients.params,
                                                      "model_state": state.clients.model_state})
@@ -245,7 +246,14 @@ def splitfed(sl: protocol.Vanilla, config: c.ScheduleConfig, *, version: int,
     traffic = traffic.sum(0) + c.Traffic(up=[(weight_bytes, inputs.completed())],
                                          down=[(weight_bytes, inputs.participating)])
     metrics = c.round_metrics(losses, accs, active, traffic, inputs.participating)
-    return state.replace(clients=clients, server=server, round=state.round + 1), metrics
+    state = state.replace(clients=clients, server=server, round=state.round + 1)
+    if record:  # each step's messages; the client halves handed in after the last step; the average fetched
+      # before the next round (as the network server records them: a Handover put, then the next round's get)
+      return state, metrics, c.RoundMessages((
+          *c.step_exchange(*sent, inputs),
+          c.Sent("up", msgs.ModelWeights(handed), inputs.completed(), step=local_steps),
+          c.Sent("down", msgs.ModelWeights(average), inputs.participating, step=0, next_round=True)), ids)
+    return state, metrics
 
   def predict(state: c.SimState, x, client: int = 0):
     one = jax.tree.map(lambda a: a[client], state.clients)

@@ -472,8 +472,9 @@ def recording_step(trainer: Any, *, truth: bool = False) -> tuple[Any, tuple[str
                   f"{type(trainer).__name__}")
 
 
-def _row(stacked: Any, i: int) -> Any:
-  """Message `i` of a message whose arrays are stacked along a leading step axis."""
+def _row(stacked: Any, i: int | tuple[int, ...]) -> Any:
+  """Message `i` of a message whose arrays are stacked along a leading step axis (a tuple: along
+  the leading axes, e.g. (step, client))."""
   return jax.tree.map(lambda a: a[i], stacked)
 
 
@@ -536,27 +537,79 @@ class FitRecording:
 class RoundRecording:
   """`simulation.run(..., transcript=)`: writes the messages the round returns with `record=True`.
 
-  `write` takes what the jitted round returned, moves the messages to the host in one transfer and queues one record per
-  message of a present client (round, step, client id); the writer thread serializes them.
+  The records are those the network server records for the same run (`sljax.transport`): each
+  message of a round that its `RoundMessages` says was sent, under its round, step and client id;
+  and what a client fetches outside any round: before the first round, each client's initial half
+  (`start`), except in a relay (sequential SL), where the half comes with each turn; after the last
+  round of a relay, the final half, to every client (`finish`).
   """
 
   def __init__(self, algorithm: Any, transcript: str | os.PathLike | Recorder):
     import inspect  # noqa: PLC0415
 
+    if algorithm.name in _NO_RECORDING:
+      raise ValueError(f"transcript: {algorithm.name} {_NO_RECORDING[algorithm.name]}")
     if "record" not in inspect.signature(algorithm.round).parameters:
       raise ValueError(f"transcript: the round of {algorithm.name} does not return its messages (record=True); "
                        "record it over the network (a server's recorder=) instead")
+    self.algorithm = algorithm
     self.owned = not isinstance(transcript, Recorder)
     self.recorder = Recorder(transcript, meta={"algorithm": algorithm.name}) if self.owned else transcript
+    self.ran = False
+
+  def start(self, state: Any, data: Any) -> None:
+    """Before the first round of a run: at round 0, each client's initial half (a `ClientHalf`
+    down, as the network server deals them), unless the halves are relayed with each turn."""
+    from sljax.algorithms import _common  # noqa: PLC0415 -- the algorithms import this package lazily
+
+    self.ids = np.asarray(data.client_ids())
+    if int(state.round) == 0 and self.algorithm.client_axes.clients:
+      for k, client in enumerate(self.ids):
+        half = _common.half_message(jax.device_get(_common.client_party(self.algorithm, state, k)))
+        self.recorder.record("down", 0, 0, int(client), half)
 
   def write(self, round_: int, state: Any, metrics: Any, sent: Any) -> tuple[Any, Any]:
-    up, down, active, ids = jax.device_get((sent.up, sent.down, sent.active, sent.ids))
-    for s, k in zip(*np.nonzero(np.asarray(active))):
-      client = int(ids[k])
-      self.recorder.record("up", round_, int(s), client, _row(_row(up, s), k))
-      self.recorder.record("down", round_, int(s), client, _row(_row(down, s), k))
+    """Queues a round's messages, sorted by (round, step, client) and, within those, in the order
+    of `sent`; returns `(state, metrics)`."""
+    self.ran = True
+    streams, ids = jax.device_get((sent.sent, sent.ids))
+    records = []
+    for i, stream in enumerate(streams):
+      at = round_ + int(stream.next_round)
+      positions = np.arange(len(ids)) if stream.clients is None else np.asarray(stream.clients)
+      mask = np.asarray(stream.mask)
+      if stream.step is None:  # (S, K): one per step and client
+        for s, k in zip(*np.nonzero(mask)):
+          records.append((at, int(s), int(ids[positions[k]]), i, stream.direction, functools.partial(
+              _row, stream.messages, (s, k))))
+      else:
+        for (k,) in zip(*np.nonzero(mask)):
+          records.append((at, stream.step, int(ids[positions[k]]), i, stream.direction, functools.partial(
+              _row, stream.messages, (k,))))
+    records.sort(key=lambda r: r[:4])
+    for round_at, step, client, _, direction, message in records:
+      self.recorder.record(direction, round_at, step, client, message)
     return state, metrics
 
-  def finish(self) -> None:
-    if self.owned:
-      self.recorder.close()
+  def finish(self, state: Any = None, *, last: bool = False) -> None:
+    """After the run: if it ran its last round (`last`), the final client half of a relay to every
+    client, as the network server answers their last fetch; then closes a recorder it opened."""
+    try:
+      if last and self.ran and not self.algorithm.client_axes.clients:
+        from sljax.algorithms import _common  # noqa: PLC0415
+
+        half = _common.half_message(jax.device_get(state.clients))
+        for client in self.ids:
+          self.recorder.record("down", int(state.round), 0, int(client), half)
+    finally:
+      if self.owned:
+        self.recorder.close()
+
+
+# Algorithms whose simulated round records nothing, and why.
+_NO_RECORDING = {
+    "fedavg": "sends no split-learning messages, only whole models, and does not run over the network (no "
+              "coordinator in sljax.transport), whose server records what a transcript holds; record a split "
+              "algorithm (e.g. splitfed_v1, whose weights are recorded with its messages)",
+    "centralized": "sends no messages: the whole model trains in one place",
+}
