@@ -163,7 +163,14 @@ def vertical_sl(
 
   Parties that fail: `step(state, batch, key, absent=names)` trains without the parties `names`
   (static): their embeddings replaced as above, their states and downlink codec states left as
-  they are, nothing sent to or from them, their bytes not counted. `step(..., dropped=flags)`
+  they are, nothing sent to or from them, their bytes not counted. `step(..., present=mask)` does
+  the same with a (P,) bool mask (True: the party takes part) that may be traced: one jitted program
+  for every mask (e.g. random party dropout, `sljax.vertical.with_dropout`). Every party's legs
+  then run and `jnp.where` keeps what the absent ones would not have done, with the same numbers as
+  `absent=` for that mask; the bytes are arrays (0 for an absent party), the metrics add `present`
+  and `discarded`, and an absent party's `client_loss_<name>` is NaN. A mask without any party, or
+  (traced) without the label party, discards the step; a concrete one without the label party is
+  an error. Not with `absent=`; `vectorize` is not used with it. `step(..., dropped=flags)`
   with (P,) bools (traced) discards the whole step everywhere when any party dropped during it
   (after its forward, as in horizontal SL): the state comes back as it was, `metrics["discarded"]`
   says so, and the bytes sent before the drop are still counted.
@@ -326,14 +333,19 @@ def vertical_sl(
       return jnp.zeros((batch, *spec.shape), spec.dtype)
     return jnp.broadcast_to(state.replacement[p].params, (batch, *spec.shape))
 
-  def step(state: VerticalState, batch, key, *, absent: Sequence[str] = (),
+  def step(state: VerticalState, batch, key, *, absent: Sequence[str] = (), present=None,
            dropped=None) -> tuple[VerticalState, Metrics]:
     absent = _check_absent(model, absent) if absent else ()
     if model.label_party in absent:
       raise ValueError(f"absent: party {model.label_party!r} is the label party, which runs the step; it cannot be "
                        "absent in training")
+    if present is not None:
+      if absent:
+        raise ValueError(f"present: expected either absent= (static names) or present= (a mask), not both; got "
+                         f"absent={absent}")
+      return _step_in_a_loop(state, batch, key, _check_present(present), dropped)
     if absent or not vectorize:
-      return _step_in_a_loop(state, batch, key, absent, dropped)
+      return _step_in_a_loop(state, batch, key, tuple(name not in absent for name in model.names), dropped)
     # party 0's legs vmapped over the parties' stacked states: one batched program
     xs, labels = batch
     xs = _party_inputs(model, xs)
@@ -349,47 +361,92 @@ def vertical_sl(
     new = VerticalState(parties, top, state.step + 1, state.replacement)
     return _discard_if(dropped, new, state, metrics, _traffic(model.names, ups, downs, remote))
 
-  def _discard_if(dropped, new: VerticalState, old: VerticalState, metrics: dict, traffic: dict):
-    """`new`, or `old` where any party dropped during the step (`dropped`, (P,) bools, traced)."""
-    if dropped is None:
+  def _discard_if(dropped, new: VerticalState, old: VerticalState, metrics: dict, traffic: dict, *,
+                  cannot_train=None):
+    """`new`, or `old` where any party dropped during the step (`dropped`, (P,) bools, traced) or the
+    step could not train (`cannot_train`, a traced bool)."""
+    if dropped is None and cannot_train is None:
       return new, Metrics(metrics, traffic)
-    dropped = jnp.asarray(dropped)
-    if dropped.shape != (n,) or dropped.dtype != jnp.bool_:
-      raise ValueError(f"dropped: expected ({n},) bools, one per party {model.names}, got {dropped.shape} "
-                       f"{dropped.dtype}")
-    discarded = jnp.any(dropped)
+    discarded = cannot_train
+    if dropped is not None:
+      dropped = jnp.asarray(dropped)
+      if dropped.shape != (n,) or dropped.dtype != jnp.bool_:
+        raise ValueError(f"dropped: expected ({n},) bools, one per party {model.names}, got {dropped.shape} "
+                         f"{dropped.dtype}")
+      discarded = jnp.any(dropped) if cannot_train is None else jnp.any(dropped) | cannot_train
     new = jax.tree.map(lambda a, b: jnp.where(discarded, b, a), new, old)
     return new, Metrics({**metrics, "discarded": discarded}, traffic)
 
-  def _step_in_a_loop(state: VerticalState, batch, key, absent: tuple[str, ...], dropped):
-    """`step` with a Python loop over the parties (inside the one jitted program), without the
-    parties `absent` (none: every party): their embeddings stood in for (see `stand_in`), their
-    states, and the downlink codec states of their gradients, left as they are."""
+  def _check_present(present) -> tuple:
+    """`step`'s `present`, (P,) bools (traced or not), as one traced bool per party; a concrete mask with
+    the label party absent is refused (traced, its step is discarded)."""
+    if not isinstance(present, jax.Array | np.ndarray) or present.shape != (n,) or present.dtype != np.bool_:
+      got = (f"{present.shape} {present.dtype}" if isinstance(present, jax.Array | np.ndarray)
+             else type(present).__name__)
+      raise ValueError(f"present: expected a ({n},) bool array, one per party {model.names} (True: it takes part), "
+                       f"got {got}")
+    if not isinstance(present, jax.core.Tracer):  # a concrete mask: its values checked here
+      flags = np.asarray(present)
+      if model.label_party is not None and not flags[model.names.index(model.label_party)]:
+        raise ValueError(f"present: party {model.label_party!r} is the label party, which runs the step; it cannot "
+                         f"be absent in training, got present={flags.tolist()}")
+    present = jnp.asarray(present)
+    return tuple(present[p] for p in range(n))
+
+  def _step_in_a_loop(state: VerticalState, batch, key, on: tuple, dropped):
+    """`step` with a Python loop over the parties (inside the one jitted program). `on[p]`: whether
+    party p takes part, a Python bool (static: a program per set of absent parties; `absent=`) or
+    a traced bool (one program for every mask; `present=`). An absent party's embedding is stood
+    in for (see `stand_in`); its state, and the downlink codec state of its gradient, are left as
+    they are; nothing is sent to or from it. With traced flags every party's legs run and
+    `jnp.where` keeps what an absent party would not have done, so both give the same numbers."""
     xs, labels = batch
+    absent = tuple(name for name, o in zip(model.names, on, strict=True) if o is False)
     xs = _party_inputs(model, xs, absent)
     keys = jax.random.split(key, n + 1)
-    on = tuple(name not in absent for name in model.names)
     batch_size = next(jnp.shape(x)[0] for x in xs if x is not None)
-    forwards = {p: party_forward[p](state.parties[p], xs[p], keys[p]) for p in range(n) if on[p]}
-    ups = tuple(forwards[p][0] if on[p] else msgs.SmashedData(
-        _fresh_encode(up_codecs[p], stand_in(state, p, batch_size), keys[p], CODEC_STREAM)) for p in range(n))
+
+    def pick(p: int, taking_part, standing_in):
+      """What party p's place holds: `taking_part()` where it takes part, else `standing_in()`."""
+      if on[p] is True or on[p] is False:
+        return taking_part() if on[p] else standing_in()
+      return jax.tree.map(lambda a, b: jnp.where(on[p], a, b), taking_part(), standing_in())
+
+    forwards = {p: party_forward[p](state.parties[p], xs[p], keys[p]) for p in range(n) if on[p] is not False}
+    ups = tuple(pick(p, lambda p=p: forwards[p][0], lambda p=p: msgs.SmashedData(
+        _fresh_encode(up_codecs[p], stand_in(state, p, batch_size), keys[p], CODEC_STREAM))) for p in range(n))
     top, downs, metrics = top_step(state.top, ups, labels, keys[n])
-    top = top.replace(codec_state=tuple(c if on[p] else state.top.codec_state[p]
+    top = top.replace(codec_state=tuple(pick(p, lambda c=c: c, lambda p=p: state.top.codec_state[p])
                                         for p, c in enumerate(top.codec_state)))
-    parties = tuple(party_backward[p](state.parties[p], forwards[p][1], downs[p]) if on[p] else state.parties[p]
-                    for p in range(n))
+    parties = tuple(pick(p, lambda p=p: party_backward[p](state.parties[p], forwards[p][1], downs[p]),
+                         lambda p=p: state.parties[p]) for p in range(n))
     stand_ins = state.replacement
     if stand_ins is not None:  # the absent parties' vectors learn from the gradient at their place
       stand_ins = tuple(
-          r if on[p] else apply_update(r, down_codecs[p].decode(downs[p].grad).sum(0), top_optimizer, ())
+          pick(p, lambda r=r: r,
+               lambda p=p, r=r: apply_update(r, down_codecs[p].decode(downs[p].grad).sum(0), top_optimizer, ()))
           for p, r in enumerate(stand_ins))
-    for p in forwards:
-      metrics.update({f"client_loss_{model.names[p]}": v for v in forwards[p][1].metrics.values()})
-    present = [p for p in range(n) if on[p]]
+    for p, (_, pending) in forwards.items():  # traced flags: NaN where the party was absent (it computed nothing)
+      metrics.update({f"client_loss_{model.names[p]}": pick(p, lambda v=v: v, lambda v=v: jnp.full_like(v, jnp.nan))
+                      for v in pending.metrics.values()})
+    present = [p for p in range(n) if on[p] is not False]
     traffic = _traffic([model.names[p] for p in present], [ups[p] for p in present], [downs[p] for p in present],
                        tuple(remote[p] for p in present))
     new = VerticalState(parties, top, state.step + 1, stand_ins)
-    return _discard_if(dropped, new, state, metrics, traffic)
+    if all(o is True or o is False for o in on):
+      return _discard_if(dropped, new, state, metrics, traffic)
+    # Traced flags: the bytes, as arrays, count the parties that took part; a mask that cannot train (the label
+    # party absent, or every party) discards the step.
+    flags = jnp.stack(on)
+    for direction in ("up", "down"):
+      per_party = {name: jnp.where(flags[model.names.index(name)], traffic[f"bytes_{direction}_{name}"], 0)
+                   for name in model.names if f"bytes_{direction}_{name}" in traffic}
+      metrics.update({f"bytes_{direction}_{name}": b for name, b in per_party.items()})
+      metrics[f"bytes_{direction}"] = sum(per_party.values(), jnp.zeros((), jnp.int32))
+    cannot_train = ~jnp.any(flags)
+    if model.label_party is not None:
+      cannot_train |= ~flags[model.names.index(model.label_party)]
+    return _discard_if(dropped, new, state, {**metrics, "present": flags}, {}, cannot_train=cannot_train)
 
   def predict(state: VerticalState, xs, key=None, *, absent: Sequence[str] = ()) -> tuple[jax.Array, Metrics]:
     """Collaborative inference in eval mode: every bottom on its columns (through its uplink codec,
@@ -441,6 +498,52 @@ def without(sl: VerticalSL, absent: Sequence[str]) -> VerticalSL:
   """
   absent = _check_absent(sl.model, absent)
   return sl._replace(step=functools.partial(sl.step, absent=absent))
+
+
+PRESENCE_STREAM = 0x9A27E5  # fold_in(step key, PRESENCE_STREAM): who takes part in a step of `with_dropout`
+
+
+def with_dropout(sl: VerticalSL, *, rate: float) -> VerticalSL:
+  """`sl` whose `step` trains with random party dropout: each party other than the label party is
+  absent from a step with probability `rate`, independently, for `sljax.fit`.
+
+  The mask is drawn from the step key, `jax.random.bernoulli(fold_in(key, PRESENCE_STREAM), 1 - rate,
+  (P,))` (the label party always takes part), and passed as `step(..., present=mask)`: one jitted
+  program for every mask, an absent party's embedding stood in for (zeros, or the learned vector
+  with `replacement="learned"`, which then learns in the steps its party misses), its state
+  untouched, its bytes not counted. `metrics["present"]` says who took part; a step where no party
+  does (possible only without a label party's own bottom) is discarded (`metrics["discarded"]`).
+  Training so makes the model expect a party to be missing at inference
+  (`vertical_evaluate(..., absent=...)`); experiments/vertical measures what it costs and gains.
+
+  Args:
+    sl: a `vertical_sl(...)`.
+    rate: the probability that a party misses a step, in [0, 1). With 0 every party takes part and
+      the step equals `sl.step` (bytes as arrays, and `present` and `discarded` in the metrics).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, sljax
+    >>> model = sljax.vertical_model([nn.Dense(4)] * 3, sljax.merges.concat(), nn.Dense(2), names=("a", "b", "c"))
+    >>> sl = sljax.vertical_sl(model, party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1))
+    >>> xs, y = (jnp.ones((8, 3)), jnp.ones((8, 2)), jnp.ones((8, 1))), jnp.zeros((8,), jnp.int32)
+    >>> state, history = sljax.fit(with_dropout(sl, rate=0.3), sl.init(jax.random.key(0), xs), xs, y,
+    ...                            key=jax.random.key(1), epochs=4, batch_size=4)
+    >>> one = sljax.wire_size(sljax.SmashedData(jnp.ones((4, 4))))  # one party's smashed data in one step
+    >>> [h["bytes_up"] // one for h in history]  # who sent, of the 3 parties x 2 steps of each epoch
+    [6, 4, 4, 3]
+  """
+  if not isinstance(sl, VerticalSL):
+    raise TypeError(f"sl: expected a VerticalSL (sljax.vertical_sl), got {type(sl).__name__}")
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+    raise ValueError(f"rate: expected a probability in [0, 1) that a party misses a step, got {rate!r}")
+  model, step = sl.model, sl.step
+  label = np.array([name == model.label_party for name in model.names])
+
+  def dropout_step(state: VerticalState, batch, key, **kwargs) -> tuple[VerticalState, Metrics]:
+    present = jax.random.bernoulli(jax.random.fold_in(key, PRESENCE_STREAM), 1 - rate, (model.num_parties,))
+    return step(state, batch, key, present=present | label, **kwargs)
+
+  return sl._replace(step=dropout_step)
 
 
 def vertical_centralized(

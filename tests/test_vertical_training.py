@@ -252,3 +252,89 @@ def test_a_learned_stand_in_learns_where_its_party_is_absent_and_a_dropped_step_
   with pytest.raises(ValueError, match=r"replacement: expected 'zero' or 'learned'"):
     sljax.vertical_sl(_model(merges.concat()), party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1),
                       replacement="mean")
+
+
+@pytest.fixture(scope="module")
+def three_parties(data):
+  """Parties "a" (the label party, with features of its own), "b" and "c"; a stateful downlink codec and a client
+  loss on the remote ones; learned stand-ins, set to random vectors so that their update shows."""
+  (xa, xb), y = data
+  xs = (xa[:BATCH, :6], xa[:BATCH, 6:], xb[:BATCH])
+  model = sljax.vertical_model([nn.Dense(4), nn.Dense(4), nn.Dense(4)], merges.concat(), nn.Dense(2),
+                               names=["a", "b", "c"], label_party="a")
+  sl = sljax.vertical_sl(model, party_optimizers=optax.adam(0.05), top_optimizer=optax.adam(0.05),
+                         downlink=codecs.top_k(k=2, error_feedback=True), client_loss=lambda x, h: jnp.mean(h**2),
+                         replacement="learned")
+  state = sl.init(jax.random.key(0), xs)
+  keys = jax.random.split(jax.random.key(5), 3)
+  state = state.replace(replacement=tuple(r.replace(params=jax.random.normal(k, r.params.shape))
+                                          for r, k in zip(state.replacement, keys, strict=True)))
+  return sl, state, (xs, jnp.asarray(y[:BATCH]))
+
+
+def test_a_traced_presence_mask_equals_absent_for_each_mask_in_one_program(three_parties):
+  """`step(..., present=mask)`: one compiled program for every mask, each step equal to `step(..., absent=)` for
+  that mask (the learned stand-ins' and the codec states' updates included); bytes as arrays, 0 for the absent."""
+  sl, state, batch = three_parties
+  names = sl.model.names
+  masks = [(), ("b",), ("c",), ("b", "c")]  # every set of absent parties that can train ("a" holds the labels)
+  # the static steps in one program (one compile instead of four)
+  static = jax.jit(lambda s, keys: [sl.step(s, batch, k, absent=a) for k, a in zip(keys, masks, strict=True)])
+  wants = static(state, jax.random.split(jax.random.key(1), len(masks)))
+  masked = jax.jit(lambda s, k, m: sl.step(s, batch, k, present=m))
+  for absent, key, (want, want_metrics) in zip(masks, jax.random.split(jax.random.key(1), len(masks)), wants,
+                                               strict=True):
+    mask = np.array([name not in absent for name in names])
+    got, metrics = masked(state, key, mask)
+    chex.assert_trees_all_close(got, want, atol=1e-6, rtol=1e-6)
+    for p, name in enumerate(names[1:], 1):  # a stand-in moves where its party is absent, the party where present
+      assert np.allclose(got.replacement[p].params, state.replacement[p].params) != (name in absent)
+      assert np.allclose(got.parties[p].params["kernel"], state.parties[p].params["kernel"]) == (name in absent)
+      assert np.isnan(metrics[f"client_loss_{name}"]) == (name in absent)
+      for direction in ("up", "down"):
+        assert metrics[f"bytes_{direction}_{name}"] == want_metrics.get(f"bytes_{direction}_{name}", 0)
+    np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], atol=1e-6)
+    assert np.array_equal(metrics["present"], mask) and not bool(metrics["discarded"])
+    assert metrics["bytes_up"] == want_metrics["bytes_up"] and metrics["bytes_down"] == want_metrics["bytes_down"]
+  assert masked._cache_size() == 1  # one program for every mask
+
+
+def test_a_bad_presence_mask_is_refused(three_parties):
+  sl, state, batch = three_parties
+  with pytest.raises(ValueError, match=r"^present: expected a \(3,\) bool array, one per party \('a', 'b', 'c'\) "
+                                       r"\(True: it takes part\), got \(2,\) bool$"):
+    sl.step(state, batch, jax.random.key(0), present=np.ones(2, bool))
+  with pytest.raises(ValueError, match=r"^present: expected a \(3,\) bool array, .*, got \(3,\) int32$"):
+    sl.step(state, batch, jax.random.key(0), present=jnp.ones(3, jnp.int32))
+  with pytest.raises(ValueError, match=r"^present: expected a \(3,\) bool array, .*, got list$"):
+    sl.step(state, batch, jax.random.key(0), present=[True, True, True])
+  with pytest.raises(ValueError, match=r"^present: party 'a' is the label party, which runs the step; it cannot be "
+                                       r"absent in training, got present=\[False, True, True\]$"):
+    sl.step(state, batch, jax.random.key(0), present=np.array([False, True, True]))
+  with pytest.raises(ValueError, match=r"^present: expected either absent= \(static names\) or present= \(a mask\), "
+                                       r"not both; got absent=\('b',\)$"):
+    sl.step(state, batch, jax.random.key(0), present=np.ones(3, bool), absent=("b",))
+  # traced, a mask without the label party cannot train: the step is discarded, the state left as it was
+  kept, metrics = jax.jit(lambda s, m: sl.step(s, batch, jax.random.key(0), present=m))(state,
+                                                                                        np.array([False, True, True]))
+  chex.assert_trees_all_equal(kept, state)
+  assert bool(metrics["discarded"])
+  with pytest.raises(ValueError, match=r"^rate: expected a probability in \[0, 1\) that a party misses a step, "
+                                       r"got 1.0$"):
+    sljax.vertical.with_dropout(sl, rate=1.0)
+
+
+def test_fit_with_random_party_dropout(data):
+  """`with_dropout(sl, rate=)` in `fit`, one program: parties left out of some steps (fewer bytes; a learned
+  stand-in moves only when its party misses a step)."""
+  xs, y = data
+  sl = sljax.vertical_sl(_model(merges.concat()), party_optimizers=optax.sgd(0.1), top_optimizer=optax.sgd(0.1),
+                         replacement="learned")
+  state = sl.init(jax.random.key(0), tuple(x[:BATCH] for x in xs))
+  dropout = sljax.vertical.with_dropout(sl, rate=0.5)
+  dropout = dropout._replace(step=chex.assert_max_traces(dropout.step, n=1))
+  got, history = sljax.fit(dropout, state, xs, y, key=jax.random.key(1), epochs=2, batch_size=BATCH)
+  one = sljax.wire_size(sljax.SmashedData(jnp.zeros((BATCH, 4))))  # one party's smashed data, one step
+  sent = [h["bytes_up"] // one for h in history]  # how many of the 2 x 3 party-steps of each epoch took place
+  assert all(h["bytes_up"] % one == 0 for h in history) and 0 < min(sent) and max(sent) < 2 * (N // BATCH)
+  assert float(jnp.abs(got.replacement[0].params).sum()) > 0 and history[-1]["loss"] < history[0]["loss"]
