@@ -4,7 +4,7 @@ A sealed run (clients in threads over InProcessTransport) ends bitwise where the
 receives, relays and stores of the halves holds none of their bytes, and the relayed-weights label attack that names
 the labels from a plain hand-off is at chance on a sealed one; a client with the wrong key, or a changed half, gets a
 clear error and the server is unchanged; the handshake refuses a mismatch of the setting; a server restarted from its
-checkpoint holding a sealed half resumes exactly.
+checkpoint holding a sealed half resumes exactly (the run finished over gRPC).
 
 Set-up: `cut(mlp(hidden=(32, 16)), 1, 2)` on flat digits (head 64 -> 32 | body 32 -> 16 | tail 16 -> 10: the tail's
 input as wide as the classes, as the attack needs) with Adam; 2 clients, 2 rounds of 3 steps per turn, batches of 32.
@@ -237,6 +237,7 @@ def test_the_handshake_refuses_a_mismatch_of_the_setting(setup, runs):
 
 def test_a_restarted_server_resumes_exactly_and_a_wrong_key_or_a_changed_half_leave_it_unchanged(setup, runs,
                                                                                                   tmp_path):
+  """Client 0's sealed turn, a server restart from the checkpoint, the refusals in process, the rest over gRPC."""
   server = _server(setup, sealed_handoffs=True, checkpoint_dir=tmp_path)
   links = {k: _Switch(server, t) for k, t in TOKENS.items()}
   sessions = {k: session._replace(transport=links[k]) for k, session in runs["sealed"][3].items()}
@@ -267,11 +268,19 @@ def test_a_restarted_server_resumes_exactly_and_a_wrong_key_or_a_changed_half_le
       links[1].call("Handover", wire.encode({**put, "message": message}))
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
   assert restarted.snapshot() == before
-  # the run goes on from the restarted server and ends where the uninterrupted one did
-  _turn(sessions[1], 0)
-  for k in TOKENS:
-    _turn(sessions[k], 1)
-  final = T.fetch_half(sessions[0], SCHEDULE.rounds)
+  # the run goes on from the restarted server, now over gRPC, and ends where the uninterrupted one did
+  running = T.serve(restarted.handle, address="127.0.0.1:0")
+  grpc_links = {k: T.GrpcTransport(f"127.0.0.1:{running.port}", token=t) for k, t in TOKENS.items()}
+  sessions = {k: session._replace(transport=grpc_links[k]) for k, session in sessions.items()}
+  try:
+    _turn(sessions[1], 0)
+    for k in TOKENS:
+      _turn(sessions[k], 1)
+    final = T.fetch_half(sessions[0], SCHEDULE.rounds)
+  finally:
+    for link in grpc_links.values():
+      link.close()
+    running.stop()
   restarted.close()
   reference, _, results, _ = runs["sealed"]
   assert_bitwise(restarted.state.server, reference.state.server)
