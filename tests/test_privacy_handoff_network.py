@@ -20,7 +20,7 @@ from flax import serialization
 import sljax
 from sljax import messages as msgs
 from sljax import transport as T
-from sljax.privacy import attacks, handoff
+from sljax.privacy import attacks, handoff, transcript
 from sljax.transport import schedule as sched
 from sljax.transport import wire
 from transport_helpers import assert_bitwise, run_in_threads
@@ -84,8 +84,12 @@ def _run(setup, **kw):
 
 
 @pytest.fixture(scope="module")
-def runs(setup):
-  return {"plain": _run(setup), "sealed": _run(setup, handoff_key=KEY)}
+def runs(setup, tmp_path_factory):
+  """The plain run and the sealed run; the sealed server records its transcript (`recorder=`)."""
+  path = tmp_path_factory.mktemp("sealed") / "server.sljt"
+  sealed = _run(setup, handoff_key=KEY, recorder=transcript.Recorder(path, meta={"algorithm": "sequential_sl_u"}))
+  sealed[0].close()  # finishes the transcript
+  return {"plain": _run(setup), "sealed": sealed, "transcript": path}
 
 
 def _handovers(links):
@@ -125,12 +129,19 @@ def test_the_server_relays_and_stores_no_byte_of_the_sealed_halves(runs):
   (plain, plain_links, _, _), (sealed, sealed_links, _, _) = runs["plain"], runs["sealed"]
   plain_bytes, sealed_bytes = _handovers(plain_links), _handovers(sealed_links)
   assert len(plain_bytes) == len(sealed_bytes) + 1  # the first turn's get: no half on the sealed server
+  assert all(m.startswith(handoff.MAGIC) for m in sealed_bytes)
   template = msgs.spec_of(sched.to_message(plain.state.client_half))
   halves = [msgs.from_bytes(template, m) for m in plain_bytes]  # the plain server reads every half it relays
   chunks = [c for half in halves for c in _chunks(half)]
   assert len(chunks) == 2 * len(halves)
   assert all(any(c in m for m in plain_bytes) for c in chunks)  # the check can fail: the plain bytes hold them
   stored = bytes(np.asarray(sealed.state.client_half))
+  # the server's own transcript: the same sealed hand-offs, and its step messages still read as ever
+  recorded = [r.payload for r in transcript.read(runs["transcript"]) if r.payload.startswith(handoff.MAGIC)]
+  assert sorted(recorded) == sorted(sealed_bytes)
+  exchanges = transcript.load(runs["transcript"]).exchanges()
+  assert len(exchanges) == SCHEDULE.num_clients * SCHEDULE.rounds * SCHEDULE.local_steps
+  assert all(e.labels is None for e in exchanges)  # U-shaped: no labels went up
   for data in [*sealed_bytes, stored]:
     assert len(data) == handoff.sealed_size(template)
     for c in chunks:

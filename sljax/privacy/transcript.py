@@ -53,6 +53,7 @@ from flax import serialization
 from sljax import codecs as codec_lib
 from sljax import messages as msgs
 from sljax import protocol
+from sljax.privacy import handoff
 
 MAGIC = b"SLJXTRN\x00"
 VERSION = 1
@@ -383,6 +384,8 @@ class Transcript(NamedTuple):
       if r.direction == "truth":
         truth = serialization.msgpack_restore(r.payload)
         entry["inputs"], entry["true_labels"] = truth["x"], truth["labels"]
+        continue
+      if r.payload[:len(handoff.MAGIC)] == handoff.MAGIC:  # a sealed hand-off: ciphertext, nothing to decode
         continue
       kind, body = decode(r.payload)
       if r.direction == "up" and kind == "SmashedData" and "smashed" not in entry:
