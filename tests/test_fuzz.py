@@ -87,6 +87,7 @@ def _valid_requests(setup, server, client):
       ("Commit", {"client": client, "round": r, "step": s}),
       ("Commit", {"client": client, "round": r, "step": s}),
       ("Predict", {"client": client, "batch": b, "message": msgs.to_bytes(msgs.SmashedData(rows))}),
+      ("Align", {"client": client, "op": "query", "wait": 0.0, "request": None, "setup": None, "response": None}),
   ]
 
 

@@ -25,6 +25,7 @@ client uses `GrpcTransport("host:port", token=...)`):
     >>> logits = predict(session, result.half, x_test)                                            # doctest: +SKIP
 """
 
+from sljax.transport.alignment import Aligner, AlignServer, align
 from sljax.transport.client import (
     Result,
     Session,
@@ -54,6 +55,8 @@ from sljax.transport.wire import METHODS, SERVICE, InProcessTransport, Transport
 
 __all__ = [
     "ALGORITHMS",
+    "AlignServer",
+    "Aligner",
     "ConcurrentServer",
     "ConcurrentState",
     "METHODS",
@@ -71,6 +74,7 @@ __all__ = [
     "Transport",
     "TransportError",
     "VerticalServer",
+    "align",
     "connect",
     "connect_party",
     "fetch_half",

@@ -75,6 +75,8 @@ class ServiceBase:
   algorithm = ""
   handoff = "plain"  # how sequential SL's client halves are handed over: "plain" or "sealed"
   _init_key: list[int] | None = None  # sealed: the data of the key the run's init takes
+  # The leader's role of the PSI alignment (`sljax.transport.Aligner`), if this server aligns sample IDs.
+  aligner = None
 
   def _configure(self, *, num_clients: int, tokens, certificate_names, sl: Vanilla | UShaped, checkpoint_every: int,
                  lease_seconds: float, max_message_bytes: int, max_predict_batch: int,
@@ -162,6 +164,8 @@ class ServiceBase:
                            f"{method}: field 'client' is {req['client']}, but the credentials are client {client}'s")
     if method == "Predict":  # takes the lock only to read the server half it runs
       return self._predict(client, req)
+    if method == "Align":  # beside training: the aligner's own lock; no lease renewed, no training state touched
+      return self._align(client, req)
     with self._cond:
       self._seen(client)
       self._expire_if_due()
@@ -291,6 +295,12 @@ class ServiceBase:
   def _status(self, client: int, req: dict) -> bytes:
     del req
     return wire.encode(self._position(client))
+
+  def _align(self, client: int, req: dict) -> bytes:
+    if self.aligner is None:
+      raise TransportError(grpc.StatusCode.UNIMPLEMENTED, f"Align: this server ({self.algorithm}) holds no sample IDs "
+                                                          "to align with (see sljax.transport.Aligner)")
+    return self.aligner.serve(client, req)
 
   def _backward(self, client: int, req: dict) -> bytes:
     del client, req

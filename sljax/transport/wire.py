@@ -47,6 +47,9 @@ REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {
     "Backward": {"client": _INT, "round": _INT, "step": _INT, "message": _BIN},  # U-shaped only
     "Commit": {"client": _INT, "round": _INT, "step": _INT},
     "Predict": {"client": _INT, "batch": _INT, "message": _BIN},
+    # Private set intersection of sample IDs (vertical SL, sljax.transport.alignment): PSI payloads, never IDs.
+    "Align": {"client": _INT, "op": (str,), "wait": _NUM, "request": _BIN + (type(None),),
+              "setup": _BIN + (type(None),), "response": _BIN + (type(None),)},
 }
 RESPONSES: dict[str, dict[str, tuple[type, ...]]] = {
     "Handshake": {"protocol": _INT, "client": _INT, "algorithm": (str,), "num_clients": _INT, "rounds": _INT,
@@ -58,6 +61,8 @@ RESPONSES: dict[str, dict[str, tuple[type, ...]]] = {
     "Backward": {"message": _BIN},
     "Commit": _POSITION,
     "Predict": {"message": _BIN},
+    "Align": {"ready": (bool,), "party": (str,), "leader": (str,), "fpr": _NUM, "size": _INT,
+              "request": _BIN + (type(None),), "setup": _BIN + (type(None),), "response": _BIN + (type(None),)},
 }
 # Fields a map may leave out (absent: the default the method's section of docs/protocol.md gives).
 # Handshake: "handoff", "plain" (absent) or "sealed", how sequential SL's client halves are handed
