@@ -183,22 +183,68 @@ def _recorder(args):
   return transcript.Recorder(args.transcript, meta=meta)
 
 
+VERTICAL_TASKS = ("credit_fraud", "breast_cancer_2", "breast_cancer_4")
+
+
+def _vertical_setup(args):
+  """`--vertical TASK`: the task's parties (aligned: the same samples in the same order), and
+  `vertical_sl` on an MLP bottom per party (16 hidden units, 8 outputs, --dropout), concat, an MLP
+  top (16 hidden units), Adam at --lr everywhere; the first party is the label party, with its own
+  columns and bottom."""
+  from sljax import merges, vertical  # noqa: PLC0415 -- only for vertical SL
+
+  if args.vertical == "credit_fraud":
+    ds = data.make_credit_fraud(seed=args.data_seed)
+  else:
+    ds = data.load_breast_cancer_vertical(num_parties=int(args.vertical[-1]), seed=args.data_seed)
+  bottom = lambda: split.sequential(*models.mlp(hidden=(16,), num_classes=8, dropout=args.dropout))  # noqa: E731
+  classes = int(ds.dataset.y_train.max()) + 1
+  top = split.sequential(*models.mlp(hidden=(16,), num_classes=classes, dropout=args.dropout))
+  model = split.vertical_model([bottom() for _ in ds.parties], merges.concat(), top, names=ds.parties,
+                               label_party=ds.parties[0])
+  opt = optax.adam(args.lr)
+  return ds, vertical.vertical_sl(model, party_optimizers=opt, top_optimizer=opt)
+
+
+def _serve_vertical(args, common: dict):
+  """`sljax serve --vertical TASK`: the label party's server (the task's first party)."""
+  from sljax.transport import vertical  # noqa: PLC0415 -- gRPC is imported only where needed
+
+  ds, sl = _vertical_setup(args)
+  xs, test = ds.parties_train(), ds.parties_test()
+  if common["certificate_names"]:
+    common["certificate_names"] = {f"client-{k}": k for k in range(1, len(ds.parties))}
+  for name in ("schedule", "input_spec", "max_samples", "recorder"):
+    del common[name]
+  return vertical.VerticalServer(
+      sl, labels=ds.dataset.y_train, input_specs=tuple(protocol.ArraySpec.of(x) for x in xs), rounds=args.rounds,
+      batch_size=args.batch_size, local_steps=args.local_steps, features=xs[0], predict_features=test[0], **common)
+
+
 def serve(args) -> int:
   """`sljax serve`: the server of sequential split learning (vanilla with --num-clients 1; U-shaped with
-  --u-shaped), or an algorithm whose clients train at once (`--algorithm`), over gRPC."""
+  --u-shaped), or an algorithm whose clients train at once (`--algorithm`), or the label party of
+  vertical split learning (`--vertical`), over gRPC."""
   import signal
   import threading
 
   from sljax import transport
   from sljax.transport import demo as demo_setup
 
+  if args.vertical:
+    if args.algorithm != "sequential_sl" or args.u_shaped or args.cuts or args.sealed_handoffs or args.transcript:
+      raise SystemExit("--vertical: runs vertical split learning; --algorithm, --u-shaped, --cuts, --sealed-handoffs "
+                       "and --transcript are for horizontal split learning")
+    args.num_clients = {"credit_fraud": 3, "breast_cancer_2": 2, "breast_cancer_4": 4}[args.vertical]
+  elif args.local_steps is None:
+    args.local_steps = 20
   if args.u_shaped and args.algorithm not in ("sequential_sl", "parallel_sl_u"):
     raise SystemExit(f"--u-shaped: runs with --algorithm sequential_sl or parallel_sl_u, got {args.algorithm}")
   args.u_shaped = args.u_shaped or args.algorithm == "parallel_sl_u"  # U-shaped legs, whatever the flag says
   if (args.algorithm == "heterogeneous_parallel_sl") != bool(args.cuts):
     raise SystemExit(f"--cuts: given with --algorithm heterogeneous_parallel_sl, and only then; got --algorithm "
                      f"{args.algorithm} and --cuts {args.cuts!r}")
-  options, setup = _cuts(args)
+  options, setup = _cuts(args) if not args.vertical else ({}, None)
   if args.sealed_handoffs and args.algorithm != "sequential_sl":
     raise SystemExit(f"--sealed-handoffs: only sequential SL hands client halves over through the server "
                      f"(--algorithm sequential_sl), got --algorithm {args.algorithm}")
@@ -212,14 +258,16 @@ def serve(args) -> int:
     tokens = {token: client for client, token in demo_setup.read_tokens(args.token_file).items()}
   names = {f"client-{k}": k for k in range(args.num_clients)} if args.client_ca else None
   max_bytes = int(args.max_message_mb * 1024 * 1024)
-  schedule = transport.Schedule(args.num_clients, args.rounds, args.local_steps, args.batch_size)
-  common = dict(schedule=schedule, input_spec=protocol.ArraySpec.of(setup.dataset.x_train),
+  schedule = transport.Schedule(args.num_clients, args.rounds, args.local_steps or 1, args.batch_size)
+  common = dict(schedule=schedule, input_spec=None if args.vertical else protocol.ArraySpec.of(setup.dataset.x_train),
                 key=jax.random.key(args.seed), tokens=tokens, certificate_names=names,
                 checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                 lease_seconds=args.lease_seconds, max_message_bytes=max_bytes,
                 max_abs_value=args.max_abs_value if args.max_abs_value > 0 else None, max_samples=args.max_samples,
                 recorder=_recorder(args))
-  if args.algorithm == "sequential_sl":
+  if args.vertical:
+    server = _serve_vertical(args, common)
+  elif args.algorithm == "sequential_sl":
     server = transport.SplitServer(setup.model, setup.sl, sealed_handoffs=args.sealed_handoffs, **common)
   else:
     server = transport.ConcurrentServer(setup.model, setup.sl, algorithm=args.algorithm, options=options, **common)
@@ -235,8 +283,10 @@ def serve(args) -> int:
     with open(args.port_file + ".tmp", "w") as f:
       f.write(str(running.port))
     os.replace(args.port_file + ".tmp", args.port_file)
-  logging.getLogger("sljax").info("sljax serve: %s on %s:%d, %d client(s), %d round(s) of %d step(s)", server.algorithm,
-                                  args.host, running.port, args.num_clients, args.rounds, args.local_steps)
+  logging.getLogger("sljax").info("sljax serve: %s on %s:%d, %d %s, %d round(s) of %d step(s)", server.algorithm,
+                                  args.host, running.port, args.num_clients,
+                                  "parties" if args.vertical else "client(s)", args.rounds,
+                                  server.schedule.local_steps)
   stop = threading.Event()
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda *_: stop.set())
@@ -246,15 +296,74 @@ def serve(args) -> int:
   return 0
 
 
+def _client_link(args, token):
+  """`sljax client`'s gRPC transport to --target, or None (the error printed) if its options are refused."""
+  from sljax import transport  # noqa: PLC0415 -- gRPC is imported only where needed
+
+  try:
+    return transport.GrpcTransport(args.target, token=token, root_certificates=_read(args.tls_ca),
+                                   private_key=_read(args.tls_key), certificate_chain=_read(args.tls_cert),
+                                   server_name=args.server_name, deadline=args.deadline, retries=args.retries,
+                                   allow_plaintext_token=args.allow_plaintext_token)
+  except ValueError as e:
+    print(f"sljax client: {e}", file=sys.stderr)
+    return None
+
+
+def _vertical_client(args, link, ds, sl) -> int:
+  """`sljax client --vertical TASK --party NAME`: one party of vertical SL, its columns of the
+  task's aligned rows: training, then collaborative inference on its test columns."""
+  from sljax import transport  # noqa: PLC0415 -- gRPC is imported only where needed
+
+  p = ds.parties.index(args.party)
+  start = time.perf_counter()
+  try:
+    session = transport.connect_party(link, sl, party=args.party, x=ds.parties_train()[p])
+    result = transport.run_party(session, progress=args.progress)
+    outputs = transport.predict_party(session, result.state, ds.parties_test()[p])
+  except (transport.TransportError, ValueError) as e:
+    print(f"sljax client: {e}", file=sys.stderr)
+    return 1
+  finally:
+    link.close()
+  history = result.history
+  row = {"party": args.party, "steps": len(history), "applied": sum(h["applied"] for h in history),
+         "train_bytes_up": sum(h["bytes_up"] for h in history),
+         "train_bytes_down": sum(h["bytes_down"] for h in history), "predictions": len(outputs),
+         "seconds": time.perf_counter() - start}
+  if args.json:
+    print(json.dumps(row))
+  else:
+    print(f"party {args.party}: {row['steps']} steps ({row['applied']} applied), train MB up "
+          f"{_mb(row['train_bytes_up'])} down {_mb(row['train_bytes_down'])}, {len(outputs)} test rows predicted "
+          f"(collaborative inference; the label party holds the labels), {row['seconds']:.1f} s")
+  return 0
+
+
 def client(args) -> int:
   """`sljax client`: one party of the demo, training over gRPC, then collaborative inference."""
   from sljax import transport
   from sljax.transport import demo as demo_setup
 
+  vertical_setup = None
+  if args.vertical:
+    vertical_setup = _vertical_setup(args)
+    parties = vertical_setup[0].parties
+    if args.party not in parties[1:]:
+      print(f"sljax client: --party: expected one of the parties {parties[1:]} of {args.vertical} (the first, "
+            f"{parties[0]!r}, is the label party: sljax serve --vertical), got {args.party!r}", file=sys.stderr)
+      return 2
+    args.client_id = parties.index(args.party)
+  elif args.client_id is None:
+    raise SystemExit("--client-id: required (or --vertical TASK --party NAME)")
+
   from sljax.privacy import handoff
 
-  options, setup = _cuts(args, args.client_id)
   token = demo_setup.read_tokens(args.token_file)[args.client_id] if args.token_file else None
+  if vertical_setup is not None:
+    link = _client_link(args, token)
+    return 2 if link is None else _vertical_client(args, link, *vertical_setup)
+  options, setup = _cuts(args, args.client_id)
   try:
     handoff_key = handoff.read_key(args.handoff_key_file) if args.handoff_key_file else None
   except (OSError, ValueError) as e:
@@ -262,13 +371,8 @@ def client(args) -> int:
     return 2
   ds = setup.dataset
   part = data.iid(ds.y_train, num_clients=args.num_clients, seed=args.partition_seed)[args.client_id]
-  try:
-    link = transport.GrpcTransport(args.target, token=token, root_certificates=_read(args.tls_ca),
-                                   private_key=_read(args.tls_key), certificate_chain=_read(args.tls_cert),
-                                   server_name=args.server_name, deadline=args.deadline, retries=args.retries,
-                                   allow_plaintext_token=args.allow_plaintext_token)
-  except ValueError as e:
-    print(f"sljax client: {e}", file=sys.stderr)
+  link = _client_link(args, token)
+  if link is None:
     return 2
   start = time.perf_counter()
   try:
@@ -367,6 +471,9 @@ def _add_setup_args(p) -> None:
   p.add_argument("--u-shaped", action="store_true",
                  help="U-shaped split learning (sequential, or parallel: --algorithm parallel_sl_u): the model cut in "
                       "three, labels stay with the clients")
+  p.add_argument("--vertical", choices=VERTICAL_TASKS,
+                 help="vertical split learning on this task (the parties' columns of the same samples): serve on "
+                      "the label party (the task's first party), sljax client --party NAME on each other party")
   p.add_argument("--cuts", default="",
                  help="heterogeneous parallel SL (--algorithm heterogeneous_parallel_sl): each client's cut into the "
                       "MLP's layers, comma-separated, one per client, e.g. 1,2 with --hidden 128,128")
@@ -401,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--algorithm", choices=("sequential_sl", *ALGORITHMS), default="sequential_sl",
                  help="sequential: clients take turns; the others (parallel SL, local-loss SL, SplitFed v1/v2): "
                       "all clients at once")
-  p.add_argument("--local-steps", type=int, default=20, help="steps per turn (sequential) or per round")
+  p.add_argument("--local-steps", type=int, default=None,
+                 help="steps per turn (sequential) or per round; default 20 (vertical: a whole epoch)")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--seed", type=int, default=0, help="the run key: model init, data order, step keys")
   p.add_argument("--lease-seconds", type=float, default=120.0, help="a client silent this long loses its turn")
@@ -428,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
   p = sub.add_parser("client", help="train as one client over gRPC, then run collaborative inference")
   _add_setup_args(p)
   p.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
-  p.add_argument("--client-id", type=int, required=True)
+  p.add_argument("--client-id", type=int, help="this client's id (required, except with --vertical)")
+  p.add_argument("--party", help="vertical SL (--vertical): this party's name; its token is the line of its index")
   p.add_argument("--token-file", help="lines '<client id> <token>'; the line of --client-id is used")
   p.add_argument("--partition-seed", type=int, default=0, help="seed of the iid split of digits into clients")
   p.add_argument("--tls-ca", help="PEM CA to verify the server with (TLS)")

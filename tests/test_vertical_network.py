@@ -9,7 +9,12 @@ as clients), MLP bottoms with dropout (so every key matters), concat, a dense to
 parties' IDs overlap partly and are aligned first (`sljax.align`); 2 rounds of 3 steps of 16 rows.
 """
 
+import json
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -262,3 +267,31 @@ def test_inference_without_a_party_names_it(data, in_process):
   assert errors[0].details == ("Predict: collaborative inference needs every party ('bank', 'network', 'merchant'); "
                                "party 'merchant' sent no rows within the lease (60.0 s)")
   assert not server.s.volatile.inference  # nothing left waiting
+
+
+def test_sljax_serve_and_client_processes(tmp_path):
+  """`sljax serve --vertical` on the label party and `sljax client --vertical --party` on the other,
+  each a process (started together: the party retries until the server listens): every step
+  applied, the party's bytes as its messages', inference on its test rows."""
+  tokens = tmp_path / "tokens.txt"
+  tokens.write_text("1 token-shape\n")
+  with socket.socket() as s:  # a free port for both
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  common = ["--vertical", "breast_cancer_2", "--token-file", str(tokens)]
+  with open(tmp_path / "serve.log", "w") as log:
+    server = subprocess.Popen([sys.executable, "-m", "sljax.cli", "serve", *common, "--port", str(port), "--rounds",
+                               "1", "--local-steps", "2", "--batch-size", "32"], stdout=subprocess.DEVNULL, stderr=log)
+  try:
+    party = subprocess.run([sys.executable, "-m", "sljax.cli", "client", *common, "--party", "shape_symmetry",
+                            "--target", f"127.0.0.1:{port}", "--retries", "30", "--json"],
+                           capture_output=True, text=True, timeout=TIMEOUT)
+  finally:
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=30)
+  assert party.returncode == 0, party.stderr[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
+  row = json.loads(party.stdout.strip().splitlines()[-1])
+  test_rows = len(sljax.data.load_breast_cancer_vertical(num_parties=2).dataset.y_test)
+  smashed = sljax.wire_size(sljax.SmashedData(np.zeros((32, 8), np.float32)))
+  assert (row["party"], row["steps"], row["applied"], row["predictions"]) == ("shape_symmetry", 2, 2, test_rows)
+  assert row["train_bytes_up"] == 2 * smashed
