@@ -1,9 +1,12 @@
 """Feature-space hijacking (Pasquini et al., CCS 2021) against the real client legs on digits: a malicious server
 steers the client half into its pilot's feature space and decodes the client's smashed data; noise on the uplink
-leaves it nothing to decode. Seeds fixed; thresholds stated with the values measured."""
+leaves it nothing to decode. The malicious server runs as an algorithm that honest parallel-SL clients train against,
+in simulation and over the network (the unmodified client driver against `ConcurrentServer(simulated=...)`), with
+the same outcome. Seeds fixed; thresholds stated with the values measured."""
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import numpy as np
@@ -11,7 +14,10 @@ import optax
 import pytest
 
 import sljax
+from sljax import transport as T
 from sljax.privacy import defenses, hijacking, metrics
+
+STEPS, BATCH = 200, 16  # the client's steps against the malicious server, its batch size
 
 
 def _flat(v):
@@ -25,30 +31,81 @@ def _knowledge(aux, **kw):
       discriminator=nn.Sequential([_flat, nn.Dense(32), nn.leaky_relu, nn.Dense(1)]), **kw)
 
 
-def test_a_malicious_server_hijacks_the_client_half_and_decodes_its_inputs():
+@pytest.fixture(scope="module")
+def attack():
+  """One honest client (700 private training digits; one 3x3 convolution, 4 channels, ReLU; Adam 1e-2) and the
+  malicious server (auxiliary data: the other training digits, no labels), as an algorithm."""
   ds = sljax.data.load_digits()
-  model = sljax.cut(sljax.models.cnn(channels=(4, 8)), 1)  # the client: one 3x3 convolution, 4 channels, ReLU
+  model = sljax.cut(sljax.models.cnn(channels=(4, 8)), 1)
   sl = sljax.vanilla(model, client_optimizer=optax.adam(1e-2), server_optimizer=optax.adam(1e-2))
-  rows = np.random.default_rng(0).integers(0, 700, (200, 16))  # the client's private data: 700 training digits
-  client = sl.init(jax.random.key(0), ds.x_train[:16]).client
-  knowledge = _knowledge(ds.x_train[700:], learning_rate=1e-3, discriminator_learning_rate=1e-3, batch_size=16,
-                         pretrain_steps=150)  # auxiliary data: the other training digits, no labels
-  out = hijacking.feature_space_hijacking(sl, client, (ds.x_train[:700][rows], ds.y_train[:700][rows]), knowledge,
-                                          key=jax.random.key(1))
-  assert out.losses["autoencoder"].shape == (200,) and out.losses["autoencoder"][-1] < 0.01
-  # what the hijacked client sends from then on (here: test digits it never trained on) decodes
+  knowledge = _knowledge(ds.x_train[700:], learning_rate=1e-3, discriminator_learning_rate=1e-3, batch_size=BATCH,
+                         pretrain_steps=150)
+  config = sljax.algorithms.ScheduleConfig(num_clients=1, batch_size=BATCH, local_steps=STEPS)
+  algo = hijacking.hijacking_server(sl, config, knowledge=knowledge)
+  data = sljax.data.stack_clients(ds.x_train[:700], ds.y_train[:700], [np.arange(700)])
+  return ds, model, sl, knowledge, algo, data
+
+
+@pytest.fixture(scope="module")
+def simulated(attack):
+  """The simulation: one round of STEPS steps, one jitted program."""
+  _, _, _, _, algo, data = attack
+  initial = algo.init(jax.random.key(0), data)
+  untouched = jax.tree.map(lambda a: np.asarray(a[0]), initial.clients)  # the client half before any step
+  state, records = sljax.simulation.run(algo, initial, data, rounds=1)
+  return state, records, untouched
+
+
+def _decoded(attack, server, client_half, *, noise=False):
+  """The attacker's reconstruction of 64 test digits (never trained on) from what the client half sends, scored;
+  with `noise`, through Gaussian noise on the uplink (clip at the rows' median norm, noise 0.5 of it)."""
+  ds, _, sl, knowledge, _, _ = attack
   x = ds.x_test[:64]
-  smashed = sl.client_infer(out.client, x).activations
-  found = metrics.reconstruction_metrics(x, out.invert(smashed))
-  assert found["ssim"] >= 0.4, found  # measured 0.53
-  untouched = metrics.reconstruction_metrics(x, out.invert(sl.client_infer(client, x).activations))
-  assert untouched["ssim"] <= 0.1, untouched  # measured 0.0: the hijacking, not the inverse alone, decodes
-  # with Gaussian noise on the uplink (clip at the rows' median norm, noise 0.5 of it) nothing decodes
-  codec = defenses.gaussian_noise(clip_norm=float(np.median(np.linalg.norm(_flat(np.asarray(smashed)), axis=1))),
-                                  noise_multiplier=0.5)
-  noisy = codec.decode(codec.encode(smashed, codec.init(smashed), jax.random.key(3))[0])
-  defended = metrics.reconstruction_metrics(x, out.invert(noisy))
-  assert defended["ssim"] <= 0.1, defended  # measured 0.002
+  smashed = sl.client_infer(client_half, x).activations
+  if noise:
+    codec = defenses.gaussian_noise(clip_norm=float(np.median(np.linalg.norm(_flat(np.asarray(smashed)), axis=1))),
+                                    noise_multiplier=0.5)
+    smashed = codec.decode(codec.encode(smashed, codec.init(smashed), jax.random.key(3))[0])
+  return metrics.reconstruction_metrics(x, hijacking.decoder(knowledge, server)(smashed))
+
+
+def test_honest_clients_trained_against_the_malicious_server_algorithm_are_hijacked(attack, simulated):
+  _, _, _, _, algo, data = attack
+  state, records, initial = simulated
+  half = jax.tree.map(lambda a: a[0], state.clients)
+  found = _decoded(attack, state.server, half)
+  assert found["ssim"] >= 0.4, found  # measured 0.58
+  untouched = _decoded(attack, state.server, initial)
+  assert untouched["ssim"] <= 0.1, untouched  # measured -0.01: the hijacking, not the inverse alone, decodes
+  defended = _decoded(attack, state.server, half, noise=True)
+  assert defended["ssim"] <= 0.1, defended  # measured 0.004
+  assert records[0]["completed_steps"] == [STEPS] and records[0]["train_batch_accuracy"] == 0.0
+  with pytest.raises(ValueError, match=r"predict: the hijacking server trains no task half"):
+    algo.predict(state, data.x[0, :2])
+
+
+def test_an_unmodified_client_over_the_network_is_hijacked_as_in_simulation(attack, simulated):
+  ds, model, sl, _, algo, _ = attack
+  server = T.ConcurrentServer(model, sl, algorithm="parallel_sl", simulated=algo,
+                              schedule=T.Schedule(1, 1, STEPS, BATCH), input_spec=sljax.ArraySpec.of(ds.x_train),
+                              key=jax.random.key(0), tokens={"t": 0})
+  session = T.connect(T.InProcessTransport(server.handle, token="t"), model, sl, client=0, x=ds.x_train[:700],
+                      y=ds.y_train[:700])
+  assert session.algorithm == "parallel_sl"  # all the client is told
+  result = T.run(session)
+  assert len(result.history) == STEPS
+  state = simulated[0]
+  # the same run: not bitwise (the simulation fuses the round into one program), measured within 2e-7
+  chex.assert_trees_all_close(result.half.params, jax.tree.map(lambda a: a[0], state.clients.params), atol=1e-5, rtol=0)
+  chex.assert_trees_all_close(server.state.server.params, state.server.params, atol=1e-5, rtol=0)
+  found = _decoded(attack, server.state.server, result.half)
+  expected = _decoded(attack, state.server, jax.tree.map(lambda a: a[0], state.clients))
+  assert found["ssim"] == pytest.approx(expected["ssim"], abs=0.01), (found, expected)  # measured 0.58 both
+  assert _decoded(attack, server.state.server, result.half, noise=True)["ssim"] <= 0.1
+  with pytest.raises(ValueError, match=r"simulated: expected an algorithm built for \(clients, batch size, local "
+                                       r"steps\) \(1, 16, 4\), got \(1, 16, 200\)"):
+    T.ConcurrentServer(model, sl, algorithm="parallel_sl", simulated=algo, schedule=T.Schedule(1, 1, 4, BATCH),
+                       input_spec=sljax.ArraySpec.of(ds.x_train), key=jax.random.key(0), tokens={"t": 0})
 
 
 def test_bad_input_gets_errors_naming_the_argument():

@@ -10,10 +10,18 @@ features. The client, running its unchanged legs, follows it: its half converges
 pilot's space, and the inverse then decodes the client's smashed data into its private inputs.
 The client cannot tell from any single message: a cut gradient is a cut gradient.
 
-`feature_space_hijacking` runs the attack against the real client legs (`sl.client_forward`,
-`sl.client_backward`: the client's codecs, optimizer and defense hooks act as they would in any
-run) for a number of steps, all of them in one jitted `lax.scan`, and returns the client as the
-attack left it and the inverse to decode what the client sends from then on.
+Two ways to run it, with one server step (`_server_update`):
+
+- `hijacking_server(sl, config, knowledge=)`: the malicious server as an `Algorithm`, the way the
+  threat model has it: honest clients run parallel split learning's legs, keys and data order
+  unchanged (their own `sl.client_forward`/`sl.client_backward`, codecs, optimizer and defense
+  hooks), and the server's step is the attacker's. `sljax.simulation.run` drives it (and records
+  its messages with `transcript=`), and the network server serves it to unmodified clients
+  (`sljax.transport.ConcurrentServer(..., algorithm="parallel_sl", simulated=...)`: the clients are
+  told they run parallel SL). `decoder(knowledge, state.server)` decodes what the clients send.
+- `feature_space_hijacking(sl, client, batches, knowledge, key=)`: one client's legs and given
+  batches, every step in one jitted `lax.scan`; returns the client as the attack left it and the
+  inverse.
 
 The discriminator is, as in the paper, a Wasserstein critic with a gradient penalty (Gulrajani et
 al., 2017): with a plain GAN discriminator the tests' small nets did not converge (the
@@ -23,6 +31,7 @@ discriminator either won outright or was fooled by smashed data far from the pil
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +42,9 @@ import optax
 from flax import linen as nn
 
 from sljax import messages as msgs
+from sljax import protocol
+from sljax.algorithms import _common as c
+from sljax.algorithms.parallel import parallel_sl
 from sljax.privacy.attacks import Reconstruction, _score
 
 
@@ -87,6 +99,153 @@ class Hijacking:
   losses: dict[str, np.ndarray]
 
 
+def hijacking_server(sl, config: c.ScheduleConfig, *, knowledge: HijackingKnowledge) -> c.Algorithm:
+  """Pasquini et al.'s malicious server as an `Algorithm` that honest parallel-SL clients train against.
+
+  The clients are parallel split learning's (`sljax.algorithms.parallel_sl(sl, config)`): the same
+  initial halves, keys, data order, participation and drops, and their own legs, codecs and
+  optimizer; only the server's step is replaced, by the attacker's (see `feature_space_hijacking`):
+  per step, one autoencoder step on an auxiliary batch, one critic step on every present client's
+  smashed data, and to each client the gradient of its own adversarial loss `-mean D(smashed)`
+  through its downlink codec. The server trains no task half: its state's `params` are the
+  attacker's networks (`{"pilot", "inverse", "critic"}`), its `opt_state` their Adam states, its
+  `codec_state` one downlink codec state per client; the metrics' "loss" is the clients'
+  adversarial loss and their "accuracy" 0. The autoencoder's `knowledge.pretrain_steps` offline
+  steps run when the algorithm is built (offline, before any client calls).
+
+  Over the network the same algorithm is served to unmodified clients (`sljax transport`'s client
+  driver) as parallel SL: `ConcurrentServer(model, sl, algorithm="parallel_sl", simulated=algo, ...)`.
+
+  Args:
+    sl: the clients' protocol (`sljax.vanilla(...)`), as parallel SL takes it.
+    config: the schedule: clients, batch size, local steps, participation, drops, executor.
+    knowledge: the auxiliary data and the server's networks.
+
+  Returns:
+    An `Algorithm` named "feature_space_hijacking" whose `round` takes `record=True` like parallel
+    SL's; its `predict` raises (there is no task half). Decode with `decoder(knowledge, state.server)`.
+
+  Raises:
+    ValueError: when the pilot's features are not of the smashed data's shape, or (from `init`)
+      `knowledge.aux_inputs` not of the clients' input shape (the errors name the argument).
+
+  Example:
+    >>> import flax.linen as nn, jax, optax, sljax
+    >>> ds = sljax.data.load_digits(image=False)  # flat: 64 pixels
+    >>> sl = sljax.vanilla(sljax.cut(sljax.models.mlp(hidden=(16,)), 1), client_optimizer=optax.adam(1e-2),
+    ...                    server_optimizer=optax.adam(1e-2))
+    >>> k = HijackingKnowledge(aux_inputs=ds.x_train[256:], pilot=nn.Sequential([nn.Dense(16), nn.relu]),
+    ...                        inverse=nn.Dense(64), discriminator=nn.Dense(1))
+    >>> data = sljax.data.stack_clients(ds.x_train[:256], ds.y_train[:256], sljax.data.iid(ds.y_train[:256],
+    ...                                 num_clients=2, seed=0))
+    >>> algo = hijacking_server(sl, sljax.algorithms.ScheduleConfig(num_clients=2, batch_size=32, local_steps=4),
+    ...                         knowledge=k)
+    >>> state, records = sljax.simulation.run(algo, algo.init(jax.random.key(0), data), data, rounds=1)
+    >>> invert = decoder(k, state.server)
+    >>> invert(sl.client_infer(jax.tree.map(lambda a: a[0], state.clients), ds.x_test[:5]).activations).shape
+    (5, 64)
+  """
+  honest = parallel_sl(sl, config)  # checks sl and config
+  num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
+  aux = jnp.asarray(knowledge.aux_inputs)
+  cut_shape = jax.eval_shape(sl.init, jax.random.key(0), aux[:1]).server.input_spec.shape
+  # the attacker's offline work, before any client calls: its networks and the autoencoder's pretraining
+  attacker = jax.jit(lambda aux: _init_attacker(knowledge, aux, aux.shape[1:], cut_shape))(aux)
+  client_keys, server_keys = honest.schedule.client_keys, honest.schedule.server_keys
+  up_codec, down_codec, executor = sl.uplink, sl.downlink, config.executor
+
+  def server_step(server, ups, weights, run_key, round_, step, ids=None):
+    """The attacker's step in parallel SL's place: `(server, ups (K, ...), weights (K,), run_key,
+    round_, step, ids=None) -> (server, downlink payloads (K, ...), adversarial losses (K,), zeros (K,))`."""
+    h = jax.vmap(up_codec.decode)(ups.activations)
+    k_server = server_keys(run_key, round_, step)[0]
+    index = knowledge.pretrain_steps + round_ * local_steps + step
+    params, opt_state, losses, g_h = _server_update(knowledge, aux, server.params, server.opt_state,
+                                                    h.astype(jnp.float32), weights, index,
+                                                    jax.random.fold_in(k_server, 2))[:4]
+    updated = server.replace(params=params, opt_state=opt_state)
+    codec_keys = c.codec_keys(c.step_key(run_key, round_, step), num_clients, ids)
+    payload, codec_state = jax.vmap(down_codec.encode)(g_h.astype(h.dtype), server.codec_state, codec_keys)
+    new = c.select(weights.sum() > 0, updated, server)
+    new = new.replace(codec_state=c.where(weights > 0, codec_state, server.codec_state))
+    return new, payload, losses, jnp.zeros_like(losses)
+
+  def init(key, data) -> c.SimState:
+    state = honest.init(key, data)  # the clients' halves as parallel SL starts them
+    if tuple(data.x.shape[2:]) != aux.shape[1:]:
+      raise ValueError(f"knowledge.aux_inputs: expected examples of the client's input shape {data.x.shape[2:]}, "
+                       f"got {aux.shape[1:]}")
+    params, opt_state = jax.tree.map(jnp.copy, attacker)  # copies: a donated state must not take them
+    server = protocol.PartyState(params, (), opt_state, state.server.input_spec, state.server.codec_state)
+    return state.replace(server=server)
+
+  def backward_and_update(party, x, y, key, g_cut, active):
+    grads, model_state, codec_state = c.client_gradient(sl)(party, x, y, key, g_cut)
+    updated = c.apply_update(party, grads, sl.client_optimizer, model_state).replace(codec_state=codec_state)
+    return c.select(active, updated, party)
+
+  def round_fn(state: c.SimState, data, inputs: c.RoundInputs | None = None, *, record: bool = False):
+    """Parallel SL's round with the attacker's server step: honest clients, the same keys and batches."""
+    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
+    ids = data.client_ids()
+
+    def step(carry, s):
+      clients, server = carry
+      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
+      keys = client_keys(state.key, state.round, s, ids)
+      active = inputs.active()[s]
+      ups = executor(lambda *a: sl.client_forward(*a)[0], clients, x, y, keys)
+      server, payload, losses, accs = server_step(server, ups, active.astype(jnp.float32), state.key, state.round, s,
+                                                  ids)
+      clients = executor(backward_and_update, clients, x, y, keys, jax.vmap(down_codec.decode)(payload), active)
+      traffic = c.Traffic(up=[(msgs.wire_size(c.first(ups)), inputs.participating)],
+                          down=[(msgs.wire_size(msgs.CutGradient(c.first(payload))), active)])
+      sent = (ups, msgs.CutGradient(payload)) if record else ()
+      return (clients, server), (losses, accs, active, traffic, sent)
+
+    (clients, server), (losses, accs, active, traffic, sent) = jax.lax.scan(
+        step, (state.clients, state.server), jnp.arange(local_steps))
+    metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
+    state = state.replace(clients=clients, server=server, round=state.round + 1)
+    if record:
+      return state, metrics, c.RoundMessages(c.step_exchange(*sent, inputs), ids)
+    return state, metrics
+
+  def predict(state, x, client: int = 0):
+    del state, x, client
+    raise ValueError("predict: the hijacking server trains no task half; decode the clients' smashed data with "
+                     "decoder(knowledge, state.server)")
+
+  schedule = honest.schedule._replace(server_step=server_step)
+  return c.Algorithm("feature_space_hijacking", init, round_fn, predict, local_steps, c.ClientAxes(server_codec=True),
+                     schedule, shared_model=False, config=config)
+
+
+def decoder(knowledge: HijackingKnowledge, server) -> Callable[[Any], np.ndarray]:
+  """The malicious server's inverse: `invert(smashed) -> inputs`, shaped like `knowledge.aux_inputs`' rows.
+
+  Args:
+    knowledge: the attack's knowledge (its inverse network).
+    server: the server's state of a `hijacking_server` run (`SimState.server`, or the network
+      server's `ConcurrentServer.state.server`).
+
+  Returns:
+    `invert(smashed (N, ...)) -> (N, *input shape)` numpy array.
+  """
+  return _invert(knowledge, server.params["inverse"])
+
+
+def _invert(knowledge: HijackingKnowledge, inverse) -> Callable[[Any], np.ndarray]:
+  apply = jax.jit(knowledge.inverse.apply)
+  shape = np.shape(knowledge.aux_inputs)[1:]
+
+  def invert(z: Any) -> np.ndarray:
+    z = jnp.asarray(z, jnp.float32)
+    return np.asarray(apply(inverse, z)).reshape(z.shape[0], *shape)
+
+  return invert
+
+
 def feature_space_hijacking(sl, client, batches, knowledge: HijackingKnowledge, *, key) -> Hijacking:
   """Pasquini et al.'s malicious server against the client legs of `sl`, for `len(batches[0])` steps.
 
@@ -95,7 +254,8 @@ def feature_space_hijacking(sl, client, batches, knowledge: HijackingKnowledge, 
   batch), one on the critic (`mean D(smashed) - mean D(pilot features)` plus the gradient
   penalty), and answers with the gradient of `-mean D(smashed)`, which moves the client's smashed
   data towards the pilot's features, as the client's `CutGradient` (through the downlink codec,
-  from a fresh codec state); the client applies it with `sl.client_backward`.
+  from a fresh codec state); the client applies it with `sl.client_backward`. The server's step is
+  `hijacking_server`'s.
 
   Args:
     sl: a vanilla split-learning protocol (`sljax.vanilla`): its client legs and codecs are used.
@@ -131,93 +291,121 @@ def feature_space_hijacking(sl, client, batches, knowledge: HijackingKnowledge, 
     raise ValueError(f"batches: expected (x, labels) of shapes (S, B, ...) and (S, B), got {x_SxB.shape} and "
                      f"{y_SxB.shape}")
   aux = jnp.asarray(knowledge.aux_inputs, x_SxB.dtype)
-  if aux.shape[1:] != x_SxB.shape[2:]:
-    raise ValueError(f"knowledge.aux_inputs: expected examples of the client's input shape {x_SxB.shape[2:]}, got "
-                     f"{aux.shape[1:]}")
-  steps, batch = x_SxB.shape[0], min(knowledge.batch_size, aux.shape[0])
-  k_pilot, k_inverse, k_disc = jax.random.split(jax.random.key(knowledge.seed), 3)
   smashed_shape = jax.eval_shape(
       lambda c, x, y: sl.uplink.decode(sl.client_forward(c, x, y, jax.random.key(0))[0].activations), client,
       x_SxB[0], y_SxB[0]).shape
-  features = jax.eval_shape(lambda: knowledge.pilot.init(k_pilot, aux[:batch]))
-  feature_shape = jax.eval_shape(lambda p: knowledge.pilot.apply(p, aux[:batch]), features).shape
-  if feature_shape[1:] != smashed_shape[1:]:
-    raise ValueError(f"knowledge.pilot: maps inputs to features of shape {feature_shape[1:]}, expected the smashed "
-                     f"data's {smashed_shape[1:]}")
-  pilot = knowledge.pilot.init(k_pilot, aux[:batch])
-  inverse = knowledge.inverse.init(k_inverse, jnp.zeros(feature_shape, jnp.float32))
-  disc = knowledge.discriminator.init(k_disc, jnp.zeros(feature_shape, jnp.float32))
-  order = np.random.default_rng(knowledge.seed).integers(0, aux.shape[0], (knowledge.pretrain_steps + steps, batch))
-  order = jnp.asarray(order, jnp.int32)
-  client, (pilot, inverse), losses, last = _attack(sl, knowledge, client, (pilot, inverse), disc, x_SxB, y_SxB, aux,
-                                                   order, key)
-  inverse_apply = jax.jit(lambda z: knowledge.inverse.apply(inverse, z))
+  params, opt_state = _init_attacker(knowledge, aux, x_SxB.shape[2:], smashed_shape[1:])
 
-  def invert(z: Any) -> np.ndarray:
-    z = jnp.asarray(z, jnp.float32)
-    return np.asarray(inverse_apply(z)).reshape(z.shape[0], *x_SxB.shape[2:])
+  def body(carry, inputs):
+    client, params, opt_state = carry
+    x, y, step = inputs
+    k_client, k_server = jax.random.split(jax.random.fold_in(key, step))
+    up, pending = sl.client_forward(client, x, y, k_client)
+    z = sl.uplink.decode(up.activations)
+    params, opt_state, _, g_z, values = _server_update(knowledge, aux, params, opt_state, z[None].astype(jnp.float32),
+                                                       jnp.ones((1,), jnp.float32), knowledge.pretrain_steps + step,
+                                                       jax.random.fold_in(k_server, 2))
+    g_z = g_z[0].astype(z.dtype)
+    payload, _ = sl.downlink.encode(g_z, sl.downlink.init(g_z), jax.random.fold_in(k_server, 1))
+    client = sl.client_backward(client, pending, msgs.CutGradient(payload))
+    return (client, params, opt_state), (values, z)
 
+  @jax.jit
+  def run(client, params, opt_state):
+    (client, params, _), (losses, z_S) = jax.lax.scan(body, (client, params, opt_state),
+                                                      (x_SxB, y_SxB, jnp.arange(x_SxB.shape[0])))
+    return client, params, losses, z_S[-1]
+
+  client, params, losses, last = run(client, params, opt_state)
+  invert = _invert(knowledge, params["inverse"])
   reconstruction = _score("feature_space_hijacking", invert(last), np.asarray(x_SxB[-1]))
   return Hijacking(client, invert, reconstruction, {k: np.asarray(v) for k, v in losses.items()})
 
 
-def _attack(sl, knowledge: HijackingKnowledge, client, autoencoder, disc, x_SxB, y_SxB, aux, order, key):
-  """The hijacked steps as one `lax.scan` (jitted here: the modules and `sl` are closed over)."""
-  opt, disc_opt = optax.adam(knowledge.learning_rate), optax.adam(knowledge.discriminator_learning_rate)
-  pilot_apply, inverse_apply, disc_apply = knowledge.pilot.apply, knowledge.inverse.apply, knowledge.discriminator.apply
+def _aux_rows(knowledge: HijackingKnowledge, count: int, index) -> jax.Array:
+  """The auxiliary rows of the server's autoencoder step `index` (its offline steps first, then one per
+  hijacked step): drawn from `knowledge.seed` alone."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(knowledge.seed), 3), index)
+  return jax.random.randint(key, (min(knowledge.batch_size, count),), 0, count)
 
-  def logit(params, z):
-    return disc_apply(params, z).reshape(z.shape[0])
 
-  def ae_loss(params, xa):
-    p, q = params
-    return jnp.mean(jnp.square(inverse_apply(q, pilot_apply(p, xa)).reshape(xa.shape) - xa))
+def _ae_loss(knowledge: HijackingKnowledge, ae, xa) -> jax.Array:
+  features = knowledge.pilot.apply(ae["pilot"], xa)
+  return jnp.mean(jnp.square(knowledge.inverse.apply(ae["inverse"], features).reshape(xa.shape) - xa))
 
-  def disc_loss(params, pilot_features, smashed, k):
-    # Wasserstein critic: high on pilot features, low on the client's smashed data; gradient penalty
-    # on points between the two (Gulrajani et al. 2017)
-    mix = jax.random.uniform(k, (smashed.shape[0],) + (1,) * (smashed.ndim - 1))
-    between = mix * pilot_features + (1 - mix) * smashed
-    slopes = jax.vmap(jax.grad(lambda h: logit(params, h[None])[0]))(between)
-    penalty = jnp.mean(jnp.square(jnp.sqrt(jnp.sum(jnp.square(slopes.reshape(len(slopes), -1)), 1) + 1e-12) - 1))
-    distance = jnp.mean(logit(params, smashed)) - jnp.mean(logit(params, pilot_features))
-    return distance + knowledge.gradient_penalty * penalty
 
-  def client_adversarial(z, params):
-    return -jnp.mean(logit(params, z))
+def _init_attacker(knowledge: HijackingKnowledge, aux, input_shape, cut_shape) -> tuple[dict, dict]:
+  """The attacker's networks `{"pilot", "inverse", "critic"}` and their Adam states, after the offline
+  autoencoder steps; checks the auxiliary inputs' and the pilot's shapes."""
+  if tuple(aux.shape[1:]) != tuple(input_shape):
+    raise ValueError(f"knowledge.aux_inputs: expected examples of the client's input shape {tuple(input_shape)}, "
+                     f"got {aux.shape[1:]}")
+  batch = min(knowledge.batch_size, aux.shape[0])
+  k_pilot, k_inverse, k_critic = jax.random.split(jax.random.key(knowledge.seed), 3)
+  feature_shape = jax.eval_shape(lambda: knowledge.pilot.apply(knowledge.pilot.init(k_pilot, aux[:batch]),
+                                                               aux[:batch])).shape
+  if tuple(feature_shape[1:]) != tuple(cut_shape):
+    raise ValueError(f"knowledge.pilot: maps inputs to features of shape {feature_shape[1:]}, expected the smashed "
+                     f"data's {tuple(cut_shape)}")
+  opt = optax.adam(knowledge.learning_rate)
+  features = jnp.zeros(feature_shape, jnp.float32)
+  ae = {"pilot": knowledge.pilot.init(k_pilot, aux[:batch]), "inverse": knowledge.inverse.init(k_inverse, features)}
+  critic = knowledge.discriminator.init(k_critic, features)
 
-  def body(carry, inputs):
-    client, ae, ae_state, disc, disc_state = carry
-    x, y, idx, step = inputs
-    k_client, k_server = jax.random.split(jax.random.fold_in(key, step))
-    up, pending = sl.client_forward(client, x, y, k_client)
-    z = sl.uplink.decode(up.activations).astype(jnp.float32)
-    xa = aux[idx]
-    ae_value, g = jax.value_and_grad(ae_loss)(ae, xa)
-    updates, ae_state = opt.update(g, ae_state, ae)
-    ae = optax.apply_updates(ae, updates)
-    target = jax.lax.stop_gradient(pilot_apply(ae[0], xa))
-    d_value, g = jax.value_and_grad(disc_loss)(disc, target, z, jax.random.fold_in(k_server, 2))
-    updates, disc_state = disc_opt.update(g, disc_state, disc)
-    disc = optax.apply_updates(disc, updates)
-    adv_value, g_z = jax.value_and_grad(client_adversarial)(z, disc)
-    payload, _ = sl.downlink.encode(g_z.astype(z.dtype), sl.downlink.init(g_z), jax.random.fold_in(k_server, 1))
-    client = sl.client_backward(client, pending, msgs.CutGradient(payload))
-    return (client, ae, ae_state, disc, disc_state), ({"autoencoder": ae_value, "discriminator": d_value,
-                                                       "client_adversarial": adv_value}, z)
+  def pretrain(carry, index):
+    ae, state = carry
+    updates, state = opt.update(jax.grad(functools.partial(_ae_loss, knowledge))(
+        ae, aux[_aux_rows(knowledge, aux.shape[0], index)]), state, ae)
+    return (optax.apply_updates(ae, updates), state), None
 
-  def pretrain(carry, idx):
-    ae, ae_state = carry
-    updates, ae_state = opt.update(jax.grad(ae_loss)(ae, aux[idx]), ae_state, ae)
-    return (optax.apply_updates(ae, updates), ae_state), None
+  (ae, ae_state), _ = jax.lax.scan(pretrain, (ae, opt.init(ae)), jnp.arange(knowledge.pretrain_steps))
+  opt_state = {"autoencoder": ae_state, "critic": optax.adam(knowledge.discriminator_learning_rate).init(critic)}
+  return {**ae, "critic": critic}, opt_state
 
-  @jax.jit
-  def run(client, ae, disc):
-    pre = order.shape[0] - x_SxB.shape[0]
-    (ae, ae_state), _ = jax.lax.scan(pretrain, (ae, opt.init(ae)), order[:pre])
-    carry = (client, ae, ae_state, disc, disc_opt.init(disc))
-    steps = jnp.arange(x_SxB.shape[0])
-    (client, ae, _, _, _), (losses, z_S) = jax.lax.scan(body, carry, (x_SxB, y_SxB, order[pre:], steps))
-    return client, ae, losses, z_S[-1]
 
-  return run(client, autoencoder, disc)
+def _server_update(knowledge: HijackingKnowledge, aux, params, opt_state, z_KxB, weights_K, index, key):
+  """The attacker's step on the smashed data `z_KxB` of K clients (weight 0: absent): one autoencoder
+  step on auxiliary batch `index`, one critic step, and each client's adversarial loss and its gradient.
+
+  Returns:
+    (params, opt_state, adversarial losses (K,), their gradients (K, B, ...), {"autoencoder",
+    "discriminator", "client_adversarial"}: the step's losses).
+  """
+  opt, critic_opt = optax.adam(knowledge.learning_rate), optax.adam(knowledge.discriminator_learning_rate)
+  k, b = z_KxB.shape[:2]
+  z_R = z_KxB.reshape(k * b, *z_KxB.shape[2:])
+  w_R = jnp.repeat(weights_K, b)
+
+  def logit(critic, z):
+    return knowledge.discriminator.apply(critic, z).reshape(z.shape[0])
+
+  def critic_loss(critic, pilot_features):
+    # Wasserstein critic: high on pilot features, low on the clients' smashed data; gradient penalty
+    # on points between the two (Gulrajani et al. 2017), each smashed row paired with a pilot row
+    mix = jax.random.uniform(key, (z_R.shape[0],) + (1,) * (z_R.ndim - 1))
+    pilot_R = pilot_features[jnp.arange(z_R.shape[0]) % pilot_features.shape[0]]
+    between = mix * pilot_R + (1 - mix) * z_R
+    slopes = jax.vmap(jax.grad(lambda h: logit(critic, h[None])[0]))(between)
+    penalty_R = jnp.square(jnp.sqrt(jnp.sum(jnp.square(slopes.reshape(len(slopes), -1)), 1) + 1e-12) - 1)
+    n = jnp.maximum(w_R.sum(), 1.0)
+    distance = jnp.sum(w_R * logit(critic, z_R)) / n - jnp.mean(logit(critic, pilot_features))
+    return distance + knowledge.gradient_penalty * jnp.sum(w_R * penalty_R) / n
+
+  def adversarial(z_KxB, critic):  # client k's own loss: -mean D(its smashed data)
+    losses_K = -jnp.mean(logit(critic, z_KxB.reshape(k * b, *z_KxB.shape[2:])).reshape(k, b), axis=1)
+    return losses_K.sum(), losses_K
+
+  ae = {"pilot": params["pilot"], "inverse": params["inverse"]}
+  xa = aux[_aux_rows(knowledge, aux.shape[0], index)]
+  ae_value, g = jax.value_and_grad(functools.partial(_ae_loss, knowledge))(ae, xa)
+  updates, ae_state = opt.update(g, opt_state["autoencoder"], ae)
+  ae = optax.apply_updates(ae, updates)
+  target = jax.lax.stop_gradient(knowledge.pilot.apply(ae["pilot"], xa))
+  d_value, g = jax.value_and_grad(critic_loss)(params["critic"], target)
+  updates, critic_state = critic_opt.update(g, opt_state["critic"], params["critic"])
+  critic = optax.apply_updates(params["critic"], updates)
+  (_, losses_K), g_z = jax.value_and_grad(adversarial, has_aux=True)(z_KxB, critic)
+  g_z = g_z * (weights_K > 0).reshape(k, *(1,) * (g_z.ndim - 1)).astype(g_z.dtype)  # nothing to the absent
+  values = {"autoencoder": ae_value, "discriminator": d_value,
+            "client_adversarial": jnp.sum(weights_K * losses_K) / jnp.maximum(weights_K.sum(), 1.0)}
+  return {**ae, "critic": critic}, {"autoencoder": ae_state, "critic": critic_state}, losses_K, g_z, values
