@@ -13,6 +13,9 @@ and the client driver
 do not know which
 transport they use, so a run over gRPC is tested against the same run in process, bit for bit,
 and against the fused simulation (`sljax.algorithms`). The wire protocol is specified in docs/protocol.md.
+Before vertical SL, the parties align their samples by private set intersection: `Aligner` (the
+label party's, served by `AlignServer` or any server whose `aligner` is set) and `align` (each
+other party), the roles of `sljax.align` over the `Align` method.
 
 Example (one process; over the network the server runs `serve(server.handle, ...)` and each
 client uses `GrpcTransport("host:port", token=...)`):
