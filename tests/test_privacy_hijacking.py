@@ -15,7 +15,7 @@ import pytest
 
 import sljax
 from sljax import transport as T
-from sljax.privacy import defenses, hijacking, metrics
+from sljax.privacy import defenses, hijacking, metrics, transcript
 
 STEPS, BATCH = 200, 16  # the client's steps against the malicious server, its batch size
 
@@ -47,13 +47,23 @@ def attack():
 
 
 @pytest.fixture(scope="module")
-def simulated(attack):
-  """The simulation: one round of STEPS steps, one jitted program."""
+def simulated(attack, tmp_path_factory):
+  """The simulation: one round of STEPS steps, one jitted program, its messages recorded."""
   _, _, _, _, algo, data = attack
   initial = algo.init(jax.random.key(0), data)
   untouched = jax.tree.map(lambda a: np.asarray(a[0]), initial.clients)  # the client half before any step
-  state, records = sljax.simulation.run(algo, initial, data, rounds=1)
-  return state, records, untouched
+  path = tmp_path_factory.mktemp("hijacking") / "sim.sljt"
+  state, records = sljax.simulation.run(algo, initial, data, rounds=1, transcript=path)
+  return state, records, untouched, path
+
+
+def _records(path):
+  """The transcript's records as (round, step, client, direction, kind, size, body), in the order written."""
+  rows = []
+  for r in transcript.load(path).records:
+    kind, body = transcript.decode(r.payload)
+    rows.append((r.round, r.step, r.client, r.direction, kind, len(r.payload), body))
+  return rows
 
 
 def _decoded(attack, server, client_half, *, noise=False):
@@ -71,7 +81,7 @@ def _decoded(attack, server, client_half, *, noise=False):
 
 def test_honest_clients_trained_against_the_malicious_server_algorithm_are_hijacked(attack, simulated):
   _, _, _, _, algo, data = attack
-  state, records, initial = simulated
+  state, records, initial, _ = simulated
   half = jax.tree.map(lambda a: a[0], state.clients)
   found = _decoded(attack, state.server, half)
   assert found["ssim"] >= 0.4, found  # measured 0.58
@@ -84,16 +94,26 @@ def test_honest_clients_trained_against_the_malicious_server_algorithm_are_hijac
     algo.predict(state, data.x[0, :2])
 
 
-def test_an_unmodified_client_over_the_network_is_hijacked_as_in_simulation(attack, simulated):
+def test_an_unmodified_client_over_the_network_is_hijacked_as_in_simulation(attack, simulated, tmp_path):
   ds, model, sl, _, algo, _ = attack
   server = T.ConcurrentServer(model, sl, algorithm="parallel_sl", simulated=algo,
                               schedule=T.Schedule(1, 1, STEPS, BATCH), input_spec=sljax.ArraySpec.of(ds.x_train),
-                              key=jax.random.key(0), tokens={"t": 0})
-  session = T.connect(T.InProcessTransport(server.handle, token="t"), model, sl, client=0, x=ds.x_train[:700],
-                      y=ds.y_train[:700])
-  assert session.algorithm == "parallel_sl"  # all the client is told
-  result = T.run(session)
+                              key=jax.random.key(0), tokens={"t": 0},
+                              recorder=transcript.Recorder(tmp_path / "net.sljt"))
+  try:
+    session = T.connect(T.InProcessTransport(server.handle, token="t"), model, sl, client=0, x=ds.x_train[:700],
+                        y=ds.y_train[:700])
+    assert session.algorithm == "parallel_sl"  # all the client is told
+    result = T.run(session)
+  finally:
+    server.close()
   assert len(result.history) == STEPS
+  # the server records what it received and sent as the simulation records its messages
+  sim, net = _records(simulated[3]), _records(tmp_path / "net.sljt")
+  assert [row[:6] for row in sim] == [row[:6] for row in net]
+  assert [row[4] for row in sim].count("CutGradient") == STEPS
+  for a, b in zip(sim, net, strict=True):
+    chex.assert_trees_all_close(a[6], b[6], atol=1e-5, rtol=0)
   state = simulated[0]
   # the same run: not bitwise (the simulation fuses the round into one program), measured within 2e-7
   chex.assert_trees_all_close(result.half.params, jax.tree.map(lambda a: a[0], state.clients.params), atol=1e-5, rtol=0)
