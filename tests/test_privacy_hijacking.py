@@ -144,3 +144,14 @@ def test_bad_input_gets_errors_naming_the_argument():
   with pytest.raises(ValueError, match=r"knowledge.pilot: maps inputs to features of shape \(8, 8, 3\), expected the "
                                        r"smashed data's \(8, 8, 4\)"):
     hijacking.feature_space_hijacking(sl, client, (x, y), k, key=jax.random.key(0))
+  config = sljax.algorithms.ScheduleConfig(num_clients=1, batch_size=4)
+  with pytest.raises(ValueError, match=r"knowledge.pilot: maps inputs to features of shape \(8, 8, 3\), expected the "
+                                       r"smashed data's \(8, 8, 4\)"):
+    hijacking.hijacking_server(sl, config, knowledge=k)
+  with pytest.raises(ValueError, match=r"knowledge.aux_inputs: the client half does not take examples of shape "
+                                       r"\(64,\)"):
+    hijacking.hijacking_server(sl, config, knowledge=_knowledge(_flat(ds.x_train[8:])))
+  algo = hijacking.hijacking_server(sl, config, knowledge=_knowledge(ds.x_train[8:, :4]))  # 4x8 digits: convolved
+  with pytest.raises(ValueError, match=r"knowledge.aux_inputs: expected examples of the client's input shape "
+                                       r"\(8, 8, 1\), got \(4, 8, 1\)"):
+    algo.init(jax.random.key(0), sljax.data.stack_clients(ds.x_train[:8], ds.y_train[:8], [np.arange(8)]))

@@ -148,7 +148,11 @@ def hijacking_server(sl, config: c.ScheduleConfig, *, knowledge: HijackingKnowle
   honest = parallel_sl(sl, config)  # checks sl and config
   num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
   aux = jnp.asarray(knowledge.aux_inputs)
-  cut_shape = jax.eval_shape(sl.init, jax.random.key(0), aux[:1]).server.input_spec.shape
+  try:
+    cut_shape = jax.eval_shape(sl.init, jax.random.key(0), aux[:1]).server.input_spec.shape
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"knowledge.aux_inputs: the client half does not take examples of shape {aux.shape[1:]}: "
+                     f"{e}") from None
   # the attacker's offline work, before any client calls: its networks and the autoencoder's pretraining
   attacker = jax.jit(lambda aux: _init_attacker(knowledge, aux, aux.shape[1:], cut_shape))(aux)
   client_keys, server_keys = honest.schedule.client_keys, honest.schedule.server_keys
