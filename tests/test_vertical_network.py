@@ -221,6 +221,56 @@ def test_a_party_that_drops_mid_step_has_the_step_discarded_everywhere(data, in_
   assert_bitwise((parties, top), (sim.parties, sim.top))
 
 
+class Restarts:
+  """The parties' transports to a server that restarts from its checkpoints at given calls: after
+  the Commit of (0, 1) was applied and checkpointed (its answers lost: the parties retry), and
+  before the first Commit of (1, 0) arrives (the step under way lost: the parties forward again)."""
+
+  def __init__(self, make_server):
+    self.make_server, self.server, self.servers = make_server, make_server(), []
+    self.lock, self.done = threading.Lock(), set()
+
+  def restart(self, point):
+    with self.lock:
+      if point not in self.done:
+        self.done.add(point)
+        self.servers.append(self.server)
+        self.server = self.make_server()
+
+  def link(self, p):
+    restarts = self
+
+    class Link:
+      def call(self, method, request, *, timeout=None):
+        fields = wire.decode(method, request)
+        point = (method, fields.get("round"), fields.get("step"))
+        if point == ("Commit", 1, 0):
+          restarts.restart(point)
+        one = lambda: T.InProcessTransport(restarts.server.handle, token=TOKENS[p]).call(method, request)  # noqa: E731
+        response = one()
+        if point == ("Commit", 0, 1):
+          restarts.restart(point)
+          response = one()  # the retry of a call whose answer was lost
+        return response
+
+    return Link()
+
+
+def test_a_restarted_server_resumes_and_the_parties_carry_on(data, in_process, tmp_path):
+  sl = in_process["sl"]
+  restarts = Restarts(lambda: _server(sl, data, checkpoint_dir=tmp_path))
+  try:
+    runs = _run_parties(sl, data, restarts.link)
+  finally:
+    for server in restarts.servers + [restarts.server]:
+      server.close()
+  assert len(restarts.servers) == 2
+  for p in (1, 2):  # every step once, each applied: none lost, none doubled
+    assert [(r["round"], r["step"], r["applied"]) for r in runs[p][1].history] == [
+        (r, s, True) for r in range(ROUNDS) for s in range(3)]
+  assert_bitwise(_states(restarts.server, runs), _states(in_process["server"], in_process["runs"]))
+
+
 def test_bad_parties_get_errors_naming_them(data, in_process):
   sl, server, xs = in_process["sl"], in_process["server"], data["xs"]
   link = lambda p: T.InProcessTransport(server.handle, token=TOKENS[p])  # noqa: E731
