@@ -6,7 +6,6 @@ both ways, is recorded and searched for the parties' IDs.
 """
 
 import hashlib
-import threading
 
 import grpc
 import numpy as np
@@ -92,6 +91,7 @@ def test_network_alignment_equals_the_plain_intersection_and_in_process_align(re
     assert len(transports[name].sent) == 2 * 3
     sent = b"".join(transports[name].sent)
     assert all(m.payload in sent for m in aligned.messages)  # the recording holds what crossed
+  assert server.aligner.wait(0.0, until="answered")
   np.testing.assert_array_equal(server.aligner.rows, in_process.rows["merchant"], strict=True)
   result = server.aligner.result()
   assert (result.size, result.sizes, result.leader) == (len(plain), {"merchant": len(ids["merchant"])}, "merchant")
@@ -218,6 +218,7 @@ def test_malformed_payloads_get_invalid_argument_and_change_nothing(reference):
     _call(server, "bank", wire.encode({"client": 0}), method="Status")
   _call(server, "bank", _align_request(0, "answer", setup=setup, response=response))
   assert aligner.state.held.keys() == {"bank"} and aligner.rows is None  # the network has not answered yet
+  assert not aligner.wait(0.0)
   ready = wire.decode("Align", _call(server, "bank", _align_request(0, "intersect", wait=0.0, request=b"x")),
                       response=True)
   assert ready["ready"] is False and ready["setup"] is None  # not yet: call again
@@ -227,7 +228,7 @@ def test_malformed_payloads_get_invalid_argument_and_change_nothing(reference):
   network, setup, response = member_answer(network, request)
   _call(server, "network", _align_request(1, "answer", setup=setup, response=response))
   fixed, rows = aligner.state, aligner.rows
-  assert rows is not None
+  assert rows is not None and aligner.wait(0.0) and not aligner.wait(0.0, until="answered")
   for req, message in [(b"", r"request: expected 1 to \d+ encrypted IDs, got 0"),
                        (psi.Request(reveal_intersection=True, encrypted_elements=[b"\x07" * 33]).SerializeToString(),
                         r"request: ECGroup::"),

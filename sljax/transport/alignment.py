@@ -24,7 +24,9 @@ sljax server whose `aligner` attribute is set):
 
     >>> aligner = Aligner(label_ids, members={1: "bank", 2: "network"}, name="merchant")    # doctest: +SKIP
     >>> running = serve(AlignServer(aligner, tokens={"t-bank": 1, "t-network": 2}).handle)  # doctest: +SKIP
-    >>> rows = aligner.wait()          # the label party's rows of C, in the common order  # doctest: +SKIP
+    >>> aligner.wait(until="answered")  # every member has its rows                          # doctest: +SKIP
+    True
+    >>> rows = aligner.rows            # the label party's rows of C, in the common order    # doctest: +SKIP
 
 On the bank:
 
@@ -33,8 +35,11 @@ On the bank:
 
 With `VerticalServer` (sljax.transport.vertical), whose clients are the parties' indices in
 `sl.model.names`: align first (`members={k: name for k, name in enumerate(names) if name !=
-label}`), then start the `VerticalServer` with `labels=y[rows]` (and the label party's own
-columns `x[rows]`), and each party `connect_party(..., x=aligned.take(party, x))`.
+label}`); once `aligner.wait(until="answered")` returns, stop the `AlignServer` and start the
+`VerticalServer` with `labels=y[rows]` (and the label party's own columns `x[rows]`) on the same
+address, setting `server.aligner = aligner` so that a party that restarts still gets its rows
+(no training state is touched); each party trains with `connect_party(..., x=aligned.take(party,
+x))`.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class Aligner:
     self.max_ids = max_ids
     self.state = _roles.leader_init(ids, members=list(self.members.values()), fpr=fpr)
     self._shared: tuple[int, ...] | None = None  # C, fixed once every member has answered
+    self._answered: set[str] = set()  # the members whose "intersect" was answered
     self._cond = threading.Condition()
 
   @property
@@ -109,11 +115,17 @@ class Aligner:
     with self._cond:
       return None if self._shared is None else _roles.leader_rows(self.state)
 
-  def wait(self, timeout: float | None = None) -> np.ndarray | None:
-    """Waits until every member has answered (at most `timeout` seconds; None: no limit); returns `rows`."""
+  def wait(self, timeout: float | None = None, *, until: str = "shared") -> bool:
+    """Waits (at most `timeout` seconds; None: no limit) until the shared samples are known (`until="shared"`:
+    every member has answered the first pass, and `rows` is set), or until every member has also had
+    its rows (`until="answered"`: each one's "intersect" was answered, so a server that only aligns
+    can stop). Returns whether that came before the time ran out."""
+    if until not in ("shared", "answered"):
+      raise ValueError(f"until: expected 'shared' or 'answered', got {until!r}")
+    done = ((lambda: self._shared is not None) if until == "shared" else
+            (lambda: self._answered == set(self.members.values())))
     with self._cond:
-      self._cond.wait_for(lambda: self._shared is not None, timeout)
-    return self.rows
+      return self._cond.wait_for(done, timeout)
 
   def result(self) -> AlignedRows | None:
     """The label party's `AlignedRows` (its own rows and size only), once every member has answered; else None."""
@@ -180,6 +192,8 @@ class Aligner:
         setup, response = _roles.leader_answer(self.state, member, req["request"], max_ids=self.max_ids)
       except (ValueError, TypeError) as e:
         raise wire.invalid(f"Align intersect: {e}") from None
+      self._answered.add(member)
+      self._cond.notify_all()
       return self._answer(member, setup=setup, response=response, size=len(self._shared))
 
   def _answer(self, member: str, *, ready: bool = True, size: int = -1, request: bytes | None = None,
