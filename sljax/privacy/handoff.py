@@ -17,8 +17,9 @@ The round and the sending client travel in the clear (`sender(data)` reads them:
 does not know who handed the half over last, e.g. after a dropped turn, learns it there), and
 are authenticated with the rest: the associated data is the magic and version followed by the
 JSON of {"client", "kind", "round", "run"}; the run and the kind are not sent, both ends know them.
-The size is `sealed_size(template)`: the message's wire size and 45 bytes, whatever the values. A random 96-bit nonce per seal keeps AES-GCM safe for far
-more hand-offs than a run makes (NIST SP 800-38D's bound: 2**32 messages per key).
+The size is `sealed_size(template)`: the message's wire size and 45 bytes, whatever the values.
+A random 96-bit nonce per seal keeps AES-GCM safe for far more hand-offs than a run makes (NIST
+SP 800-38D's bound: 2**32 messages per key).
 
 What it does not hide: the size of the half and when it is handed over. The server still sees the
 smashed data, the gradients and (in vanilla SL) the labels of every step. Over the network
