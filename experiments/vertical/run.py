@@ -18,10 +18,12 @@ Usage:
 
 And, on credit_fraud and breast_cancer_4, a party missing at inference: vertical SL trained with
 every party, tested with each party absent (sljax.vertical_evaluate(..., absent=...): a zero
-embedding in its place).
+embedding in its place). And, on both, random party dropout in training (sljax.vertical.with_dropout,
+rates 0.1 and 0.3, a learned stand-in) against full participation, tested with every party and with
+each party missing.
 
 Writes DIR/results.json and DIR/vertical.png (DIR: this folder by default) and prints a table;
-`--studies tasks,overlap,missing` runs some of the parts and replaces only their entries.
+`--studies tasks,overlap,missing,dropout` runs some of the parts and replaces only their entries.
 """
 
 from __future__ import annotations
@@ -185,6 +187,29 @@ def missing_party(data, *, seeds: int, epochs: int, batch_size: int, rate: float
           "mean": {k: {m: float(np.mean([r[k][m] for r in runs])) for m in ("accuracy", "auc")} for k in runs[0]}}
 
 
+def dropout_training(data, *, seeds: int, epochs: int, batch_size: int, rates=(0.0, 0.1, 0.3),
+                     rate: float = 3e-3) -> dict:
+  """Vertical SL trained with random party dropout (`sljax.vertical.with_dropout`: each party absent from a step
+  with probability `rates[i]`, a learned stand-in in its place), tested with every party and with each party
+  missing; dropout rate 0 is full participation (its stand-ins never trained: zeros)."""
+  names = data.parties
+  model = sljax.vertical_model([_bottom() for _ in names], sljax.merges.concat(), _top(), names=list(names))
+  trainer = sljax.vertical_sl(model, party_optimizers=_adam(), top_optimizer=_adam(), replacement="learned")
+  train, test = (data.parties_train(), data.dataset.y_train), (data.parties_test(), data.dataset.y_test)
+  runs = {str(r): [] for r in rates}
+  for dropout in rates:
+    fitted = sljax.vertical.with_dropout(trainer, rate=dropout) if dropout else trainer
+    for seed in range(seeds):
+      state = _train(fitted, *train, rate=rate, seed=seed, epochs=epochs, batch_size=batch_size)
+      row = {"all": sljax.vertical_evaluate(trainer, state, *test)}
+      for name in names:
+        row[f"without {name}"] = sljax.vertical_evaluate(trainer, state, *test, absent=(name,))
+      runs[str(dropout)].append({k: {"accuracy": v["accuracy"], "auc": v["auc"]} for k, v in row.items()})
+  mean = {r: {k: {m: float(np.mean([run[k][m] for run in rs])) for m in ("accuracy", "auc")} for k in rs[0]}
+          for r, rs in runs.items()}
+  return {"rate": rate, "dropout_rates": list(rates), "runs": runs, "mean": mean}
+
+
 def plot(results: dict, path: str) -> None:
   from matplotlib.figure import Figure  # noqa: PLC0415
 
@@ -209,7 +234,7 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true", help="1 seed, fewer epochs, two rates")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--out", default=HERE)
-  parser.add_argument("--studies", default="tasks,overlap,missing",
+  parser.add_argument("--studies", default="tasks,overlap,missing,dropout",
                       help="which parts to run (their entries in an existing results.json are replaced)")
   args = parser.parse_args(argv)
   studies = set(args.studies.split(","))
@@ -220,7 +245,7 @@ def main(argv=None) -> int:
   fraud = sljax.data.make_credit_fraud(seed=0)
   path = os.path.join(args.out, "results.json")
   results = {}
-  if os.path.exists(path) and studies != {"tasks", "overlap", "missing"}:
+  if os.path.exists(path) and studies != {"tasks", "overlap", "missing", "dropout"}:
     with open(path) as f:
       results = json.load(f)
   if "tasks" in studies:
@@ -231,6 +256,12 @@ def main(argv=None) -> int:
                                                  rates=rates)
   if "overlap" in studies:
     results["partial_overlap"] = partial_overlap(fraud, seeds=seeds, epochs=fraud_epochs, batch_size=64)
+  if "dropout" in studies:
+    results["dropout_training"] = {
+        "credit_fraud": dropout_training(fraud, seeds=seeds, epochs=fraud_epochs, batch_size=64),
+        "breast_cancer_4": dropout_training(sljax.data.load_breast_cancer_vertical(num_parties=4), seeds=seeds,
+                                            epochs=bc_epochs, batch_size=32),
+    }
   if "missing" in studies:
     results["missing_party"] = {
         "credit_fraud": missing_party(fraud, seeds=seeds, epochs=fraud_epochs, batch_size=64),
@@ -267,6 +298,14 @@ def main(argv=None) -> int:
           f"epoch trained without the party; mean over {seeds} seeds):")
     for which, m in r["mean"].items():
       print(f"  {which:20} accuracy {m['accuracy']:.3f}  AUC {m['auc']:.3f}")
+  for name, r in results.get("dropout_training", {}).items():
+    metric = "auc" if name == "credit_fraud" else "accuracy"
+    print(f"\nrandom party dropout in training ({name}; test {metric}, mean over {seeds} seeds; columns: the dropout "
+          f"rate, 0 = every party in every step):")
+    print("| tested | " + " | ".join(f"dropout {d}" for d in r["mean"]) + " |")
+    print("|---" * (1 + len(r["mean"])) + "|")
+    for which in next(iter(r["mean"].values())):
+      print(f"| {which} | " + " | ".join(f"{m[which][metric]:.3f}" for m in r["mean"].values()) + " |")
   print(f"\n{round(time.perf_counter() - t0, 1)} s")
   return 0
 
