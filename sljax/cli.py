@@ -404,6 +404,97 @@ def client(args) -> int:
   return 0
 
 
+def _read_ids(path: str) -> list[str]:
+  """`sljax align --ids`: one ID per line (UTF-8), the line's end stripped; an empty line is refused."""
+  with open(path, encoding="utf-8") as f:
+    ids = [line.rstrip("\r\n") for line in f]
+  empty = next((number for number, i in enumerate(ids, 1) if not i), None)
+  if empty is not None:
+    raise ValueError(f"{path}:{empty}: an empty line; expected one ID per line")
+  return ids
+
+
+def align_ids(args) -> int:
+  """`sljax align`: private set intersection of this party's sample IDs with the other parties'
+  (vertical SL): the label party serves (`--serve`, the leader), every other party connects; each
+  writes its rows of the shared samples, in the common order, to `--out`."""
+  from sljax import transport  # noqa: PLC0415 -- gRPC is imported only where needed
+  from sljax.transport import demo as demo_setup  # noqa: PLC0415
+
+  start = time.perf_counter()
+  try:
+    ids = _read_ids(args.ids)
+    tokens = demo_setup.read_tokens(args.token_file) if args.token_file else {}
+  except (OSError, ValueError) as e:
+    print(f"sljax align: {e}", file=sys.stderr)
+    return 2
+  if args.serve:
+    try:
+      members = {int(k): name for k, name in (m.split(":", 1) for m in (args.members or "").split(",") if m)}
+    except ValueError:
+      members = {}
+    if not members:
+      print(f"sljax align: --members: expected 'ID:NAME,...' (each other party's client id and name), got "
+            f"{args.members!r}", file=sys.stderr)
+      return 2
+    try:
+      aligner = transport.Aligner(ids, members=members, name=args.name, fpr=args.fpr)
+      names = {f"client-{k}": k for k in members} if args.client_ca else None
+      server = transport.AlignServer(aligner, tokens={t: k for k, t in tokens.items()} or None,
+                                     certificate_names=names)
+    except (ValueError, TypeError) as e:
+      print(f"sljax align: {e}", file=sys.stderr)
+      return 2
+    credentials = None
+    if args.tls_cert:
+      credentials = transport.server_credentials(_read(args.tls_cert), _read(args.tls_key),
+                                                 client_ca=_read(args.client_ca))
+    running = transport.serve(server.handle, address=f"{args.host}:{args.port}", credentials=credentials,
+                              max_workers=len(members) + 8)
+    if args.port_file:  # written whole, then renamed: a reader never sees half a number
+      with open(args.port_file + ".tmp", "w") as f:
+        f.write(str(running.port))
+      os.replace(args.port_file + ".tmp", args.port_file)
+    try:
+      if not aligner.wait(args.wait_seconds, until="answered"):
+        print(f"sljax align: the parties {aligner.pending} did not align within --wait-seconds "
+              f"{args.wait_seconds:g}", file=sys.stderr)
+        return 1
+    finally:
+      running.stop(grace=1.0)
+    result = aligner.result()
+    if not result.size:
+      print(f"sljax align: the parties {(args.name, *members.values())} share no sample", file=sys.stderr)
+      return 1
+  else:
+    if args.client_id is None:
+      print("sljax align: --client-id: required without --serve (this party's client id)", file=sys.stderr)
+      return 2
+    link = _client_link(args, tokens.get(args.client_id))
+    if link is None:
+      return 2
+    try:
+      result = transport.align(link, ids, client=args.client_id)
+    except (transport.TransportError, ValueError, TypeError, RuntimeError) as e:
+      print(f"sljax align: {e}", file=sys.stderr)
+      return 1
+    finally:
+      link.close()
+  (party,) = result.rows
+  rows = result.rows[party]
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      f.write("".join(f"{r}\n" for r in rows))
+  row = {"party": party, "leader": result.leader, "ids": len(ids), "shared": result.size, "out": args.out,
+         "seconds": time.perf_counter() - start}
+  if args.json:
+    print(json.dumps(row))
+  else:
+    print(f"party {party}: {result.size} of its {len(ids)} IDs shared by every party (leader {result.leader}); "
+          f"rows {'in ' + args.out if args.out else 'not written (no --out)'}, {row['seconds']:.1f} s")
+  return 0
+
+
 def _profile_data(model: str, seed: int):
   """The demo data a model of `sljax profile-cuts` takes: digits (flat or 8x8 images) or MNIST-1D."""
   if model == "mlp":
@@ -559,6 +650,35 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--json", action="store_true", help="print one JSON line instead of a sentence")
   _add_cache_args(p)
   p.set_defaults(run=client)
+
+  p = sub.add_parser("align", help="vertical SL: find the samples every party holds by private set intersection of "
+                                   "their IDs (the label party serves with --serve, the others connect)")
+  p.add_argument("--ids", required=True, help="this party's sample IDs, one per line (UTF-8), one per row of its data")
+  p.add_argument("--out", help="write this party's rows of the shared samples here: row indices into --ids, one per "
+                               "line, in the common order (every party's k-th line is the same sample)")
+  p.add_argument("--serve", action="store_true", help="lead the alignment: serve it (the label party)")
+  p.add_argument("--members", help="--serve: the other parties, 'ID:NAME,...' (client id and party name)")
+  p.add_argument("--name", default="leader", help="--serve: this party's name")
+  p.add_argument("--fpr", type=float, default=1e-9, help="--serve: false-positive rate of the compressed sets")
+  p.add_argument("--wait-seconds", type=float, default=600.0,
+                 help="--serve: how long to wait for every party to have its rows (exit status 1 after)")
+  p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
+  p.add_argument("--port", type=int, default=50051, help="--serve: 0 picks a free port (see --port-file)")
+  p.add_argument("--port-file", help="--serve: write the port listened on to this file once serving")
+  p.add_argument("--token-file", help="lines '<client id> <token>'; a member uses the line of --client-id")
+  p.add_argument("--tls-cert", help="PEM certificate chain (--serve: the server's; else this client's, mutual TLS)")
+  p.add_argument("--tls-key", help="PEM private key (--serve: the server's; else this client's, mutual TLS)")
+  p.add_argument("--client-ca", help="--serve: PEM CA of client certificates: mutual TLS, client k's named client-k")
+  p.add_argument("--target", default="127.0.0.1:50051", help="host:port of the label party's align server")
+  p.add_argument("--client-id", type=int, help="this party's client id (required without --serve)")
+  p.add_argument("--tls-ca", help="PEM CA to verify the server with (TLS)")
+  p.add_argument("--server-name", help="the name in the server's certificate, if not the target's host")
+  p.add_argument("--allow-plaintext-token", action="store_true",
+                 help="send the token without TLS to a host other than this machine (refused otherwise)")
+  p.add_argument("--deadline", type=float, default=60.0, help="seconds per call attempt")
+  p.add_argument("--retries", type=int, default=10, help="retries of a call while the server is away")
+  p.add_argument("--json", action="store_true", help="print one JSON line instead of a sentence")
+  p.set_defaults(run=align_ids)
 
   p = sub.add_parser("profile-cuts", help="profile every cut of a demo model: FLOPs, memory, bytes, dCor, time")
   p.add_argument("--model", choices=("mlp", "cnn", "cnn1d", "resnet", "vit", "ds_cnn1d"), default="cnn")

@@ -6,6 +6,7 @@ both ways, is recorded and searched for the parties' IDs.
 """
 
 import hashlib
+import threading
 
 import grpc
 import numpy as np
@@ -237,3 +238,38 @@ def test_malformed_payloads_get_invalid_argument_and_change_nothing(reference):
       _call(server, "network", _align_request(1, "intersect", request=req))
     assert aligner.state == fixed
     np.testing.assert_array_equal(aligner.rows, rows)
+
+
+def test_sljax_align_command(tmp_path):
+  """`sljax align`: the merchant serves, the bank and the network connect; each writes its rows, in the common order."""
+  from sljax import cli
+
+  rng = np.random.default_rng(2)
+  everyone = [f"cust-{i:03d}" for i in range(60)]
+  ids = {name: [everyone[i] for i in rng.permutation(60)[:45]] for name in ("merchant", "bank", "network")}
+  for name, party_ids in ids.items():
+    (tmp_path / f"{name}.txt").write_text("".join(f"{i}\n" for i in party_ids), encoding="utf-8")
+  (tmp_path / "tokens").write_text("0 token-bank\n1 token-network\n")
+  port_file = tmp_path / "port"
+
+  def party(name):
+    argv = ["align", "--ids", str(tmp_path / f"{name}.txt"), "--out", str(tmp_path / f"{name}.rows"),
+            "--token-file", str(tmp_path / "tokens"), "--json"]
+    if name == "merchant":
+      return cli.main(argv + ["--serve", "--members", "0:bank,1:network", "--name", "merchant", "--port", "0",
+                              "--port-file", str(port_file), "--wait-seconds", "60"])
+    for _ in range(600):
+      if port_file.exists():
+        break
+      threading.Event().wait(0.05)
+    return cli.main(argv + ["--target", f"127.0.0.1:{port_file.read_text()}",
+                            "--client-id", str(["bank", "network"].index(name))])
+
+  assert run_in_threads(party, ids, timeout=120) == {name: 0 for name in ids}
+  plain = sorted(set(ids["merchant"]) & set(ids["bank"]) & set(ids["network"]))
+  for name, party_ids in ids.items():
+    rows = [int(line) for line in (tmp_path / f"{name}.rows").read_text().split()]
+    assert [party_ids[r] for r in rows] == plain, name
+  assert cli.main(["align", "--ids", str(tmp_path / "bank.txt")]) == 2  # a member needs --client-id
+  (tmp_path / "gap.txt").write_text("a\n\nb\n")
+  assert cli.main(["align", "--ids", str(tmp_path / "gap.txt"), "--client-id", "0"]) == 2  # an empty line

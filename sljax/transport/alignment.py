@@ -127,6 +127,12 @@ class Aligner:
     with self._cond:
       return self._cond.wait_for(done, timeout)
 
+  @property
+  def pending(self) -> list[str]:
+    """The members whose "intersect" has not been answered yet (those `wait(until="answered")` waits for)."""
+    with self._cond:
+      return sorted(set(self.members.values()) - self._answered)
+
   def result(self) -> AlignedRows | None:
     """The label party's `AlignedRows` (its own rows and size only), once every member has answered; else None."""
     rows = self.rows
@@ -186,6 +192,8 @@ class Aligner:
       if self._shared is None:
         return self._answer(member, ready=False)
       if not self._shared:
+        self._answered.add(member)  # with the error: there are no rows to have
+        self._cond.notify_all()
         raise TransportError(_FAILED, f"Align intersect: the parties {(self.name, *self.state.members)} share no "
                                       "sample")
       try:
