@@ -294,6 +294,26 @@ def test_bad_parties_get_errors_naming_them(data, in_process):
     V.connect_party(link(2), sl, party="merchant", x=np.zeros((SHARED, 5), np.float32))
 
 
+def test_a_bad_server_configuration_names_what_is_wrong(data, in_process):
+  sl, xs, y = in_process["sl"], data["xs"], data["y"]
+  specs = {n: ArraySpec.of(x) for n, x in zip(NAMES, xs)}
+  common = dict(labels=y, input_specs=specs, key=KEY, rounds=1, batch_size=BATCH, features=xs[0],
+                tokens={"t1": 1, "t2": 2})
+  cases = [
+      (dict(tokens={"t0": 0, "t1": 1}), "tokens: client id 0 is the label party 'bank', which runs this server"),
+      (dict(input_specs={"bank": specs["bank"]}), "input_specs: expected one ArraySpec per party ('bank', "
+                                                  "'network', 'merchant'), got parties ('bank',)"),
+      (dict(features=None), "features: the label party 'bank' holds a bottom: expected its (48, ...) columns"),
+      (dict(features=xs[0][:, :4]), "features (party 'bank'): expected shape (48, 5) float32, got (48, 4) float32"),
+      (dict(local_steps=4), "local_steps: expected an int in [1, 3] (steps in an epoch of 48 samples in batches of "
+                            "16), got 4"),
+      (dict(labels=y[:, None]), "labels: expected (N,) integer labels of the aligned samples, got (48, 1) int32"),
+  ]
+  for change, message in cases:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      V.VerticalServer(sl, **{**common, **change})
+
+
 def test_inference_without_a_party_names_it(data, in_process):
   server, runs, clock = in_process["server"], in_process["runs"], in_process["clock"]
   session, result = runs[1]

@@ -548,10 +548,10 @@ class VerticalServer(ConcurrentServer):
         if k == label:
           raise ValueError(f"{what}: client id {k} is the label party {names[k]!r}, which runs this server; give "
                            "ids of the other parties")
-    if local_steps is None:
-      local_steps = n // batch_size if 1 <= batch_size <= n else 0
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
       raise ValueError(f"batch_size: expected an int in [1, {n}] (the aligned samples), got {batch_size!r}")
+    if local_steps is None:
+      local_steps = n // batch_size
     if not 1 <= local_steps <= n // batch_size:
       raise ValueError(f"local_steps: expected an int in [1, {n // batch_size}] (steps in an epoch of {n} samples "
                        f"in batches of {batch_size}), got {local_steps!r}")
@@ -602,8 +602,7 @@ class VerticalServer(ConcurrentServer):
     batch = req["batch"]
     if not 1 <= batch <= self.max_predict_batch:
       raise wire.invalid(f"Predict: field 'batch' must be in [1, {self.max_predict_batch}], got {batch}")
-    message = self._read(self._predict_template(batch, self._cut_spec_of(client)), req["message"],
-                         what=f"Predict ({self._who(client)})")
+    message = self._read(self._party_template(batch, client), req["message"], what=f"Predict ({self._who(client)})")
     with self._cond:
       self._seen(client)
       self._expire_if_due()
@@ -613,13 +612,14 @@ class VerticalServer(ConcurrentServer):
       raise TransportError(*fields["error"])
     return wire.encode(fields)
 
-  def _predict_template(self, batch: int, spec: ArraySpec) -> msgs.SmashedData:
-    if (batch, spec) not in self._predict_templates:
-      uplink = self._uplinks[self._cut_specs.index(spec)]
+  def _party_template(self, batch: int, client: int) -> msgs.SmashedData:
+    """The `Predict` message of `batch` rows that party `client` sends: its smashed data through its uplink codec."""
+    if (batch, client) not in self._predict_templates:
+      spec, uplink = self._cut_specs[client], self._uplinks[client]
       cut = jax.ShapeDtypeStruct((batch, *spec.shape), spec.dtype)
       payload = jax.eval_shape(lambda h: uplink.encode(h, uplink.init(h), jax.random.key(0))[0], cut)
-      self._predict_templates[batch, spec] = msgs.SmashedData(payload)
-    return self._predict_templates[batch, spec]
+      self._predict_templates[batch, client] = msgs.SmashedData(payload)
+    return self._predict_templates[batch, client]
 
 
 def _specs(input_specs, names: tuple[str, ...]) -> tuple[ArraySpec, ...]:
