@@ -17,17 +17,25 @@ Adam (1e-3) everywhere, all variants timed side by side (see `common.py`):
 Bytes: per sample, per party, per direction, from the step's static byte counts (float32 smashed
 data up, its gradient down; msgpack framing included, so a little above 4 x 32 bytes).
 
-The network (loopback gRPC) part of issue 11 is not measured here: vertical SL has no network
-protocol yet.
+Over loopback gRPC (`sljax.transport.VerticalServer` in this process, each party a thread running
+`run_party` over its own `GrpcTransport` to 127.0.0.1; the same model, every party a client, the
+label party holding only the labels): steps per second of whole runs (`--grpc-rounds` epochs of
+`--grpc-steps` steps, after a warm-up run that compiles), against the same runs over
+`InProcessTransport` (the handler called directly, still on bytes); and bytes per sample per party
+per direction on the wire (HTTP/2 and gRPC framing, the request and response maps, Forward and
+Commit calls: counted by a TCP relay between each party and the server, `transport.CountingProxy`,
+on the warm-up run, whose steps are timed apart), next to the payload (the SmashedData and
+CutGradient messages alone).
 
 Usage:
-  .venv/bin/python experiments/benchmarks/vertical.py [--json] [--rounds N]
+  .venv/bin/python experiments/benchmarks/vertical.py [--json] [--rounds N] [--grpc-rounds N] [--grpc-steps N]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -119,6 +127,98 @@ def measure(parties: int, batch: int, *, rounds: int, chunk_seconds: float) -> d
   }
 
 
+def _party_runs(sl, server, links: list, *, connected=lambda: None, timeout: float = 600.0) -> tuple[float, list]:
+  """Every party's `run_party` in a thread over `links[p]`, once every party has connected (then
+  `connected()` is called); the seconds from the first step to the last, and each party's history."""
+  from sljax.transport import vertical  # noqa: PLC0415
+
+  sessions = [vertical.connect_party(link, sl, party=sl.model.names[p], x=server.bench_columns[p])
+              for p, link in enumerate(links)]
+  histories: list = [None] * len(sessions)
+  errors: list = []
+
+  def one(p):
+    try:
+      histories[p] = vertical.run_party(sessions[p]).history
+    except BaseException as e:  # noqa: BLE001 -- re-raised below
+      errors.append(e)
+
+  threads = [threading.Thread(target=one, args=(p,)) for p in range(len(sessions))]
+  connected()
+  start = time.perf_counter()
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout)
+  seconds = time.perf_counter() - start
+  if errors:
+    raise errors[0]
+  return seconds, histories
+
+
+def measure_grpc(parties: int, batch: int, *, rounds: int, steps: int) -> dict:
+  """Vertical SL over loopback gRPC and over InProcessTransport: whole runs, steps per second; wire bytes."""
+  from sljax import transport as T  # noqa: PLC0415
+  from transport import CountingProxy  # noqa: PLC0415 -- experiments/benchmarks/transport.py
+
+  names = [f"p{i}" for i in range(parties)]
+  model = sljax.vertical_model([_bottom() for _ in names], sljax.merges.concat(), _top(), names=names)
+  sl = sljax.vertical_sl(model, party_optimizers=optax.adam(1e-3), top_optimizer=optax.adam(1e-3))
+  rng = np.random.default_rng(batch + parties)
+  n = batch * steps
+  xs = tuple(rng.normal(size=(n, COLUMNS)).astype(np.float32) for _ in names)
+  y = (xs[0][:, 0] + xs[-1][:, 1] > 0).astype(np.int32)
+  tokens = {f"token-{p}": p for p in range(parties)}
+
+  def server(rounds_: int):
+    s = T.VerticalServer(sl, labels=y, input_specs=tuple(sljax.ArraySpec.of(x) for x in xs), key=jax.random.key(0),
+                         rounds=rounds_, batch_size=batch, tokens=tokens, lease_seconds=600.0)
+    s.bench_columns = xs
+    return s
+
+  # warm-up (compiles every leg), on the wire through counting relays: the bytes of every call
+  warm = server(1)
+  running = T.serve(warm.handle, address="127.0.0.1:0", max_workers=parties + 8)
+  proxies = [CountingProxy(running.port) for _ in names]
+  links = [T.GrpcTransport(f"127.0.0.1:{proxy.port}", token=f"token-{p}") for p, proxy in enumerate(proxies)]
+  try:
+    # the connections' bytes (handshake, the initial bottom) are left out: training only
+    _, histories = _party_runs(sl, warm, links, connected=lambda: [proxy.reset() for proxy in proxies])
+    wire = [(proxy.up, proxy.down) for proxy in proxies]
+  finally:
+    for link in links:
+      link.close()
+    running.stop()
+    for proxy in proxies:
+      proxy.close()
+  rates = {}
+  for kind in ("grpc", "in_process"):
+    timed = server(rounds)
+    running = T.serve(timed.handle, address="127.0.0.1:0", max_workers=parties + 8) if kind == "grpc" else None
+    links = [T.GrpcTransport(f"127.0.0.1:{running.port}", token=f"token-{p}") if running else
+             T.InProcessTransport(timed.handle, token=f"token-{p}") for p in range(parties)]
+    try:
+      seconds, _ = _party_runs(sl, timed, links)
+    finally:
+      if running:
+        for link in links:
+          link.close()
+        running.stop()
+    rates[kind] = rounds * steps / seconds
+  samples = steps * batch  # of the warm-up run, one epoch
+  return {
+      "parties": parties,
+      "batch": batch,
+      "grpc_steps_per_s": rates["grpc"],
+      "in_process_steps_per_s": rates["in_process"],
+      "grpc_over_in_process_time": rates["in_process"] / rates["grpc"],
+      "wire_bytes_per_sample": {name: {"up": w[0] / samples, "down": w[1] / samples} for name, w in zip(names, wire)},
+      "payload_bytes_per_sample": {name: {d: sum(r[f"bytes_{d}"] for r in h) / samples for d in ("up", "down")}
+                                   for name, h in zip(names, histories)},
+      "steps": rounds * steps,
+  }
+
+
 def _print_table(result: dict) -> None:
   env = result["environment"]
   print(f"vertical step: MLP bottoms 16->64->32 per party, concat, top 64->2, Adam; jax {env['jax']} on "
@@ -135,6 +235,17 @@ def _print_table(result: dict) -> None:
   print(f"medians per step over {result['rows'][0]['rounds']} interleaved rounds; ratios of medians, [paired IQR] "
         f"the quartiles of the per-round ratios. Every party sends the same bytes here (equal widths). "
         f"total {result['seconds']:.0f} s")
+  if not result.get("grpc_rows"):
+    return
+  print("\nover loopback gRPC (every party a thread with its own channel, the server in this process): whole runs")
+  print(f"{'parties':>7} {'batch':>5} {'steps/s gRPC':>12} {'in-process':>10} {'gRPC/in-process time':>20} "
+        f"{'wire B/sample/party up':>22} {'down':>6} {'payload up':>10} {'down':>6}")
+  for r in result["grpc_rows"]:
+    wire, payload = r["wire_bytes_per_sample"]["p0"], r["payload_bytes_per_sample"]["p0"]
+    print(f"{r['parties']:7d} {r['batch']:5d} {r['grpc_steps_per_s']:12.1f} {r['in_process_steps_per_s']:10.1f} "
+          f"{r['grpc_over_in_process_time']:20.2f} {wire['up']:22.1f} {wire['down']:6.1f} {payload['up']:10.1f} "
+          f"{payload['down']:6.1f}")
+  print(f"steps/s over {result['grpc_rows'][0]['steps']} steps per run; bytes of party p0 (every party sends the same)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,11 +253,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
   parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds per setup")
   parser.add_argument("--chunk-ms", type=float, default=60.0, help="about how long one timed chunk lasts")
+  parser.add_argument("--grpc-rounds", type=int, default=3, help="epochs of each timed run over gRPC (0: none)")
+  parser.add_argument("--grpc-steps", type=int, default=20, help="steps per epoch of the runs over gRPC")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   env = environment()
   rows = [measure(p, b, rounds=args.rounds, chunk_seconds=args.chunk_ms / 1e3) for p in PARTIES for b in BATCH_SIZES]
-  result = {"benchmark": "vertical", "target": TARGET, "environment": env, "rows": rows,
+  grpc_rows = [measure_grpc(p, b, rounds=args.grpc_rounds, steps=args.grpc_steps)
+               for p in PARTIES for b in BATCH_SIZES] if args.grpc_rounds else []
+  result = {"benchmark": "vertical", "target": TARGET, "environment": env, "rows": rows, "grpc_rows": grpc_rows,
             "seconds": time.perf_counter() - start}
   return emit(result, as_json=args.json, print_table=_print_table)
 
