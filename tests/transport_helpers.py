@@ -162,7 +162,8 @@ class KillsProcessAt:
 
   def handle(self, method, request, *, metadata, peer_names=()):
     here = (not self.killed.is_set() and method in ("Forward", "Commit")
-            and wire.decode(method, request)["client"] == self.client and _kill_here(self.point, method, request, self.at))
+            and wire.decode(method, request)["client"] == self.client
+            and _kill_here(self.point, method, request, self.at))
     if here and self.point == "before forward":
       self._kill()
       raise wire.TransportError(grpc.StatusCode.UNAVAILABLE, "the client process was killed")

@@ -629,13 +629,16 @@ def run(session: Session, *, wait: float = 10.0, progress: bool = False,
   A turn lost to a lease (the client was too slow) is skipped with a warning; the client takes
   part again in the next round with the client half the server hands it then.
 
-  With `checkpoint_dir`, the client checkpoints its half (orbax) whenever the server reports a
-  step of it as checkpointed, and at the start of each round it takes part in. A client process
-  restarted on the same directory resumes from there: in the middle of its turn (sequential SL)
-  or of a round (parallel SL, SplitFed v1) if the server is still at that step, so a crash of the
-  client costs nothing when it is back within the server's lease; otherwise it joins its next
-  turn or round with the half it saved (parallel SL: its own half, as in simulation when a client
-  drops). `Result.history` then holds the steps of this process only.
+  With `checkpoint_dir`, the client checkpoints its half (orbax) at the start of each turn or
+  round it takes part in and after each step, before sending the step's `Commit`. A client
+  process restarted on the same directory resumes at the server's position if it saved the half
+  for it (the server is still in that turn or round: a crash of the client, at any point of a
+  step, costs nothing when it is back within the server's lease). Otherwise, and without a
+  checkpoint: in sequential SL it fetches the half of its turn under way, which makes the server
+  roll the turn back to its start, and redoes the turn (bit for bit the same); with all clients at
+  once it leaves the round under way (`Handover leave`) and joins the next with the half it saved,
+  or without a checkpoint the initial half (SplitFed: the average), as in simulation when a client
+  drops (docs/protocol.md, section 6.1). `Result.history` then holds the steps of this process only.
 
   Args:
     session: from `connect`.
