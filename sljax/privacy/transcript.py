@@ -23,7 +23,10 @@ it are good; `read` yields them first, `load` returns nothing.
 Writing is off the hot path: `Recorder.record` puts the message on a bounded queue and a background
 thread serializes, checksums and writes it (a full queue blocks the caller; nothing is dropped).
 Recording is off unless asked for: `sljax.fit(..., transcript=path)` records a single-pair run
-(`recording_step` returns the messages from the same jitted epoch); without it nothing changes.
+(`recording_step` returns the messages from the same jitted epoch), `sljax.simulation.run(...,
+transcript=path)` a multi-client run of any split-learning algorithm (its round returns its messages
+with `record=True`; `RoundRecording` writes them as the network server records the same run);
+without it nothing changes.
 
 Example:
   >>> import os, tempfile, sljax
