@@ -511,8 +511,8 @@ class VerticalServer(ConcurrentServer):
     predict_features: the label party's own columns for inference (a label party with a bottom
       only): the k-th row the parties send in `Predict` calls since the server started meets row
       k (modulo their count) of these, so the parties send their rows in this order.
-    tokens, certificate_names, checkpoint_dir, checkpoint_every, lease_seconds, max_message_bytes,
-      max_predict_batch, clock, max_abs_value: as for `ConcurrentServer`.
+    tokens, certificate_names, checkpoint_dir, checkpoint_every: as for `ConcurrentServer`.
+    lease_seconds, max_message_bytes, max_predict_batch, clock, max_abs_value: as for `ConcurrentServer`.
 
   Example:
     >>> server = VerticalServer(sl, labels=y, input_specs={"bank": ArraySpec((6,), "float32"),
