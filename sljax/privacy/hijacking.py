@@ -113,8 +113,10 @@ def hijacking_server(sl, config: c.ScheduleConfig, *, knowledge: HijackingKnowle
   adversarial loss and their "accuracy" 0. The autoencoder's `knowledge.pretrain_steps` offline
   steps run when the algorithm is built (offline, before any client calls).
 
-  Over the network the same algorithm is served to unmodified clients (`sljax transport`'s client
-  driver) as parallel SL: `ConcurrentServer(model, sl, algorithm="parallel_sl", simulated=algo, ...)`.
+  Over the network the same algorithm is served to unmodified clients (`sljax.transport`'s client
+  driver) as parallel SL: `ConcurrentServer(model, sl, algorithm="parallel_sl", simulated=algo, ...)`
+  (a research tool built from Python: `sljax serve` has no such option). That server answers no
+  `Predict`: it holds no task half.
 
   Args:
     sl: the clients' protocol (`sljax.vanilla(...)`), as parallel SL takes it.
