@@ -248,7 +248,8 @@ def test_the_handshake_refuses_a_mismatch_of_the_setting(setup, runs):
 
 def test_a_restarted_server_resumes_exactly_and_a_wrong_key_or_a_changed_half_leave_it_unchanged(setup, runs,
                                                                                                   tmp_path):
-  """Client 0's sealed turn, a server restart from the checkpoint, the refusals in process, the rest over gRPC."""
+  """Client 0's sealed turn, a server restart from the checkpoint, the refusals in process, the rest over gRPC
+  (client 1 restarting its turn once: the server hands back the turn's sealed starting half)."""
   server = _server(setup, sealed_handoffs=True, checkpoint_dir=tmp_path)
   links = {k: _Switch(server, t) for k, t in TOKENS.items()}
   sessions = {k: session._replace(transport=links[k]) for k, session in runs["sealed"][3].items()}
@@ -284,7 +285,9 @@ def test_a_restarted_server_resumes_exactly_and_a_wrong_key_or_a_changed_half_le
   grpc_links = {k: T.GrpcTransport(f"127.0.0.1:{running.port}", token=t) for k, t in TOKENS.items()}
   sessions = {k: session._replace(transport=grpc_links[k]) for k, session in sessions.items()}
   try:
-    _turn(sessions[1], 0)
+    half = T.fetch_half(sessions[1], 0)
+    T.train_step(sessions[1], half, 0, 0)  # a step committed, then client 1 loses its half (restarted without it)
+    _turn(sessions[1], 0)  # the server hands back the turn's sealed starting half; client 1 redoes the turn
     for k in TOKENS:
       _turn(sessions[k], 1)
     final = T.fetch_half(sessions[0], SCHEDULE.rounds)
