@@ -385,7 +385,8 @@ class SplitServer(ConcurrentServer):
     input_spec: shape (without the batch axis) and dtype of the clients' inputs.
     key: the run's PRNG key (the key given to the simulated algorithm's `init`).
     **kwargs: as for `ConcurrentServer` (tokens, certificate names, checkpoints, the lease — a client
-      silent for `lease_seconds` during its turn loses the turn —, limits, clock).
+      silent for `lease_seconds` during its turn loses the turn —, limits, clock, and
+      `sealed_handoffs=True`: the clients seal the half they hand over, the server relays it unread).
 
   Example:
     >>> server = SplitServer(model, sl, schedule=Schedule(2, 3, 4, 32), input_spec=ArraySpec((64,), "float32"),
