@@ -10,6 +10,7 @@ parties' IDs overlap partly and are aligned first (`sljax.align`); 2 rounds of 3
 """
 
 import json
+import logging
 import re
 import signal
 import socket
@@ -26,6 +27,7 @@ import pytest
 from flax import linen as nn
 
 import sljax
+from sljax import cli
 from sljax import transport as T
 from sljax.protocol import ArraySpec
 from sljax.transport import vertical as V
@@ -75,25 +77,29 @@ def data():
     own = shared + [f"{name}-only-{i:04d}" for i in range(EXTRA)]
     ids[name] = [own[i] for i in rng.permutation(len(own))]
     cols[name] = rng.normal(size=(len(own), WIDTHS[name])).astype(np.float32)
-  aligned = sljax.align(ids, leader="bank")
+  aligned = sljax.align(ids, leader="bank")  # in one process, for the simulation and the other runs
   assert aligned.size == SHARED
   xs = tuple(aligned.take(name, cols[name]) for name in NAMES)
   y = (xs[0][:, 0] + xs[1][:, 1] - xs[2][:, 2] > 0).astype(np.int32)
+  bank_labels = np.zeros(len(ids["bank"]), np.int32)  # the bank's labels of all its customers
+  bank_labels[aligned.rows["bank"]] = y
   test = tuple(np.random.default_rng(1).normal(size=(10, WIDTHS[name])).astype(np.float32) for name in NAMES)
-  return {"ids": ids, "xs": xs, "y": y, "test": test}
+  return {"ids": ids, "cols": cols, "bank_labels": bank_labels, "xs": xs, "y": y, "test": test}
 
 
 def _server(sl, data, **kw):
   xs = data["xs"]
-  return V.VerticalServer(sl, labels=data["y"], input_specs={n: ArraySpec.of(x) for n, x in zip(NAMES, xs)}, key=KEY,
-                          rounds=ROUNDS, batch_size=BATCH, local_steps=3, features=xs[0],
-                          predict_features=data["test"][0], tokens={t: k for k, t in TOKENS.items()},
-                          lease_seconds=LEASE, **kw)
+  kw = {"labels": data["y"], "features": xs[0], **kw}
+  return V.VerticalServer(sl, input_specs={n: ArraySpec.of(x) for n, x in zip(NAMES, xs)}, key=KEY, rounds=ROUNDS,
+                          batch_size=BATCH, local_steps=3, predict_features=data["test"][0],
+                          tokens={t: k for k, t in TOKENS.items()}, lease_seconds=LEASE, **kw)
 
 
-def _run_parties(sl, data, transports, *, wrap=lambda p, t: t):
+def _run_parties(sl, data, transports, *, wrap=lambda p, t: t, align=False):
   def work(p):
-    session = V.connect_party(wrap(p, transports(p)), sl, party=NAMES[p], x=data["xs"][p])
+    name = NAMES[p]
+    x, ids = (data["cols"][name], data["ids"][name]) if align else (data["xs"][p], None)
+    session = V.connect_party(wrap(p, transports(p)), sl, party=name, x=x, ids=ids)
     return session, V.run_party(session)
 
   return run_in_threads(work, [1, 2], timeout=TIMEOUT)
@@ -101,12 +107,15 @@ def _run_parties(sl, data, transports, *, wrap=lambda p, t: t):
 
 @pytest.fixture(scope="module")
 def in_process(data):
+  """The run in process, aligned over the same service first: the bank's server holds an `Aligner`
+  of its IDs, each party gives `connect_party` its IDs and all its rows."""
   sl = _sl()
   clock = Clock()
-  server = _server(sl, data, clock=clock)
+  aligner = T.Aligner(data["ids"]["bank"], members={1: "network", 2: "merchant"}, name="bank")
+  server = _server(sl, data, clock=clock, labels=data["bank_labels"], features=data["cols"]["bank"], aligner=aligner)
   seen = []
   runs = _run_parties(sl, data, lambda p: T.InProcessTransport(server.handle, token=TOKENS[p]),
-                      wrap=lambda p, t: Recording(t, seen))
+                      wrap=lambda p, t: Recording(t, seen), align=True)
   return {"sl": sl, "server": server, "runs": runs, "seen": seen, "clock": clock}
 
 
@@ -140,6 +149,7 @@ def test_in_process_equals_the_fused_simulation_bitwise(data, in_process):
   assert_bitwise(parties, sim.parties)  # the bank's own bottom (on the server) and each party's (its own)
   assert_bitwise(top, sim.top)
   assert all(r["applied"] for p in (1, 2) for r in runs[p][1].history)
+  assert all(runs[p][0].aligned.size == SHARED for p in (1, 2))  # aligned over the service, then trained
   assert server.coordinator.done(server.s) and len(runs[1][1].history) == ROUNDS * 3
   # bytes per step: the party's smashed data up (16 x 6 float32 and framing), its gradient down
   record = runs[1][1].history[0]
@@ -172,7 +182,8 @@ def test_over_grpc_equals_in_process_bitwise(data, in_process, tmp_path):
 
 
 def test_no_id_crosses_in_any_message(data, in_process):
-  """Aligned first, then trained: no party's ID, shared or not, is in the bytes of any call."""
+  """Aligned by PSI over the same service, then trained: no party's ID, shared or not, is in the
+  bytes of any call either way (the PSI messages included)."""
   seen = b"".join(in_process["seen"])
   assert len(in_process["seen"]) > 4 * ROUNDS * 3  # every Handshake, Handover, Forward, Commit, Status, both ways
   for name, ids in data["ids"].items():
@@ -339,10 +350,11 @@ def test_inference_without_a_party_names_it(data, in_process):
   assert not server.s.volatile.inference  # nothing left waiting
 
 
-def test_sljax_serve_and_client_processes(tmp_path):
-  """`sljax serve --vertical` on the label party and `sljax client --vertical --party` on the other,
-  each a process (started together: the party retries until the server listens): every step
-  applied, the party's bytes as its messages', inference on its test rows."""
+def test_sljax_serve_and_client(tmp_path, capsys):
+  """`sljax serve --vertical` on the label party, a process, and `sljax client --vertical --party` on
+  the other (its `main`, here: one process less to start), started together (the party retries
+  until the server listens): every step applied, the party's bytes as its messages', inference on
+  its test rows."""
   tokens = tmp_path / "tokens.txt"
   tokens.write_text("1 token-shape\n")
   with socket.socket() as s:  # a free port for both
@@ -352,15 +364,19 @@ def test_sljax_serve_and_client_processes(tmp_path):
   with open(tmp_path / "serve.log", "w") as log:
     server = subprocess.Popen([sys.executable, "-m", "sljax.cli", "serve", *common, "--port", str(port), "--rounds",
                                "1", "--local-steps", "2", "--batch-size", "32"], stdout=subprocess.DEVNULL, stderr=log)
+  # `main` sets the process's compilation cache and the sljax logger's level: put both back after it
+  enabled, level = jax.config.jax_enable_compilation_cache, logging.getLogger("sljax").level
   try:
-    party = subprocess.run([sys.executable, "-m", "sljax.cli", "client", *common, "--party", "shape_symmetry",
-                            "--target", f"127.0.0.1:{port}", "--retries", "30", "--json"],
-                           capture_output=True, text=True, timeout=TIMEOUT)
+    code = cli.main(["client", *common, "--party", "shape_symmetry", "--target", f"127.0.0.1:{port}", "--retries",
+                     "30", "--json", "--no-compilation-cache"])
   finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    logging.getLogger("sljax").setLevel(level)
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=30)
-  assert party.returncode == 0, party.stderr[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
-  row = json.loads(party.stdout.strip().splitlines()[-1])
+  out, err = capsys.readouterr()
+  assert code == 0, err[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
+  row = json.loads(out.strip().splitlines()[-1])
   test_rows = len(sljax.data.load_breast_cancer_vertical(num_parties=2).dataset.y_test)
   smashed = sljax.wire_size(sljax.SmashedData(np.zeros((32, 8), np.float32)))
   assert (row["party"], row["steps"], row["applied"], row["predictions"]) == ("shape_symmetry", 2, 2, test_rows)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
@@ -511,6 +512,11 @@ class VerticalServer(ConcurrentServer):
     predict_features: the label party's own columns for inference (a label party with a bottom
       only): the k-th row the parties send in `Predict` calls since the server started meets row
       k (modulo their count) of these, so the parties send their rows in this order.
+    aligner: None (`labels`, `features` are of the aligned samples, in the aligned order), or a
+      `sljax.transport.Aligner` of the label party's IDs, one per row of `labels` and `features`,
+      whose members are the other parties (client id: name): the server first answers the
+      parties' `Align` calls (`connect_party(..., ids=...)`) and trains on the shared rows, from the
+      first other call once every party has aligned (before that: FAILED_PRECONDITION).
     tokens, certificate_names, checkpoint_dir, checkpoint_every: as for `ConcurrentServer`.
     lease_seconds, max_message_bytes, max_predict_batch, clock, max_abs_value: as for `ConcurrentServer`.
 
@@ -524,7 +530,7 @@ class VerticalServer(ConcurrentServer):
   algorithm = ALGORITHM
 
   def __init__(self, sl: VerticalSL, *, labels, input_specs, key: jax.Array, rounds: int, batch_size: int,
-               local_steps: int | None = None, features=None, predict_features=None,
+               local_steps: int | None = None, features=None, predict_features=None, aligner=None,
                tokens: Mapping[str, int] | None = None, certificate_names: Mapping[str, int] | None = None,
                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1,
                lease_seconds: float = 120.0, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
@@ -535,28 +541,32 @@ class VerticalServer(ConcurrentServer):
     model = sl.model
     names, p_count = model.names, model.num_parties
     labels = np.asarray(labels)
+    what = "the label party's samples (one per ID given to the aligner)" if aligner else "the aligned samples"
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) == 0:
-      raise ValueError(f"labels: expected (N,) integer labels of the aligned samples, got {labels.shape} "
-                       f"{labels.dtype}")
-    n = len(labels)
+      raise ValueError(f"labels: expected (N,) integer labels of {what}, got {labels.shape} {labels.dtype}")
     specs = _specs(input_specs, names)
     label = names.index(model.label_party) if model.label_party is not None else None
-    features = _own_columns("features", features, label, names, specs, rows=n)
+    remote = [p for p in range(p_count) if p != label]
+    if aligner is not None:
+      from sljax.transport.alignment import Aligner  # noqa: PLC0415 -- alignment imports the PSI library lazily
+
+      if not isinstance(aligner, Aligner):
+        raise TypeError(f"aligner: expected a sljax.transport.Aligner, got {type(aligner).__name__}")
+      if len(aligner.state.ids) != len(labels):
+        raise ValueError(f"labels: expected one label per ID the aligner holds ({len(aligner.state.ids)}), got "
+                         f"{len(labels)}")
+      expected = {p: names[p] for p in remote}
+      if aligner.members != expected:
+        raise ValueError(f"aligner: expected the members {expected} (client id: party), got {aligner.members}")
+    features = _own_columns("features", features, label, names, specs, rows=len(labels))
     predict_features = _own_columns("predict_features", predict_features, label, names, specs, rows=None)
-    for what, ids in (("tokens", tokens or {}), ("certificate_names", certificate_names or {})):
+    for credentials, ids in (("tokens", tokens or {}), ("certificate_names", certificate_names or {})):
       for k in ids.values():
         if k == label:
-          raise ValueError(f"{what}: client id {k} is the label party {names[k]!r}, which runs this server; give "
-                           "ids of the other parties")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-      raise ValueError(f"batch_size: expected an int in [1, {n}] (the aligned samples), got {batch_size!r}")
-    if local_steps is None:
-      local_steps = n // batch_size
-    if not 1 <= local_steps <= n // batch_size:
-      raise ValueError(f"local_steps: expected an int in [1, {n // batch_size}] (steps in an epoch of {n} samples "
-                       f"in batches of {batch_size}), got {local_steps!r}")
-    self.schedule = sched.Schedule(p_count, rounds, local_steps, batch_size).check()
-    remote = [p for p in range(p_count) if p != label]
+          raise ValueError(f"{credentials}: client id {k} is the label party {names[k]!r}, which runs this server; "
+                           "give ids of the other parties")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+      raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     links = SimpleNamespace(uplink=sl.uplinks[remote[0]], downlink=sl.downlinks[remote[0]])
     self._configure(num_clients=p_count, tokens=tokens, certificate_names=certificate_names, sl=links,
                     checkpoint_every=checkpoint_every, lease_seconds=lease_seconds,
@@ -564,14 +574,37 @@ class VerticalServer(ConcurrentServer):
                     max_abs_value=max_abs_value, num_classes=None)
     self._party_codecs = [wire.codec_fields(SimpleNamespace(uplink=sl.uplinks[p], downlink=sl.downlinks[p]))
                           for p in range(p_count)]
-    self.samples = n
     self.options = {}
+    self.aligner = aligner
+    self._starting = threading.Lock()
+    self._started = False
     run_key = jax.random.key_data(key) if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key) else key
-    run_key = np.asarray(run_key, np.uint32)
-    init_key, epoch = vertical_schedule(run_key, samples=n, batch_size=batch_size)
+    self._plan = dict(sl=sl, labels=labels, features=features, predict_features=predict_features, specs=specs,
+                      label=label, remote=remote, run_key=np.asarray(run_key, np.uint32), rounds=rounds,
+                      batch_size=batch_size, local_steps=local_steps, checkpoint_dir=checkpoint_dir)
+    if aligner is None:
+      self._start(np.arange(len(labels)))
+
+  def _start(self, rows: np.ndarray) -> None:
+    """Training on the label party's `rows` (all of them, or the aligner's): the state, the coordinator, the shell."""
+    plan = self._plan
+    sl, label, specs, batch_size = plan["sl"], plan["label"], plan["specs"], plan["batch_size"]
+    labels = plan["labels"][rows]
+    features = None if plan["features"] is None else plan["features"][rows]
+    n, local_steps, p_count = len(labels), plan["local_steps"], sl.model.num_parties
+    if not 1 <= batch_size <= n:
+      raise ValueError(f"batch_size: expected an int in [1, {n}] (the aligned samples), got {batch_size!r}")
+    if local_steps is None:
+      local_steps = n // batch_size
+    if not 1 <= local_steps <= n // batch_size:
+      raise ValueError(f"local_steps: expected an int in [1, {n // batch_size}] (steps in an epoch of {n} samples "
+                       f"in batches of {batch_size}), got {local_steps!r}")
+    self.schedule = sched.Schedule(p_count, plan["rounds"], local_steps, batch_size).check()
+    self.samples = n
+    init_key, epoch = vertical_schedule(plan["run_key"], samples=n, batch_size=batch_size)
     state = sl.init(init_key, tuple(np.zeros((batch_size, *s.shape), s.dtype) for s in specs))
     self._cut_specs = list(state.top.input_spec)
-    self.cut_spec = self._cut_specs[remote[0]]
+    self.cut_spec = self._cut_specs[plan["remote"][0]]
     self.input_spec = specs
     self._initial_halves = [b"" if p == label else msgs.to_bytes(sched.to_message(state.parties[p]))
                             for p in range(p_count)]
@@ -580,14 +613,33 @@ class VerticalServer(ConcurrentServer):
     self._predict_templates = {}
     self._uplinks = sl.uplinks
     self.coordinator = Parties(
-        _Plan(ALGORITHM, sl), labels=labels, features=features, predict_features=predict_features, epoch=epoch,
-        schedule=self.schedule, lease_seconds=self.lease_seconds, smashed_template=templates, weights_template=None,
-        max_message_bytes=self.max_message_bytes, max_abs_value=self.max_abs_value, num_classes=None)
+        _Plan(ALGORITHM, sl), labels=labels, features=features, predict_features=plan["predict_features"],
+        epoch=epoch, schedule=self.schedule, lease_seconds=self.lease_seconds, smashed_template=templates,
+        weights_template=None, max_message_bytes=self.max_message_bytes, max_abs_value=self.max_abs_value,
+        num_classes=None)
     own = () if label is None else state.parties[label]
-    self._begin(checkpoint_dir, self.coordinator.initial((own, state.top), run_key))
+    self._begin(plan["checkpoint_dir"], self.coordinator.initial((own, state.top), plan["run_key"]))
+    self._started = True
+
+  def handle(self, method: str, request: bytes, *, metadata: Mapping[str, str],
+             peer_names: Sequence[str] = ()) -> bytes:
+    """`ServiceBase.handle`; with an aligner, training begins (on the aligned rows) with the first
+    call other than `Align` once every party has aligned, and such a call before that answers
+    FAILED_PRECONDITION."""
+    if not self._started and method != "Align" and method in wire.REQUESTS:
+      self._authenticate(metadata, peer_names)
+      with self._starting:
+        if not self._started:
+          rows = self.aligner.rows
+          if rows is None:
+            to_go = ", ".join(self.aligner.pending)
+            raise TransportError(_FAILED, f"{method}: the parties are not aligned yet ({to_go} to go): every party "
+                                          "aligns its rows first (Align)")
+          self._start(rows)
+    return super().handle(method, request, metadata=metadata, peer_names=peer_names)
 
   def _who(self, client: int) -> str:
-    return self.coordinator.who(client) if hasattr(self, "coordinator") else f"party {client}"
+    return f"party {self._plan['sl'].model.names[client]!r}"
 
   def _codecs_of(self, client: int) -> dict[str, dict[str, Any]]:
     return self._party_codecs[client]
@@ -674,6 +726,8 @@ class PartySession(NamedTuple):
     down_template: the CutGradient it accepts.
     timeout: seconds per call; calls that wait for the other parties add `lease_seconds`.
     lease_seconds: the server's lease.
+    aligned: with `connect_party(..., ids=)`, the party's `sljax.AlignedRows` (its shared rows of
+      `x` as given, in the common order); else None.
   """
 
   transport: Transport
@@ -691,6 +745,7 @@ class PartySession(NamedTuple):
   down_template: msgs.CutGradient
   timeout: float
   lease_seconds: float
+  aligned: Any = None
 
 
 class PartyResult(NamedTuple):
@@ -701,14 +756,21 @@ class PartyResult(NamedTuple):
   history: list[dict]
 
 
-def connect_party(transport: Transport, sl: VerticalSL, *, party: str, x, timeout: float = 60.0) -> PartySession:
-  """Handshakes with the label party's server as party `party` and compiles its legs.
+def connect_party(transport: Transport, sl: VerticalSL, *, party: str, x, ids=None,
+                  timeout: float = 60.0) -> PartySession:
+  """Handshakes with the label party's server as party `party` and compiles its legs; with `ids`,
+  aligns the party's rows with the others' first (`sljax.transport.align`, against the server's
+  `aligner`).
 
   Args:
     transport: `GrpcTransport` or `InProcessTransport`, with this party's credentials.
     sl: the same `sljax.vertical_sl(model, ...)` as the server's.
     party: this party's name in `sl.model.names` (not the label party's).
-    x: its columns of the aligned samples, (N, ...), in the aligned order (`sljax.align`).
+    x: its columns of the aligned samples, (N, ...), in the aligned order (`sljax.align`); with
+      `ids`, of all its samples, one row per ID.
+    ids: None (`x` is aligned already), or the party's sample IDs, one per row of `x`: the party
+      runs the member's side of the private set intersection (`sljax.transport.align`) over
+      `transport` first and trains on its shared rows (`session.aligned` says which).
     timeout: seconds per call.
 
   Returns:
@@ -738,6 +800,14 @@ def connect_party(transport: Transport, sl: VerticalSL, *, party: str, x, timeou
   x = np.asarray(x)
   if x.ndim < 1 or len(x) == 0:
     raise ValueError(f"x (party {party!r}): expected N >= 1 aligned samples, got shape {x.shape}")
+  aligned = None
+  if ids is not None:
+    from sljax.transport.alignment import align  # noqa: PLC0415 -- the PSI library, only where IDs are aligned
+
+    if len(ids) != len(x):
+      raise ValueError(f"ids (party {party!r}): expected one ID per row of x ({len(x)}), got {len(ids)}")
+    aligned = align(transport, ids, client=p, timeout=timeout)
+    x = aligned.take(party, x)
   spec = ArraySpec.of(x)
   bottom = model.bottoms[p]
 
@@ -781,7 +851,7 @@ def connect_party(transport: Transport, sl: VerticalSL, *, party: str, x, timeou
   forward = reuse_program(sl.party_forward[p], ("party leg",), jax.jit)
   backward = reuse_program(sl.party_backward[p], ("party leg",), jax.jit)
   return PartySession(transport, party, p, model.num_parties, schedule, run_key, x, epoch, forward, backward, infer,
-                      initial, msgs.CutGradient(grad), timeout, float(hello["lease_seconds"]))
+                      initial, msgs.CutGradient(grad), timeout, float(hello["lease_seconds"]), aligned)
 
 
 def _call(session: PartySession, method: str, fields: dict, *, wait: bool = False) -> dict:
