@@ -37,6 +37,7 @@ import pytest
 import sljax
 from sljax import transport as T
 from sljax.algorithms import RoundInputs
+from sljax.privacy import handoff
 from sljax.transport import demo
 from sljax.transport import schedule as sched
 from transport_helpers import KILL_POINTS, KillAt, KillsProcessAt, assert_bitwise, client_data, run_in_threads
@@ -106,10 +107,11 @@ def _build(setup, algorithm, client):
   return setup, {}
 
 
-def _server(setup, algorithm):
+def _server(setup, algorithm, **extra):
   own, options = _for(setup, algorithm)
   kw = {"schedule": SCHEDULE, "input_spec": sljax.ArraySpec.of(setup.dataset.x_train), "key": jax.random.key(SEED),
         "tokens": {t: k for k, t in TOKENS.items()}, "lease_seconds": 60.0, "simulated": _algorithm(setup, algorithm)}
+  kw.update(extra)
   if algorithm in SEQUENTIAL:
     return T.SplitServer(own.model, own.sl, **kw)
   return T.ConcurrentServer(own.model, own.sl, algorithm=algorithm, options=options, **kw)
@@ -278,3 +280,41 @@ def test_a_client_process_sigkilled_after_the_commit_resumes_from_its_checkpoint
   assert json.loads(out.strip().splitlines()[-1])["steps"] == len(STEPS) - 2  # from step 2 of round 0 on
   assert_bitwise(jax.device_get(server.state), jax.device_get(expected_server.state))
   assert_bitwise(results[0].half, expected[0].half)
+
+
+def test_a_sealed_turn_restarted_without_a_checkpoint_starts_over_bit_for_bit(setup, reference):
+  """Sequential SL with sealed hand-offs (the server holds the turn's starting half as bytes it cannot
+  read): client 1, killed once its step 1 of round 0 is committed, restarted without a checkpoint, gets
+  those bytes back and redoes its turn; the halves end bit for bit as in the plain uninterrupted run."""
+  expected_server, expected = reference("sequential_sl")
+  server = _server(setup, "sequential_sl", sealed_handoffs=True)
+  key = handoff.new_key()
+  killing = KillAt(T.InProcessTransport(server.handle, token=TOKENS[KILLED]), "after commit", *AT)
+  results = {}
+
+  def client(k, transport):
+    x, y = client_data(setup, k, SCHEDULE.num_clients)
+    session = T.connect(transport, setup.model, setup.sl, client=k, x=x, y=y, handoff_key=key)
+    try:
+      results[k] = T.run(session)
+    except SystemExit:
+      pass
+
+  threads = [threading.Thread(target=client, args=(0, T.InProcessTransport(server.handle, token=TOKENS[0])),
+                              daemon=True),
+             threading.Thread(target=client, args=(KILLED, killing), daemon=True)]
+  for t in threads:
+    t.start()
+  assert killing.killed.wait(TIMEOUT), "client 1 never reached its kill point"
+  threads[1].join(TIMEOUT)
+  threads.append(threading.Thread(target=client, args=(KILLED, T.InProcessTransport(server.handle,
+                                                                                    token=TOKENS[KILLED])),
+                                  daemon=True))
+  threads[-1].start()
+  _join_all(threads)
+  assert set(results) == {0, KILLED}
+  assert [(h["round"], h["step"]) for h in results[KILLED].history] == STEPS  # the turn of round 0 redone
+  assert isinstance(server.state.client_half, np.ndarray)  # sealed bytes all along
+  assert_bitwise(jax.device_get(server.state.server), jax.device_get(expected_server.state.server))
+  for k in (0, KILLED):
+    assert_bitwise(results[k].half, expected[k].half)
