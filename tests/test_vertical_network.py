@@ -320,9 +320,23 @@ def test_a_bad_server_configuration_names_what_is_wrong(data, in_process):
                             "16), got 4"),
       (dict(labels=y[:, None]), "labels: expected (N,) integer labels of the aligned samples, got (48, 1) int32"),
   ]
+  def aligner(members=None):
+    return T.Aligner(data["ids"]["bank"], members=members or {1: "network", 2: "merchant"})
+
+  own = {"labels": data["bank_labels"], "features": data["cols"]["bank"]}  # all the bank's rows, one per ID
+  cases += [
+      (dict(aligner=aligner()), "labels: expected one label per ID the aligner holds (60), got 48"),
+      (dict(aligner=aligner(members={1: "network"}), **own),
+       "aligner: expected the members {1: 'network', 2: 'merchant'} (client id: party), got {1: 'network'}"),
+  ]
   for change, message in cases:
     with pytest.raises(ValueError, match=re.escape(message)):
       V.VerticalServer(sl, **{**common, **change})
+  # with an aligner, training waits for the alignment
+  server = V.VerticalServer(sl, **{**common, **own, "aligner": aligner()})
+  with pytest.raises(T.TransportError, match=re.escape("FAILED_PRECONDITION: Handshake: the parties are not aligned "
+                                                       "yet (merchant, network to go)")):
+    V.connect_party(T.InProcessTransport(server.handle, token="t1"), sl, party="network", x=xs[1])
 
 
 def test_inference_without_a_party_names_it(data, in_process):
