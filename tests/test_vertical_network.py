@@ -28,6 +28,7 @@ from flax import linen as nn
 
 import sljax
 from sljax import cli
+from sljax import messages as msgs
 from sljax import transport as T
 from sljax.protocol import ArraySpec
 from sljax.transport import vertical as V
@@ -337,6 +338,36 @@ def test_a_bad_server_configuration_names_what_is_wrong(data, in_process):
   with pytest.raises(T.TransportError, match=re.escape("FAILED_PRECONDITION: Handshake: the parties are not aligned "
                                                        "yet (merchant, network to go)")):
     V.connect_party(T.InProcessTransport(server.handle, token="t1"), sl, party="network", x=xs[1])
+
+
+def test_requests_out_of_place_get_their_status_and_change_nothing(data, in_process):
+  server = _server(in_process["sl"], data)
+  link = T.InProcessTransport(server.handle, token=TOKENS[1])
+  def smashed(shape, labels=None):
+    return msgs.to_bytes(msgs.SmashedData(np.zeros(shape, np.float32), labels))
+
+  good = smashed((BATCH, 6))
+  forward = lambda **kw: wire.encode({"client": 1, "round": 0, "step": 0, "message": good, **kw})  # noqa: E731
+  code = grpc.StatusCode
+  cases = [
+      ("Forward", forward(round=1), code.FAILED_PRECONDITION, "step 0 of round 1 is not the next step"),
+      ("Forward", forward(step=1), code.FAILED_PRECONDITION, "step 1 of round 0 is not the next step"),
+      ("Forward", forward(message=smashed((BATCH, 6), np.zeros(BATCH, np.int32))), code.INVALID_ARGUMENT, "labels"),
+      ("Forward", forward(message=smashed((BATCH, 5))), code.INVALID_ARGUMENT,
+       "field activations: expected shape (16, 6) float32, got (16, 5) float32"),
+      ("Commit", wire.encode({"client": 1, "round": 0, "step": 0}), code.ABORTED, "is not staged"),
+      ("Backward", forward(), code.UNIMPLEMENTED, "only U-shaped split learning has a Backward"),
+      ("Handover", wire.encode({"client": 1, "round": 0, "op": "put", "steps": 3, "wait": 0.0, "message": b""}),
+       code.FAILED_PRECONDITION, "vertical_sl averages nothing"),
+      ("Forward", wire.encode({"client": 2, "round": 0, "step": 0, "message": good}), code.PERMISSION_DENIED,
+       "field 'client' is 2, but the credentials are client 1's"),
+  ]
+  before = server.snapshot()
+  for method, request, status, details in cases:
+    with pytest.raises(T.TransportError) as error:
+      link.call(method, request)
+    assert error.value.code == status and details in error.value.details, (method, error.value)
+    assert server.snapshot() == before, method
 
 
 def test_inference_without_a_party_names_it(data, in_process):
