@@ -38,6 +38,7 @@ import sljax
 from sljax import transport as T
 from sljax.algorithms import RoundInputs
 from sljax.privacy import handoff
+from sljax.transport import client as transport_client
 from sljax.transport import demo
 from sljax.transport import schedule as sched
 from transport_helpers import KILL_POINTS, KillAt, KillsProcessAt, assert_bitwise, client_data, run_in_threads
@@ -318,3 +319,27 @@ def test_a_sealed_turn_restarted_without_a_checkpoint_starts_over_bit_for_bit(se
   assert_bitwise(jax.device_get(server.state.server), jax.device_get(expected_server.state.server))
   for k in (0, KILLED):
     assert_bitwise(results[k].half, expected[k].half)
+
+
+@pytest.mark.parametrize("algorithm", ["parallel_sl", "sequential_sl"])
+def test_handover_leave_drops_the_caller_from_the_round_once(setup, algorithm):
+  """`Handover leave` (what a client restarted without its half of the round sends): the caller is out
+  of the round at once (sequential SL: its turn ends and passes on); again, or for another round, it
+  changes nothing."""
+  server = _server(setup, algorithm)
+  link = T.InProcessTransport(server.handle, token=TOKENS[0])
+
+  def leave(round_):
+    return transport_client.call(link, "Handover", {"client": 0, "round": round_, "op": "leave", "steps": 0,
+                                                    "wait": 0.0, "message": None})
+
+  before = server.snapshot()
+  assert leave(1)["ready"] and server.snapshot() == before  # a round not begun: nothing
+  position = leave(0)["position"]
+  if algorithm in SEQUENTIAL:  # client 0's turn ended without a hand-over: client 1's turn
+    assert (position["round"], position["turn"]) == (0, 1) and not bool(server.state.last_completed[0])
+  else:
+    assert position["turn"] == -1 and bool(server.state.gone[0]) and not bool(server.state.gone[1])
+  after = server.snapshot()
+  leave(0)
+  assert server.snapshot() == after
