@@ -67,8 +67,8 @@ logger = logging.getLogger(__name__)
 ALGORITHM = "vertical_sl"
 _FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
-__all__ = ["ALGORITHM", "PartyResult", "PartySession", "VerticalServer", "connect_party", "predict_party",
-           "run_party", "vertical_schedule"]
+__all__ = ["ALGORITHM", "Parties", "PartiesState", "PartyResult", "PartySession", "VerticalServer", "connect_party",
+           "party_step", "predict_party", "run_party", "vertical_schedule"]
 
 
 # ---- the schedule: rows and keys of every step, from the run key --------------------------------------
