@@ -343,3 +343,40 @@ def test_handover_leave_drops_the_caller_from_the_round_once(setup, algorithm):
   after = server.snapshot()
   leave(0)
   assert server.snapshot() == after
+
+
+@pytest.mark.parametrize("algorithm", ["parallel_sl", "splitfed_v1"])
+def test_a_client_killed_after_its_last_commit_of_a_round_resumes_from_its_checkpoint(setup, reference, tmp_path,
+                                                                                        algorithm):
+  """Killed once the server committed its last step of round 0, restarted from its checkpoint: parallel SL
+  is in round 1 by then (the client starts it with the half saved after its last step), SplitFed waits for
+  its weights (it hands them in from that half); the run ends bit for bit as the uninterrupted one."""
+  expected_server, expected = reference(algorithm)
+  server = _server(setup, algorithm)
+  last = (0, SCHEDULE.local_steps - 1)
+  killing = KillAt(T.InProcessTransport(server.handle, token=TOKENS[KILLED]), "after commit", *last)
+  results = {}
+
+  def client(k, transport):
+    try:
+      results[k] = _client(setup, algorithm, k, transport, tmp_path / f"client-{k}" if k == KILLED else None)
+    except SystemExit:
+      pass
+
+  threads = [threading.Thread(target=client, args=(0, T.InProcessTransport(server.handle, token=TOKENS[0])),
+                              daemon=True),
+             threading.Thread(target=client, args=(KILLED, killing), daemon=True)]
+  for t in threads:
+    t.start()
+  assert killing.killed.wait(TIMEOUT), "client 1 never reached its kill point"
+  threads[1].join(TIMEOUT)
+  threads.append(threading.Thread(target=client, args=(KILLED, T.InProcessTransport(server.handle,
+                                                                                    token=TOKENS[KILLED])),
+                                  daemon=True))
+  threads[-1].start()
+  _join_all(threads)
+  assert set(results) == {0, KILLED}
+  assert killing.committed + [(h["round"], h["step"]) for h in results[KILLED].history] == STEPS
+  assert_bitwise(jax.device_get(server.state), jax.device_get(expected_server.state))
+  for k in (0, KILLED):
+    assert_bitwise(results[k].half, expected[k].half)

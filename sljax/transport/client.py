@@ -764,6 +764,10 @@ def _run_together(session: Session, *, wait: float, on_step: Callable[[dict], No
     found = None
     if position["turn"] == session.client and not position["done"]:
       found = saver.at(position["round"], position["step"])
+      if found is None and position["step"] == 0 and position["round"] > 0:  # the round began since its last step
+        found = saver.at(position["round"] - 1, schedule.local_steps)
+        if found is not None and session.algorithm in _AVERAGED:
+          found = _merge_average(session, found, _await_round(session, position["round"], wait=wait))
     if found is not None:
       round_, start, half = position["round"], position["step"], found
       logger.info("client %d: resuming round %d at step %d from its checkpoint", session.client, round_, start)
