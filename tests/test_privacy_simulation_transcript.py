@@ -9,6 +9,7 @@ model, protocol and schedule: the demo MLP on digits, two clients with an iid sp
 compilation cache compiles those programs once for both tests.
 """
 
+import functools
 from typing import NamedTuple
 
 import chex
@@ -135,3 +136,25 @@ def test_recording_an_algorithm_without_split_messages_is_refused(dataset, algor
   with pytest.raises(ValueError, match=rf"^transcript: {algorithm} {NO_MESSAGES[algorithm]}"):
     sljax.simulation.run(algo, algo.init(jax.random.key(0), data), data, rounds=1, transcript=tmp_path / "t.sljt")
   assert not (tmp_path / "t.sljt").exists()
+
+
+def test_a_client_that_drops_is_recorded_up_to_its_last_message(dataset, tmp_path):
+  """Sequential SL, client 1 drops in step 1 (after its forward pass): it got the half and sent its smashed data of
+  steps 0 and 1, got the cut gradient of step 0 only, and hands nothing back; client 0 is recorded whole."""
+  _, sl, _, schedule = _for("sequential_sl")
+  algo = sched.algorithm("sequential_sl", sl, schedule, sljax.ArraySpec.of(dataset.x_train))
+  data = sljax.data.stack_clients(dataset.x_train, dataset.y_train,
+                                  sljax.data.iid(dataset.y_train, num_clients=2, seed=0))
+  inputs = sljax.algorithms.RoundInputs(np.array([True, True]), np.array([[False, False], [False, True]]))
+  recording = transcript.RoundRecording(algo, tmp_path / "t.sljt")
+  state = algo.init(jax.random.key(0), data)
+  recording.start(state, data)
+  recording.write(0, *jax.jit(functools.partial(algo.round, record=True))(state, data, inputs))
+  recording.finish()
+  kinds = [(r.step, r.client, r.direction, transcript.decode(r.payload)[0])
+           for r in transcript.load(tmp_path / "t.sljt").records]
+  assert [k for k in kinds if k[1] == 1] == [(0, 1, "down", "ClientHalf"), (0, 1, "up", "SmashedData"),
+                                            (0, 1, "down", "CutGradient"), (1, 1, "up", "SmashedData")]
+  assert [k for k in kinds if k[1] == 0] == [(0, 0, "down", "ClientHalf"), (0, 0, "up", "SmashedData"),
+                                            (0, 0, "down", "CutGradient"), (1, 0, "up", "SmashedData"),
+                                            (1, 0, "down", "CutGradient"), (2, 0, "up", "ClientHalf")]

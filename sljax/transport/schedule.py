@@ -129,8 +129,8 @@ def data_step(schedule: Schedule, round_: int, step: int) -> int:
 
 
 def to_message(party: PartyState) -> msgs.ClientHalf:
-  """The client half as it travels: everything but the static input spec."""
-  return msgs.ClientHalf(party.params, party.model_state, party.opt_state, party.codec_state)
+  """The client half as it travels: everything but the static input spec (as a simulation records it)."""
+  return algorithms_common.half_message(party)
 
 
 def from_message(message: msgs.ClientHalf, input_spec: ArraySpec) -> PartyState:
