@@ -223,17 +223,20 @@ def hijacking_study(args) -> list[dict]:
     black = attacks.inverse_network(sent(x, honest.client, 2), attacks.InverseNetworkKnowledge(
         aux_inputs=aux, aux_smashed=sent(aux, honest.client, 3), steps=500 if args.quick else 2000), inputs=x)
     honest_seconds = time.perf_counter() - t0
-    # the malicious server: the same number of steps, hijacking the client half
+    # the malicious server (`hijacking_server`): the honest client, unmodified, trains against it for the same
+    # number of steps (one round of `steps` steps of parallel SL with one client)
     t0 = time.perf_counter()
-    order = np.random.default_rng(args.seed).integers(0, 700, (steps, 32))
     knowledge = hijacking.HijackingKnowledge(
         aux_inputs=aux, pilot=nn.Sequential([nn.Conv(16, (3, 3)), nn.relu]),
         inverse=nn.Sequential([nn.Conv(32, (3, 3)), nn.relu, nn.Conv(1, (3, 3)), nn.sigmoid]),
         discriminator=nn.Sequential([flat, nn.Dense(64), nn.leaky_relu, nn.Dense(1)]),
         discriminator_learning_rate=1e-4, batch_size=32, pretrain_steps=300, seed=args.seed)
-    out = hijacking.feature_space_hijacking(sl, start.client, (private[0][order], private[1][order]), knowledge,
-                                            key=jax.random.key(args.seed + 1))
-    found = metrics.reconstruction_metrics(x, out.invert(sent(x, out.client, 2)))
+    algo = hijacking.hijacking_server(sl, sljax.algorithms.ScheduleConfig(num_clients=1, batch_size=32,
+                                                                          local_steps=steps), knowledge=knowledge)
+    data = sljax.data.stack_clients(*private, [np.arange(700)])
+    state, _ = sljax.simulation.run(algo, algo.init(jax.random.key(args.seed), data), data, rounds=1)
+    hijacked = jax.tree.map(lambda a: a[0], state.clients)
+    found = metrics.reconstruction_metrics(x, hijacking.decoder(knowledge, state.server)(sent(x, hijacked, 2)))
     rows.append({"defense": name, "steps": steps, "honest_inverse_network_mse": black.mse,
                  "honest_inverse_network_ssim": black.ssim, "hijacking_mse": found["mse"],
                  "hijacking_ssim": found["ssim"], "honest_seconds": honest_seconds,
