@@ -570,8 +570,9 @@ class RoundRecording:
 
     self.ids = np.asarray(data.client_ids())
     if int(state.round) == 0 and self.algorithm.client_axes.clients:
+      state = state.replace(clients=jax.device_get(state.clients))  # one transfer, then host slices
       for k, client in enumerate(self.ids):
-        half = _common.half_message(jax.device_get(_common.client_party(self.algorithm, state, k)))
+        half = _common.half_message(_common.client_party(self.algorithm, state, k))
         self.recorder.record("down", 0, 0, int(client), half)
 
   def write(self, round_: int, state: Any, metrics: Any, sent: Any) -> tuple[Any, Any]:
