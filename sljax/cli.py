@@ -238,8 +238,6 @@ def serve(args) -> int:
     args.num_clients = {"credit_fraud": 3, "breast_cancer_2": 2, "breast_cancer_4": 4}[args.vertical]
   elif args.local_steps is None:
     args.local_steps = 20
-  if args.checkpoint_every is None:
-    args.checkpoint_every = 1 if args.vertical else 20
   if args.u_shaped and args.algorithm not in ("sequential_sl", "parallel_sl_u"):
     raise SystemExit(f"--u-shaped: runs with --algorithm sequential_sl or parallel_sl_u, got {args.algorithm}")
   args.u_shaped = args.u_shaped or args.algorithm == "parallel_sl_u"  # U-shaped legs, whatever the flag says
@@ -594,8 +592,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tls-key", help="PEM private key of the server")
   p.add_argument("--client-ca", help="PEM CA of client certificates: mutual TLS, client k's certificate named client-k")
   p.add_argument("--checkpoint-dir", help="checkpoint here; resume from here after a restart")
-  p.add_argument("--checkpoint-every", type=int, default=None,
-                 help="commits between checkpoints; default 20 (vertical: 1, for the parties keep no checkpoint)")
+  p.add_argument("--checkpoint-every", type=int, default=20, help="commits between checkpoints")
   p.add_argument("--rounds", type=int, default=10)
   from sljax.transport.concurrent import ALGORITHMS  # noqa: PLC0415 -- gRPC is imported only where needed
 

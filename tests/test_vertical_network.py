@@ -239,9 +239,15 @@ def test_a_party_that_drops_mid_step_has_the_step_discarded_everywhere(data, in_
 
 
 class Restarts:
-  """The parties' transports to a server that restarts from its checkpoints at given calls: after
-  the Commit of (0, 1) was applied and checkpointed (its answers lost: the parties retry), and
-  before the first Commit of (1, 0) arrives (the step under way lost: the parties forward again)."""
+  """The parties' transports to a server (checkpointing every 2 applied steps and at each round's
+  end) that restarts from its checkpoints at given calls: after the Commit of (0, 1) was applied and
+  checkpointed (its answers lost: the parties retry it and hear it was applied); before the first
+  Forward of (1, 1), with (1, 0) applied but not checkpointed (the server goes back to (1, 0): the
+  parties roll back to their state there and replay it); and before the first Commit of (1, 2)
+  (the step under way lost: the parties forward it again)."""
+
+  BEFORE = (("Forward", 1, 1), ("Commit", 1, 2))
+  AFTER = (("Commit", 0, 1),)
 
   def __init__(self, make_server):
     self.make_server, self.server, self.servers = make_server, make_server(), []
@@ -261,11 +267,11 @@ class Restarts:
       def call(self, method, request, *, timeout=None):
         fields = wire.decode(method, request)
         point = (method, fields.get("round"), fields.get("step"))
-        if point == ("Commit", 1, 0):
+        if point in restarts.BEFORE:
           restarts.restart(point)
         one = lambda: T.InProcessTransport(restarts.server.handle, token=TOKENS[p]).call(method, request)  # noqa: E731
         response = one()
-        if point == ("Commit", 0, 1):
+        if point in restarts.AFTER:
           restarts.restart(point)
           response = one()  # the retry of a call whose answer was lost
         return response
@@ -273,15 +279,17 @@ class Restarts:
     return Link()
 
 
-def test_a_restarted_server_resumes_and_the_parties_carry_on(data, in_process, tmp_path):
+def test_a_restarted_server_resumes_and_the_parties_carry_on(data, in_process, tmp_path, caplog):
+  caplog.set_level("WARNING", logger="sljax")
   sl = in_process["sl"]
-  restarts = Restarts(lambda: _server(sl, data, checkpoint_dir=tmp_path))
+  restarts = Restarts(lambda: _server(sl, data, checkpoint_dir=tmp_path, checkpoint_every=2))
   try:
     runs = _run_parties(sl, data, restarts.link)
   finally:
     for server in restarts.servers + [restarts.server]:
       server.close()
-  assert len(restarts.servers) == 2
+  assert len(restarts.servers) == 3
+  assert caplog.text.count("rolling back to it") == 2  # each party, once
   for p in (1, 2):  # every step once, each applied: none lost, none doubled
     assert [(r["round"], r["step"], r["applied"]) for r in runs[p][1].history] == [
         (r, s, True) for r in range(ROUNDS) for s in range(3)]

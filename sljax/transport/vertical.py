@@ -750,7 +750,8 @@ class PartySession(NamedTuple):
 
 class PartyResult(NamedTuple):
   """What `run_party` returns: the party's final state, and one record per step (round, step,
-  applied, bytes_up, bytes_down: the wire bytes of its Forward message and of its CutGradient)."""
+  applied, bytes_up, bytes_down: the wire bytes of its Forward message and of its CutGradient;
+  position: the server's position in the step's Commit answer, None if the step was discarded)."""
 
   state: PartyState
   history: list[dict]
@@ -859,9 +860,23 @@ def _call(session: PartySession, method: str, fields: dict, *, wait: bool = Fals
   return call(session.transport, method, {"client": session.index, **fields}, timeout=timeout)
 
 
+class _Behind(Exception):
+  """The server is at an earlier step than the party: it restarted from an older checkpoint."""
+
+  def __init__(self, position: dict):
+    super().__init__(f"the server is back at round {position['round']}, step {position['step']}")
+    self.position = position
+
+
 def _is_over(session: PartySession, round_: int, step: int) -> bool:
-  """Whether the server has gone past step `step` of round `round_` (applied or discarded)."""
+  """Whether the server has gone past step `step` of round `round_` (applied or discarded).
+
+  Raises:
+    _Behind: the server is at an earlier step (it restarted from an older checkpoint).
+  """
   position = _call(session, "Status", {})
+  if not position["done"] and (position["round"], position["step"]) < (round_, step):
+    raise _Behind(position)
   return position["done"] or (position["round"], position["step"]) > (round_, step)
 
 
@@ -869,7 +884,9 @@ def party_step(session: PartySession, state: PartyState, round_: int, step: int,
                *, attempts: int = 3) -> tuple[PartyState, dict]:
   """One step of the party: its forward on its rows, `Forward`, its backward on its cut gradient,
   `Commit`. Returns its new state once the step is applied everywhere, or its state as it was if
-  the step was discarded (a party dropped during it); and the step's record.
+  the step was discarded (a party dropped during it); and the step's record: round, step, applied,
+  bytes_up, bytes_down (the wire bytes of its Forward message and of its CutGradient), and
+  `position`, the server's position once the step was applied (None if discarded).
 
   Raises:
     TransportError: the call's error, if the step is neither over nor can be sent again.
@@ -877,7 +894,8 @@ def party_step(session: PartySession, state: PartyState, round_: int, step: int,
   keys = _leg_keys(key_data, session.num_parties)
   smashed, pending = session.forward(state, session.x[np.asarray(rows)], keys[session.index])
   message = msgs.to_bytes(jax.device_get(smashed))
-  record = {"round": round_, "step": step, "applied": False, "bytes_up": len(message), "bytes_down": 0}
+  record = {"round": round_, "step": step, "applied": False, "bytes_up": len(message), "bytes_down": 0,
+            "position": None}
   for attempt in range(attempts):
     try:
       answer = _call(session, "Forward", {"round": round_, "step": step, "message": message}, wait=True)
@@ -892,14 +910,14 @@ def party_step(session: PartySession, state: PartyState, round_: int, step: int,
     down = wire.read_message(session.down_template, answer["message"], what="Forward response")
     new = session.backward(state, pending, down)
     try:
-      _call(session, "Commit", {"round": round_, "step": step}, wait=True)
+      position = _call(session, "Commit", {"round": round_, "step": step}, wait=True)
     except TransportError as e:
       if e.code in (grpc.StatusCode.ABORTED, _FAILED) and _is_over(session, round_, step):
         return state, record
       if e.code != grpc.StatusCode.ABORTED or attempt + 1 == attempts:
         raise
       continue
-    return new, {**record, "applied": True}
+    return new, {**record, "applied": True, "position": position}
   raise AssertionError("unreachable")
 
 
@@ -907,14 +925,19 @@ def run_party(session: PartySession, *, progress: bool = False) -> PartyResult:
   """Every step of every round of the run, from its start: the party's side of `vertical_sl`'s steps.
 
   A step that is discarded (a party dropped during it) leaves the party's state as it was, as it
-  leaves the server's; the next step goes on.
+  leaves the server's; the next step goes on. The party keeps its state as of the server's latest
+  checkpoint (a `Commit` answer whose `durable` equals its `step`): a server restarted from that
+  checkpoint, behind the party, has the party roll back to it and go on from there, so no step
+  is lost or applied twice.
 
   Returns:
-    The `PartyResult`: the party's final state and one record per step.
+    The `PartyResult`: the party's final state and one record per step (the steps replayed after a
+    rollback once, as they were last run).
 
   Raises:
     TransportError: FAILED_PRECONDITION if the run is under way (a party joins from the start; it
-      keeps no checkpoint of its state), or a call's error that retrying does not cure.
+      keeps no checkpoint of its state on disk), if the server went back to another step than the
+      party's latest durable one, or a call's error that retrying does not cure.
   """
   from sljax._progress import progress_bar  # noqa: PLC0415 -- only the driver shows one
 
@@ -923,13 +946,36 @@ def run_party(session: PartySession, *, progress: bool = False) -> PartyResult:
     raise TransportError(_FAILED, f"party {session.party!r}: the run is under way (round {position['round']}, step "
                                   f"{position['step']}); a party takes part from the start of the run")
   schedule, state, history = session.schedule, session.initial, []
-  steps = [(r, s) for r in range(schedule.rounds) for s in range(schedule.local_steps)]
-  with progress_bar(steps, desc=f"party {session.party}", disable=not progress) as bar:
-    for r, s in bar:
-      if s == 0:
-        rows, keys = jax.device_get(session.epoch(r))
-      state, record = party_step(session, state, r, s, rows[s], keys[s])
+  durable = ((0, 0), session.initial)  # the step the server's latest checkpoint is at, and this party's state then
+  at, epoch = (0, 0), None
+  with progress_bar(total=schedule.rounds * schedule.local_steps, desc=f"party {session.party}",
+                    disable=not progress) as bar:
+    while at[0] < schedule.rounds:
+      r, s = at
+      if epoch is None or epoch[0] != r:
+        epoch = (r, *jax.device_get(session.epoch(r)))
+      try:
+        state, record = party_step(session, state, r, s, epoch[1][s], epoch[2][s])
+      except _Behind as behind:
+        back = (behind.position["round"], behind.position["step"])
+        if back != durable[0]:
+          raise TransportError(_FAILED, f"party {session.party!r}: the server went back to round {back[0]}, step "
+                                        f"{back[1]}, and the party's state is kept as of round {durable[0][0]}, step "
+                                        f"{durable[0][1]}") from None
+        logger.warning("party %s: the server restarted at round %d, step %d; rolling back to it", session.party,
+                       *back)
+        state, at = durable[1], back
+        history = [h for h in history if (h["round"], h["step"]) < back]
+        bar.update(len(history) - bar.n)
+        continue
       history.append(record)
+      bar.update(1)
+      at = (r, s + 1) if s + 1 < schedule.local_steps else (r + 1, 0)
+      position = record["position"]
+      if position is not None and position["durable"] == position["step"]:
+        durable = ((position["round"], position["step"]), state)
+      elif position is None and durable[0] == (r, s):  # discarded: the server's state, like the party's, as it was
+        durable = (at, durable[1])
   return PartyResult(state, history)
 
 
