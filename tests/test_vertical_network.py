@@ -1,14 +1,16 @@
 """Vertical split learning over the network (`sljax.transport.vertical`): the label party serves,
-the other parties are clients in threads. Over InProcessTransport the run equals the fused
-`vertical_sl` simulation (`sljax.fit` with the schedule's keys) bit for bit; over gRPC it equals the
-in-process run bit for bit; no party's ID crosses in any message; a party that drops mid-step has
-the step discarded everywhere, as `step(..., dropped=)` does; bad parties get errors naming them.
+the other parties are clients in threads. Over InProcessTransport (aligned by PSI over the same
+service first) the run equals the fused `vertical_sl` simulation (`sljax.fit` with the schedule's
+keys) bit for bit; over gRPC it equals the in-process run bit for bit; no party's ID crosses in any
+message; a party that drops mid-step has the step discarded everywhere, as `step(..., dropped=)`
+does; a restarted server resumes and the parties roll back to its checkpoint where needed, ending
+bit for bit as the uninterrupted run; bad parties and requests get errors naming them; `sljax
+serve --vertical` and `sljax client --vertical --party` run it from the command line.
 
 Set-up: three parties (the label party "bank" with a bottom of its own, "network" and "merchant"
 as clients), MLP bottoms with dropout (so every key matters), concat, a dense top, Adam; the
-parties' IDs overlap partly and are aligned first (`sljax.align`); 2 rounds of 3 steps of 16 rows.
+parties' IDs overlap partly; 2 rounds of 3 steps of 16 rows.
 """
-
 import json
 import logging
 import re
