@@ -11,6 +11,7 @@ Set-up: three parties (the label party "bank" with a bottom of its own, "network
 as clients), MLP bottoms with dropout (so every key matters), concat, a dense top, Adam; the
 parties' IDs overlap partly; 2 rounds of 3 steps of 16 rows.
 """
+
 import json
 import logging
 import re
