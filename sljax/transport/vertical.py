@@ -608,8 +608,12 @@ class VerticalServer(ConcurrentServer):
     self.input_spec = specs
     self._initial_halves = [b"" if p == label else msgs.to_bytes(sched.to_message(state.parties[p]))
                             for p in range(p_count)]
-    b = batch_size
-    templates = tuple(msgs.SmashedData(jax.ShapeDtypeStruct((b, *c.shape), c.dtype)) for c in self._cut_specs)
+    # what each party's Forward carries: its smashed data through its uplink codec (the codec's payload tree)
+    templates = tuple(
+        None if p == label else jax.eval_shape(sl.party_forward[p], state.parties[p],
+                                               jax.ShapeDtypeStruct((batch_size, *specs[p].shape), specs[p].dtype),
+                                               jax.random.key(0))[0]
+        for p in range(p_count))
     self._predict_templates = {}
     self._uplinks = sl.uplinks
     self.coordinator = Parties(
