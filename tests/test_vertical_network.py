@@ -100,14 +100,14 @@ def _server(sl, data, **kw):
                           tokens={t: k for k, t in TOKENS.items()}, lease_seconds=LEASE, **kw)
 
 
-def _run_parties(sl, data, transports, *, wrap=lambda p, t: t, align=False):
+def _run_parties(sl, data, transports, *, wrap=lambda p, t: t, align=False, parties=(1, 2)):
   def work(p):
     name = NAMES[p]
     x, ids = (data["cols"][name], data["ids"][name]) if align else (data["xs"][p], None)
     session = V.connect_party(wrap(p, transports(p)), sl, party=name, x=x, ids=ids)
     return session, V.run_party(session)
 
-  return run_in_threads(work, [1, 2], timeout=TIMEOUT)
+  return run_in_threads(work, list(parties), timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +317,50 @@ def test_a_restarted_server_resumes_and_the_parties_carry_on(data, in_process, t
     assert [(r["round"], r["step"], r["applied"]) for r in runs[p][1].history] == [
         (r, s, True) for r in range(ROUNDS) for s in range(3)]
   assert_bitwise(_states(restarts.server, runs), _states(in_process["server"], in_process["runs"]))
+
+
+class Dies:
+  """A party's transport whose process "dies" (SystemExit) at its Commit of `at`: as it is about to
+  send it ("before": its checkpoint of the step is saved) or once it was answered ("after")."""
+
+  def __init__(self, inner, at, when):
+    self.inner, self.at, self.when, self.died = inner, at, when, False
+
+  def call(self, method, request, *, timeout=None):
+    fields = wire.decode(method, request)
+    hit = method == "Commit" and (fields["round"], fields["step"]) == self.at and not self.died
+    if hit and self.when == "before":
+      self.died = True
+      raise SystemExit
+    response = self.inner.call(method, request, timeout=timeout)
+    if hit:
+      self.died = True
+      raise SystemExit
+    return response
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_party_restarted_from_its_checkpoint_carries_on(data, in_process, tmp_path, when):
+  """The merchant's process dies at its Commit of (0, 1) and starts again on its checkpoint directory
+  (the network waits at a barrier meanwhile): it takes its state after the step if the step was
+  applied, before it if not, and the run ends bit for bit as the uninterrupted one."""
+  sl = in_process["sl"]
+  server = _server(sl, data)
+  link = lambda p: T.InProcessTransport(server.handle, token=TOKENS[p])  # noqa: E731
+  network = {}
+  thread = threading.Thread(target=lambda: network.update(_run_parties(sl, data, link, parties=(1,))))
+  thread.start()
+
+  def merchant(transport):
+    session = V.connect_party(transport, sl, party="merchant", x=data["xs"][2])
+    return session, V.run_party(session, checkpoint_dir=tmp_path / "merchant")
+
+  with pytest.raises(SystemExit):
+    merchant(Dies(link(2), (0, 1), when))
+  restarted = merchant(link(2))  # the process started again
+  thread.join(TIMEOUT)
+  assert [(r["round"], r["step"]) for r in restarted[1].history] == [(0, 2), (1, 0), (1, 1), (1, 2)]
+  assert_bitwise(_states(server, {**network, 2: restarted}), _states(in_process["server"], in_process["runs"]))
 
 
 def test_bad_parties_get_errors_naming_them(data, in_process):

@@ -47,16 +47,18 @@ import grpc
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import struct
 
 from sljax import codecs as codec_lib
 from sljax import messages as msgs
+from sljax import simulation
 from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, _fresh_encode, check_batch
 from sljax.training import reuse_program
 from sljax.transport import coordinators as coord
 from sljax.transport import schedule as sched
 from sljax.transport import wire
-from sljax.transport.client import call
+from sljax.transport.client import _SAVING, call
 from sljax.transport.concurrent import ConcurrentServer
 from sljax.transport.coordinators import POSITION, CoordinatorState, Reply, Wait
 from sljax.transport.wire import Transport, TransportError
@@ -885,12 +887,15 @@ def _is_over(session: PartySession, round_: int, step: int) -> bool:
 
 
 def party_step(session: PartySession, state: PartyState, round_: int, step: int, rows, key_data,
-               *, attempts: int = 3) -> tuple[PartyState, dict]:
+               *, attempts: int = 3, checkpoints: _PartyCheckpoints | None = None) -> tuple[PartyState, dict]:
   """One step of the party: its forward on its rows, `Forward`, its backward on its cut gradient,
   `Commit`. Returns its new state once the step is applied everywhere, or its state as it was if
   the step was discarded (a party dropped during it); and the step's record: round, step, applied,
   bytes_up, bytes_down (the wire bytes of its Forward message and of its CutGradient), and
   `position`, the server's position once the step was applied (None if discarded).
+
+  With `checkpoints`, the step and the party's state before and after it are saved before the
+  `Commit` is sent.
 
   Raises:
     TransportError: the call's error, if the step is neither over nor can be sent again.
@@ -913,6 +918,8 @@ def party_step(session: PartySession, state: PartyState, round_: int, step: int,
     record["bytes_down"] = len(answer["message"])
     down = wire.read_message(session.down_template, answer["message"], what="Forward response")
     new = session.backward(state, pending, down)
+    if checkpoints is not None:  # durable before the server can apply the step
+      checkpoints.save(round_, step, state, new)
     try:
       position = _call(session, "Commit", {"round": round_, "step": step}, wait=True)
     except TransportError as e:
@@ -925,7 +932,8 @@ def party_step(session: PartySession, state: PartyState, round_: int, step: int,
   raise AssertionError("unreachable")
 
 
-def run_party(session: PartySession, *, progress: bool = False) -> PartyResult:
+def run_party(session: PartySession, *, progress: bool = False,
+              checkpoint_dir: str | os.PathLike | None = None) -> PartyResult:
   """Every step of every round of the run, from its start: the party's side of `vertical_sl`'s steps.
 
   A step that is discarded (a party dropped during it) leaves the party's state as it was, as it
@@ -934,24 +942,47 @@ def run_party(session: PartySession, *, progress: bool = False) -> PartyResult:
   checkpoint, behind the party, has the party roll back to it and go on from there, so no step
   is lost or applied twice.
 
+  With `checkpoint_dir`, the party saves its step and its state before and after it there before
+  each `Commit`; a party process that dies and is started again on the same directory (while the
+  others wait, within the server's lease) sends its latest `Commit` again, takes the state the
+  answer says (after the step if it was applied, before it if not) and goes on at the server's
+  position, so the run ends as an uninterrupted one would.
+
   Returns:
-    The `PartyResult`: the party's final state and one record per step (the steps replayed after a
-    rollback once, as they were last run).
+    The `PartyResult`: the party's final state and one record per step it ran (the steps replayed
+    after a rollback once, as they were last run; after a restart from a checkpoint, the steps of
+    this process).
 
   Raises:
-    TransportError: FAILED_PRECONDITION if the run is under way (a party joins from the start; it
-      keeps no checkpoint of its state on disk), if the server went back to another step than the
-      party's latest durable one, or a call's error that retrying does not cure.
+    TransportError: FAILED_PRECONDITION if the run is under way and the party has no checkpoint of
+      it (a party joins from the start), if the server went back to another step than the party's
+      latest durable one, or a call's error that retrying does not cure.
   """
   from sljax._progress import progress_bar  # noqa: PLC0415 -- only the driver shows one
 
-  position = _call(session, "Status", {})
-  if (position["round"], position["step"]) != (0, 0) or position["done"]:
-    raise TransportError(_FAILED, f"party {session.party!r}: the run is under way (round {position['round']}, step "
-                                  f"{position['step']}); a party takes part from the start of the run")
+  checkpoints = None if checkpoint_dir is None else _PartyCheckpoints(checkpoint_dir, session)
+  try:
+    return _run_party(session, progress=progress, checkpoints=checkpoints, progress_bar=progress_bar)
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
+
+
+def _run_party(session: PartySession, *, progress: bool, checkpoints: _PartyCheckpoints | None,
+               progress_bar: Callable) -> PartyResult:
   schedule, state, history = session.schedule, session.initial, []
-  durable = ((0, 0), session.initial)  # the step the server's latest checkpoint is at, and this party's state then
-  at, epoch = (0, 0), None
+  saved = None if checkpoints is None else checkpoints.latest()
+  if saved is not None:
+    state = _resume(session, saved)
+  position = _call(session, "Status", {})
+  at = (position["round"], position["step"])
+  if saved is None and (at != (0, 0) or position["done"]):
+    raise TransportError(_FAILED, f"party {session.party!r}: the run is under way (round {position['round']}, step "
+                                  f"{position['step']}); a party takes part from the start of the run, or from "
+                                  "its checkpoint")
+  # the step the server's latest checkpoint is at, and this party's state then (None: not known)
+  durable = (at, state) if saved is None or position["durable"] == position["step"] else None
+  epoch = None
   with progress_bar(total=schedule.rounds * schedule.local_steps, desc=f"party {session.party}",
                     disable=not progress) as bar:
     while at[0] < schedule.rounds:
@@ -959,13 +990,13 @@ def run_party(session: PartySession, *, progress: bool = False) -> PartyResult:
       if epoch is None or epoch[0] != r:
         epoch = (r, *jax.device_get(session.epoch(r)))
       try:
-        state, record = party_step(session, state, r, s, epoch[1][s], epoch[2][s])
+        state, record = party_step(session, state, r, s, epoch[1][s], epoch[2][s], checkpoints=checkpoints)
       except _Behind as behind:
         back = (behind.position["round"], behind.position["step"])
-        if back != durable[0]:
+        if durable is None or back != durable[0]:
+          kept = "no step" if durable is None else f"round {durable[0][0]}, step {durable[0][1]}"
           raise TransportError(_FAILED, f"party {session.party!r}: the server went back to round {back[0]}, step "
-                                        f"{back[1]}, and the party's state is kept as of round {durable[0][0]}, step "
-                                        f"{durable[0][1]}") from None
+                                        f"{back[1]}, and the party's state is kept as of {kept}") from None
         logger.warning("party %s: the server restarted at round %d, step %d; rolling back to it", session.party,
                        *back)
         state, at = durable[1], back
@@ -978,9 +1009,63 @@ def run_party(session: PartySession, *, progress: bool = False) -> PartyResult:
       position = record["position"]
       if position is not None and position["durable"] == position["step"]:
         durable = ((position["round"], position["step"]), state)
-      elif position is None and durable[0] == (r, s):  # discarded: the server's state, like the party's, as it was
+      elif position is None and durable is not None and durable[0] == (r, s):  # discarded: both states as they were
         durable = (at, durable[1])
   return PartyResult(state, history)
+
+
+class _PartyCheckpoints:
+  """A party's own checkpoints (orbax): before each `Commit`, the step and its state before and after it."""
+
+  def __init__(self, directory: str | os.PathLike, session: PartySession):
+    with _SAVING:
+      self._manager = simulation.checkpoint_manager(directory)
+    self._steps = session.schedule.local_steps
+    half = jax.tree.map(lambda a: np.zeros(np.shape(a), np.asarray(a).dtype), sched.to_message(session.initial))
+    self._like = {"position": np.zeros((2,), np.int32), "before": half, "after": half}
+    self._input_spec = session.initial.input_spec
+
+  def save(self, round_: int, step: int, before: PartyState, after: PartyState) -> None:
+    number = round_ * self._steps + step
+    item = {"position": np.array([round_, step], np.int32), "before": jax.device_get(sched.to_message(before)),
+            "after": jax.device_get(sched.to_message(after))}
+    with _SAVING:
+      self._manager.save(number, args=ocp.args.StandardSave(item), force=True)
+      self._manager.wait_until_finished()
+
+  def latest(self) -> tuple[int, int, PartyState, PartyState] | None:
+    if self._manager.latest_step() is None:
+      return None
+    with _SAVING:
+      item = simulation.restore(self._manager, self._like)
+    round_, step = (int(v) for v in np.asarray(item["position"]))
+    return (round_, step, sched.from_message(item["before"], self._input_spec),
+            sched.from_message(item["after"], self._input_spec))
+
+  def close(self) -> None:
+    with _SAVING:
+      self._manager.wait_until_finished()
+      self._manager.close()
+
+
+def _resume(session: PartySession, saved: tuple[int, int, PartyState, PartyState]) -> PartyState:
+  """The party's state at the server's position, from its latest checkpoint (the step of its latest
+  Commit, its state before and after it): the Commit sent again says whether the step was applied."""
+  round_, step, before, after = saved
+  position = _call(session, "Status", {})
+  if not position["done"] and (position["round"], position["step"]) < (round_, step):
+    raise TransportError(_FAILED, f"party {session.party!r}: its checkpoint is at step {step} of round {round_}, the "
+                                  f"server at step {position['step']} of round {position['round']}")
+  try:
+    _call(session, "Commit", {"round": round_, "step": step}, wait=True)
+  except TransportError as e:
+    if e.code not in (grpc.StatusCode.ABORTED, _FAILED):
+      raise
+    logger.warning("party %s resumes from its checkpoint: step %d of round %d was not applied (%s)", session.party,
+                   step, round_, e.details)
+    return before  # discarded, or (the server at that step, without it) to be forwarded again
+  logger.warning("party %s resumes from its checkpoint after step %d of round %d", session.party, step, round_)
+  return after
 
 
 def predict_party(session: PartySession, state: PartyState, x, *, batch_size: int = 1024) -> np.ndarray:
