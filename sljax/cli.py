@@ -319,7 +319,7 @@ def _vertical_client(args, link, ds, sl) -> int:
   start = time.perf_counter()
   try:
     session = transport.connect_party(link, sl, party=args.party, x=ds.parties_train()[p])
-    result = transport.run_party(session, progress=args.progress)
+    result = transport.run_party(session, progress=args.progress, checkpoint_dir=args.checkpoint_dir)
     outputs = transport.predict_party(session, result.state, ds.parties_test()[p])
   except (transport.TransportError, ValueError) as e:
     print(f"sljax client: {e}", file=sys.stderr)
