@@ -200,7 +200,8 @@ def run(
       averaged (SplitFed), and the initial halves (before round 0) or, in sequential SL, the final
       half (after the last round) that each client fetches. The round is compiled with
       `record=True` (it then also returns its messages); each round's messages reach the host in
-      one transfer and a writer thread serializes them. A path's recorder is closed at the end.
+      one transfer and a writer thread serializes them. A path's recorder is closed at the end; a
+      `Recorder(..., truth=True)` also gets each client's batch of each step it took part in.
       Every split-learning algorithm of `sljax.algorithms.REGISTRY` records; FedAvg and the
       centralized baseline raise a ValueError naming `transcript`.
 

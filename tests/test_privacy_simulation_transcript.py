@@ -140,21 +140,31 @@ def test_recording_an_algorithm_without_split_messages_is_refused(dataset, algor
 
 def test_a_client_that_drops_is_recorded_up_to_its_last_message(dataset, tmp_path):
   """Sequential SL, client 1 drops in step 1 (after its forward pass): it got the half and sent its smashed data of
-  steps 0 and 1, got the cut gradient of step 0 only, and hands nothing back; client 0 is recorded whole."""
+  steps 0 and 1, got the cut gradient of step 0 only, and hands nothing back; client 0 is recorded whole. Asked
+  for, each step's batch comes first (truth records), the rows the round trained on."""
   _, sl, _, schedule = _for("sequential_sl")
   algo = sched.algorithm("sequential_sl", sl, schedule, sljax.ArraySpec.of(dataset.x_train))
   data = sljax.data.stack_clients(dataset.x_train, dataset.y_train,
                                   sljax.data.iid(dataset.y_train, num_clients=2, seed=0))
   inputs = sljax.algorithms.RoundInputs(np.array([True, True]), np.array([[False, False], [False, True]]))
-  recording = transcript.RoundRecording(algo, tmp_path / "t.sljt")
-  state = algo.init(jax.random.key(0), data)
-  recording.start(state, data)
-  recording.write(0, *jax.jit(functools.partial(algo.round, record=True))(state, data, inputs))
-  recording.finish()
-  kinds = [(r.step, r.client, r.direction, transcript.decode(r.payload)[0])
-           for r in transcript.load(tmp_path / "t.sljt").records]
-  assert [k for k in kinds if k[1] == 1] == [(0, 1, "down", "ClientHalf"), (0, 1, "up", "SmashedData"),
-                                            (0, 1, "down", "CutGradient"), (1, 1, "up", "SmashedData")]
-  assert [k for k in kinds if k[1] == 0] == [(0, 0, "down", "ClientHalf"), (0, 0, "up", "SmashedData"),
-                                            (0, 0, "down", "CutGradient"), (1, 0, "up", "SmashedData"),
+  with transcript.Recorder(tmp_path / "t.sljt", truth=True) as recorder:
+    recording = transcript.RoundRecording(algo, recorder)
+    state = algo.init(jax.random.key(0), data)
+    recording.start(state, data)
+    recording.write(0, *jax.jit(functools.partial(algo.round, record=True))(state, data, inputs))
+    recording.finish()
+  records = transcript.load(tmp_path / "t.sljt").records
+  kinds = [(r.step, r.client, r.direction, "batch" if r.direction == "truth" else transcript.decode(r.payload)[0])
+           for r in records]
+  assert [k for k in kinds if k[1] == 1] == [(0, 1, "truth", "batch"), (0, 1, "down", "ClientHalf"),
+                                            (0, 1, "up", "SmashedData"), (0, 1, "down", "CutGradient"),
+                                            (1, 1, "truth", "batch"), (1, 1, "up", "SmashedData")]
+  assert [k for k in kinds if k[1] == 0] == [(0, 0, "truth", "batch"), (0, 0, "down", "ClientHalf"),
+                                            (0, 0, "up", "SmashedData"), (0, 0, "down", "CutGradient"),
+                                            (1, 0, "truth", "batch"), (1, 0, "up", "SmashedData"),
                                             (1, 0, "down", "CutGradient"), (2, 0, "up", "ClientHalf")]
+  x, y, _ = sljax.data.client_batches(data, 1, batch_size=schedule.batch_size, key=jax.random.wrap_key_data(state.key))
+  (step_1,) = [e for e in transcript.load(tmp_path / "t.sljt").exchanges() if (e.step, e.client) == (1, 1)]
+  np.testing.assert_array_equal(step_1.inputs, x[1])
+  np.testing.assert_array_equal(step_1.true_labels, y[1])
+  np.testing.assert_array_equal(step_1.labels, y[1])  # vanilla SL sends the labels with the smashed data

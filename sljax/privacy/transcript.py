@@ -129,9 +129,9 @@ class Recorder:
     meta: JSON-able dict written in the header (e.g. {"run": "digits-cut1"}).
     queue_size: records that may wait for the writer.
     overwrite: replace an existing file.
-    truth: ask the drivers that record into this recorder (`sljax.fit`) to record each trained batch
-      too ("truth" records), so that reconstruction attacks can be scored. The transcript then holds
-      the raw data.
+    truth: ask the drivers that record into this recorder (`sljax.fit`, `sljax.simulation.run`) to
+      record each trained batch too ("truth" records), so that reconstruction attacks can be scored.
+      The transcript then holds the raw data.
 
   Example:
     >>> import os, tempfile
@@ -547,7 +547,8 @@ class RoundRecording:
   message of a round that its `RoundMessages` says was sent, under its round, step and client id;
   and what a client fetches outside any round: before the first round, each client's initial half
   (`start`), except in a relay (sequential SL), where the half comes with each turn; after the last
-  round of a relay, the final half, to every client (`finish`).
+  round of a relay, the final half, to every client (`finish`). A `Recorder(..., truth=True)` also
+  gets each step's batch of each client that took the step ("truth" records, first in the step).
   """
 
   def __init__(self, algorithm: Any, transcript: str | os.PathLike | Recorder):
@@ -569,6 +570,11 @@ class RoundRecording:
     from sljax.algorithms import _common  # noqa: PLC0415 -- the algorithms import this package lazily
 
     self.ids = np.asarray(data.client_ids())
+    self.batches = None
+    if self.recorder.truth:  # a round's batches (S, K, B, ...), read as the round reads them (its round and key)
+      steps, batch_size = self.algorithm.local_steps, self.algorithm.config.batch_size
+      self.batches = jax.jit(lambda state: jax.vmap(lambda s: _common.batches(
+          state, data, s, local_steps=steps, batch_size=batch_size))(np.arange(steps)))
     if int(state.round) == 0 and self.algorithm.client_axes.clients:
       state = state.replace(clients=jax.device_get(state.clients))  # one transfer, then host slices
       for k, client in enumerate(self.ids):
@@ -580,22 +586,29 @@ class RoundRecording:
     of `sent`; returns `(state, metrics)`."""
     self.ran = True
     streams, ids = jax.device_get((sent.sent, sent.ids))
-    records = []
+    records, took = [], set()  # took: (step, position) of each client in each step it took part in
     for i, stream in enumerate(streams):
       at = round_ + int(stream.next_round)
       positions = np.arange(len(ids)) if stream.clients is None else np.asarray(stream.clients)
       mask = np.asarray(stream.mask)
       if stream.step is None:  # (S, K): one per step and client
         for s, k in zip(*np.nonzero(mask)):
+          took.add((int(s), int(positions[k])))
           records.append((at, int(s), int(ids[positions[k]]), i, stream.direction, functools.partial(
               _row, stream.messages, (s, k))))
       else:
         for (k,) in zip(*np.nonzero(mask)):
           records.append((at, stream.step, int(ids[positions[k]]), i, stream.direction, functools.partial(
               _row, stream.messages, (k,))))
+    if self.batches is not None:  # the batch of each step each client took part in, first in the step
+      xs, ys = jax.device_get(self.batches(state.replace(clients=(), server=(), round=np.int32(round_))))
+      records += [(round_, s, int(ids[k]), -1, "truth", (xs[s, k], ys[s, k])) for s, k in took]
     records.sort(key=lambda r: r[:4])
     for round_at, step, client, _, direction, message in records:
-      self.recorder.record(direction, round_at, step, client, message)
+      if direction == "truth":
+        self.recorder.record_truth(round_at, step, client, *message)
+      else:
+        self.recorder.record(direction, round_at, step, client, message)
     return state, metrics
 
   def finish(self, state: Any = None, *, last: bool = False) -> None:
