@@ -206,9 +206,28 @@ def _vertical_setup(args):
   return ds, vertical.vertical_sl(model, party_optimizers=opt, top_optimizer=opt)
 
 
+def _check_align(args) -> None:
+  if (args.align or args.overlap != 1.0) and not args.vertical:
+    raise SystemExit("--align, --overlap: vertical split learning's (--vertical)")
+  if not 0 < args.overlap <= 1:
+    raise SystemExit(f"--overlap: expected a share in (0, 1], got {args.overlap}")
+
+
+def _party_rows(args, ds, p: int):
+  """`--vertical --align`: party p's training rows: a seeded share `--overlap` of the task's, in an
+  order of its own (from --data-seed and p alone); every row, in order, without --align."""
+  import numpy as np  # noqa: PLC0415
+
+  n = len(ds.dataset.y_train)
+  if not args.align:
+    return np.arange(n)
+  return np.random.default_rng([args.data_seed, p]).permutation(n)[: max(1, round(args.overlap * n))]
+
+
 def _serve_vertical(args, common: dict):
-  """`sljax serve --vertical TASK`: the label party's server (the task's first party)."""
-  from sljax.transport import vertical  # noqa: PLC0415 -- gRPC is imported only where needed
+  """`sljax serve --vertical TASK`: the label party's server (the task's first party); with --align,
+  it first aligns its rows with the other parties' by PSI over the same service."""
+  from sljax.transport import alignment, vertical  # noqa: PLC0415 -- gRPC is imported only where needed
 
   ds, sl = _vertical_setup(args)
   xs, test = ds.parties_train(), ds.parties_test()
@@ -216,9 +235,15 @@ def _serve_vertical(args, common: dict):
     common["certificate_names"] = {f"client-{k}": k for k in range(1, len(ds.parties))}
   for name in ("schedule", "input_spec", "max_samples", "recorder"):
     del common[name]
+  rows = _party_rows(args, ds, 0)
+  aligner = None
+  if args.align:
+    members = {k: name for k, name in enumerate(ds.parties) if k}
+    aligner = alignment.Aligner(list(ds.ids_train[rows]), members=members, name=ds.parties[0])
   return vertical.VerticalServer(
-      sl, labels=ds.dataset.y_train, input_specs=tuple(protocol.ArraySpec.of(x) for x in xs), rounds=args.rounds,
-      batch_size=args.batch_size, local_steps=args.local_steps, features=xs[0], predict_features=test[0], **common)
+      sl, labels=ds.dataset.y_train[rows], input_specs=tuple(protocol.ArraySpec.of(x) for x in xs), rounds=args.rounds,
+      batch_size=args.batch_size, local_steps=args.local_steps, features=xs[0][rows], predict_features=test[0],
+      aligner=aligner, **common)
 
 
 def serve(args) -> int:
@@ -231,6 +256,7 @@ def serve(args) -> int:
   from sljax import transport
   from sljax.transport import demo as demo_setup
 
+  _check_align(args)
   if args.vertical:
     if args.algorithm != "sequential_sl" or args.u_shaped or args.cuts or args.sealed_handoffs or args.transcript:
       raise SystemExit("--vertical: runs vertical split learning; --algorithm, --u-shaped, --cuts, --sealed-handoffs "
@@ -283,10 +309,11 @@ def serve(args) -> int:
     with open(args.port_file + ".tmp", "w") as f:
       f.write(str(running.port))
     os.replace(args.port_file + ".tmp", args.port_file)
-  logging.getLogger("sljax").info("sljax serve: %s on %s:%d, %d %s, %d round(s) of %d step(s)", server.algorithm,
+  # a vertical server that aligns first knows its steps per round (an epoch of the shared rows) once aligned
+  local_steps = getattr(getattr(server, "schedule", None), "local_steps", None) or args.local_steps or "an epoch's"
+  logging.getLogger("sljax").info("sljax serve: %s on %s:%d, %d %s, %d round(s) of %s step(s)", server.algorithm,
                                   args.host, running.port, args.num_clients,
-                                  "parties" if args.vertical else "client(s)", args.rounds,
-                                  server.schedule.local_steps)
+                                  "parties" if args.vertical else "client(s)", args.rounds, local_steps)
   stop = threading.Event()
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda *_: stop.set())
@@ -318,7 +345,9 @@ def _vertical_client(args, link, ds, sl) -> int:
   p = ds.parties.index(args.party)
   start = time.perf_counter()
   try:
-    session = transport.connect_party(link, sl, party=args.party, x=ds.parties_train()[p])
+    rows = _party_rows(args, ds, p)
+    session = transport.connect_party(link, sl, party=args.party, x=ds.parties_train()[p][rows],
+                                      ids=list(ds.ids_train[rows]) if args.align else None)
     result = transport.run_party(session, progress=args.progress, checkpoint_dir=args.checkpoint_dir)
     outputs = transport.predict_party(session, result.state, ds.parties_test()[p])
   except (transport.TransportError, ValueError) as e:
@@ -327,14 +356,16 @@ def _vertical_client(args, link, ds, sl) -> int:
   finally:
     link.close()
   history = result.history
-  row = {"party": args.party, "steps": len(history), "applied": sum(h["applied"] for h in history),
+  row = {"party": args.party, "aligned": len(session.x), "steps": len(history),
+         "applied": sum(h["applied"] for h in history),
          "train_bytes_up": sum(h["bytes_up"] for h in history),
          "train_bytes_down": sum(h["bytes_down"] for h in history), "predictions": len(outputs),
          "seconds": time.perf_counter() - start}
   if args.json:
     print(json.dumps(row))
   else:
-    print(f"party {args.party}: {row['steps']} steps ({row['applied']} applied), train MB up "
+    print(f"party {args.party}: {row['aligned']} aligned samples, {row['steps']} steps ({row['applied']} applied), "
+          f"train MB up "
           f"{_mb(row['train_bytes_up'])} down {_mb(row['train_bytes_down'])}, {len(outputs)} test rows predicted "
           f"(collaborative inference; the label party holds the labels), {row['seconds']:.1f} s")
   return 0
@@ -345,6 +376,7 @@ def client(args) -> int:
   from sljax import transport
   from sljax.transport import demo as demo_setup
 
+  _check_align(args)
   vertical_setup = None
   if args.vertical:
     vertical_setup = _vertical_setup(args)
@@ -565,6 +597,10 @@ def _add_setup_args(p) -> None:
   p.add_argument("--vertical", choices=VERTICAL_TASKS,
                  help="vertical split learning on this task (the parties' columns of the same samples): serve on "
                       "the label party (the task's first party), sljax client --party NAME on each other party")
+  p.add_argument("--align", action="store_true",
+                 help="--vertical: each party holds a seeded share --overlap of the samples, in its own order, and "
+                      "the parties align them by private set intersection over the service before training")
+  p.add_argument("--overlap", type=float, default=1.0, help="--vertical --align: the share of samples each party holds")
   p.add_argument("--cuts", default="",
                  help="heterogeneous parallel SL (--algorithm heterogeneous_parallel_sl): each client's cut into the "
                       "MLP's layers, comma-separated, one per client, e.g. 1,2 with --hidden 128,128")

@@ -12,6 +12,7 @@ as clients), MLP bottoms with dropout (so every key matters), concat, a dense to
 parties' IDs overlap partly; 2 rounds of 3 steps of 16 rows.
 """
 
+import argparse
 import json
 import logging
 import re
@@ -479,14 +480,15 @@ def test_inference_without_a_party_names_it(data, in_process):
 def test_sljax_serve_and_client(tmp_path, capsys):
   """`sljax serve --vertical` on the label party, a process, and `sljax client --vertical --party` on
   the other (its `main`, here: one process less to start), started together (the party retries
-  until the server listens): every step applied, the party's bytes as its messages', inference on
-  its test rows."""
+  until the server listens), each holding 90% of the samples (`--align --overlap 0.9`): aligned by
+  PSI first (the plain intersection's size), every step applied, the party's bytes as its
+  messages', inference on its test rows."""
   tokens = tmp_path / "tokens.txt"
   tokens.write_text("1 token-shape\n")
   with socket.socket() as s:  # a free port for both
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  common = ["--vertical", "breast_cancer_2", "--token-file", str(tokens)]
+  common = ["--vertical", "breast_cancer_2", "--token-file", str(tokens), "--align", "--overlap", "0.9"]
   with open(tmp_path / "serve.log", "w") as log:
     server = subprocess.Popen([sys.executable, "-m", "sljax.cli", "serve", *common, "--port", str(port), "--rounds",
                                "1", "--local-steps", "2", "--batch-size", "32"], stdout=subprocess.DEVNULL, stderr=log)
@@ -503,7 +505,11 @@ def test_sljax_serve_and_client(tmp_path, capsys):
   out, err = capsys.readouterr()
   assert code == 0, err[-3000:] + (tmp_path / "serve.log").read_text()[-3000:]
   row = json.loads(out.strip().splitlines()[-1])
-  test_rows = len(sljax.data.load_breast_cancer_vertical(num_parties=2).dataset.y_test)
+  ds = sljax.data.load_breast_cancer_vertical(num_parties=2)
+  args = argparse.Namespace(align=True, overlap=0.9, data_seed=0)
+  shared = set(ds.ids_train[cli._party_rows(args, ds, 0)]) & set(ds.ids_train[cli._party_rows(args, ds, 1)])
+  assert row["aligned"] == len(shared) < len(ds.ids_train)  # aligned by PSI over the service first
   smashed = sljax.wire_size(sljax.SmashedData(np.zeros((32, 8), np.float32)))
-  assert (row["party"], row["steps"], row["applied"], row["predictions"]) == ("shape_symmetry", 2, 2, test_rows)
+  assert (row["party"], row["steps"], row["applied"], row["predictions"]) == ("shape_symmetry", 2, 2,
+                                                                              len(ds.dataset.y_test))
   assert row["train_bytes_up"] == 2 * smashed
