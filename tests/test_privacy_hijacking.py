@@ -8,6 +8,7 @@ import dataclasses
 
 import chex
 import flax.linen as nn
+import grpc
 import jax
 import numpy as np
 import optax
@@ -105,6 +106,10 @@ def test_an_unmodified_client_over_the_network_is_hijacked_as_in_simulation(atta
                         y=ds.y_train[:700])
     assert session.algorithm == "parallel_sl"  # all the client is told
     result = T.run(session)
+    with pytest.raises(T.TransportError, match=r"Predict: this server does no inference \(feature_space_hijacking: "
+                                               r"predict: the hijacking server trains no task half") as e:
+      T.predict(session, result.half, ds.x_test[:3])
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
   finally:
     server.close()
   assert len(result.history) == STEPS

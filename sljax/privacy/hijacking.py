@@ -115,8 +115,8 @@ def hijacking_server(sl, config: c.ScheduleConfig, *, knowledge: HijackingKnowle
 
   Over the network the same algorithm is served to unmodified clients (`sljax.transport`'s client
   driver) as parallel SL: `ConcurrentServer(model, sl, algorithm="parallel_sl", simulated=algo, ...)`
-  (a research tool built from Python: `sljax serve` has no such option). That server answers no
-  `Predict`: it holds no task half.
+  (a research tool built from Python: `sljax serve` has no such option). That server refuses
+  `Predict` (FAILED_PRECONDITION): it holds no task half.
 
   Args:
     sl: the clients' protocol (`sljax.vanilla(...)`), as parallel SL takes it.

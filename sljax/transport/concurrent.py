@@ -175,6 +175,11 @@ class ConcurrentServer(ServiceBase):
                        f"{(schedule.num_clients, schedule.batch_size, schedule.local_steps)}, got {built}")
     # the server starts where the simulation's `init` does: its server part, the clients' halves, the run key
     sim = jax.jit(algo.init)(key, sched.stand_in_data(schedule, input_spec))
+    if simulated is not None:  # a server that trains no task half (an attack's) answers no Predict
+      try:
+        jax.eval_shape(algo.predict, sim, jax.ShapeDtypeStruct((1, *input_spec.shape), input_spec.dtype))
+      except ValueError as e:
+        self._no_inference = f"{simulated.name}: {e}"
     k = schedule.num_clients
     view = algo.schedule.clients  # where the clients differ (heterogeneous cuts): each one's legs and half
     if view is not None:

@@ -73,6 +73,7 @@ class ServiceBase:
   """
 
   algorithm = ""
+  _no_inference: str | None = None  # why this server answers no Predict (FAILED_PRECONDITION), if it does not
   handoff = "plain"  # how sequential SL's client halves are handed over: "plain" or "sealed"
   _init_key: list[int] | None = None  # sealed: the data of the key the run's init takes
   # The leader's role of the PSI alignment (`sljax.transport.Aligner`), if this server aligns sample IDs.
@@ -346,6 +347,9 @@ class ServiceBase:
     """Inference on the committed server half. The lock is held only to read it: the message is
     checked and the answer computed (and compiled, for a new batch bucket) without it, so inference
     never holds up training."""
+    if self._no_inference is not None:
+      raise TransportError(grpc.StatusCode.FAILED_PRECONDITION, f"Predict: this server does no inference "
+                                                                f"({self._no_inference})")
     batch = req["batch"]
     if not 1 <= batch <= self.max_predict_batch:
       raise wire.invalid(f"Predict: field 'batch' must be in [1, {self.max_predict_batch}], got {batch}")
