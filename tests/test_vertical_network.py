@@ -125,8 +125,9 @@ def in_process(data):
   return {"sl": sl, "server": server, "runs": runs, "seen": seen, "clock": clock}
 
 
-def _simulate(sl, data, dropped=None):
-  """The fused simulation of the same steps: `fit`'s epochs (keys and rows from `vertical_schedule`)."""
+def _simulate(sl, data, dropped=None, present=None):
+  """The fused simulation of the same steps: `fit`'s epochs (keys and rows from `vertical_schedule`);
+  with `dropped(r, s)` (and `present(r, s)`), `step(..., dropped=, present=)` step by step."""
   init_key, epoch = V.vertical_schedule(jax.random.key_data(KEY), samples=SHARED, batch_size=BATCH)
   xs, y = data["xs"], data["y"]
   state = sl.init(init_key, tuple(x[:BATCH] for x in xs))
@@ -139,7 +140,8 @@ def _simulate(sl, data, dropped=None):
     rows, keys = epoch(r)
     for s in range(3):
       batch = (tuple(x[rows[s]] for x in xs), y[rows[s]])
-      state, _ = step(state, batch, jax.random.wrap_key_data(keys[s]), dropped=np.asarray(dropped(r, s)))
+      mask = {} if present is None else {"present": np.asarray(present(r, s))}
+      state, _ = step(state, batch, jax.random.wrap_key_data(keys[s]), dropped=np.asarray(dropped(r, s)), **mask)
   return state
 
 
@@ -168,6 +170,10 @@ def test_in_process_equals_the_fused_simulation_bitwise(data, in_process):
   expected, _ = jax.jit(sl.predict)(sim, test)
   np.testing.assert_allclose(out[1], expected, atol=1e-6, rtol=0)
   np.testing.assert_array_equal(out[1], out[2])
+  # the samples are named, not counted as they arrive: samples 4 .. 9 again meet the bank's rows 4 .. 9
+  again = run_in_threads(lambda p: V.predict_party(runs[p][0], runs[p][1].state, test[p][4:], offset=4), [1, 2],
+                         timeout=TIMEOUT)
+  np.testing.assert_array_equal(again[1], out[1][4:])
 
 
 def test_over_grpc_equals_in_process_bitwise(data, in_process, tmp_path):
@@ -260,6 +266,71 @@ def test_a_party_that_drops_mid_step_has_the_step_discarded_everywhere(data, in_
   sim = _simulate(sl, data, dropped=lambda r, s: [False, False, (r, s) == at])
   parties, top = _states(server, runs)
   assert_bitwise((parties, top), (sim.parties, sim.top))
+
+
+class Leaves:
+  """A party's transport that holds back its Forward of `at` until the server is past `until`, then
+  sends it (and goes on); or, with `back_of`, a transport that holds its Forward of `at` until party
+  `back_of` is back (no longer absent)."""
+
+  def __init__(self, inner, at, server, *, until=None, back_of=None):
+    self.inner, self.at, self.server, self.until, self.back_of = inner, at, server, until, back_of
+    self.held = threading.Event()
+
+  def call(self, method, request, *, timeout=None):
+    fields = wire.decode(method, request)
+    if method == "Forward" and (fields["round"], fields["step"]) == self.at:
+      self.held.set()
+      deadline, d = time.monotonic() + TIMEOUT, lambda: self.server.s.durable  # noqa: E731
+      while ((int(d().round), int(d().step)) <= self.until if self.back_of is None else d().absent[self.back_of]):
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.02)
+    return self.inner.call(method, request, timeout=timeout)
+
+
+def test_continue_without_a_party_that_left_and_infer_without_it(data, in_process):
+  """`continue_without=True`: the merchant goes silent before its Forward of (0, 1); the lease runs
+  out (the clock jumps): (0, 1) is discarded everywhere, (0, 2) runs without the merchant (its
+  stand-in in its place), and the merchant, back at (1, 0) with its state as it was, takes part
+  again. As `step(..., dropped=)` at (0, 1), then `step(..., present=)` without it at (0, 2). Then
+  the network infers alone: after a lease the answer stands in for the merchant, as
+  `predict(absent=["merchant"])`, and says so."""
+  sl, clock = in_process["sl"], Clock()
+  server = _server(sl, data, clock=clock, continue_without=True)
+  link = lambda p: T.InProcessTransport(server.handle, token=TOKENS[p])  # noqa: E731
+  merchant = Leaves(link(2), (0, 1), server, until=(0, 2))
+  network = Leaves(link(1), (1, 0), server, back_of=2)
+
+  def jump_when_waiting():
+    assert merchant.held.wait(TIMEOUT)
+    while 2 not in server._waited_since:  # noqa: SLF001 -- the shell's record of whom others wait for since when
+      time.sleep(0.02)
+    clock.offset += LEASE + 5
+
+  jumper = threading.Thread(target=jump_when_waiting)
+  jumper.start()
+  runs = _run_parties(sl, data, lambda p: merchant if p == 2 else network)
+  jumper.join(TIMEOUT)
+  assert [r["applied"] for r in runs[1][1].history] == [True, False, True, True, True, True]
+  assert [r["applied"] for r in runs[2][1].history] == [True, False, False, True, True, True]
+  sim = _simulate(sl, data, dropped=lambda r, s: [False, False, (r, s) == (0, 1)],
+                  present=lambda r, s: [True, True, (r, s) != (0, 2)])
+  chex.assert_trees_all_close(_states(server, runs), (sim.parties, sim.top), atol=1e-6, rtol=0)  # other programs
+  assert not server.state.absent.any()
+
+  session, result = runs[1]
+  answer = {}
+  caller = threading.Thread(target=lambda: answer.update(
+      out=V.predict_party(session, result.state, data["test"][1], return_stood_in=True)))
+  caller.start()
+  deadline = time.monotonic() + TIMEOUT
+  while caller.is_alive() and time.monotonic() < deadline:  # the lease runs out while it waits
+    clock.offset += LEASE + 5
+    caller.join(0.2)
+  out, stood_in = answer["out"]
+  expected, _ = jax.jit(sl.predict, static_argnames="absent")(sim, data["test"][:2] + (None,), absent=("merchant",))
+  np.testing.assert_allclose(out, expected, atol=1e-6, rtol=0)
+  assert stood_in == ("merchant",)
 
 
 class Restarts:

@@ -53,7 +53,7 @@ from flax import struct
 from sljax import codecs as codec_lib
 from sljax import messages as msgs
 from sljax import simulation
-from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, _fresh_encode, check_batch
+from sljax.protocol import CODEC_STREAM, ArraySpec, PartyState, _fresh_encode, apply_update, check_batch
 from sljax.training import reuse_program
 from sljax.transport import coordinators as coord
 from sljax.transport import schedule as sched
@@ -117,30 +117,58 @@ def _leg_keys(step_key_data, parties: int) -> jax.Array:
   return jax.random.split(jax.random.wrap_key_data(step_key_data), parties + 1)
 
 
-def _server_step(sl: VerticalSL, top_step: Callable, label: int | None, server, ups, y, x_own, step_key_data):
-  """The label party's part of `vertical_sl(...).step`: its own bottom's legs (if any) and `top_step`."""
-  own, top = server
+def _stand_in(top, stand_ins, p: int, batch: int) -> jax.Array:
+  """What stands in for absent party p's smashed data, as `vertical_sl`'s: its learned vector, or zeros."""
+  spec = top.input_spec[p]
+  if not stand_ins:
+    return jnp.zeros((batch, *spec.shape), spec.dtype)
+  return jnp.broadcast_to(stand_ins[0][p].params, (batch, *spec.shape))
+
+
+def _server_step(sl: VerticalSL, top_step: Callable, label: int | None, present: tuple[bool, ...] | None, server,
+                 ups, y, x_own, step_key_data):
+  """The label party's part of `vertical_sl(...).step`: its own bottom's legs (if any) and `top_step`.
+
+  `present` (static): None, every party takes part; else one bool per party, and an absent party's
+  place holds its stand-in, its gradient's codec state is kept and (`replacement="learned"`) its
+  stand-in learns, as `step(..., present=mask)` does. `server` is `(own, top)`, or `(own, top,
+  stand_ins)` with `replacement="learned"`."""
+  own, top, *stand_ins = server
   n = sl.model.num_parties
   keys = _leg_keys(step_key_data, n)
   ups = list(ups)
   if label is not None:
     ups[label], pending = sl.party_forward[label](own, x_own, keys[label])
-  top, downs, metrics = top_step(top, tuple(ups), y, keys[n])
+  absent = () if present is None else tuple(p for p in range(n) if not present[p])
+  for p in absent:
+    ups[p] = msgs.SmashedData(_fresh_encode(sl.uplinks[p], _stand_in(top, stand_ins, p, len(y)), keys[p],
+                                            CODEC_STREAM))
+  new_top, downs, metrics = top_step(top, tuple(ups), y, keys[n])
+  if absent:
+    new_top = new_top.replace(codec_state=tuple(top.codec_state[p] if p in absent else c
+                                                for p, c in enumerate(new_top.codec_state)))
+    if stand_ins:  # the absent parties' vectors learn from the gradient at their place
+      stand_ins = [tuple(apply_update(r, sl.downlinks[p].decode(downs[p].grad).sum(0), sl.top_optimizer, ())
+                         if p in absent else r for p, r in enumerate(stand_ins[0]))]
   if label is not None:
     own = sl.party_backward[label](own, pending, downs[label])
-  return (own, top), downs, metrics["loss"], metrics["accuracy"]
+  return (own, new_top, *stand_ins), downs, metrics["loss"], metrics["accuracy"]
 
 
-def _server_infer(sl: VerticalSL, label: int | None, server, payloads, x_own):
+def _server_infer(sl: VerticalSL, label: int | None, batch: int, server, payloads, x_own):
   """The label party's part of `vertical_sl(...).predict`: the parties' payloads decoded (its own
-  bottom's through its own codec), the merge and the top, in eval mode."""
-  own, top = server
+  bottom's through its own codec), a stand-in where a party's payload is None, the merge and the
+  top, in eval mode."""
+  own, top, *stand_ins = server
   model, hs = sl.model, []
   for p in range(model.num_parties):
     payload = payloads[p]
     if p == label:
       h = model.bottoms[p].apply(own.params, own.model_state, x_own, key=None, train=False)[0]
       payload = _fresh_encode(sl.uplinks[p], h, None, CODEC_STREAM)
+    elif payload is None:
+      hs.append(_stand_in(top, stand_ins, p, batch))
+      continue
     hs.append(sl.uplinks[p].decode(payload))
   return model.label_stage.apply(top.params, top.model_state, tuple(hs), key=None, train=False)[0]
 
@@ -160,6 +188,8 @@ class PartiesState:
     upto: (P,) int32, the steps done since the start of the run, the same for every party (counting
       a round as `local_steps` steps), as the position reports them.
     gone: (P,) bool, the parties dropped from the step under way.
+    absent: (P,) bool, the parties absent from the steps (with `continue_without`: dropped for
+      their lease and not back since): their places hold stand-ins.
     applied: the steps done since the start of the run when the latest applied step was done:
       a step done and not applied was discarded.
     key: the run key data (uint32).
@@ -172,6 +202,7 @@ class PartiesState:
   gone: np.ndarray
   applied: np.ndarray
   key: np.ndarray
+  absent: np.ndarray
 
 
 class StepUnderWay(NamedTuple):
@@ -195,10 +226,8 @@ class PartiesVolatile(NamedTuple):
     committed: the parties that committed it.
     outcomes: (round, step) -> None if the step was applied, else why it was discarded (the recent
       steps, so that a late Commit hears which).
-    inference: party -> (batch, its uplink payload), the Predict calls waiting for the others.
-    answers: party -> the Prediction bytes computed for its waiting Predict.
-    predicted: the rows inferred since the server started (where the label party's own columns
-      for inference are read next).
+    inference: party -> ((offset, batch), its uplink payload), the Predict calls waiting for the others.
+    answers: party -> the Predict response fields computed for its waiting Predict.
   """
 
   pending: StepUnderWay | None = None
@@ -210,8 +239,7 @@ class PartiesVolatile(NamedTuple):
   declared: Mapping[int, int] = {}
   outcomes: Mapping[tuple[int, int], str | None] = {}
   inference: Mapping[int, tuple[int, Any]] = {}
-  answers: Mapping[int, bytes] = {}
-  predicted: int = 0
+  answers: Mapping[int, dict] = {}
 
 
 class _Plan(NamedTuple):
@@ -228,15 +256,19 @@ class Parties(coord.Coordinator):
   step runs once (its own bottom, if it has one, then `top_step`) and each party gets its
   `CutGradient`. `Commit(r, s)` is held until every party has committed; then the step is the
   server's state. A party dropped during the step (silent for a lease while others wait) has the
-  step discarded everywhere: the server keeps its state and every party its own. Client ids are
-  the parties' indices in `sl.model.names`; the label party's index is no client's.
+  step discarded everywhere: the server keeps its state and every party its own. With
+  `continue_without`, such a party is absent from the next step on: the barriers are over the
+  parties present, and its place holds its stand-in (`step(..., present=mask)`), until its
+  `Forward` of a step not yet computed brings it back. Client ids are the parties' indices in
+  `sl.model.names`; the label party's index is no client's.
 
   The durable state is a `PartiesState`.
   """
 
   def __init__(self, plan: _Plan, *, labels: np.ndarray, features: np.ndarray | None,
-               predict_features: np.ndarray | None, epoch: Callable, **kwargs):
+               predict_features: np.ndarray | None, epoch: Callable, continue_without: bool = False, **kwargs):
     self.sl = plan.sl
+    self.continue_without = continue_without
     self.epoch = epoch
     model = plan.sl.model
     self.names = model.names
@@ -255,9 +287,9 @@ class Parties(coord.Coordinator):
     label = self.label
     self._server_step = reuse_program(
         self.sl.top_step, ("vertical server step", label),
-        lambda top_step: jax.jit(functools.partial(_server_step, self.sl, top_step, label)))
+        lambda top_step: jax.jit(functools.partial(_server_step, self.sl, top_step, label), static_argnums=0))
     self._infer = reuse_program(self.sl.top_step, ("vertical inference", label),
-                                lambda _: jax.jit(functools.partial(_server_infer, self.sl, label)))
+                                lambda _: jax.jit(functools.partial(_server_infer, self.sl, label), static_argnums=0))
 
   # ---- the state -----------------------------------------------------------------------------------
 
@@ -265,7 +297,8 @@ class Parties(coord.Coordinator):
     k = self.num_clients
     return jax.device_get(PartiesState(server=server, round=coord._i32(0), step=coord._i32(0),
                                        upto=np.zeros((k,), np.int32), gone=np.zeros((k,), bool),
-                                       applied=coord._i32(0), key=np.asarray(run_key)))
+                                       applied=coord._i32(0), key=np.asarray(run_key),
+                                       absent=np.zeros((k,), bool)))
 
   def start(self, durable: PartiesState) -> CoordinatorState:
     return CoordinatorState(durable, PartiesVolatile(durable_upto=np.array(durable.upto)))
@@ -311,15 +344,20 @@ class Parties(coord.Coordinator):
     if p is None or client == self.label:
       return False
     if p.downs is None:
-      return client not in p.smashed
-    return client not in s.volatile.committed
+      return client not in p.smashed and not s.durable.absent[client]
+    return client in p.smashed and client not in s.volatile.committed
+
+  def _present(self, s: CoordinatorState) -> list[int]:
+    """The other parties the step under way waits for: all, or (`continue_without`) those not absent."""
+    return [k for k in self.remote if not s.durable.absent[k]]
 
   def drop(self, s: CoordinatorState, client: int, why: str) -> CoordinatorState:
     """`client` is dropped from the step under way (which is then discarded); it takes part again
     from the next step."""
     p = s.volatile.pending
-    logger.warning("%s dropped from step %s of round %d: %s; the step is discarded", self.who(client),
-                   None if p is None else p.step, int(s.durable.round), why)
+    logger.warning("%s dropped from step %s of round %d: %s; the step is discarded%s", self.who(client),
+                   None if p is None else p.step, int(s.durable.round), why,
+                   "; the party is absent from the next step on" if self.continue_without else "")
     return s.replace(gone=coord._set(s.durable.gone, client, True))
 
   def advance(self, s: CoordinatorState) -> CoordinatorState:
@@ -328,14 +366,15 @@ class Parties(coord.Coordinator):
       return s
     gone = s.durable.gone
     if p.downs is None:
-      if all(k in p.smashed for k in self.remote):
+      present = self._present(s)
+      if not any(gone[k] for k in present) and all(k in p.smashed for k in present):
         return self._compute(s, p)
-      if all(gone[k] or k in p.smashed for k in self.remote):
+      if all(gone[k] or k in p.smashed for k in present):
         return self._end_step(s, p, self._dropped(gone, "did not forward"))
       return s
-    if all(k in s.volatile.committed for k in self.remote):
+    if all(k in s.volatile.committed for k in p.smashed):
       return self._end_step(s, p, None)
-    if all(gone[k] or k in s.volatile.committed for k in self.remote):
+    if all(gone[k] or k in s.volatile.committed for k in p.smashed):
       return self._end_step(s, p, self._dropped(gone, "did not commit"))
     return s
 
@@ -352,9 +391,12 @@ class Parties(coord.Coordinator):
     rows, key = self.rows(p.round, p.step)
     ups = tuple(p.smashed.get(k) for k in range(self.num_clients))
     x_own = None if self.features is None else self.features[rows]
-    server, downs, loss, acc = self._server_step(s.durable.server, ups, self.labels[rows], x_own, key)
+    present = None
+    if any(k not in p.smashed for k in self.remote):  # absent parties (continue_without): their stand-ins
+      present = tuple(k == self.label or k in p.smashed for k in range(self.num_clients))
+    server, downs, loss, acc = self._server_step(present, s.durable.server, ups, self.labels[rows], x_own, key)
     downs = jax.device_get(downs)
-    p = p._replace(server=server, downs={k: msgs.to_bytes(downs[k]) for k in self.remote}, loss=float(loss),
+    p = p._replace(server=server, downs={k: msgs.to_bytes(downs[k]) for k in p.smashed}, loss=float(loss),
                    accuracy=float(acc))
     logger.debug("round %d step %d: loss %.5f, accuracy %.4f", p.round, p.step, p.loss, p.accuracy)
     return s.set(pending=p, committed=frozenset())
@@ -365,8 +407,10 @@ class Parties(coord.Coordinator):
     server = d.server if why is not None else p.server
     upto = np.full_like(d.upto, p.round * steps + p.step + 1)
     outcomes = {key: v for key, v in s.volatile.outcomes.items() if key >= (p.round - 1, 0)}
+    # with continue_without, a party dropped from the step is absent from the next one on
+    absent = d.absent | d.gone if self.continue_without else d.absent
     s = s.replace(server=server, step=coord._i32(p.step + 1), upto=upto, gone=np.zeros_like(d.gone),
-                  applied=d.applied if why is not None else coord._i32(upto[0]))
+                  applied=d.applied if why is not None else coord._i32(upto[0]), absent=absent)
     s = s.set(pending=None, committed=frozenset(), outcomes={**outcomes, (p.round, p.step): why})
     if why is not None:
       logger.warning("step %d of round %d discarded everywhere: %s", p.step, p.round, why)
@@ -390,7 +434,19 @@ class Parties(coord.Coordinator):
     if p is None or (p.round, p.step) != (round_, step):
       p = StepUnderWay(round_, step, {})
     if p.downs is None:  # a retry before the barrier replaces the message
+      if s.durable.absent[client]:  # back (continue_without): it takes part from this step on
+        logger.warning("%s is back: it takes part from step %d of round %d on", self.who(client), step, round_)
+        s = s.replace(absent=coord._set(s.durable.absent, client, False))
       s = self.advance(s.set(pending=p._replace(smashed={**p.smashed, client: smashed})))
+    elif client not in p.smashed:  # absent, the step computed without it: it takes part from the next one
+      def over(s):
+        return (int(s.durable.round), int(s.durable.step)) > (round_, step) or self.done(s)
+
+      def without(s):
+        raise TransportError(grpc.StatusCode.ABORTED, f"Forward: step {step} of round {round_} runs without "
+                                                      f"{self.who(client)} (absent); take part from the next step")
+
+      return s, Wait(over, without, self.lease_seconds + 1.0)
 
     def computed(s):
       p = s.volatile.pending
@@ -398,7 +454,7 @@ class Parties(coord.Coordinator):
 
     def answer(s):
       p = s.volatile.pending
-      if p is None or (p.round, p.step) != (round_, step) or p.downs is None:
+      if p is None or (p.round, p.step) != (round_, step) or p.downs is None or client not in p.downs:
         if (round_, step) in s.volatile.outcomes:
           raise TransportError(grpc.StatusCode.ABORTED, f"Forward: step {step} of round {round_} was "
                                                         f"{self._outcome(s, round_, step)}; {self.where(s, client)}")
@@ -418,7 +474,7 @@ class Parties(coord.Coordinator):
                                     f"keep the party's state from before it. {self.where(s, client)}")
     self.check_step(s, "Commit", client, round_, step)
     p = s.volatile.pending
-    if p is None or (p.round, p.step) != (round_, step) or p.downs is None:
+    if p is None or (p.round, p.step) != (round_, step) or p.downs is None or client not in p.smashed:
       raise self.not_staged(s, "Commit", client, round_, step)
     s = self.advance(s.set(committed=s.volatile.committed | {client}))
 
@@ -435,36 +491,43 @@ class Parties(coord.Coordinator):
 
     return s, Wait(over, answer, self.lease_seconds + 1.0)
 
-  def on_predict(self, s: CoordinatorState, client: int, batch: int, payload: Any):
-    """Collaborative inference: held until every party has sent its rows of the same samples, or a
-    lease: then the reply is `{"error": (FAILED_PRECONDITION, details naming the parties that sent
-    none)}`, which the server raises once the caller's rows are withdrawn."""
+  def on_predict(self, s: CoordinatorState, client: int, offset: int, batch: int, payload: Any):
+    """Collaborative inference of the samples `offset .. offset + batch - 1` (of the label party's
+    `predict_features`, and of every party's rows for inference): held until every party (with
+    `continue_without`: every party not absent) has sent its rows of the same samples, or a lease.
+    Then, with `continue_without`, the parties that sent none are stood in for and the response
+    names them (`stood_in`); without it, the reply is `{"error": (FAILED_PRECONDITION, details
+    naming the parties that sent none)}`, which the server raises once the caller's rows are
+    withdrawn. Each answer goes to the parties that sent rows of those samples."""
     v = s.volatile
-    inference = {**v.inference, client: (batch, payload)}
-    answers = {k: a for k, a in v.answers.items() if k != client}
-    other = next((k for k in inference if inference[k][0] != batch), None)
+    rows = (offset, batch)
+    other = next((k for k, (r, _) in v.inference.items() if r != rows and k != client), None)
     if other is not None:
-      raise wire.invalid(f"Predict: {self.who(client)} sends {batch} rows, {self.who(other)} "
-                         f"{inference[other][0]}: every party sends its rows of the same samples")
-    if all(k in inference for k in self.remote):
-      payloads = tuple(inference[k][1] if k in inference else None for k in range(self.num_clients))
-      x_own = None
-      if self.label is not None:
-        if self.predict_features is None:
-          raise TransportError(_FAILED, f"Predict: the label party {self.names[self.label]!r} holds a bottom of its "
-                                        "own, and the server was given none of its columns for inference "
-                                        "(predict_features)")
-        x_own = self.predict_features[(v.predicted + np.arange(batch)) % len(self.predict_features)]
-      out = jax.device_get(self._infer(s.durable.server, payloads, x_own))
-      answers = {**answers, **{k: msgs.to_bytes(msgs.Prediction(out)) for k in self.remote}}
-      inference = {}
-      s = s.set(predicted=v.predicted + batch)
-    s = s.set(inference=inference, answers=answers)
+      theirs = v.inference[other][0]
+      raise wire.invalid(f"Predict: {self.who(client)} sends the samples {offset} .. {offset + batch - 1}, "
+                         f"{self.who(other)} {theirs[0]} .. {theirs[0] + theirs[1] - 1}: every party sends its rows "
+                         "of the same samples")
+    if self.label is not None:
+      if self.predict_features is None:
+        raise TransportError(_FAILED, f"Predict: the label party {self.names[self.label]!r} holds a bottom of its "
+                                      "own, and the server was given none of its columns for inference "
+                                      "(predict_features)")
+      if offset + batch > len(self.predict_features):
+        raise wire.invalid(f"Predict: field 'offset' + 'batch' must be at most the {len(self.predict_features)} "
+                           f"samples of the label party's predict_features, got {offset} + {batch}")
+    s = s.set(inference={**v.inference, client: (rows, payload)},
+              answers={k: a for k, a in v.answers.items() if k != client})
+    needed = self._present(s) if self.continue_without else self.remote
+    if all(k in s.volatile.inference for k in needed):
+      s = self._infer_now(s, rows)
 
     def answer(s):
       v = s.volatile
+      if client not in v.answers and self.continue_without and client in v.inference:  # the lease is out
+        s = self._infer_now(s, rows)
+        v = s.volatile
       if client in v.answers:
-        return s.set(answers={k: a for k, a in v.answers.items() if k != client}), Reply({"message": v.answers[client]})
+        return s.set(answers={k: a for k, a in v.answers.items() if k != client}), Reply(v.answers[client])
       missing = ", ".join(repr(self.names[k]) for k in self.remote if k not in v.inference)
       # its rows leave with it (an error would leave the state as it was: the shell raises it)
       s = s.set(inference={k: i for k, i in v.inference.items() if k != client})
@@ -472,6 +535,22 @@ class Parties(coord.Coordinator):
                                           f"{missing} sent no rows within the lease ({self.lease_seconds:.1f} s)")})
 
     return s, Wait(lambda s: client in s.volatile.answers, answer, self.lease_seconds)
+
+  def _infer_now(self, s: CoordinatorState, rows: tuple[int, int]) -> CoordinatorState:
+    """The answer to the waiting Predict calls of the samples `rows` (offset, batch), the parties
+    that sent none stood in for."""
+    offset, batch = rows
+    inference = s.volatile.inference
+    senders = [k for k in self.remote if k in inference and inference[k][0] == rows]
+    payloads = tuple(inference[k][1] if k in senders else None for k in range(self.num_clients))
+    x_own = None if self.label is None else self.predict_features[offset:offset + batch]
+    out = jax.device_get(self._infer(batch, s.durable.server, payloads, x_own))
+    stood_in = [self.names[k] for k in self.remote if k not in senders]
+    if stood_in:
+      logger.warning("Predict of the samples %d .. %d: parties %s stood in for", offset, offset + batch - 1, stood_in)
+    fields = {"message": msgs.to_bytes(msgs.Prediction(out)), **({"stood_in": stood_in} if stood_in else {})}
+    return s.set(inference={k: i for k, i in inference.items() if k not in senders},
+                 answers={**s.volatile.answers, **dict.fromkeys(senders, fields)})
 
   def predict_party(self, s: CoordinatorState, client: int) -> PartyState:
     del client
@@ -487,7 +566,7 @@ class Parties(coord.Coordinator):
     rows, key = self.rows(0, 0)
     ups = tuple(self.zeros(k) if k != self.label else None for k in range(self.num_clients))
     x_own = None if self.features is None else self.features[rows]
-    jax.block_until_ready(self._server_step(s.durable.server, ups, self.labels[rows], x_own, key))
+    jax.block_until_ready(self._server_step(None, s.durable.server, ups, self.labels[rows], x_own, key))
 
 
 # ---- the server ----------------------------------------------------------------------------------
@@ -512,13 +591,21 @@ class VerticalServer(ConcurrentServer):
     local_steps: steps per round, at most N // batch_size (the default: a whole epoch, as `fit`).
     features: (N, ...) the label party's own columns, if its party has a bottom (`label_party`).
     predict_features: the label party's own columns for inference (a label party with a bottom
-      only): the k-th row the parties send in `Predict` calls since the server started meets row
-      k (modulo their count) of these, so the parties send their rows in this order.
+      only), one row per sample to infer: a `Predict` call names its samples by their rows here
+      (`predict_party(..., offset=)`), and every party sends its rows of the same samples.
     aligner: None (`labels`, `features` are of the aligned samples, in the aligned order), or a
       `sljax.transport.Aligner` of the label party's IDs, one per row of `labels` and `features`,
       whose members are the other parties (client id: name): the server first answers the
       parties' `Align` calls (`connect_party(..., ids=...)`) and trains on the shared rows, from the
       first other call once every party has aligned (before that: FAILED_PRECONDITION).
+    continue_without: False (the default): a party dropped for its lease has its step discarded and
+      every step waits for every party; `Predict` needs every party. True: a party dropped for its
+      lease has its step discarded and is absent from the next step on (its place holds its stand-in,
+      as `step(..., present=mask)`: zeros, or the learned vector with `replacement="learned"`, which
+      the label party trains), until its `Forward` of a step not yet computed brings it back (with
+      its state as it last had it: a party absent does not train); `Predict` answers once the
+      parties present have sent their rows, or after a lease, standing in for the parties that
+      sent none (the response names them).
     tokens, certificate_names, checkpoint_dir, checkpoint_every: as for `ConcurrentServer`.
     lease_seconds, max_message_bytes, max_predict_batch, clock, max_abs_value: as for `ConcurrentServer`.
 
@@ -533,7 +620,7 @@ class VerticalServer(ConcurrentServer):
 
   def __init__(self, sl: VerticalSL, *, labels, input_specs, key: jax.Array, rounds: int, batch_size: int,
                local_steps: int | None = None, features=None, predict_features=None, aligner=None,
-               tokens: Mapping[str, int] | None = None, certificate_names: Mapping[str, int] | None = None,
+               continue_without: bool = False, tokens: Mapping[str, int] | None = None, certificate_names: Mapping[str, int] | None = None,
                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1,
                lease_seconds: float = 120.0, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
                max_predict_batch: int = 4096, clock: Callable[[], float] = time.monotonic,
@@ -583,7 +670,8 @@ class VerticalServer(ConcurrentServer):
     run_key = jax.random.key_data(key) if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key) else key
     self._plan = dict(sl=sl, labels=labels, features=features, predict_features=predict_features, specs=specs,
                       label=label, remote=remote, run_key=np.asarray(run_key, np.uint32), rounds=rounds,
-                      batch_size=batch_size, local_steps=local_steps, checkpoint_dir=checkpoint_dir)
+                      batch_size=batch_size, local_steps=local_steps, checkpoint_dir=checkpoint_dir,
+                      continue_without=bool(continue_without))
     if aligner is None:
       self._start(np.arange(len(labels)))
 
@@ -620,11 +708,12 @@ class VerticalServer(ConcurrentServer):
     self._uplinks = sl.uplinks
     self.coordinator = Parties(
         _Plan(ALGORITHM, sl), labels=labels, features=features, predict_features=plan["predict_features"],
-        epoch=epoch, schedule=self.schedule, lease_seconds=self.lease_seconds, smashed_template=templates,
+        epoch=epoch, continue_without=plan["continue_without"], schedule=self.schedule, lease_seconds=self.lease_seconds, smashed_template=templates,
         weights_template=None, max_message_bytes=self.max_message_bytes, max_abs_value=self.max_abs_value,
         num_classes=None)
     own = () if label is None else state.parties[label]
-    self._begin(plan["checkpoint_dir"], self.coordinator.initial((own, state.top), plan["run_key"]))
+    server = (own, state.top) if state.replacement is None else (own, state.top, state.replacement)
+    self._begin(plan["checkpoint_dir"], self.coordinator.initial(server, plan["run_key"]))
     self._started = True
 
   def handle(self, method: str, request: bytes, *, metadata: Mapping[str, str],
@@ -657,14 +746,16 @@ class VerticalServer(ConcurrentServer):
                                     "every party the same samples in the same order")
 
   def _predict(self, client: int, req: dict) -> bytes:
-    batch = req["batch"]
+    batch, offset = req["batch"], req.get("offset")
     if not 1 <= batch <= self.max_predict_batch:
       raise wire.invalid(f"Predict: field 'batch' must be in [1, {self.max_predict_batch}], got {batch}")
+    if offset is None or offset < 0:
+      raise wire.invalid(f"Predict: field 'offset' (the first sample's index) must be an int >= 0, got {offset}")
     message = self._read(self._party_template(batch, client), req["message"], what=f"Predict ({self._who(client)})")
     with self._cond:
       self._seen(client)
       self._expire_if_due()
-      fields = self._run(client, lambda s: self.coordinator.on_predict(s, client, batch, message.activations),
+      fields = self._run(client, lambda s: self.coordinator.on_predict(s, client, offset, batch, message.activations),
                          method="Predict")
     if "error" in fields:
       raise TransportError(*fields["error"])
@@ -1068,28 +1159,48 @@ def _resume(session: PartySession, saved: tuple[int, int, PartyState, PartyState
   return after
 
 
-def predict_party(session: PartySession, state: PartyState, x, *, batch_size: int = 1024) -> np.ndarray:
+def predict_party(session: PartySession, state: PartyState, x, *, offset: int = 0, batch_size: int = 1024,
+                  return_stood_in: bool = False):
   """Collaborative inference: this party's smashed rows of `x` go to the label party, which waits
-  for every other party's rows of the same samples (each party calls this with its own columns of
-  the same samples, in the same order and batches) and answers with the model's outputs.
+  for every other party's rows of the same samples and answers with the model's outputs.
+
+  The samples are named by their index among the samples to infer (the label party's
+  `predict_features` rows, if it has a bottom): `x[i]` is sample `offset + i`. Every party calls
+  this with its own columns of the same samples and the same `offset` and `batch_size`; each call
+  of `batch_size` samples meets the other parties' calls of the same samples, whatever the order
+  they arrive in.
+
+  Args:
+    session: from `connect_party`.
+    state: the party's state (`run_party(...).state`).
+    x: its columns of the samples, (M, ...).
+    offset: the index of `x[0]` among the samples to infer.
+    batch_size: samples per call.
+    return_stood_in: also return the names of the parties the label party stood in for (a server
+      with `continue_without`), in any call.
 
   Returns:
-    The outputs, (len(x), ...).
+    The outputs, (M, ...); with `return_stood_in`, `(outputs, stood_in)`, a sorted tuple of names.
 
   Raises:
     TransportError: FAILED_PRECONDITION naming the parties that sent no rows within the server's
-      lease; INVALID_ARGUMENT if the parties' batches differ.
+      lease (a server without `continue_without`); INVALID_ARGUMENT if the parties send other
+      samples at once, or samples past the label party's `predict_features`.
   """
   x = np.asarray(x)
   check_batch(f"x (party {session.party!r})", x, session.initial.input_spec)
-  outs = []
+  if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+    raise ValueError(f"offset: expected an int >= 0 (the index of x[0] among the samples to infer), got {offset!r}")
+  outs, stood_in = [], set()
   for start in range(0, len(x), batch_size):
     payload = jax.device_get(session.infer(state, x[start:start + batch_size]))
     batch = len(x[start:start + batch_size])
-    answer = _call(session, "Predict", {"batch": batch, "message": msgs.to_bytes(msgs.SmashedData(payload))},
-                   wait=True)
+    answer = _call(session, "Predict", {"batch": batch, "offset": offset + start,
+                                        "message": msgs.to_bytes(msgs.SmashedData(payload))}, wait=True)
     outs.append(_read_prediction(answer["message"], batch))
-  return np.concatenate(outs)
+    stood_in.update(answer.get("stood_in", ()))
+  out = np.concatenate(outs)
+  return (out, tuple(sorted(stood_in))) if return_stood_in else out
 
 
 def _party_infer(bottom, uplink: codec_lib.Codec, state: PartyState, x):

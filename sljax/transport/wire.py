@@ -67,8 +67,12 @@ RESPONSES: dict[str, dict[str, tuple[type, ...]]] = {
 # Fields a map may leave out (absent: the default the method's section of docs/protocol.md gives).
 # Handshake: "handoff", "plain" (absent) or "sealed", how sequential SL's client halves are handed
 # over; "init_key", answered when they are sealed: the data of the key the run's `init` takes.
-OPTIONAL_REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {"Handshake": {"handoff": (str,)}}
-OPTIONAL_RESPONSES: dict[str, dict[str, tuple[type, ...]]] = {"Handshake": {"init_key": (list,)}}
+# Predict (vertical SL): "offset", the index of the call's first sample among the samples to infer;
+# "stood_in", the parties whose rows the answer stood in for (absent: none).
+OPTIONAL_REQUESTS: dict[str, dict[str, tuple[type, ...]]] = {"Handshake": {"handoff": (str,)},
+                                                             "Predict": {"offset": _INT}}
+OPTIONAL_RESPONSES: dict[str, dict[str, tuple[type, ...]]] = {"Handshake": {"init_key": (list,)},
+                                                              "Predict": {"stood_in": (list,)}}
 METHODS = tuple(REQUESTS)
 
 # Metadata key of the bearer token ("authorization: Bearer <token>"), as in HTTP.
