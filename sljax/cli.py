@@ -207,6 +207,8 @@ def _vertical_setup(args):
 
 
 def _check_align(args) -> None:
+  if getattr(args, "continue_without", False) and not args.vertical:
+    raise SystemExit("--continue-without: vertical split learning's (--vertical)")
   if (args.align or args.overlap != 1.0) and not args.vertical:
     raise SystemExit("--align, --overlap: vertical split learning's (--vertical)")
   if not 0 < args.overlap <= 1:
@@ -243,7 +245,7 @@ def _serve_vertical(args, common: dict):
   return vertical.VerticalServer(
       sl, labels=ds.dataset.y_train[rows], input_specs=tuple(protocol.ArraySpec.of(x) for x in xs), rounds=args.rounds,
       batch_size=args.batch_size, local_steps=args.local_steps, features=xs[0][rows], predict_features=test[0],
-      aligner=aligner, **common)
+      aligner=aligner, continue_without=args.continue_without, **common)
 
 
 def serve(args) -> int:
@@ -657,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--sealed-handoffs", action="store_true",
                  help="sequential SL: the clients seal the client half among themselves (sljax client "
                       "--handoff-key-file); the server relays what it cannot read")
+  p.add_argument("--continue-without", action="store_true",
+                 help="--vertical: a party silent for --lease-seconds is absent from the next step on (a zero "
+                      "vector in its place) until it is back; inference stands in for a party that sends no rows")
   _add_cache_args(p)
   p.set_defaults(run=serve)
 

@@ -562,7 +562,7 @@ def test_sljax_serve_and_client(tmp_path, capsys):
   common = ["--vertical", "breast_cancer_2", "--token-file", str(tokens), "--align", "--overlap", "0.9"]
   with open(tmp_path / "serve.log", "w") as log:
     server = subprocess.Popen([sys.executable, "-m", "sljax.cli", "serve", *common, "--port", str(port), "--rounds",
-                               "1", "--local-steps", "2", "--batch-size", "32"], stdout=subprocess.DEVNULL, stderr=log)
+                               "1", "--local-steps", "2", "--batch-size", "32", "--continue-without"], stdout=subprocess.DEVNULL, stderr=log)
   # `main` sets the process's compilation cache and the sljax logger's level: put both back after it
   enabled, level = jax.config.jax_enable_compilation_cache, logging.getLogger("sljax").level
   try:
