@@ -30,3 +30,14 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# The files whose every test takes 20 s or more (a notebook, the docs build, two processes), run first: under
+# xdist (`make test`: -n 2) the run then ends on short tests, not with one worker busy for a minute while the other
+# idles. The order within them, and of every other test, stays as collected.
+_LONGEST_FIRST = ("test_notebooks.py", "test_docs.py", "test_multihost.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  items.sort(key=lambda item: item.path.name not in _LONGEST_FIRST)  # stable: False (the long ones) first
