@@ -192,7 +192,7 @@ class ServiceBase:
     with self._cond:
       return serialization.msgpack_serialize(
           {"state": serialization.to_state_dict(jax.device_get(self.state)),
-           "staged": jax.device_get(self._staged_dict())})
+           "staged": serialization.to_state_dict(jax.device_get(self._staged_dict()))})
 
   def close(self) -> None:
     """Finishes pending checkpoint writes, and the transcript if the server records one."""
