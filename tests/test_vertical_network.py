@@ -375,11 +375,15 @@ class Restarts:
 
 
 def test_a_restarted_server_resumes_and_the_parties_carry_on(data, in_process, tmp_path, caplog):
+  """Aligned over the service first (the restarted servers hold a new `Aligner` of the bank's IDs:
+  they resume the alignment saved beside the checkpoints, and a party aligning again gets its rows)."""
   caplog.set_level("WARNING", logger="sljax")
   sl = in_process["sl"]
-  restarts = Restarts(lambda: _server(sl, data, checkpoint_dir=tmp_path, checkpoint_every=2))
+  aligned = lambda: dict(aligner=T.Aligner(data["ids"]["bank"], members={1: "network", 2: "merchant"}, name="bank"),  # noqa: E731
+                         labels=data["bank_labels"], features=data["cols"]["bank"])
+  restarts = Restarts(lambda: _server(sl, data, checkpoint_dir=tmp_path, checkpoint_every=2, **aligned()))
   try:
-    runs = _run_parties(sl, data, restarts.link)
+    runs = _run_parties(sl, data, restarts.link, align=True)
   finally:
     for server in restarts.servers + [restarts.server]:
       server.close()
@@ -389,6 +393,8 @@ def test_a_restarted_server_resumes_and_the_parties_carry_on(data, in_process, t
     assert [(r["round"], r["step"], r["applied"]) for r in runs[p][1].history] == [
         (r, s, True) for r in range(ROUNDS) for s in range(3)]
   assert_bitwise(_states(restarts.server, runs), _states(in_process["server"], in_process["runs"]))
+  again = T.align(T.InProcessTransport(restarts.server.handle, token=TOKENS[2]), data["ids"]["merchant"], client=2)
+  np.testing.assert_array_equal(again.rows["merchant"], runs[2][0].aligned.rows["merchant"])
 
 
 class Dies:

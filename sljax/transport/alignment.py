@@ -44,6 +44,7 @@ x))`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import threading
@@ -140,6 +141,43 @@ class Aligner:
       return None
     return AlignedRows({self.name: rows}, len(rows), {self.name: len(self.state.ids)}, self.name, ())
 
+  def saved(self) -> dict[str, Any] | None:
+    """What a restarted server needs to resume once the shared samples are known (None before): the
+    rows of its IDs each member holds (from which the shared samples, their common order and the
+    answers to a restarted member follow), its count of IDs and their SHA-256 (to check that the
+    restarted server holds the same IDs) and the false-positive rate. No secret key, no ID.
+
+    Example:
+      >>> aligner = Aligner(["ann", "bob", "cy"], members={1: "shop"}, name="bank")
+      >>> aligner.saved() is None   # the shop has not answered
+      True
+    """
+    with self._cond:
+      if self._shared is None:
+        return None
+      return {"ids": len(self.state.ids), "digest": _digest(self.state.ids), "fpr": self.state.fpr,
+              "held": {member: np.asarray(rows, np.int64) for member, rows in self.state.held.items()}}
+
+  def resume(self, saved: Mapping[str, Any]) -> None:
+    """Takes up what `saved()` gave (a restarted server's aligner, of the same IDs and members): the
+    shared samples are known again, `rows` is set, and a member that calls again gets its rows.
+
+    Raises:
+      ValueError: `saved` is of other IDs, members or false-positive rate than this aligner's.
+    """
+    with self._cond:
+      ids, members = self.state.ids, set(self.state.members)
+      if saved["ids"] != len(ids) or saved["digest"] != _digest(ids):
+        raise ValueError(f"saved: the alignment saved was of {saved['ids']} other IDs than the aligner's {len(ids)} "
+                         "(another IDs file?)")
+      if set(saved["held"]) != members or float(saved["fpr"]) != self.state.fpr:
+        raise ValueError(f"saved: the alignment saved was with the members {sorted(saved['held'])} at fpr "
+                         f"{float(saved['fpr']):g}, the aligner's {sorted(members)} at fpr {self.state.fpr:g}")
+      held = {member: tuple(int(r) for r in np.asarray(rows)) for member, rows in saved["held"].items()}
+      self.state = self.state._replace(held=held)
+      self._shared = self.state.shared
+      self._cond.notify_all()
+
   def serve(self, client: int, req: Mapping[str, Any]) -> bytes:
     """Serves one `Align` call of `client` (authenticated, its request decoded by `wire.decode`).
 
@@ -208,6 +246,14 @@ class Aligner:
               setup: bytes | None = None, response: bytes | None = None) -> bytes:
     return wire.encode({"ready": ready, "party": member, "leader": self.name, "fpr": self.state.fpr, "size": size,
                         "request": request, "setup": setup, "response": response})
+
+
+def _digest(ids: Sequence[str]) -> str:
+  """The SHA-256 of the IDs, in order (each as UTF-8, NUL-separated), as hex: it stays on the label party."""
+  h = hashlib.sha256()
+  for i in ids:
+    h.update(i.encode() + b"\0")
+  return h.hexdigest()
 
 
 class AlignServer(ServiceBase):

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import struct
+from flax import serialization, struct
 
 from sljax import codecs as codec_lib
 from sljax import messages as msgs
@@ -67,6 +67,8 @@ from sljax.vertical import VerticalSL
 logger = logging.getLogger(__name__)
 
 ALGORITHM = "vertical_sl"
+# Beside a label party's checkpoints, once aligned over the service: its aligner's state (`Aligner.saved`).
+ALIGNMENT_FILE = "alignment.msgpack"
 _FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
 __all__ = ["ALGORITHM", "Parties", "PartiesState", "PartyResult", "PartySession", "VerticalServer", "connect_party",
@@ -597,7 +599,10 @@ class VerticalServer(ConcurrentServer):
       `sljax.transport.Aligner` of the label party's IDs, one per row of `labels` and `features`,
       whose members are the other parties (client id: name): the server first answers the
       parties' `Align` calls (`connect_party(..., ids=...)`) and trains on the shared rows, from the
-      first other call once every party has aligned (before that: FAILED_PRECONDITION).
+      first other call once every party has aligned (before that: FAILED_PRECONDITION). With
+      `checkpoint_dir`, the aligner's state (`Aligner.saved`: which of its rows each party holds,
+      no key and no ID) is saved there (`alignment.msgpack`) as training begins; a server
+      restarted on the directory with an `Aligner` of the same IDs resumes it, and its training.
     continue_without: False (the default): a party dropped for its lease has its step discarded and
       every step waits for every party; `Predict` needs every party. True: a party dropped for its
       lease has its step discarded and is absent from the next step on (its place holds its stand-in,
@@ -674,6 +679,24 @@ class VerticalServer(ConcurrentServer):
                       continue_without=bool(continue_without))
     if aligner is None:
       self._start(np.arange(len(labels)))
+    elif checkpoint_dir is not None and os.path.exists(self._alignment_path()):
+      with open(self._alignment_path(), "rb") as f:  # a restart after the alignment: the same rows, resumed
+        aligner.resume(serialization.msgpack_restore(f.read()))
+      self._start(aligner.rows)
+
+  def _alignment_path(self) -> str:
+    return os.path.join(os.path.abspath(self._plan["checkpoint_dir"]), ALIGNMENT_FILE)
+
+  def _save_alignment(self) -> None:
+    """The aligner's state, beside the checkpoints, before the first of them: a restarted server resumes it."""
+    os.makedirs(os.path.dirname(self._alignment_path()), exist_ok=True)
+    if not os.path.exists(self._alignment_path()):
+      part = self._alignment_path() + ".part"
+      with open(part, "wb") as f:
+        f.write(serialization.msgpack_serialize(self.aligner.saved()))
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(part, self._alignment_path())
 
   def _start(self, rows: np.ndarray) -> None:
     """Training on the label party's `rows` (all of them, or the aligner's): the state, the coordinator, the shell."""
@@ -711,6 +734,8 @@ class VerticalServer(ConcurrentServer):
         epoch=epoch, continue_without=plan["continue_without"], schedule=self.schedule, lease_seconds=self.lease_seconds, smashed_template=templates,
         weights_template=None, max_message_bytes=self.max_message_bytes, max_abs_value=self.max_abs_value,
         num_classes=None)
+    if self.aligner is not None and plan["checkpoint_dir"] is not None:
+      self._save_alignment()
     own = () if label is None else state.parties[label]
     server = (own, state.top) if state.replacement is None else (own, state.top, state.replacement)
     self._begin(plan["checkpoint_dir"], self.coordinator.initial(server, plan["run_key"]))
