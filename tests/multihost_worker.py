@@ -4,7 +4,8 @@ import os
 import sys
 
 process_id, num_processes, port, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+# Two devices per process; XLA compiling for a quick start, as in the test process (tests/conftest.py).
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
 
 import jax  # noqa: E402
 
