@@ -134,7 +134,7 @@ def _server_step(sl: VerticalSL, top_step: Callable, label: int | None, present:
   `present` (static): None, every party takes part; else one bool per party, and an absent party's
   place holds its stand-in, its gradient's codec state is kept and (`replacement="learned"`) its
   stand-in learns, as `step(..., present=mask)` does. `server` is `(own, top)`, or `(own, top,
-  stand_ins)` with `replacement="learned"`."""
+  stand_ins)` with `replacement="learned"`. Bit for bit `step(..., absent=names)` of the absent parties."""
   own, top, *stand_ins = server
   n = sl.model.num_parties
   keys = _leg_keys(step_key_data, n)
@@ -625,7 +625,8 @@ class VerticalServer(ConcurrentServer):
 
   def __init__(self, sl: VerticalSL, *, labels, input_specs, key: jax.Array, rounds: int, batch_size: int,
                local_steps: int | None = None, features=None, predict_features=None, aligner=None,
-               continue_without: bool = False, tokens: Mapping[str, int] | None = None, certificate_names: Mapping[str, int] | None = None,
+               continue_without: bool = False, tokens: Mapping[str, int] | None = None,
+               certificate_names: Mapping[str, int] | None = None,
                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1,
                lease_seconds: float = 120.0, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
                max_predict_batch: int = 4096, clock: Callable[[], float] = time.monotonic,
@@ -731,7 +732,8 @@ class VerticalServer(ConcurrentServer):
     self._uplinks = sl.uplinks
     self.coordinator = Parties(
         _Plan(ALGORITHM, sl), labels=labels, features=features, predict_features=plan["predict_features"],
-        epoch=epoch, continue_without=plan["continue_without"], schedule=self.schedule, lease_seconds=self.lease_seconds, smashed_template=templates,
+        epoch=epoch, continue_without=plan["continue_without"], schedule=self.schedule,
+        lease_seconds=self.lease_seconds, smashed_template=templates,
         weights_template=None, max_message_bytes=self.max_message_bytes, max_abs_value=self.max_abs_value,
         num_classes=None)
     if self.aligner is not None and plan["checkpoint_dir"] is not None:
