@@ -41,3 +41,10 @@ _LONGEST_FIRST = ("test_notebooks.py", "test_docs.py", "test_multihost.py")
 def pytest_collection_modifyitems(config, items):
   del config
   items.sort(key=lambda item: item.path.name not in _LONGEST_FIRST)  # stable: False (the long ones) first
+
+
+def pytest_addoption(parser):
+  parser.addoption("--fault-matrix", choices=("default", "full"), default="default",
+                   help="tests/test_faults.py: 'full' kills a client at every kill point, with and without its "
+                        "checkpoint, for every algorithm served over the network (48 cells, a few minutes); "
+                        "'default' runs the full matrix for parallel SL and a few cells for each other algorithm")

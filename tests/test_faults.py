@@ -15,7 +15,8 @@ and a reset of that client's state before the next round.
 
 Most cells crash a client thread in process (`KillAt`: its memory is gone); two cells SIGKILL an
 `sljax client` process (`KillsProcessAt`, the server in this process sees the calls). The full
-matrix runs for parallel SL and sequential SL; each other algorithm runs the cells listed in `CELLS`.
+matrix runs for parallel SL; each other algorithm runs the cells listed in `CELLS`, and every
+algorithm the full matrix with `pytest tests/test_faults.py --fault-matrix=full` (docs/protocol.md, "Faults").
 Every wait is bounded: a hang fails.
 
 Set-up: the demo MLP (digits, 64 -> 32 | -> 10, dropout, so every key matters) with Adam, two
@@ -41,6 +42,7 @@ from sljax.privacy import handoff
 from sljax.transport import client as transport_client
 from sljax.transport import demo
 from sljax.transport import schedule as sched
+from sljax.transport import wire
 from transport_helpers import KILL_POINTS, KillAt, KillsProcessAt, assert_bitwise, client_data, run_in_threads
 
 HIDDEN = (32,)
@@ -56,10 +58,15 @@ U_SHAPED = ("parallel_sl_u", "sequential_sl_u")
 CUTS = {"heterogeneous_parallel_sl": [1, 2]}  # client k's cut into the MLP with two hidden layers
 STEPS = [(r, s) for r in range(SCHEDULE.rounds) for s in range(SCHEDULE.local_steps)]
 
-# The full matrix for parallel SL and sequential SL; one cell for each other algorithm (the test-time budget):
-# every kill point and both restarts among them, the rollback of a U-shaped turn, and SplitFed's leave.
-FULL = ("parallel_sl", "sequential_sl")
-CELLS = [(a, p, c) for a in FULL for p in KILL_POINTS for c in (True, False)] + [
+ALGORITHMS = (*T.ALGORITHMS, *SEQUENTIAL)
+# `pytest --fault-matrix=full`: every kill point, with and without a checkpoint, for every algorithm.
+FULL_MATRIX = [(a, p, c) for a in ALGORITHMS for p in KILL_POINTS for c in (True, False)]
+# The default run (the test-time budget): the full matrix for parallel SL, and for each other algorithm one or two
+# cells: every kill point and both restarts among them, the rollback of a sequential turn (plain and U-shaped), and
+# SplitFed's leave.
+CELLS = [(a, p, c) for a, p, c in FULL_MATRIX if a == "parallel_sl"] + [
+    ("sequential_sl", "after forward", False),
+    ("sequential_sl", "after commit", True),
     ("sequential_sl_u", "after forward", False),
     ("parallel_sl_u", "after commit", True),
     ("heterogeneous_parallel_sl", "before forward", True),
@@ -154,17 +161,24 @@ def reference(setup):
 
 def _simulate(setup, algorithm, dropped_step):
   """The simulation of the run in which client 1 drops in step `dropped_step` of round 0 (gone for
-  the rest of the round) and restarts before round 1 with the initial half (SplitFed: its params
-  and model state are the average every client receives, its optimizer and codec states the initial)."""
+  the rest of the round; None: it completes the round) and restarts before round 1 with the initial
+  half (SplitFed: its params and model state are the average every client receives, its optimizer
+  and codec states the initial)."""
   algo = _algorithm(setup, algorithm)
   parts = sljax.data.iid(setup.dataset.y_train, num_clients=SCHEDULE.num_clients, seed=0)
   data = sljax.data.stack_clients(setup.dataset.x_train, setup.dataset.y_train, parts)
   initial = algo.init(jax.random.key(SEED), data)
   everyone = jnp.ones(SCHEDULE.num_clients, bool)
   dropped = np.zeros((SCHEDULE.local_steps, SCHEDULE.num_clients), bool)
-  dropped[dropped_step, KILLED] = True
+  if dropped_step is not None:
+    dropped[dropped_step, KILLED] = True
   round_fn = jax.jit(algo.round)
   state, _ = round_fn(initial, data, RoundInputs(everyone, jnp.asarray(dropped)))
+  if algorithm in CUTS:  # a tuple of client groups, one per cut; with cuts [1, 2], client k is group k's only member
+    clients = list(state.clients)
+    clients[KILLED] = initial.clients[KILLED]
+    state, _ = round_fn(state.replace(clients=tuple(clients)), data, RoundInputs(everyone, jnp.zeros_like(dropped)))
+    return state
   fresh = jax.tree.map(lambda a: a[KILLED], initial.clients)
   if algorithm.startswith("splitfed"):
     after = jax.tree.map(lambda a: a[KILLED], state.clients)
@@ -183,8 +197,14 @@ def _resumed_at(algorithm, point, checkpoint):
   return (AT[0], AT[1] + (point == "after commit"))
 
 
-@pytest.mark.parametrize(("algorithm", "point", "checkpoint"), CELLS,
-                         ids=[f"{a}-{p.replace(' ', '_')}-{'checkpoint' if c else 'none'}" for a, p, c in CELLS])
+def pytest_generate_tests(metafunc):
+  """The kill-point cells: `CELLS`, or with `--fault-matrix=full` (tests/conftest.py) `FULL_MATRIX`."""
+  if metafunc.definition.name == "test_a_client_killed_and_restarted_loses_and_doubles_no_step":
+    cells = FULL_MATRIX if metafunc.config.getoption("fault_matrix") == "full" else CELLS
+    metafunc.parametrize(("algorithm", "point", "checkpoint"), cells,
+                         ids=[f"{a}-{p.replace(' ', '_')}-{'checkpoint' if c else 'none'}" for a, p, c in cells])
+
+
 def test_a_client_killed_and_restarted_loses_and_doubles_no_step(setup, reference, tmp_path, algorithm, point,
                                                                   checkpoint):
   server = _server(setup, algorithm)
@@ -234,8 +254,9 @@ def test_a_client_killed_and_restarted_loses_and_doubles_no_step(setup, referenc
   assert killing.committed + history == [(0, s) for s in range(len(killing.committed))] + STEPS[SCHEDULE.local_steps:]
   sim = _simulate(setup, algorithm, dropped_step=len(killing.committed))
   chex.assert_trees_all_close(server.state.server.params, sim.server.params, atol=1e-5, rtol=0)
+  view = _algorithm(setup, algorithm).schedule.clients  # where the clients differ (a cut per client)
   for k in (0, KILLED):
-    party = jax.tree.map(lambda a, k=k: a[k], sim.clients)
+    party = view.party(sim, k) if view is not None else jax.tree.map(lambda a, k=k: a[k], sim.clients)
     chex.assert_trees_all_close(results[k].half.params, party.params, atol=1e-5, rtol=0)
     chex.assert_trees_all_close(results[k].half.opt_state, party.opt_state, atol=1e-5, rtol=0)
 
@@ -380,3 +401,75 @@ def test_a_client_killed_after_its_last_commit_of_a_round_resumes_from_its_check
   assert_bitwise(jax.device_get(server.state), jax.device_get(expected_server.state))
   for k in (0, KILLED):
     assert_bitwise(results[k].half, expected[k].half)
+
+
+class _KillAfterPut:
+  """A client transport whose "process" is killed once the server has its weights of round 0
+  (`Handover put` answered), before the client hears so."""
+
+  def __init__(self, inner):
+    self.inner, self.killed = inner, threading.Event()
+
+  def call(self, method, request, *, timeout=None):
+    if self.killed.is_set():
+      raise SystemExit
+    response = self.inner.call(method, request, timeout=timeout)
+    if method == "Handover" and wire.decode(method, request)["op"] == "put":
+      self.killed.set()
+      raise SystemExit
+    return response
+
+
+class _Handovers:
+  """A client transport that holds its `Handover put` until `before` is set, and sets `left` once it
+  sent a `Handover leave`."""
+
+  def __init__(self, inner, before=None):
+    self.inner, self.before, self.left = inner, before, threading.Event()
+
+  def call(self, method, request, *, timeout=None):
+    op = wire.decode(method, request)["op"] if method == "Handover" else None
+    if op == "put" and self.before is not None:
+      assert self.before.wait(TIMEOUT), "the restarted client never left the round"
+    response = self.inner.call(method, request, timeout=timeout)
+    if op == "leave":
+      self.left.set()
+    return response
+
+
+def test_a_splitfed_client_restarted_without_a_checkpoint_after_its_handin_still_counts_in_the_average(setup):
+  """SplitFed v1: client 1, killed once the server has its weights of round 0 and restarted without a
+  checkpoint while round 0 waits for client 0's weights, leaves round 0 (`Handover leave`), but the
+  weights it handed in count in round 0's average: it completed the round, as a client that drops
+  after its last step does in simulation (no step dropped). It takes round 1 whole from the average,
+  with fresh optimizer and codec states: the run ends as the simulation of that reset, within 1e-5."""
+  algorithm = "splitfed_v1"
+  server = _server(setup, algorithm)
+  killing = _KillAfterPut(T.InProcessTransport(server.handle, token=TOKENS[KILLED]))
+  restarted = _Handovers(T.InProcessTransport(server.handle, token=TOKENS[KILLED]))
+  zero = _Handovers(T.InProcessTransport(server.handle, token=TOKENS[0]), before=restarted.left)
+  results = {}
+
+  def client(k, transport):
+    try:
+      results[k] = _client(setup, algorithm, k, transport)
+    except SystemExit:
+      pass
+
+  threads = [threading.Thread(target=client, args=(0, zero), daemon=True),
+             threading.Thread(target=client, args=(KILLED, killing), daemon=True)]
+  for t in threads:
+    t.start()
+  assert killing.killed.wait(TIMEOUT), "client 1 never handed in its weights"
+  threads[1].join(TIMEOUT)
+  threads.append(threading.Thread(target=client, args=(KILLED, restarted), daemon=True))
+  threads[-1].start()
+  _join_all(threads)
+  assert set(results) == {0, KILLED} and restarted.left.is_set()
+  assert [(h["round"], h["step"]) for h in results[KILLED].history] == STEPS[SCHEDULE.local_steps:]
+  sim = _simulate(setup, algorithm, dropped_step=None)
+  chex.assert_trees_all_close(server.state.server.params, sim.server.params, atol=1e-5, rtol=0)
+  for k in (0, KILLED):
+    party = jax.tree.map(lambda a, k=k: a[k], sim.clients)
+    chex.assert_trees_all_close(results[k].half.params, party.params, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(results[k].half.opt_state, party.opt_state, atol=1e-5, rtol=0)
