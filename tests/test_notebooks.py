@@ -5,7 +5,9 @@ touching this file. Each runs in a fresh `python3` kernel with notebooks/ as its
 directory, through `notebooks/execute.py` (the script that stores the notebooks with their
 outputs), on a copy in memory: the stored notebook is never written. The kernel inherits this
 session's environment (tests/conftest.py): XLA's backend optimizations off and the session's
-persistent compilation cache, also for the processes a notebook starts (`sljax serve`).
+persistent compilation cache, also for the processes a notebook starts (`sljax serve`). The notebooks that
+spend their time running a few programs for many steps, rather than compiling many, run with the optimizations
+on (XLA's default), like a user's kernel.
 """
 
 import importlib.util
@@ -18,6 +20,9 @@ import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 TIMEOUT = 240  # seconds per notebook, kernel start excluded: a hang fails; a loaded CI machine does not (05 takes ~45 s alone)
+# Unoptimized, their training steps run up to 7 times slower: these compile a little slower optimized, but finish
+# sooner (CPU time, same load: 05 50 -> 37 s, 06 46 -> 41 s); the others are faster unoptimized (02: 21 s against 33).
+OPTIMIZED = {"05_domain_recipes.ipynb", "06_privacy.ipynb"}
 
 _spec = importlib.util.spec_from_file_location("notebooks_execute", NOTEBOOKS / "execute.py")
 execute = importlib.util.module_from_spec(_spec)
@@ -25,7 +30,9 @@ _spec.loader.exec_module(execute)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
-def test_notebook_runs_without_error(name):
+def test_notebook_runs_without_error(name, monkeypatch):
+  if name in OPTIMIZED:  # the kernel (and any process it starts) inherits the flags
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", "").strip())
   notebook = nbformat.read(NOTEBOOKS / name, as_version=4)  # executed in memory, never written back
   execute.execute(notebook, timeout=TIMEOUT, cwd=NOTEBOOKS)
 
