@@ -8,8 +8,8 @@ bit for bit as the uninterrupted run; bad parties and requests get errors naming
 serve --vertical` and `sljax client --vertical --party` run it from the command line.
 
 Set-up: three parties (the label party "bank" with a bottom of its own, "network" and "merchant"
-as clients), MLP bottoms with dropout (so every key matters), concat, a dense top, Adam; the
-parties' IDs overlap partly; 2 rounds of 3 steps of 16 rows.
+as clients), MLP bottoms with dropout (so every key matters), concat, a dense top, Adam, learned
+stand-ins for absent parties; the parties' IDs overlap partly; 2 rounds of 3 steps of 16 rows.
 """
 
 import argparse
@@ -56,7 +56,9 @@ def _bottom():
 def _sl(merchant_width=6):
   bottoms = [_bottom(), _bottom(), sljax.sequential(*sljax.models.mlp(hidden=(8,), num_classes=merchant_width))]
   model = sljax.vertical_model(bottoms, sljax.merges.concat(), nn.Dense(2), names=NAMES, label_party="bank")
-  return sljax.vertical_sl(model, party_optimizers=optax.adam(1e-2), top_optimizer=optax.adam(1e-2))
+  # learned stand-ins: they stay as they are while every party takes part, and learn where one is absent
+  return sljax.vertical_sl(model, party_optimizers=optax.adam(1e-2), top_optimizer=optax.adam(1e-2),
+                           replacement="learned")
 
 
 class Recording:
@@ -147,7 +149,7 @@ def _simulate(sl, data, dropped=None, absent=lambda r, s: ()):
 
 
 def _states(server, runs):
-  own, top = server.state.server
+  own, top, *_ = server.state.server  # and the learned stand-ins
   return (own, runs[1][1].state, runs[2][1].state), top
 
 
@@ -317,6 +319,8 @@ def test_continue_without_a_party_that_left_and_infer_without_it(data, in_proces
   sim = _simulate(sl, data, dropped=lambda r, s: [False, False, (r, s) == (0, 1)],
                   absent=lambda r, s: ("merchant",) if (r, s) == (0, 2) else ())
   assert_bitwise(_states(server, runs), (sim.parties, sim.top))
+  assert_bitwise(server.state.server[2], sim.replacement)  # the merchant's stand-in learned at (0, 2) only
+  assert np.any(sim.replacement[2].params != 0) and not np.any(sim.replacement[1].params != 0)
   assert not server.state.absent.any()
 
   session, result = runs[1]
