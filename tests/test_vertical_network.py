@@ -545,12 +545,21 @@ def test_inference_without_a_party_names_it(data, in_process):
     except T.TransportError as e:
       errors.append(e)
 
+  merchant = runs[2]
+  with pytest.raises(T.TransportError, match=re.escape("INVALID_ARGUMENT: Predict: field 'offset' + 'batch' must be "
+                                                       "at most the 10 samples of the label party's predict_features, "
+                                                       "got 8 + 10")):
+    V.predict_party(merchant[0], merchant[1].state, data["test"][2], offset=8)
   caller = threading.Thread(target=alone)
   caller.start()
   deadline = time.monotonic() + TIMEOUT
   while 1 not in server.s.volatile.inference:
     assert time.monotonic() < deadline
     time.sleep(0.02)
+  with pytest.raises(T.TransportError, match=re.escape("INVALID_ARGUMENT: Predict: party 'merchant' sends the samples "
+                                                       "4 .. 9, party 'network' 0 .. 9: every party sends its rows of "
+                                                       "the same samples")):
+    V.predict_party(merchant[0], merchant[1].state, data["test"][2][4:], offset=4)
   while caller.is_alive() and time.monotonic() < deadline:  # again, should the call's wait begin after a jump
     clock.offset += LEASE + 5
     caller.join(0.2)
