@@ -401,6 +401,11 @@ def test_a_restarted_server_resumes_and_the_parties_carry_on(data, in_process, t
   assert_bitwise(_states(restarts.server, runs), _states(in_process["server"], in_process["runs"]))
   again = T.align(T.InProcessTransport(restarts.server.handle, token=TOKENS[2]), data["ids"]["merchant"], client=2)
   np.testing.assert_array_equal(again.rows["merchant"], runs[2][0].aligned.rows["merchant"])
+  other = T.Aligner(data["ids"]["bank"][::-1], members=members, name="bank")
+  sha = r"SHA-256 [0-9a-f]{12}\.\.\."
+  with pytest.raises(ValueError, match=rf"saved: the alignment saved was of other IDs \(60, {sha}\) "
+                                       rf"than the aligner's \(60, {sha}\): give it the IDs"):
+    _server(sl, data, checkpoint_dir=tmp_path, **{**aligned(), "aligner": other})
 
 
 class Dies:

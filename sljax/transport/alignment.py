@@ -168,8 +168,9 @@ class Aligner:
     with self._cond:
       ids, members = self.state.ids, set(self.state.members)
       if saved["ids"] != len(ids) or saved["digest"] != _digest(ids):
-        raise ValueError(f"saved: the alignment saved was of {saved['ids']} other IDs than the aligner's {len(ids)} "
-                         "(another IDs file?)")
+        raise ValueError(f"saved: the alignment saved was of other IDs ({saved['ids']}, SHA-256 "
+                         f"{saved['digest'][:12]}...) than the aligner's ({len(ids)}, SHA-256 {_digest(ids)[:12]}...): "
+                         "give it the IDs, in their order, that were aligned")
       if set(saved["held"]) != members or float(saved["fpr"]) != self.state.fpr:
         raise ValueError(f"saved: the alignment saved was with the members {sorted(saved['held'])} at fpr "
                          f"{float(saved['fpr']):g}, the aligner's {sorted(members)} at fpr {self.state.fpr:g}")
