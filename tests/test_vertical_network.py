@@ -3,8 +3,10 @@ the other parties are clients in threads. Over InProcessTransport (aligned by PS
 service first) the run equals the fused `vertical_sl` simulation (`sljax.fit` with the schedule's
 keys) bit for bit; over gRPC it equals the in-process run bit for bit; no party's ID crosses in any
 message; a party that drops mid-step has the step discarded everywhere, as `step(..., dropped=)`
-does; a restarted server resumes and the parties roll back to its checkpoint where needed, ending
-bit for bit as the uninterrupted run; bad parties and requests get errors naming them; `sljax
+does; with `continue_without` a party that leaves and comes back equals `step(..., dropped=)` then
+`step(..., absent=)`, and inference without it `predict(absent=)`; a restarted server (aligned
+over the service) resumes and the parties roll back to its checkpoint where needed, ending bit
+for bit as the uninterrupted run; bad parties and requests get errors naming them; `sljax
 serve --vertical` and `sljax client --vertical --party` run it from the command line.
 
 Set-up: three parties (the label party "bank" with a bottom of its own, "network" and "merchant"

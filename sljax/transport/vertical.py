@@ -20,9 +20,12 @@ legs are `sljax.vertical_sl`'s, unchanged, so a run over the network is the fuse
 A party that drops during a step (no Forward, or no Commit, within a lease while the others wait)
 has the step discarded everywhere, as `step(..., dropped=)` discards it in simulation: the server
 keeps its state, the waiting calls answer that the step was discarded (naming the party), every
-party keeps its state from before the step, and the next step goes on with every party. Inference
-(`Predict`) is a barrier over the parties too: every party sends its smashed rows of the same
-samples, and a party missing for a lease is named in the error the others get.
+party keeps its state from before the step, and the next step goes on with every party; with
+`VerticalServer(..., continue_without=True)` the party is then absent (its stand-in in its place,
+as `step(..., absent=)`) until its `Forward` brings it back. Inference (`Predict`) is a barrier
+over the parties too: every party sends its smashed rows of the same samples, named by their
+index (`offset`), and a party missing for a lease is named in the error the others get (with
+`continue_without`, stood in for, and named in the answer).
 
 Schedule (`vertical_schedule`): round r is epoch r of `sljax.fit(sl, state, xs, y, key=fit_key,
 epochs=rounds, batch_size=B)` on the `N` aligned samples, with `init_key, fit_key =
