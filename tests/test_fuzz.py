@@ -125,10 +125,10 @@ def _vertical_server():
   sl = sljax.vertical_sl(model, party_optimizers=optax.adam(1e-2), top_optimizer=optax.adam(1e-2))
   rng = np.random.default_rng(0)
   xs = [rng.normal(size=(ROWS, w)).astype(np.float32) for w in WIDTHS]
+  test = rng.normal(size=(10, WIDTHS[0])).astype(np.float32)  # the bank's own columns for inference
   return T.VerticalServer(sl, labels=(xs[0][:, 0] > 0).astype(np.int32), features=xs[0],
                           input_specs=[ArraySpec.of(x) for x in xs], key=jax.random.key(7), rounds=2,
-                          batch_size=BATCH, local_steps=3, predict_features=rng.normal(size=(10, WIDTHS[0])).astype(
-                              np.float32),
+                          batch_size=BATCH, local_steps=3, predict_features=test,
                           tokens={t: k for k, t in enumerate(VERTICAL_TOKENS) if t}, lease_seconds=60.0)
 
 
