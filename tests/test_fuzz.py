@@ -1,9 +1,11 @@
 """A seeded fuzz of every server: malformed and mutated requests over every method each serves, for
 every algorithm of `sljax.transport.ALGORITHMS`, sequential SL (vanilla, U-shaped, with sealed
-hand-offs), the vertical server and the `Align` method (an `AlignServer`, and a training server
-whose `aligner` is set). None may end in INTERNAL (an exception other than a `TransportError`),
-every refusal carries a status code other than INTERNAL and a message, and none that is refused may
-change the server's state (its `snapshot()` bytes, and the aligner's state).
+hand-offs), the vertical server and the `Align` method (an `AlignServer`, and the parallel SL and
+vertical servers with an `aligner` set). None may end in INTERNAL (an exception other than a
+`TransportError`), every refusal carries a status code other than INTERNAL and a message, and none
+that is refused may change the server's state (its `snapshot()` bytes, and the aligner's state);
+ABORTED, the answer of a call whose step was discarded or which a newer call replaced, is the step's
+outcome, not a refusal of the request.
 
 Requests are valid ones mutated: a field replaced by a value of another type, size or nesting, a
 field dropped or added, the request's or its message's bytes flipped, cut or extended, the
@@ -135,8 +137,10 @@ def _vertical_server():
 def _server(setup, name):
   """(server, tokens: client id -> token)."""
   tokens = dict(enumerate(TOKENS))
-  if name == "vertical_sl":
-    return _vertical_server(), {1: VERTICAL_TOKENS[1], 2: VERTICAL_TOKENS[2]}
+  if name == "vertical_sl":  # with the aligner a restarted party still aligns with (docs: sljax.transport.alignment)
+    server = _vertical_server()
+    server.aligner = _aligner({1: PARTIES[1], 2: PARTIES[2]})
+    return server, {1: VERTICAL_TOKENS[1], 2: VERTICAL_TOKENS[2]}
   if name == "align":
     return T.AlignServer(_aligner({0: "zero", 1: "one"}), tokens={t: k for k, t in tokens.items()}), tokens
   algorithm = name.removesuffix("_sealed")
