@@ -391,8 +391,9 @@ def _call(server, method, request, token, client, tokens, requests):
 
 
 def _snapshot(server):
-  """The server's state as bytes (training state and staged steps, and the aligner's state)."""
-  training = b"" if isinstance(server, T.AlignServer) else server.snapshot()
+  """The server's state as bytes (training state and staged steps, the sample counts handshakes declared, and
+  the aligner's state)."""
+  training = b"" if isinstance(server, T.AlignServer) else (server.snapshot(), repr(server.s.volatile.declared))
   aligner = server.aligner
   if aligner is None:
     return training
