@@ -530,6 +530,8 @@ def test_requests_out_of_place_get_their_status_and_change_nothing(data, in_proc
       ("Backward", forward(), code.UNIMPLEMENTED, "only U-shaped split learning has a Backward"),
       ("Handover", wire.encode({"client": 1, "round": 0, "op": "put", "steps": 3, "wait": 0.0, "message": b""}),
        code.FAILED_PRECONDITION, "vertical_sl averages nothing"),
+      ("Handover", wire.encode({"client": 1, "round": 0, "op": "leave", "steps": 0, "wait": 0.0, "message": None}),
+       code.FAILED_PRECONDITION, "takes part step by step in vertical SL; there is no round to leave"),
       ("Forward", wire.encode({"client": 2, "round": 0, "step": 0, "message": good}), code.PERMISSION_DENIED,
        "field 'client' is 2, but the credentials are client 1's"),
   ]

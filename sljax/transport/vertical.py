@@ -356,6 +356,13 @@ class Parties(coord.Coordinator):
     """The other parties the step under way waits for: all, or (`continue_without`) those not absent."""
     return [k for k in self.remote if not s.durable.absent[k]]
 
+  def on_leave(self, s: CoordinatorState, client: int, round_: int):
+    """Handover leave is for clients that train a round on their own; a party takes part step by step."""
+    del s, round_
+    raise TransportError(_FAILED, f"Handover leave: {self.who(client)} takes part step by step in vertical SL; there "
+                                  "is no round to leave (a party that stops is dropped from the step under way after "
+                                  "its lease)")
+
   def drop(self, s: CoordinatorState, client: int, why: str) -> CoordinatorState:
     """`client` is dropped from the step under way (which is then discarded); it takes part again
     from the next step."""
