@@ -425,3 +425,6 @@ def test_parallel_sl_with_the_server_in_client_chunks_equals_the_whole_step():
     A.parallel_sl(_sl(), _config(8), server_chunk=3)
   with pytest.raises(ValueError, match="server_chunk: not available with sync_clients=True"):
     A.parallel_sl(_sl(), _config(8), server_chunk=2, sync_clients=True)
+  with pytest.raises(ValueError, match=r"server_step: not available with server_chunk \(the chunked step is parallel "
+                                       r"SL's own server\)"):
+    A.parallel_sl(_sl(), _config(8), server_chunk=2, server_step=lambda *a, **k: None)

@@ -10,6 +10,8 @@ head of its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +90,7 @@ def parallel_sl(
     *,
     sync_clients: bool = False,
     server_chunk: int | None = None,
+    server_step: Callable[..., tuple] | None = None,
 ) -> c.Algorithm:
   """Parallel split learning: every client at once, one server, one server update per step.
 
@@ -131,6 +134,10 @@ def parallel_sl(
     sync_clients: average the client gradients over the clients that completed each step.
     server_chunk: run each step this many clients at a time (it divides `config.num_clients`);
       None runs all at once.
+    server_step: a server's step in place of parallel SL's own, with its signature (see
+      `schedule.server_step`): the honest clients' round around another server, e.g. a malicious
+      one (`sljax.privacy.hijacking.hijacking_server`). The server state is then what that step
+      takes (the algorithm's `init` still makes parallel SL's). Not with `server_chunk`.
 
   Returns:
     An `Algorithm` (`init`, `round`, `predict`) whose state holds one client half per client.
@@ -158,6 +165,8 @@ def parallel_sl(
     if sync_clients:
       raise ValueError("server_chunk: not available with sync_clients=True (the client gradients are averaged "
                        "over all clients before any update)")
+  if server_step is not None and server_chunk is not None:
+    raise ValueError("server_step: not available with server_chunk (the chunked step is parallel SL's own server)")
   up_codec, down_codec = sl.uplink, sl.downlink
 
   client_keys, server_keys = c.lockstep_client_keys(num_clients), c.lockstep_server_keys(num_clients)
@@ -166,7 +175,7 @@ def parallel_sl(
     """The server's downlink codec key for each client's cut gradient."""
     return c.codec_keys(c.step_key(run_key, round_, step), num_clients, ids)
 
-  def server_step(server, ups, weights, run_key, round_, step, ids=None):
+  def own_server_step(server, ups, weights, run_key, round_, step, ids=None):
     """The server's side of one step: `(server, ups (K, ...), weights (K,), run_key, round_, step,
     ids=None) -> (server, downlink payloads (K, ...), losses (K,), accuracies (K,))`.
 
@@ -183,6 +192,7 @@ def parallel_sl(
     new = new.replace(codec_state=c.where(weights > 0, codec_state, server.codec_state))
     return new, payload, losses, accs
 
+  server_step = own_server_step if server_step is None else server_step  # the round's and the schedule's
   schedule = c.Schedule(client_keys, server_keys, c.index_order(num_clients), server_step, None, TIMELINE)
 
   def init(key, data: ClientData) -> c.SimState:

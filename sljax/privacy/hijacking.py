@@ -148,7 +148,7 @@ def hijacking_server(sl, config: c.ScheduleConfig, *, knowledge: HijackingKnowle
     (5, 64)
   """
   honest = parallel_sl(sl, config)  # checks sl and config
-  num_clients, batch_size, local_steps = config.num_clients, config.batch_size, config.local_steps
+  num_clients, local_steps = config.num_clients, config.local_steps
   aux = jnp.asarray(knowledge.aux_inputs)
   try:
     cut_shape = jax.eval_shape(sl.init, jax.random.key(0), aux[:1]).server.input_spec.shape
@@ -157,8 +157,8 @@ def hijacking_server(sl, config: c.ScheduleConfig, *, knowledge: HijackingKnowle
                      f"{e}") from None
   # the attacker's offline work, before any client calls: its networks and the autoencoder's pretraining
   attacker = jax.jit(lambda aux: _init_attacker(knowledge, aux, aux.shape[1:], cut_shape))(aux)
-  client_keys, server_keys = honest.schedule.client_keys, honest.schedule.server_keys
-  up_codec, down_codec, executor = sl.uplink, sl.downlink, config.executor
+  server_keys = honest.schedule.server_keys
+  up_codec, down_codec = sl.uplink, sl.downlink
 
   def server_step(server, ups, weights, run_key, round_, step, ids=None):
     """The attacker's step in parallel SL's place: `(server, ups (K, ...), weights (K,), run_key,
@@ -185,46 +185,16 @@ def hijacking_server(sl, config: c.ScheduleConfig, *, knowledge: HijackingKnowle
     server = protocol.PartyState(params, (), opt_state, state.server.input_spec, state.server.codec_state)
     return state.replace(server=server)
 
-  def backward_and_update(party, x, y, key, g_cut, active):
-    grads, model_state, codec_state = c.client_gradient(sl)(party, x, y, key, g_cut)
-    updated = c.apply_update(party, grads, sl.client_optimizer, model_state).replace(codec_state=codec_state)
-    return c.select(active, updated, party)
-
-  def round_fn(state: c.SimState, data, inputs: c.RoundInputs | None = None, *, record: bool = False):
-    """Parallel SL's round with the attacker's server step: honest clients, the same keys and batches."""
-    _, inputs = c.begin_round(state, data, inputs, spec=state.clients.input_spec, config=config)
-    ids = data.client_ids()
-
-    def step(carry, s):
-      clients, server = carry
-      x, y = c.batches(state, data, s, local_steps=local_steps, batch_size=batch_size)
-      keys = client_keys(state.key, state.round, s, ids)
-      active = inputs.active()[s]
-      ups = executor(lambda *a: sl.client_forward(*a)[0], clients, x, y, keys)
-      server, payload, losses, accs = server_step(server, ups, active.astype(jnp.float32), state.key, state.round, s,
-                                                  ids)
-      clients = executor(backward_and_update, clients, x, y, keys, jax.vmap(down_codec.decode)(payload), active)
-      traffic = c.Traffic(up=[(msgs.wire_size(c.first(ups)), inputs.participating)],
-                          down=[(msgs.wire_size(msgs.CutGradient(c.first(payload))), active)])
-      sent = (ups, msgs.CutGradient(payload)) if record else ()
-      return (clients, server), (losses, accs, active, traffic, sent)
-
-    (clients, server), (losses, accs, active, traffic, sent) = jax.lax.scan(
-        step, (state.clients, state.server), jnp.arange(local_steps))
-    metrics = c.round_metrics(losses, accs, active, traffic.sum(0), inputs.participating)
-    state = state.replace(clients=clients, server=server, round=state.round + 1)
-    if record:
-      return state, metrics, c.RoundMessages(c.step_exchange(*sent, inputs), ids)
-    return state, metrics
+  # parallel SL's round (honest clients: their legs, keys, batches, drops and messages) around the attacker's step
+  attacked = parallel_sl(sl, config, server_step=server_step)
 
   def predict(state, x, client: int = 0):
     del state, x, client
     raise ValueError("predict: the hijacking server trains no task half; decode the clients' smashed data with "
                      "decoder(knowledge, state.server)")
 
-  schedule = honest.schedule._replace(server_step=server_step)
-  return c.Algorithm("feature_space_hijacking", init, round_fn, predict, local_steps, c.ClientAxes(server_codec=True),
-                     schedule, shared_model=False, config=config)
+  return c.Algorithm("feature_space_hijacking", init, attacked.round, predict, local_steps,
+                     c.ClientAxes(server_codec=True), attacked.schedule, shared_model=False, config=config)
 
 
 def decoder(knowledge: HijackingKnowledge, server) -> Callable[[Any], np.ndarray]:
