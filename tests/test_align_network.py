@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import private_set_intersection.python as psi
 import pytest
-from transport_helpers import run_in_threads
+from transport_helpers import raw_call, run_in_threads
 
 import sljax
 from sljax import transport as T
@@ -111,17 +111,6 @@ def test_network_alignment_equals_the_plain_intersection_and_in_process_align(re
     assert [m.kind for m in again.messages] == ["request", "setup", "response"]
 
 
-def _raw(port, method, request, token):
-  channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 1 << 25)])
-  metadata = () if token is None else (("authorization", f"Bearer {token}"),)
-  try:
-    return grpc.StatusCode.OK, channel.unary_unary(wire.method_path(method))(request, metadata=metadata, timeout=30)
-  except grpc.RpcError as e:
-    return e.code(), e.details()
-  finally:
-    channel.close()
-
-
 def _align_request(client, op, *, wait=0.0, request=None, setup=None, response=None):
   return wire.encode({"client": client, "op": op, "wait": wait, "request": request, "setup": setup,
                       "response": response})
@@ -139,14 +128,14 @@ def test_a_wrong_token_is_refused_before_the_body_is_read(reference):
   running = T.serve(handler, authenticate=server.authenticate_metadata, max_message_bytes=1 << 25)
   try:
     big = _align_request(0, "answer", setup=b"\0" * (8 << 20), response=b"\0")
-    assert _raw(running.port, "Align", big, "forged") == (
+    assert raw_call(running.port, "Align", big, "forged") == (
         grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not one of this server's")
     assert served == [] and server.aligner.state.keys == {}  # refused before the handler
-    code, answer = _raw(running.port, "Align", _align_request(0, "query"), TOKENS["bank"])
+    code, answer = raw_call(running.port, "Align", _align_request(0, "query"), TOKENS["bank"])
     assert code == grpc.StatusCode.OK and served == ["Align"]
     answer = wire.decode("Align", answer, response=True)
     assert answer["party"] == "bank" and answer["leader"] == "merchant" and answer["request"]
-    assert _raw(running.port, "Align", _align_request(1, "query"), TOKENS["bank"]) == (
+    assert raw_call(running.port, "Align", _align_request(1, "query"), TOKENS["bank"]) == (
         grpc.StatusCode.PERMISSION_DENIED, "Align: field 'client' is 1, but the credentials are client 0's")
   finally:
     running.stop()

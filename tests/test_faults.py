@@ -32,7 +32,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import sljax
@@ -43,7 +42,8 @@ from sljax.transport import client as transport_client
 from sljax.transport import demo
 from sljax.transport import schedule as sched
 from sljax.transport import wire
-from transport_helpers import KILL_POINTS, KillAt, KillsProcessAt, assert_bitwise, client_data, run_in_threads
+from transport_helpers import (KILL_POINTS, KillAt, KillsProcessAt, assert_bitwise, client_data, own_setup,
+                               run_in_threads)
 
 HIDDEN = (32,)
 DROPOUT = 0.25
@@ -103,16 +103,7 @@ def _algorithm(setup, algorithm):
 
 
 def _build(setup, algorithm, client):
-  opt = optax.adam(LR)
-  deeper = sljax.models.mlp(hidden=HIDDEN + HIDDEN, dropout=DROPOUT)
-  if algorithm in U_SHAPED:
-    model = sljax.cut(deeper, 1, 2)
-    return setup._replace(model=model, sl=sljax.u_shaped(model, client_optimizer=opt, server_optimizer=opt)), {}
-  if algorithm in CUTS:
-    model = sljax.cut(deeper, CUTS[algorithm][client])
-    return (setup._replace(model=model, sl=sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt)),
-            {"cuts": CUTS[algorithm]})
-  return setup, {}
+  return own_setup(setup, algorithm, client, hidden=HIDDEN, dropout=DROPOUT, lr=LR, cuts=CUTS.get(algorithm, ()))
 
 
 def _server(setup, algorithm, **extra):
@@ -136,6 +127,35 @@ def _join_all(threads):
   for t in threads:
     t.join(TIMEOUT)
   assert not any(t.is_alive() for t in threads), "a client did not finish in time"
+
+
+def _kill_and_restart(work, zero, killing, restarted, *, never="reached its kill point"):
+  """Client 0 runs `work(0, zero)` and client KILLED `work(KILLED, killing)`, each in a thread; once
+  `killing` has killed client KILLED (its thread ends there, its memory lost), client KILLED starts
+  again as `work(KILLED, restarted)`. Returns {client: result} of the runs that finished; every wait
+  is bounded, and what a client raised (SystemExit, the kill, aside) is raised here."""
+  results, errors = {}, []
+
+  def one(k, transport):
+    try:
+      results[k] = work(k, transport)
+    except SystemExit:
+      pass
+    except BaseException as e:  # noqa: BLE001 -- re-raised below
+      errors.append(e)
+
+  threads = [threading.Thread(target=one, args=(0, zero), daemon=True),
+             threading.Thread(target=one, args=(KILLED, killing), daemon=True)]
+  for t in threads:
+    t.start()
+  assert killing.killed.wait(TIMEOUT), f"client {KILLED} never {never}"
+  threads[1].join(TIMEOUT)
+  assert not threads[1].is_alive() and KILLED not in results
+  threads.append(threading.Thread(target=one, args=(KILLED, restarted), daemon=True))
+  threads[-1].start()
+  _join_all(threads)
+  assert not errors, errors
+  return results
 
 
 _REFERENCES = {}
@@ -209,32 +229,11 @@ def test_a_client_killed_and_restarted_loses_and_doubles_no_step(setup, referenc
                                                                   checkpoint):
   server = _server(setup, algorithm)
   killing = KillAt(T.InProcessTransport(server.handle, token=TOKENS[KILLED]), point, *AT)
-  transports = {0: T.InProcessTransport(server.handle, token=TOKENS[0]), KILLED: killing}
   directory = tmp_path / "client-1" if checkpoint else None  # both processes of client 1 use it
-  restarted = T.InProcessTransport(server.handle, token=TOKENS[KILLED])
-  results, errors = {}, []
-
-  def one(k, work):
-    try:
-      results[k] = work()
-    except SystemExit:
-      pass
-    except BaseException as e:  # noqa: BLE001 -- re-raised below
-      errors.append(e)
-
-  threads = [threading.Thread(target=one, args=(0, lambda: _client(setup, algorithm, 0, transports[0])), daemon=True),
-             threading.Thread(target=one, args=(KILLED, lambda: _client(setup, algorithm, KILLED, killing, directory)),
-                              daemon=True)]
-  for t in threads:
-    t.start()
-  assert killing.killed.wait(TIMEOUT), "client 1 never reached its kill point"
-  threads[1].join(TIMEOUT)
-  assert not threads[1].is_alive() and KILLED not in results
-  threads.append(threading.Thread(target=one, args=(KILLED, lambda: _client(setup, algorithm, KILLED, restarted,
-                                                                              directory)), daemon=True))
-  threads[-1].start()
-  _join_all(threads)
-  assert not errors, errors
+  results = _kill_and_restart(
+      lambda k, transport: _client(setup, algorithm, k, transport, directory if k == KILLED else None),
+      T.InProcessTransport(server.handle, token=TOKENS[0]), killing,
+      T.InProcessTransport(server.handle, token=TOKENS[KILLED]))
   assert set(results) == {0, KILLED}
   assert [(h["round"], h["step"]) for h in results[0].history] == STEPS
 
@@ -312,28 +311,13 @@ def test_a_sealed_turn_restarted_without_a_checkpoint_starts_over_bit_for_bit(se
   server = _server(setup, "sequential_sl", sealed_handoffs=True)
   key = handoff.new_key()
   killing = KillAt(T.InProcessTransport(server.handle, token=TOKENS[KILLED]), "after commit", *AT)
-  results = {}
 
   def client(k, transport):
     x, y = client_data(setup, k, SCHEDULE.num_clients)
-    session = T.connect(transport, setup.model, setup.sl, client=k, x=x, y=y, handoff_key=key)
-    try:
-      results[k] = T.run(session)
-    except SystemExit:
-      pass
+    return T.run(T.connect(transport, setup.model, setup.sl, client=k, x=x, y=y, handoff_key=key))
 
-  threads = [threading.Thread(target=client, args=(0, T.InProcessTransport(server.handle, token=TOKENS[0])),
-                              daemon=True),
-             threading.Thread(target=client, args=(KILLED, killing), daemon=True)]
-  for t in threads:
-    t.start()
-  assert killing.killed.wait(TIMEOUT), "client 1 never reached its kill point"
-  threads[1].join(TIMEOUT)
-  threads.append(threading.Thread(target=client, args=(KILLED, T.InProcessTransport(server.handle,
-                                                                                    token=TOKENS[KILLED])),
-                                  daemon=True))
-  threads[-1].start()
-  _join_all(threads)
+  results = _kill_and_restart(client, T.InProcessTransport(server.handle, token=TOKENS[0]), killing,
+                              T.InProcessTransport(server.handle, token=TOKENS[KILLED]))
   assert set(results) == {0, KILLED}
   assert [(h["round"], h["step"]) for h in results[KILLED].history] == STEPS  # the turn of round 0 redone
   assert isinstance(server.state.client_half, np.ndarray)  # sealed bytes all along
@@ -376,26 +360,10 @@ def test_a_client_killed_after_its_last_commit_of_a_round_resumes_from_its_check
   server = _server(setup, algorithm)
   last = (0, SCHEDULE.local_steps - 1)
   killing = KillAt(T.InProcessTransport(server.handle, token=TOKENS[KILLED]), "after commit", *last)
-  results = {}
-
-  def client(k, transport):
-    try:
-      results[k] = _client(setup, algorithm, k, transport, tmp_path / f"client-{k}" if k == KILLED else None)
-    except SystemExit:
-      pass
-
-  threads = [threading.Thread(target=client, args=(0, T.InProcessTransport(server.handle, token=TOKENS[0])),
-                              daemon=True),
-             threading.Thread(target=client, args=(KILLED, killing), daemon=True)]
-  for t in threads:
-    t.start()
-  assert killing.killed.wait(TIMEOUT), "client 1 never reached its kill point"
-  threads[1].join(TIMEOUT)
-  threads.append(threading.Thread(target=client, args=(KILLED, T.InProcessTransport(server.handle,
-                                                                                    token=TOKENS[KILLED])),
-                                  daemon=True))
-  threads[-1].start()
-  _join_all(threads)
+  results = _kill_and_restart(
+      lambda k, transport: _client(setup, algorithm, k, transport, tmp_path / f"client-{k}" if k == KILLED else None),
+      T.InProcessTransport(server.handle, token=TOKENS[0]), killing,
+      T.InProcessTransport(server.handle, token=TOKENS[KILLED]))
   assert set(results) == {0, KILLED}
   assert killing.committed + [(h["round"], h["step"]) for h in results[KILLED].history] == STEPS
   assert_bitwise(jax.device_get(server.state), jax.device_get(expected_server.state))
@@ -448,23 +416,8 @@ def test_a_splitfed_client_restarted_without_a_checkpoint_after_its_handin_still
   killing = _KillAfterPut(T.InProcessTransport(server.handle, token=TOKENS[KILLED]))
   restarted = _Handovers(T.InProcessTransport(server.handle, token=TOKENS[KILLED]))
   zero = _Handovers(T.InProcessTransport(server.handle, token=TOKENS[0]), before=restarted.left)
-  results = {}
-
-  def client(k, transport):
-    try:
-      results[k] = _client(setup, algorithm, k, transport)
-    except SystemExit:
-      pass
-
-  threads = [threading.Thread(target=client, args=(0, zero), daemon=True),
-             threading.Thread(target=client, args=(KILLED, killing), daemon=True)]
-  for t in threads:
-    t.start()
-  assert killing.killed.wait(TIMEOUT), "client 1 never handed in its weights"
-  threads[1].join(TIMEOUT)
-  threads.append(threading.Thread(target=client, args=(KILLED, restarted), daemon=True))
-  threads[-1].start()
-  _join_all(threads)
+  results = _kill_and_restart(lambda k, transport: _client(setup, algorithm, k, transport), zero, killing, restarted,
+                              never="handed in its weights")
   assert set(results) == {0, KILLED} and restarted.left.is_set()
   assert [(h["round"], h["step"]) for h in results[KILLED].history] == STEPS[SCHEDULE.local_steps:]
   sim = _simulate(setup, algorithm, dropped_step=None)

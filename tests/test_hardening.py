@@ -15,6 +15,7 @@ import sljax
 from sljax import messages as msgs
 from sljax import transport as T
 from sljax.transport import demo, wire
+from transport_helpers import raw_call
 
 SCHEDULE = T.Schedule(num_clients=2, rounds=1, local_steps=1, batch_size=8)
 TOKENS = {"token-zero": 0, "token-one": 1}
@@ -194,17 +195,6 @@ def test_a_token_without_tls_is_refused_off_this_machine_and_warned_about_on_it(
   assert len(caplog.records) == count
 
 
-def _raw(port, method, request, token):
-  channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 1 << 25)])
-  metadata = () if token is None else (("authorization", f"Bearer {token}"),)
-  try:
-    return grpc.StatusCode.OK, channel.unary_unary(wire.method_path(method))(request, metadata=metadata, timeout=30)
-  except grpc.RpcError as e:
-    return e.code(), e.details()
-  finally:
-    channel.close()
-
-
 def test_credentials_are_checked_before_the_body_is_read(servers):
   server = servers("parallel_sl")
   served = []
@@ -217,13 +207,13 @@ def test_credentials_are_checked_before_the_body_is_read(servers):
   try:
     before = server.snapshot()
     big = wire.encode({"client": 0, "round": 0, "step": 0, "message": b"\0" * (8 << 20)})
-    assert _raw(running.port, "Forward", big, "forged") == (
+    assert raw_call(running.port, "Forward", big, "forged") == (
         grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not one of this server's")
-    assert _raw(running.port, "Status", wire.encode({"client": 0}), None) == (
+    assert raw_call(running.port, "Status", wire.encode({"client": 0}), None) == (
         grpc.StatusCode.UNAUTHENTICATED, "no credentials: send 'authorization: Bearer <token>' metadata or a client "
                                          "certificate")
     assert served == [] and server.snapshot() == before  # refused before the handler
-    code, response = _raw(running.port, "Status", wire.encode({"client": 0}), "token-zero")
+    code, response = raw_call(running.port, "Status", wire.encode({"client": 0}), "token-zero")
     assert code == grpc.StatusCode.OK and wire.decode("Status", response, response=True)["round"] == 0
     assert served == ["Status"]
   finally:
@@ -263,13 +253,13 @@ def test_calls_beyond_maximum_concurrent_rpcs_are_refused_at_once_and_retried():
 
   running = T.serve(handler, max_workers=2, maximum_concurrent_rpcs=2, authenticate=authenticate)
   try:
-    held = [threading.Thread(target=_raw, args=(running.port, "Status", b"x", "ok")) for _ in range(2)]
+    held = [threading.Thread(target=raw_call, args=(running.port, "Status", b"x", "ok")) for _ in range(2)]
     for t in held:
       t.start()
     assert started.acquire(timeout=20) and started.acquire(timeout=20)
-    assert _raw(running.port, "Status", b"y", "ok") == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+    assert raw_call(running.port, "Status", b"y", "ok") == (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                                          "Concurrent RPC limit exceeded!")
-    assert _raw(running.port, "Status", b"y", "bad")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert raw_call(running.port, "Status", b"y", "bad")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     link = T.GrpcTransport(f"127.0.0.1:{running.port}", token="ok", retries=20, backoff=0.05, max_backoff=0.2)
     threading.Timer(0.5, release.set).start()
     assert link.call("Status", b"z") == b"z"  # retried until the held calls were done
@@ -290,13 +280,13 @@ def test_long_polls_cannot_starve_other_calls(servers):
   get = {"client": 0, "round": 1, "op": "get", "steps": 0, "wait": 2.0, "message": None}  # round 1 has not begun
   answers = []
   try:
-    polls = [threading.Thread(target=lambda: answers.append(_raw(running.port, "Handover", wire.encode(get),
+    polls = [threading.Thread(target=lambda: answers.append(raw_call(running.port, "Handover", wire.encode(get),
                                                                  "token-zero"))) for _ in range(10)]
     for t in polls:
       t.start()
       time.sleep(0.02)
     start = time.monotonic()
-    code, response = _raw(running.port, "Status", wire.encode({"client": 1}), "token-one")
+    code, response = raw_call(running.port, "Status", wire.encode({"client": 1}), "token-one")
     assert code == grpc.StatusCode.OK and time.monotonic() - start < 1.0
     for t in polls:
       t.join(20)

@@ -32,7 +32,8 @@ from sljax.algorithms import RoundInputs
 from sljax.transport import client as transport_client
 from sljax.transport import demo, wire
 from sljax.transport import schedule as sched
-from transport_helpers import Clock, CrashesAfterCommit, KillAfter, assert_bitwise, client_data, run_in_threads
+from transport_helpers import (Clock, CrashesAfterCommit, KillAfter, assert_bitwise, client_data, own_setup,
+                               run_in_threads)
 
 HIDDEN = (32,)
 DROPOUT = 0.25
@@ -56,16 +57,7 @@ def _for(setup, algorithm, client=0):
   """The set-up client `client` runs in `algorithm`, and the algorithm's options. U-shaped: the demo
   MLP cut in three (64 -> 32 | -> 32 | -> 10), as `sljax serve --u-shaped` cuts it, with `u_shaped`
   legs; heterogeneous cuts: the MLP with two hidden layers cut at the client's own cut."""
-  opt = optax.adam(LR)
-  deeper = sljax.models.mlp(hidden=HIDDEN + HIDDEN, dropout=DROPOUT)
-  if algorithm in U_SHAPED:
-    model = sljax.cut(deeper, 1, 2)
-    return setup._replace(model=model, sl=sljax.u_shaped(model, client_optimizer=opt, server_optimizer=opt)), {}
-  if algorithm in CUTS:
-    model = sljax.cut(deeper, CUTS[algorithm][client])
-    return (setup._replace(model=model, sl=sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt)),
-            {"cuts": CUTS[algorithm]})
-  return setup, {}
+  return own_setup(setup, algorithm, client, hidden=HIDDEN, dropout=DROPOUT, lr=LR, cuts=CUTS.get(algorithm, ()))
 
 
 def _parts(setup):

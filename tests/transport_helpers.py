@@ -9,9 +9,40 @@ import chex
 import grpc
 import jax
 import numpy as np
+import optax
 
 import sljax
 from sljax.transport import wire
+
+
+def own_setup(setup, algorithm, client=0, *, hidden, dropout, lr, cuts=(1, 2)):
+  """The set-up client `client` runs in `algorithm`, and the algorithm's options, as `sljax serve`
+  builds them from the demo MLP: U-shaped algorithms cut the MLP with two hidden layers in three
+  (`u_shaped` legs); heterogeneous parallel SL cuts it at client k's `cuts[k]`; the others run
+  `setup` (a `demo.digits_setup`) as it is. Adam with learning rate `lr` on both sides."""
+  opt = optax.adam(lr)
+  deeper = sljax.models.mlp(hidden=tuple(hidden) * 2, dropout=dropout)
+  if algorithm in ("parallel_sl_u", "sequential_sl_u"):
+    model = sljax.cut(deeper, 1, 2)
+    return setup._replace(model=model, sl=sljax.u_shaped(model, client_optimizer=opt, server_optimizer=opt)), {}
+  if algorithm == "heterogeneous_parallel_sl":
+    model = sljax.cut(deeper, cuts[client])
+    return (setup._replace(model=model, sl=sljax.vanilla(model, client_optimizer=opt, server_optimizer=opt)),
+            {"cuts": list(cuts)})
+  return setup, {}
+
+
+def raw_call(port, method, request, token):
+  """`request` (bytes) sent as `method` to the server on loopback `port` over plain gRPC, with the
+  bearer `token` (None: no credentials): `(status code, response bytes or the error's details)`."""
+  channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 1 << 25)])
+  metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+  try:
+    return grpc.StatusCode.OK, channel.unary_unary(wire.method_path(method))(request, metadata=metadata, timeout=30)
+  except grpc.RpcError as e:
+    return e.code(), e.details()
+  finally:
+    channel.close()
 
 
 def assert_bitwise(a, b):
